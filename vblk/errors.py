@@ -1,0 +1,30 @@
+"""vblk's exceptions, sorted by who broke the rules; each class says what the caller should do."""
+from __future__ import annotations
+
+
+class VblkError(Exception):
+    """Base class; never raised directly."""
+
+
+class ConfigError(VblkError):
+    """A bad option, image or range given by the operator: refuse to start (exit status 2)."""
+
+
+class FrontendProtocolError(VblkError):
+    """The vhost-user frontend broke the protocol: refuse the message or drop the connection."""
+
+
+class GuestError(VblkError):
+    """The guest broke virtio at ring level (bad index, loop, address outside RAM).
+
+    A chain that cannot be parsed is completed with no status if no status byte can be
+    located; a ring whose indices are impossible is stopped.
+    """
+
+
+class RingBroken(GuestError):
+    """The ring itself is unusable (e.g. avail.idx ran more than the queue size ahead)."""
+
+
+class RequestError(VblkError):
+    """One request failed; it becomes a status byte and never escapes the event loop."""

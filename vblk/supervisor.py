@@ -1,0 +1,509 @@
+"""The supervisor: the one event loop that owns the socket, the memory map and the rings.
+
+Theory of operation
+-------------------
+One epoll loop watches: the listening socket (only while no frontend is connected), the
+frontend's socket, each running ring's kick eventfd, the completion pipe from the workers,
+each worker's control socket (EOF = the worker died) and a signal wake-up pipe.
+
+A kick drains the ring: while a slot is free and a head is available, the chain is walked and
+parsed and the device decides. Requests that need no I/O (GET_ID, errors) complete at once;
+the rest go into a slot, and the slot numbers go to the least busy workers, one pipe write
+per worker per drain. Workers return finished slot numbers through one pipe; the supervisor
+writes each status byte and used element, publishes used.idx once per batch and signals the
+guest once per ring per batch. Only the supervisor writes the used ring.
+
+Stopping a ring (SET_VRING_ENABLE 0, GET_VRING_BASE, a new memory table, a disconnect) first
+waits for that ring's requests in flight, so GET_VRING_BASE answers the true next avail index
+and no worker ever writes into memory that is about to go.
+"""
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from vblk.device import OP_READ, BlkDevice, Completion, Geometry
+from vblk.errors import ConfigError, GuestError, RingBroken
+from vblk.memory import GuestMemory
+from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea, SlotState
+from vblk.vhost_user import transport
+from vblk.vhost_user.session import DropConnection, MemSlot, Session, Vring
+from vblk.virtio.blk import parse_request
+from vblk.virtio.constants import BlkStatus, Feature
+from vblk.virtio.ring import SplitRing
+from vblk.workerpool import WorkerHandle, WorkerPool
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 60.0            # how long a ring stop waits for I/O in flight
+MESSAGE_TIMEOUT = 10.0         # a frontend must send a whole message within this
+
+
+@dataclass(slots=True)
+class InFlight:
+    queue: int
+    head: int
+    status_addr: int
+    used_len: int
+    worker: int
+
+
+class RateLimitedLog:
+    """At most ``burst`` lines per ``period`` seconds per event kind; counts what it drops."""
+
+    def __init__(self, burst: int = 20, period: float = 10.0) -> None:
+        self.burst, self.period = burst, period
+        self.window: dict[str, tuple[float, int]] = {}
+
+    def warning(self, kind: str, fmt: str, *args) -> None:
+        now = time.monotonic()
+        start, count = self.window.get(kind, (now, 0))
+        if now - start > self.period:
+            if count > self.burst:
+                log.warning("event=log_suppressed kind=%s count=%d", kind, count - self.burst)
+            start, count = now, 0
+        self.window[kind] = (start, count + 1)
+        if count < self.burst:
+            log.warning(fmt, *args)
+
+
+class Supervisor:
+    def __init__(self, device: BlkDevice, backing_fd: int, *, workers: int = 8,
+                 slots: int = 64, log_level: str = "WARNING") -> None:
+        self.device = device
+        self.slots = SlotArea.create(slots)
+        self.free: deque[int] = deque(range(slots))
+        self.inflight: dict[int, InFlight] = {}
+        self.pool = WorkerPool(workers, backing_fd, self.slots.fd, slots, log_level)
+        self.memory = GuestMemory.empty()
+        self.rings: dict[int, SplitRing] = {}
+        self.kicks: dict[int, int] = {}          # queue -> kick fd (owned by the session)
+        self.calls: dict[int, int | None] = {}   # queue -> call fd (owned by the session)
+        self.session: Session | None = None
+        self.conn: socket.socket | None = None
+        self.listener: socket.socket | None = None
+        self.epoll = select.epoll()
+        self.handlers: dict[int, object] = {}
+        self.guest_log = RateLimitedLog()
+        self.stopping = False
+        self.stats = {"requests": 0, "completed": 0, "refused": 0}
+        self._ring_addrs: dict[int, object] = {}
+
+    # -- epoll bookkeeping ---------------------------------------------------------------
+    def _watch(self, fd: int, handler) -> None:
+        self.epoll.register(fd, select.EPOLLIN)
+        self.handlers[fd] = handler
+
+    def _unwatch(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            self.epoll.unregister(fd)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def run(self, listener: socket.socket) -> int:
+        self.listener = listener
+        listener.setblocking(False)
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.pool.start()
+        try:
+            self._watch(self.pool.complete_r, self._on_completions)
+            for w in self.pool.workers:
+                self._watch_worker(w)
+            self._watch(wake_r, lambda: self._on_signal(wake_r))
+            self._watch(listener.fileno(), self._on_accept)
+            log.info("event=listening workers=%d slots=%d", self.pool.count, self.slots.count)
+            while not self.stopping:
+                for fd, _ in self.epoll.poll():
+                    handler = self.handlers.get(fd)
+                    if handler is not None:
+                        handler()
+            return 0
+        finally:
+            self._disconnect()
+            self.pool.stop()
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in previous.items():
+                signal.signal(s, h)
+            os.close(wake_r)
+            os.close(wake_w)
+            self.memory.close()
+            self.slots.close()
+            self.epoll.close()
+            log.info("event=stopped")
+
+    def _on_signal(self, wake_r: int) -> None:
+        try:
+            sigs = os.read(wake_r, 64)
+        except BlockingIOError:
+            return
+        log.info("event=shutdown signals=%s", list(sigs))
+        self.stopping = True
+
+    def _on_accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.settimeout(MESSAGE_TIMEOUT)
+        self.conn = conn
+        self.session = Session(self.device, self, num_queues=self.device.num_queues)
+        self._unwatch(self.listener.fileno())
+        self._watch(conn.fileno(), self._on_message)
+        log.info("event=frontend_connected")
+
+    def _disconnect(self) -> None:
+        if self.conn is None:
+            return
+        self._unwatch(self.conn.fileno())
+        try:
+            self.session.close()
+        finally:
+            self.conn.close()
+            self.conn = None
+            self.session = None
+            log.info("event=frontend_disconnected")
+            if self.listener is not None and not self.stopping:
+                self._watch(self.listener.fileno(), self._on_accept)
+
+    def _on_message(self) -> None:
+        try:
+            header, payload, fds = transport.recv_message(self.conn)
+        except transport.PeerClosed:
+            self._disconnect()
+            return
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.warning("event=frontend_dropped reason=%r", exc)
+            self._disconnect()
+            return
+        except Exception as exc:       # FrontendProtocolError: unreadable framing
+            log.warning("event=frontend_dropped reason=%r", exc)
+            self._disconnect()
+            return
+        log.debug("event=message request=%s size=%d fds=%d", transport.m.request_name(header.request),
+                  header.size, len(fds))
+        try:
+            reply = self.session.handle(header, payload, fds)
+            if reply is not None:
+                self.conn.sendall(reply)
+        except DropConnection as exc:
+            log.warning("event=frontend_dropped reason=%r", str(exc))
+            self._disconnect()
+        except OSError as exc:
+            log.warning("event=frontend_dropped reason=%r", exc)
+            self._disconnect()
+
+    # -- QueueHost: what the session asks of the device --------------------------------
+    def set_memory(self, slots: list[MemSlot]) -> None:
+        self._wait_idle(lambda: bool(self.inflight))
+        new = GuestMemory.from_fds([s.region for s in slots], [s.fd for s in slots],
+                                   self.memory.generation + 1)
+        running = {q: (r.size, r.last_avail_idx) for q, r in self.rings.items()}
+        addrs = {q: self._ring_addrs[q] for q in running}
+        for r in self.rings.values():
+            r.detach()
+        self.rings.clear()
+        old, self.memory = self.memory, new
+        old.close()
+        self.pool.set_memory(new.generation, [[s.region.guest_phys_addr, s.region.memory_size,
+                                               s.region.userspace_addr, s.region.mmap_offset]
+                                              for s in slots], [s.fd for s in slots])
+        for q, (size, last) in running.items():     # memory hot-plug: re-resolve the rings
+            self.rings[q] = self._make_ring(size, addrs[q], last)
+        log.info("event=memory_table regions=%d generation=%d", len(slots), new.generation)
+
+    def start_queue(self, vring: Vring, features: int) -> None:
+        ring = self._make_ring(vring.num, vring.addr, vring.base,
+                               features & Feature.RING_INDIRECT_DESC.mask)
+        self._ring_addrs[vring.index] = vring.addr
+        self.rings[vring.index] = ring
+        self.kicks[vring.index] = vring.kick_fd
+        self._watch(vring.kick_fd, lambda q=vring.index: self._on_kick(q))
+        log.info("event=queue_started queue=%d size=%d base=%d used=%d", vring.index, vring.num,
+                 vring.base, ring.used_idx)
+        self._drain(vring.index)
+
+    def _make_ring(self, size: int, addr, last_avail: int, indirect: int | None = None) -> SplitRing:
+        if indirect is None:
+            indirect = self.session.acked_features & Feature.RING_INDIRECT_DESC.mask
+        return SplitRing(self.memory, size, addr.desc, addr.avail, addr.used,
+                         last_avail_idx=last_avail, indirect=bool(indirect))
+
+    def stop_queue(self, index: int) -> int:
+        kick = self.kicks.pop(index, None)
+        if kick is not None:
+            self._unwatch(kick)
+        ring = self.rings.get(index)
+        if ring is None:
+            return 0
+        self._wait_idle(lambda: any(f.queue == index for f in self.inflight.values()))
+        del self.rings[index]
+        last = ring.last_avail_idx
+        ring.detach()
+        log.info("event=queue_stopped queue=%d last_avail=%d used=%d", index, last, ring.used_idx)
+        return last
+
+    def set_call(self, index: int, fd: int | None) -> None:
+        self.calls[index] = fd
+
+    # -- the data path -------------------------------------------------------------------
+    def _on_kick(self, q: int) -> None:
+        fd = self.kicks.get(q)
+        if fd is None:
+            return
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        self._drain(q)
+
+    def _drain(self, q: int) -> None:
+        ring = self.rings.get(q)
+        if ring is None:
+            return
+        batches: dict[int, list[int]] = {}
+        published = False
+        try:
+            while self.free:
+                ring.set_kicks_wanted(False)
+                n = ring.pending()
+                for _ in range(min(n, len(self.free))):
+                    published |= self._admit(q, ring, ring.pop(), batches)
+                ring.set_kicks_wanted(True)
+                if ring.pending() == 0:
+                    break
+        except RingBroken as exc:
+            self.guest_log.warning("ring", "event=ring_broken queue=%d reason=%r", q, str(exc))
+            self._break_ring(q)
+        for w, slots in batches.items():
+            self.pool.workers[w].submit(slots)
+        if published:
+            self._publish(q, ring)
+
+    def _admit(self, q: int, ring: SplitRing, head: int, batches: dict[int, list[int]]) -> bool:
+        """Take one chain; returns True if it completed at once (used ring written)."""
+        self.stats["requests"] += 1
+        try:
+            req = parse_request(ring.walk(head), self.memory)
+        except GuestError as exc:
+            self.guest_log.warning("chain", "event=chain_refused queue=%d head=%d reason=%r",
+                                   q, head, str(exc))
+            self.stats["refused"] += 1
+            ring.put_used(head, 0)
+            return True
+        plan = self.device.plan(req)
+        pieces: list[tuple[int, int, int]] = []
+        if not isinstance(plan, Completion):
+            try:
+                for addr, n in (req.data_in if plan.op == OP_READ else req.data_out):
+                    pieces.extend(self.memory.translate(addr, n))
+                if len(pieces) > MAX_IOV:
+                    plan = Completion(BlkStatus.IOERR, reason=f"{len(pieces)} buffers exceed {MAX_IOV}")
+            except GuestError as exc:
+                plan = Completion(BlkStatus.IOERR, reason=str(exc))
+        if isinstance(plan, Completion):
+            if plan.reason:
+                self.stats["refused"] += 1
+                self.guest_log.warning("request", "event=request_refused queue=%d head=%d status=%s reason=%r",
+                                       q, head, BlkStatus(plan.status).name, plan.reason)
+            used = 1
+            try:
+                if plan.fill:
+                    self._fill(req.data_in, plan.fill)
+                    used += len(plan.fill)
+                self.memory.write(req.status_addr, bytes((plan.status,)))
+            except GuestError as exc:
+                self.guest_log.warning("chain", "event=status_unwritable queue=%d head=%d reason=%r",
+                                       q, head, str(exc))
+                used = 0
+            ring.put_used(head, used)
+            return True
+        slot = self.free.popleft()
+        worker = self.pool.least_busy()
+        flags = 0 if self.device.writeback else FLAG_SYNC
+        self.slots.post(slot, plan.op, flags, plan.offset, plan.length, self.memory.generation, pieces)
+        used = plan.length + 1 if plan.op == OP_READ else 1
+        self.inflight[slot] = InFlight(q, head, req.status_addr, used, worker.index)
+        worker.outstanding.add(slot)
+        batches.setdefault(worker.index, []).append(slot)
+        return False
+
+    def _fill(self, data_in: list[tuple[int, int]], data: bytes) -> None:
+        pos = 0
+        for addr, n in data_in:
+            if pos >= len(data):
+                break
+            chunk = data[pos:pos + n]
+            self.memory.write(addr, chunk)
+            pos += len(chunk)
+
+    def _on_completions(self) -> None:
+        touched = self._collect_completions()
+        for q in touched:
+            self._publish(q, self.rings[q])
+        for q in list(self.rings):
+            self._drain(q)
+
+    def _collect_completions(self) -> set[int]:
+        try:
+            data = os.read(self.pool.complete_r, 4 * 4096)
+        except BlockingIOError:
+            return set()
+        done = array.array("I")
+        done.frombytes(data[: len(data) - len(data) % 4])
+        touched = set()
+        for slot in done:
+            q = self._complete(slot)
+            if q is not None:
+                touched.add(q)
+        return touched
+
+    def _complete(self, slot: int) -> int | None:
+        info = self.inflight.pop(slot, None)
+        if info is None:                # a re-issued slot finished twice: already done
+            return None
+        _, status, err = self.slots.result(slot)
+        if status != BlkStatus.OK:
+            log.warning("event=io_failed queue=%d head=%d errno=%s", info.queue, info.head,
+                        errno.errorcode.get(err, err))
+        self.pool.workers[info.worker].outstanding.discard(slot)
+        self.free.append(slot)
+        self.stats["completed"] += 1
+        ring = self.rings.get(info.queue)
+        if ring is None:
+            return None
+        try:
+            self.memory.write(info.status_addr, bytes((status,)))
+            used = info.used_len if status == BlkStatus.OK else 1
+        except GuestError:
+            used = 0
+        ring.put_used(info.head, used)
+        return info.queue
+
+    def _publish(self, q: int, ring: SplitRing) -> None:
+        ring.publish_used()
+        fd = self.calls.get(q)
+        if fd is not None and ring.needs_notify():
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError as exc:
+                log.warning("event=call_failed queue=%d error=%r", q, exc)
+
+    def _break_ring(self, q: int) -> None:
+        """Stop taking requests from a ring the guest broke; tell the frontend if it listens."""
+        kick = self.kicks.pop(q, None)
+        if kick is not None:
+            self._unwatch(kick)
+        vring = self.session.vrings[q] if self.session else None
+        if vring is not None and vring.err_fd is not None:
+            try:
+                os.eventfd_write(vring.err_fd, 1)
+            except OSError:
+                pass
+
+    def _wait_idle(self, busy, timeout: float = STOP_TIMEOUT) -> None:
+        """Serve completions (and worker deaths) until ``busy()`` is false."""
+        deadline = time.monotonic() + timeout
+        while busy():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error("event=stop_timeout inflight=%d", len(self.inflight))
+                return
+            watch = [self.pool.complete_r] + [w.control.fileno() for w in self.pool.workers]
+            ready, _, _ = select.select(watch, [], [], min(left, 1.0))
+            for fd in ready:
+                if fd == self.pool.complete_r:
+                    for q in self._collect_completions():
+                        self._publish(q, self.rings[q])
+                else:
+                    self.handlers[fd]()
+
+    # -- workers -------------------------------------------------------------------------
+    def _watch_worker(self, w: WorkerHandle) -> None:
+        self._watch(w.control.fileno(), lambda w=w: self._on_worker_event(w))
+
+    def _on_worker_event(self, w: WorkerHandle) -> None:
+        try:
+            data = w.control.recv(1)
+        except OSError:
+            data = b""
+        if data:
+            return
+        self._unwatch(w.control.fileno())
+        if self.stopping:
+            return
+        # Completions the dead worker already sent are taken first.
+        for q in self._collect_completions():
+            self._publish(q, self.rings[q])
+        new = self.pool.restart(w)
+        self._watch_worker(new)
+        redo = []
+        for slot in sorted(new.outstanding):
+            state, _, _ = self.slots.result(slot)
+            if state == SlotState.DONE:   # DONE but not reported: report it ourselves
+                os.write(self.pool.complete_w, array.array("I", [slot]).tobytes())
+            else:
+                redo.append(slot)
+        for slot in redo:
+            self.slots.set_state(slot, SlotState.PENDING)
+        if redo:
+            new.submit(redo)
+            log.warning("event=requests_reissued worker=%d count=%d", new.index, len(redo))
+
+
+def open_listener(socket_path: str | None, listen_fd: int | None) -> tuple[socket.socket, str | None]:
+    """The listening socket: an inherited fd, or a new one at ``socket_path``."""
+    if listen_fd is not None:
+        sock = socket.socket(fileno=listen_fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ConfigError(f"--fd {listen_fd} is not a Unix stream socket")
+        return sock, None
+    try:
+        st = os.lstat(socket_path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"{socket_path} exists and is not a socket; refusing to replace it")
+        os.unlink(socket_path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(socket_path)
+    sock.listen(1)
+    return sock, socket_path
+
+
+def serve(config) -> int:
+    """Run vblk for one disk until SIGTERM/SIGINT. ``config`` is a vblk.options.ServeConfig."""
+    from vblk.backing import open_backing
+
+    backing = open_backing(config.disk)
+    geometry = Geometry(size_bytes=backing.size, logical_block_size=backing.logical_block_size,
+                        physical_block_size=backing.physical_block_size,
+                        readonly=backing.readonly, serial=backing.serial, file_offset=backing.start)
+    device = BlkDevice(geometry, writeback=backing.writeback)
+    listener, created = open_listener(config.socket_path, config.listen_fd)
+    log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s socket=%s",
+             backing.path, backing.size, backing.logical_block_size, backing.physical_block_size,
+             backing.readonly, "writeback" if backing.writeback else "writethrough",
+             config.socket_path or f"fd:{config.listen_fd}")
+    sup = Supervisor(device, backing.fd, workers=config.workers, slots=config.queue_size,
+                     log_level=config.log_level)
+    try:
+        return sup.run(listener)
+    finally:
+        listener.close()
+        if created:
+            try:
+                os.unlink(created)
+            except FileNotFoundError:
+                pass
+        backing.close()

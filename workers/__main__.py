@@ -1,0 +1,40 @@
+"""``python -m workers``: one vblk I/O worker, started by the supervisor (never by hand)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+
+from vblk.slots import SlotArea
+from workers.worker import Worker, die_with_parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workers")
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--backing-fd", type=int, required=True)
+    p.add_argument("--slots-fd", type=int, required=True)
+    p.add_argument("--slots", type=int, required=True)
+    p.add_argument("--submit-fd", type=int, required=True)
+    p.add_argument("--complete-fd", type=int, required=True)
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--log-level", default="WARNING")
+    a = p.parse_args(argv)
+    die_with_parent()
+    if os.getppid() != a.parent:          # the supervisor died before prctl took effect
+        return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the supervisor decides when workers stop
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format=f"%(levelname)s %(name)s worker={a.index} %(message)s")
+    control = socket.socket(fileno=a.control_fd)
+    worker = Worker(a.index, a.backing_fd, SlotArea(a.slots_fd, a.slots), a.submit_fd,
+                    a.complete_fd, control)
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""A worker process: takes ioreq slots, does the I/O straight into or out of guest memory.
+
+The worker maps the same guest-memory fds as the supervisor (sent over its control socket with
+SCM_RIGHTS, msgpack-encoded, whenever the memory table changes) and the same slot memfd. It
+waits on two fds: the control socket and its submission pipe. Slot numbers arrive in batches;
+it runs them in order and returns all the finished numbers in one write to the completion pipe.
+
+Errors never leave a slot hanging: an OSError (or a slot that refers to memory the worker does
+not have) becomes IOERR with the errno recorded for the supervisor's log.
+"""
+from __future__ import annotations
+
+import array
+import ctypes
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+
+import msgpack
+
+from vblk.memory import GuestMemory
+from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea
+from vblk.vhost_user.messages import MemRegion
+from vblk.device import OP_FLUSH, OP_READ, OP_WRITE
+from vblk.virtio.constants import BlkStatus
+
+log = logging.getLogger("vblk.worker")
+
+CONTROL_MAX = 65536
+MAX_CONTROL_FDS = 64
+BATCH = 256
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for SIGKILL when the supervisor goes, so no worker is ever orphaned."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def recv_control(sock: socket.socket) -> tuple[dict | None, list[int]]:
+    msg, fds, _flags, _ = socket.recv_fds(sock, CONTROL_MAX, MAX_CONTROL_FDS)
+    if not msg:
+        return None, fds
+    return msgpack.unpackb(msg), fds
+
+
+class Worker:
+    def __init__(self, index: int, backing_fd: int, slots: SlotArea, submit_fd: int,
+                 complete_fd: int, control: socket.socket) -> None:
+        self.index = index
+        self.fd = backing_fd
+        self.slots = slots
+        self.submit_fd = submit_fd
+        self.complete_fd = complete_fd
+        self.control = control
+        self.memory = GuestMemory.empty()
+        self.direct = bool(fcntl.fcntl(backing_fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+    # -- control -------------------------------------------------------------------------
+    def handle_control(self) -> bool:
+        """Apply one control message; False when the supervisor is gone or says stop."""
+        msg, fds = recv_control(self.control)
+        try:
+            if msg is None or msg.get("op") == "stop":
+                return False
+            if msg.get("op") == "memory":
+                descs = [MemRegion(*r) for r in msg["regions"]]
+                new = GuestMemory.from_fds(descs, fds, msg["generation"])
+                self.memory.close()
+                self.memory = new
+            return True
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def wait_for_generation(self, generation: int) -> bool:
+        while self.memory.generation < generation:
+            if not self.handle_control():
+                return False
+        return True
+
+    # -- I/O -----------------------------------------------------------------------------
+    def execute(self, i: int) -> None:
+        op, flags, offset, length, gen, iovs = self.slots.take(i, self.index)
+        status, err = BlkStatus.OK, 0
+        try:
+            if gen != self.memory.generation and op != OP_FLUSH:
+                # The supervisor sends a new memory table before any slot that uses it.
+                if not self.wait_for_generation(gen) or gen != self.memory.generation:
+                    raise OSError(errno.ESTALE, f"slot for memory generation {gen}, "
+                                  f"worker has {self.memory.generation}")
+            if len(iovs) > MAX_IOV or sum(n for _, _, n in iovs) != length:
+                raise OSError(errno.EINVAL, "slot iovecs do not add up")
+            if op == OP_READ:
+                self._transfer(iovs, offset, write=False)
+            elif op == OP_WRITE:
+                self._transfer(iovs, offset, write=True)
+                if flags & FLAG_SYNC:
+                    os.fdatasync(self.fd)
+            elif op == OP_FLUSH:
+                os.fdatasync(self.fd)
+            else:
+                raise OSError(errno.EINVAL, f"unknown op {op}")
+        except (OSError, IndexError, ValueError) as exc:
+            status = BlkStatus.IOERR
+            err = getattr(exc, "errno", None) or errno.EIO
+            log.warning("event=io_error worker=%d slot=%d op=%d offset=%d length=%d error=%r",
+                        self.index, i, op, offset, length, exc)
+        self.slots.finish(i, status, err)
+
+    def _transfer(self, iovs: list[tuple[int, int, int]], offset: int, write: bool) -> None:
+        bufs = self.memory.iovecs(iovs)
+        try:
+            try:
+                _full_io(self.fd, bufs, offset, write)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                _bounced_io(self.fd, bufs, offset, write)
+        finally:
+            for b in bufs:
+                b.release()
+
+    # -- loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        poller = select.poll()
+        poller.register(self.control, select.POLLIN)
+        poller.register(self.submit_fd, select.POLLIN)
+        ctl = self.control.fileno()
+        while True:
+            for fd, ev in poller.poll():
+                if fd == ctl:
+                    if not self.handle_control():
+                        return 0
+                elif fd == self.submit_fd:
+                    data = os.read(self.submit_fd, 4 * BATCH)
+                    if not data:
+                        return 0
+                    done = array.array("I")
+                    done.frombytes(data)
+                    for i in done:
+                        self.execute(i)
+                    os.write(self.complete_fd, done.tobytes())
+
+
+def _full_io(fd: int, bufs: list[memoryview], offset: int, write: bool) -> None:
+    """preadv/pwritev until every byte moved (short transfers are continued, EOF is an error)."""
+    call = os.pwritev if write else os.preadv
+    while bufs:
+        n = call(fd, bufs, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "unexpected end of the backing store")
+        offset += n
+        while bufs and n >= len(bufs[0]):
+            n -= len(bufs[0])
+            bufs = bufs[1:]
+        if n:
+            bufs = [bufs[0][n:]] + bufs[1:]
+
+
+def _bounced_io(fd: int, bufs: list[memoryview], offset: int, write: bool) -> None:
+    """O_DIRECT with misaligned guest buffers: go through one page-aligned buffer."""
+    total = sum(len(b) for b in bufs)
+    bounce = mmap.mmap(-1, max(total, 1))
+    try:
+        view = memoryview(bounce)
+        if write:
+            pos = 0
+            for b in bufs:
+                view[pos:pos + len(b)] = b
+                pos += len(b)
+            _full_io(fd, [view[:total]], offset, True)
+        else:
+            _full_io(fd, [view[:total]], offset, False)
+            pos = 0
+            for b in bufs:
+                b[:] = view[pos:pos + len(b)]
+                pos += len(b)
+        view.release()
+    finally:
+        bounce.close()
