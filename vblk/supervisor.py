@@ -97,6 +97,7 @@ class Supervisor:
         self.stopping = False
         self.stats = {"requests": 0, "completed": 0, "refused": 0}
         self._ring_addrs: dict[int, object] = {}
+        self.broken: set[int] = set()            # rings stopped because the guest broke them
 
     # -- epoll bookkeeping ---------------------------------------------------------------
     def _watch(self, fd: int, handler) -> None:
@@ -247,6 +248,7 @@ class Supervisor:
             return 0
         self._wait_idle(lambda: any(f.queue == index for f in self.inflight.values()))
         del self.rings[index]
+        self.broken.discard(index)
         last = ring.last_avail_idx
         ring.detach()
         log.info("event=queue_stopped queue=%d last_avail=%d used=%d", index, last, ring.used_idx)
@@ -268,7 +270,7 @@ class Supervisor:
 
     def _drain(self, q: int) -> None:
         ring = self.rings.get(q)
-        if ring is None:
+        if ring is None or q in self.broken:
             return
         batches: dict[int, list[int]] = {}
         published = False
@@ -400,6 +402,7 @@ class Supervisor:
 
     def _break_ring(self, q: int) -> None:
         """Stop taking requests from a ring the guest broke; tell the frontend if it listens."""
+        self.broken.add(q)
         kick = self.kicks.pop(q, None)
         if kick is not None:
             self._unwatch(kick)

@@ -1,0 +1,162 @@
+"""The vhost-user session as a state machine: messages in, replies and host calls out."""
+import os
+
+import pytest
+
+from vblk.device import BlkDevice, Geometry
+from vblk.vhost_user import messages as m
+from vblk.vhost_user.messages import FrontendReq as R
+from vblk.vhost_user.session import DropConnection, Session
+from vblk.virtio.constants import Feature
+
+
+class RecordingHost:
+    def __init__(self):
+        self.calls = []
+        self.last_avail = 7
+
+    def set_memory(self, slots):
+        self.calls.append(("memory", [s.region for s in slots]))
+
+    def start_queue(self, vring, features):
+        self.calls.append(("start", vring.index, vring.num, vring.base))
+
+    def stop_queue(self, index):
+        self.calls.append(("stop", index))
+        return self.last_avail
+
+    def set_call(self, index, fd):
+        self.calls.append(("call", index, fd is not None))
+
+
+def new_session():
+    dev = BlkDevice(Geometry(1 << 30, serial=b"S" * 20), writeback=False)
+    host = RecordingHost()
+    return Session(dev, host), host
+
+
+def send(session, req, payload=b"", fds=(), need_reply=False):
+    flags = m.VERSION | (m.FLAG_NEED_REPLY if need_reply else 0)
+    reply = session.handle(m.Header(req, flags, len(payload)), payload, list(fds))
+    if reply is None:
+        return None
+    header = m.Header.unpack(reply[:12])
+    assert header.flags == m.REPLY_FLAGS and header.request == req
+    assert header.size == len(reply) - 12
+    return reply[12:]
+
+
+def eventfd():
+    return os.eventfd(0, os.EFD_CLOEXEC)
+
+
+def memfd(size=1 << 20):
+    fd = os.memfd_create("t", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_features_offer_protocol_bit_and_version_1():
+    s, _ = new_session()
+    feats = m.U64.unpack(send(s, R.GET_FEATURES))[0]
+    assert feats & (1 << 30) and feats & (1 << 32)
+    proto = m.U64.unpack(send(s, R.GET_PROTOCOL_FEATURES))[0]
+    assert proto & m.ProtocolFeature.CONFIG.mask
+    assert proto & m.ProtocolFeature.REPLY_ACK.mask
+    assert proto & m.ProtocolFeature.MQ.mask
+    assert not proto & m.ProtocolFeature.INFLIGHT_SHMFD.mask
+    assert send(s, R.GET_QUEUE_NUM) == m.U64.pack(1)
+
+
+def test_get_config_answers_exactly_the_size_asked():
+    s, _ = new_session()
+    for size in (36, 57, 60, 100):
+        body = send(s, R.GET_CONFIG, m.ConfigMsg(0, size, 0, bytes(size)).pack())
+        msg = m.ConfigMsg.unpack(body)
+        assert msg.size == size and len(msg.data) == size
+        assert int.from_bytes(msg.data[:8], "little") == (1 << 30) // 512
+
+
+def test_set_config_switches_writeback_and_acks():
+    s, _ = new_session()
+    assert send(s, R.SET_CONFIG, m.ConfigMsg(32, 1, 0, b"\x01").pack(), need_reply=True) == m.U64.pack(0)
+    assert s.device.writeback
+    assert send(s, R.SET_CONFIG, m.ConfigMsg(0, 8, 0, bytes(8)).pack(), need_reply=True) == m.U64.pack(1)
+
+
+def test_unknown_and_malformed_messages_are_refused_not_fatal():
+    s, _ = new_session()
+    assert send(s, 99, need_reply=True) == m.U64.pack(1)
+    assert send(s, 99) is None
+    assert send(s, R.SET_VRING_NUM, b"\x00" * 3, need_reply=True) == m.U64.pack(1)
+    assert send(s, R.SET_VRING_NUM, m.VringState(5, 64).pack(), need_reply=True) == m.U64.pack(1)
+    assert send(s, R.SET_VRING_NUM, m.VringState(0, 100).pack(), need_reply=True) == m.U64.pack(1)
+    assert send(s, R.SET_FEATURES, m.U64.pack(1 << 63), need_reply=True) == m.U64.pack(1)
+    with pytest.raises(DropConnection):
+        send(s, R.GET_VRING_BASE, b"\x01")
+    with pytest.raises(DropConnection):
+        send(s, R.GET_CONFIG, m.CONFIG_HEAD.pack(0, 1000, 0))
+
+
+def test_fds_that_a_message_does_not_keep_are_closed():
+    s, _ = new_session()
+    before = open_fds()
+    send(s, R.GET_FEATURES, fds=[eventfd(), eventfd()])
+    send(s, R.SET_VRING_KICK, m.U64.pack(0), fds=[eventfd(), eventfd()])   # two fds: refused
+    send(s, R.SET_MEM_TABLE, m.pack_mem_table([m.MemRegion(0, 4096, 0, 0)]), fds=[memfd(), memfd()])
+    assert open_fds() == before
+
+
+def test_ring_starts_after_kick_and_stops_with_get_vring_base():
+    s, host = new_session()
+    send(s, R.SET_FEATURES, m.U64.pack(s.device.features))
+    send(s, R.SET_MEM_TABLE, m.pack_mem_table([m.MemRegion(0, 1 << 20, 0x10000000, 0)]),
+         fds=[memfd()], need_reply=True)
+    send(s, R.SET_VRING_NUM, m.VringState(0, 64).pack())
+    send(s, R.SET_VRING_BASE, m.VringState(0, 3).pack())
+    send(s, R.SET_VRING_ADDR, m.VringAddr(0, 0, 0x10000000, 0x10002000, 0x10001000, 0).pack())
+    send(s, R.SET_VRING_CALL, m.U64.pack(0), fds=[eventfd()])
+    assert not any(c[0] == "start" for c in host.calls)
+    send(s, R.SET_VRING_KICK, m.U64.pack(0), fds=[eventfd()])
+    assert ("start", 0, 64, 3) in host.calls
+    send(s, R.SET_VRING_ENABLE, m.VringState(0, 1).pack(), need_reply=True)
+    assert sum(c[0] == "start" for c in host.calls) == 1
+    body = send(s, R.GET_VRING_BASE, m.VringState(0, 0).pack())
+    assert m.VringState.unpack(body) == m.VringState(0, 7)
+    assert ("stop", 0) in host.calls
+    s.close()
+
+
+def test_enable_zero_keeps_a_ring_from_starting():
+    s, host = new_session()
+    send(s, R.SET_MEM_TABLE, m.pack_mem_table([m.MemRegion(0, 1 << 20, 0x10000000, 0)]), fds=[memfd()])
+    send(s, R.SET_VRING_NUM, m.VringState(0, 64).pack())
+    send(s, R.SET_VRING_ADDR, m.VringAddr(0, 0, 0x10000000, 0x10002000, 0x10001000, 0).pack())
+    send(s, R.SET_VRING_ENABLE, m.VringState(0, 0).pack())
+    send(s, R.SET_VRING_KICK, m.U64.pack(0), fds=[eventfd()])
+    assert not any(c[0] == "start" for c in host.calls)
+    send(s, R.SET_VRING_ENABLE, m.VringState(0, 1).pack())
+    assert any(c[0] == "start" for c in host.calls)
+    s.close()
+
+
+def test_memory_regions_add_and_remove():
+    s, host = new_session()
+    r1 = m.MemRegion(0, 1 << 20, 0x10000000, 0)
+    r2 = m.MemRegion(1 << 20, 1 << 20, 0x20000000, 0)
+    assert send(s, R.GET_MAX_MEM_SLOTS) == m.U64.pack(m.MAX_MEM_SLOTS)
+    assert send(s, R.ADD_MEM_REG, m.pack_single_region(r1), fds=[memfd()], need_reply=True) == m.U64.pack(0)
+    assert send(s, R.ADD_MEM_REG, m.pack_single_region(r2), fds=[memfd()], need_reply=True) == m.U64.pack(0)
+    assert host.calls[-1] == ("memory", [r1, r2])
+    overlapping = m.MemRegion(0x1000, 4096, 0x30000000, 0)
+    host.set_memory = lambda slots: __import__("vblk.memory").memory.check_table([x.region for x in slots])
+    assert send(s, R.ADD_MEM_REG, m.pack_single_region(overlapping), fds=[memfd()], need_reply=True) == m.U64.pack(1)
+    assert len(s.memory) == 2
+    assert send(s, R.REM_MEM_REG, m.pack_single_region(r1), need_reply=True) == m.U64.pack(0)
+    assert [x.region for x in s.memory] == [r2]
+    s.close()
+    assert s.memory == []
