@@ -1,0 +1,98 @@
+"""The supervisor and its worker processes as real processes: start, stop, no orphans."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def children(pid):
+    path = f"/proc/{pid}/task/{pid}/children"
+    with open(path) as f:
+        return [int(x) for x in f.read().split()]
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(16 << 20)
+    return path
+
+
+def start(image, sock, *args):
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", str(image), "--socket-path",
+                             str(sock), *args], stderr=subprocess.PIPE, text=True)
+
+    def listening():
+        if proc.poll() is not None:
+            raise AssertionError(f"vblk serve exited {proc.returncode}: {proc.stderr.read()}")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(sock))
+            return True
+        except OSError:
+            return False
+    assert wait_for(listening)
+    return proc
+
+
+def test_eight_workers_by_default_and_sigterm_exits_zero(image, tmp_path):
+    sock = tmp_path / "s.sock"
+    proc = start(image, sock)
+    try:
+        assert wait_for(lambda: len(children(proc.pid)) == 8)
+        workers = children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert not sock.exists()
+        assert wait_for(lambda: not any(alive(w) for w in workers))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_workers_die_with_the_supervisor(image, tmp_path):
+    proc = start(image, tmp_path / "s.sock", "--workers", "3")
+    try:
+        assert wait_for(lambda: len(children(proc.pid)) == 3)
+        workers = children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert wait_for(lambda: not any(alive(w) for w in workers), 5), "orphaned workers"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_killed_worker_is_replaced(image, tmp_path):
+    proc = start(image, tmp_path / "s.sock", "--workers", "2")
+    try:
+        assert wait_for(lambda: len(children(proc.pid)) == 2)
+        victim = children(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: len(children(proc.pid)) == 2 and victim not in children(proc.pid))
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
