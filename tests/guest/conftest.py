@@ -1,0 +1,248 @@
+"""Fixtures for the real-guest tests: the test guest, vblk and qemu-storage-daemon servers.
+
+Every test here boots Debian's kernel under QEMU against a real vhost-user-blk backend.
+Prerequisites (qemu-system-x86, qemu-utils for qemu-storage-daemon, busybox-static,
+e2fsprogs, strace, and apt lists for fetching the kernel) are checked up front, and a
+missing one fails the test with a message naming the package: nothing is skipped.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+
+from vblk.testing.guest import GuestBuildError, GuestImage, GuestResult, build_guest, run_guest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# tool -> Debian package that provides it
+PREREQUISITES = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-storage-daemon": "qemu-system-common",
+    "strace": "strace",
+    "busybox": "busybox-static",
+    "mke2fs": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "guest: boots a real Linux guest under QEMU (slow)")
+
+
+def _missing_prerequisites() -> list[str]:
+    missing = []
+    for tool, package in PREREQUISITES.items():
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            missing.append(f"{tool} (apt-get install {package})")
+    return missing
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    """The cached test guest, built on first use (fails, never skips, when it can't be)."""
+    missing = _missing_prerequisites()
+    if missing:
+        pytest.fail("real-guest tests need: " + ", ".join(missing), pytrace=False)
+    try:
+        return build_guest(verbose=True)
+    except GuestBuildError as e:
+        pytest.fail(f"cannot build the test guest: {e}", pytrace=False)
+
+
+@pytest.fixture
+def boot(guest_image: GuestImage, tmp_path: Path) -> Callable[..., GuestResult]:
+    """boot(socket, script, **run_guest_kwargs) -> GuestResult; the serial log goes to tmp_path."""
+    counter = {"n": 0}
+
+    def _boot(sock: str | os.PathLike, script: str, **kw) -> GuestResult:
+        counter["n"] += 1
+        kw.setdefault("log_path", tmp_path / f"guest-{counter['n']}.log")
+        kw.setdefault("timeout", 240)
+        if isinstance(sock, Served):
+            kw.setdefault("alive", lambda: sock.proc.poll() is None)
+        result = run_guest(sock, script, image=guest_image, **kw)
+        if (result.aborted or not result.ok) and isinstance(sock, Served):
+            result.stderr += f"\n--- server log ({sock.log_path}) ---\n{sock.log()[-6000:]}"
+        return result
+
+    return _boot
+
+
+def _short_dir() -> Path:
+    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    return Path(tempfile.mkdtemp(prefix="vblk-t-", dir="/tmp"))
+
+
+def _wait_for_socket(path: str, proc: subprocess.Popen, log: Path, what: str,
+                     timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    last_err: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with status {proc.returncode} before listening on "
+                        f"{path}:\n{_tail(log)}", pytrace=False)
+        if os.path.exists(path):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.settimeout(1.0)
+                s.connect(path)
+                return
+            except OSError as e:
+                last_err = e
+            finally:
+                s.close()
+        time.sleep(0.05)
+    pytest.fail(f"{what} did not accept connections on {path} within {timeout} s "
+                f"(last error: {last_err}):\n{_tail(log)}", pytrace=False)
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+class Served(str):
+    """A running server's socket path (a str), with the process handle attached."""
+
+    proc: subprocess.Popen
+    log_path: Path
+    strace_path: Path | None
+    command: list[str]
+
+    def log(self) -> str:
+        return _tail(self.log_path, 20000)
+
+    def stop(self) -> int | None:
+        """SIGTERM the server's process group, SIGKILL after 5 s; returns the exit status."""
+        p = self.proc
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        else:
+            # the leader is gone; make sure no child (a worker) outlives it
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return p.returncode
+
+
+def _start(cmd: Sequence[str], sock: str, log: Path, what: str, *, cwd: Path | None = None,
+           env: dict | None = None, strace_path: Path | None = None) -> Served:
+    cmd = list(cmd)
+    if strace_path is not None:
+        cmd = ["strace", "-f", "-qq", "--seccomp-bpf", "-ttt", "-e", "trace=fdatasync,fsync",
+               "-o", str(strace_path), "--"] + cmd
+    logf = open(log, "ab")
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                cwd=cwd, env=env, start_new_session=True)
+    finally:
+        logf.close()
+    served = Served(sock)
+    served.proc, served.log_path, served.strace_path, served.command = proc, log, strace_path, cmd
+    try:
+        _wait_for_socket(sock, proc, log, what)
+    except BaseException:
+        served.stop()
+        raise
+    return served
+
+
+@dataclass
+class _Servers:
+    kind: str
+    started: list[Served] = field(default_factory=list)
+    dirs: list[Path] = field(default_factory=list)
+
+    def stop_all(self) -> None:
+        for s in reversed(self.started):
+            s.stop()
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def serve_vblk(tmp_path: Path):
+    """serve_vblk(spec, *args, strace=False) -> socket path (a ``Served`` str).
+
+    Runs ``python -m cli serve SPEC --socket-path SOCK ARGS...`` (SPEC is an image path
+    or an ACRN option string such as ``disk.img,writeback,range=256/32768``), waits until
+    the socket accepts a connection, and stops it at teardown.  With ``strace=True`` the
+    server runs under ``strace -f -ttt -e trace=fdatasync,fsync`` and ``served.strace_path``
+    names the trace (read it after ``served.stop()``).
+    """
+    servers = _Servers("vblk")
+
+    def _serve(spec: str | os.PathLike, *args: str, strace: bool = False) -> Served:
+        d = _short_dir()
+        servers.dirs.append(d)
+        n = len(servers.started) + 1
+        sock = str(d / "vblk.sock")
+        log = tmp_path / f"vblk-serve-{n}.log"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        cmd = [sys.executable, "-m", "cli", "serve", os.fspath(spec), "--socket-path", sock,
+               *map(str, args)]
+        served = _start(cmd, sock, log, "vblk serve", cwd=REPO, env=env,
+                        strace_path=(tmp_path / f"vblk-serve-{n}.strace") if strace else None)
+        servers.started.append(served)
+        return served
+
+    yield _serve
+    servers.stop_all()
+
+
+@pytest.fixture
+def serve_qsd(tmp_path: Path):
+    """serve_qsd(image, *, readonly=False, logical_block_size=None, physical_block_size=None)
+    -> socket path, a qemu-storage-daemon vhost-user-blk export of a raw image."""
+    servers = _Servers("qsd")
+
+    def _serve(image: str | os.PathLike, *, readonly: bool = False,
+               logical_block_size: int | None = None, num_queues: int = 1) -> Served:
+        d = _short_dir()
+        servers.dirs.append(d)
+        sock = str(d / "qsd.sock")
+        log = tmp_path / f"qsd-{len(servers.started) + 1}.log"
+        export = (f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
+                  f"writable={'off' if readonly else 'on'},num-queues={num_queues}")
+        if logical_block_size:
+            export += f",logical-block-size={logical_block_size}"
+        cmd = ["qemu-storage-daemon",
+               "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}"
+                             f"{',read-only=on' if readonly else ''}",
+               "--blockdev", f"driver=raw,node-name=disk0,file=file0"
+                             f"{',read-only=on' if readonly else ''}",
+               "--export", export]
+        served = _start(cmd, sock, log, "qemu-storage-daemon")
+        servers.started.append(served)
+        return served
+
+    yield _serve
+    servers.stop_all()

@@ -1,0 +1,205 @@
+"""``vblk demo``: serve a fresh sparse image to a real Linux guest and show what it saw.
+
+The demo creates a 1 GiB sparse image, starts ``vblk serve`` on it as a subprocess,
+boots the test guest (see ``vblk.testing.guest``) against it, and in the guest makes
+ext4, mounts it, writes a file, reads it back after dropping caches, and reports the
+disk's size, block sizes and cache mode, the mkfs time, a df line and whether the
+checksum matched.  It prints a short report and returns 0 on success.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+from vblk.testing.guest import GuestBuildError, build_guest, default_accel, run_guest
+
+GiB = 1 << 30
+DEMO_FILE_MIB = 8
+
+DEMO_SCRIPT = r"""
+up() { cut -d' ' -f1 /proc/uptime; }
+echo SIZE=$(blockdev --getsize64 /dev/vda)
+echo LBS=$(cat /sys/block/vda/queue/logical_block_size)
+echo PBS=$(cat /sys/block/vda/queue/physical_block_size)
+echo RO=$(cat /sys/block/vda/ro)
+echo CACHE=$(cat /sys/block/vda/queue/write_cache)
+t0=$(up)
+mkfs.ext4 -q -F /dev/vda
+t1=$(up)
+echo MKFS_SECONDS=$(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")
+mount -t ext4 /dev/vda /mnt
+echo MOUNTED=$(up)
+dd if=/dev/urandom of=/mnt/demo.bin bs=1M count=@MIB@ 2>/dev/null
+echo WROTE=$(sha256sum /mnt/demo.bin | cut -d' ' -f1)
+sync
+echo 3 > /proc/sys/vm/drop_caches
+echo READ=$(sha256sum /mnt/demo.bin | cut -d' ' -f1)
+echo DF=$(df -h /mnt | tail -n 1)
+umount /mnt
+rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
+echo FSCK=$rc
+""".replace("@MIB@", str(DEMO_FILE_MIB))
+
+
+def _repo_root() -> Path:
+    # vblk/testing/demo.py -> the directory holding the vblk and cli packages
+    return Path(__file__).resolve().parents[2]
+
+
+def _wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -> str | None:
+    """None once the socket accepts a connection, else why not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"vblk serve exited with status {proc.returncode}"
+        if os.path.exists(path):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                return None
+            except OSError:
+                pass
+            finally:
+                s.close()
+        time.sleep(0.05)
+    return f"vblk serve did not listen on {path} within {timeout:.0f} s"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def run_demo(image: Path | None = None, keep: bool = False, *,
+             out: TextIO | None = None, timeout: float = 300,
+             server_argv: Callable[[Path, str], list[str]] | None = None) -> int:
+    """Run the demo; returns 0 on success, 1 on failure (with the evidence printed).
+
+    ``image``: where to create the 1 GiB sparse image (must not exist yet; default: a
+    temporary directory).  ``keep``: keep the temporary directory (image, server and
+    guest logs) instead of deleting it.  ``server_argv(image, socket)`` replaces the
+    server command (for trying the demo against another backend).
+    """
+    out = out or sys.stdout
+
+    def say(msg: str = "") -> None:
+        print(msg, file=out, flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="vblk-demo-", dir="/tmp"))
+    if image is None:
+        image = work / "demo.img"
+    image = Path(image)
+    if image.exists():
+        say(f"vblk demo: {image} already exists; the demo formats its image, so give a new path")
+        shutil.rmtree(work, ignore_errors=True)
+        return 2
+    image.parent.mkdir(parents=True, exist_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(GiB)
+    sock = str(work / "vblk.sock")
+    server_log = work / "serve.log"
+    guest_log = work / "guest.log"
+    proc: subprocess.Popen | None = None
+    ok = False
+    try:
+        say("vblk demo")
+        say(f"  image      {image} ({_human(GiB)} sparse)")
+        env = dict(os.environ)
+        root = str(_repo_root())
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        cmd = (server_argv(image, sock) if server_argv else
+               [sys.executable, "-m", "cli", "serve", str(image), "--socket-path", sock])
+        with open(server_log, "wb") as logf:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, env=env, cwd=root,
+                                    start_new_session=True)
+        why = _wait_for_socket(sock, proc)
+        if why:
+            say(f"  FAILED     {why}")
+            say(_tail(server_log))
+            return 1
+        say(f"  server     {'vblk serve' if not server_argv else Path(cmd[0]).name} "
+            f"(pid {proc.pid}) on {sock}")
+        t_build = time.monotonic()
+        try:
+            guest = build_guest()
+        except GuestBuildError as e:
+            say(f"  FAILED     cannot build the test guest: {e}")
+            return 1
+        built = time.monotonic() - t_build
+        say(f"  guest      Linux {guest.kernel_version} under QEMU ({default_accel()})"
+            + (f", guest built in {built:.0f} s" if built > 1 else ""))
+        res = run_guest(sock, DEMO_SCRIPT, image=guest, timeout=timeout, log_path=guest_log)
+        v = res.values
+        if res.exit_status != 0 or "READ" not in v:
+            say("  FAILED     the guest scenario did not finish")
+            say(res.describe(40))
+            say("--- vblk serve log ---")
+            say(_tail(server_log))
+            return 1
+        size = int(v.get("SIZE", "0"))
+        say(f"  disk       /dev/vda {_human(size)} ({size} bytes), logical {v.get('LBS')} B, "
+            f"physical {v.get('PBS')} B, {v.get('CACHE')}, "
+            f"{'read-only' if v.get('RO') == '1' else 'read-write'}")
+        say(f"  mkfs.ext4  {v.get('MKFS_SECONDS')} s")
+        mounted = res.line_time("MOUNTED=")
+        boot = res.boot_seconds
+        if mounted is not None:
+            say(f"  mounted    {mounted:.1f} s after QEMU started (boot {boot:.1f} s, "
+                f"guest uptime {v.get('MOUNTED')} s)")
+        say(f"  df         {v.get('DF')}")
+        match = v.get("WROTE") == v.get("READ") and bool(v.get("WROTE"))
+        say(f"  file       {DEMO_FILE_MIB} MiB written, synced, read back: "
+            f"checksum {'ok' if match else 'MISMATCH'}")
+        fsck_ok = v.get("FSCK") == "0"
+        say(f"  e2fsck     {'clean' if fsck_ok else 'status ' + str(v.get('FSCK'))}")
+        ok = match and fsck_ok and size == GiB
+        if size != GiB:
+            say(f"  FAILED     the guest saw {size} bytes, not {GiB}")
+        say(f"  result     {'OK' if ok else 'FAILED'} (QEMU ran {res.seconds:.1f} s)")
+        return 0 if ok else 1
+    finally:
+        if proc is not None:
+            _stop(proc)
+        if keep or not ok:
+            say(f"  kept       {work} (server and guest logs"
+                f"{', image' if image.parent == work else ''})")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo(keep="--keep" in sys.argv[1:]))
