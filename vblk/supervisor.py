@@ -493,7 +493,11 @@ def serve(config) -> int:
                         physical_block_size=backing.physical_block_size,
                         readonly=backing.readonly, serial=backing.serial, file_offset=backing.start)
     device = BlkDevice(geometry, writeback=backing.writeback)
-    listener, created = open_listener(config.socket_path, config.listen_fd)
+    try:
+        listener, created = open_listener(config.socket_path, config.listen_fd)
+    except BaseException:
+        backing.close()
+        raise
     log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s socket=%s",
              backing.path, backing.size, backing.logical_block_size, backing.physical_block_size,
              backing.readonly, "writeback" if backing.writeback else "writethrough",

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import socket
 import sys
 
+from vblk.logs import configure_logging
 from vblk.slots import SlotArea
 from workers.worker import Worker, die_with_parent
 
@@ -27,9 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     if os.getppid() != a.parent:          # the supervisor died before prctl took effect
         return 1
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the supervisor decides when workers stop
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format=f"%(levelname)s %(name)s worker={a.index} %(message)s")
+    # The supervisor decides when workers stop (it drains first): a SIGTERM or SIGINT sent to
+    # the whole process group must not kill them under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(a.log_level)
     control = socket.socket(fileno=a.control_fd)
     worker = Worker(a.index, a.backing_fd, SlotArea(a.slots_fd, a.slots), a.submit_fd,
                     a.complete_fd, control)

@@ -1,0 +1,208 @@
+"""``vblk``: the command line (typer).  ``serve`` a disk, show its ``info``, or run the ``demo``.
+
+Every command validates everything first (the option string, the flags, the image, its range
+and lock, the socket path) and only then creates or opens anything for writing.  A bad input
+ends the command with one line, ``vblk: error: <message>``, on stderr and exit status 2, the
+same status click gives a usage error.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vblk.errors import ConfigError
+from vblk.logs import configure_logging
+from vblk.options import DiskOptions, ServeConfig, merge_flags, parse_acrn
+
+EXIT_CONFIG = 2
+SUN_PATH_MAX = 107                    # sizeof(sockaddr_un.sun_path) - 1
+
+app = typer.Typer(name="vblk", add_completion=False, no_args_is_help=True,
+                  rich_markup_mode=None, pretty_exceptions_enable=False,
+                  help="A virtio-blk device backend (after ACRN's Virtio-BLK) that speaks "
+                       "vhost-user on a Unix socket.")
+
+SPEC_HELP = ("The image path, or an ACRN option string "
+             "'[iothread,][mq=1,]PATH[,writeback|writethru][,ro][,nocache]"
+             "[,sectorsize=L[/P]][,range=START/COUNT]' (range in logical sectors).")
+
+# Options shared by serve and info.
+Spec = typer.Argument(..., metavar="SPEC", help=SPEC_HELP, show_default=False)
+ReadOnly = typer.Option(None, "--ro", help="Serve read-only (ACRN: ro).", show_default=False)
+Writeback = typer.Option(None, "--writeback/--writethru",
+                         help="Initial cache mode (ACRN: writeback / writethru; default writethru).",
+                         show_default=False)
+NoCache = typer.Option(None, "--nocache", help="Open with O_DIRECT (ACRN: nocache).",
+                       show_default=False)
+SectorSize = typer.Option(None, "--sectorsize", metavar="L[/P]",
+                          help="Logical[/physical] block size, 512..4096 (ACRN: sectorsize=).")
+Range = typer.Option(None, "--range", metavar="START/SIZE",
+                     help="Serve only these bytes of the image, K/M/G/T suffixes allowed, whole "
+                          "logical sectors (ACRN: range=S/N counts sectors instead).")
+Serial = typer.Option(None, "--serial", metavar="S", help="Serial number the guest reads (≤ 20 ASCII chars; "
+                                             "default derived from the image).")
+
+
+def fail(message: str) -> typer.Exit:
+    """Print the one-line error and return the Exit to raise."""
+    print(f"vblk: error: {message}", file=sys.stderr, flush=True)
+    return typer.Exit(EXIT_CONFIG)
+
+
+def disk_options(spec: str, *, readonly: Optional[bool], writeback: Optional[bool],
+                 nocache: Optional[bool], sectorsize: Optional[str], range_: Optional[str],
+                 serial: Optional[str]) -> DiskOptions:
+    opts = parse_acrn(spec)
+    return merge_flags(opts, readonly=readonly, writeback=writeback, nocache=nocache,
+                       sectorsize=sectorsize, range_=range_, serial=serial)
+
+
+def check_socket_path(path: str) -> None:
+    """Refuse a socket path that ``bind`` would refuse, or that names something else."""
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise ConfigError(f"socket path {path} is longer than {SUN_PATH_MAX} bytes")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"socket directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create the socket in {parent}: permission denied")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+
+
+def check_listen_fd(fd: int) -> None:
+    """``--fd N`` must be an inherited, listening Unix stream socket."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        raise ConfigError(f"--fd {fd} is not an open file descriptor") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"--fd {fd} is not a socket")
+    sock = socket.socket(fileno=fd)
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ConfigError(f"--fd {fd} is not a Unix stream socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ConfigError(f"--fd {fd} is a socket that is not listening")
+    finally:
+        sock.detach()
+
+
+@app.command()
+def serve(
+    spec: str = Spec,
+    socket_path: Optional[str] = typer.Option(None, "--socket-path", metavar="PATH",
+                                              help="Listen on a new Unix socket here."),
+    fd: Optional[int] = typer.Option(None, "--fd", metavar="N",
+                                     help="Listen on this inherited listening socket instead."),
+    readonly: Optional[bool] = ReadOnly,
+    writeback: Optional[bool] = Writeback,
+    nocache: Optional[bool] = NoCache,
+    sectorsize: Optional[str] = SectorSize,
+    range_: Optional[str] = Range,
+    serial: Optional[str] = Serial,
+    workers: int = typer.Option(8, "--workers", metavar="N", help="I/O worker processes, 1..64."),
+    queue_size: int = typer.Option(64, "--queue-size", metavar="N",
+                                   help="Request slots (requests in flight), a power of two."),
+    log_level: str = typer.Option("info", "--log-level", metavar="LEVEL",
+                                  help="debug, info, warning or error."),
+) -> None:
+    """Serve SPEC to one vhost-user frontend at a time until SIGTERM or SIGINT."""
+    from vblk.backing import check_backing
+    try:
+        disk = disk_options(spec, readonly=readonly, writeback=writeback, nocache=nocache,
+                            sectorsize=sectorsize, range_=range_, serial=serial)
+        config = ServeConfig(disk=disk, socket_path=socket_path, listen_fd=fd, workers=workers,
+                             queue_size=queue_size, log_level=log_level.upper())
+        check_backing(disk)
+        if config.socket_path is not None:
+            check_socket_path(config.socket_path)
+        else:
+            check_listen_fd(config.listen_fd)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    configure_logging(config.log_level)
+    from vblk.supervisor import serve as run_supervisor
+    try:
+        status = run_supervisor(config)
+    except ConfigError as e:            # e.g. the lock was taken between the check and now
+        raise fail(str(e)) from None
+    raise typer.Exit(status or 0)
+
+
+@app.command()
+def info(
+    spec: str = Spec,
+    readonly: Optional[bool] = ReadOnly,
+    writeback: Optional[bool] = Writeback,
+    nocache: Optional[bool] = NoCache,
+    sectorsize: Optional[str] = SectorSize,
+    range_: Optional[str] = Range,
+    serial: Optional[str] = Serial,
+) -> None:
+    """Show the disk a guest would see for SPEC, without serving it or writing anything."""
+    from vblk.backing import check_backing
+    try:
+        disk = disk_options(spec, readonly=readonly, writeback=writeback, nocache=nocache,
+                            sectorsize=sectorsize, range_=range_, serial=serial)
+        b = check_backing(disk)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    kind = "block device" if b.is_block_device else "regular file"
+    if disk.range_start or disk.range_size is not None:
+        window = f"bytes {b.start}..{b.end} of the image"
+    elif b.size < b.image_size:
+        window = (f"whole image (its last {b.image_size - b.size} bytes are not a whole block "
+                  f"and are not served)")
+    else:
+        window = "whole image"
+    rows = [
+        ("image", f"{b.path} ({kind}, {b.image_size} bytes)"),
+        ("capacity", f"{b.capacity_sectors} sectors of 512 bytes ({b.size} bytes)"),
+        ("logical block size", str(b.logical_block_size)),
+        ("physical block size", str(b.physical_block_size)),
+        ("read-only", "yes" if b.readonly else "no"),
+        ("cache", ("writeback" if b.writeback else "writethrough")
+         + (", O_DIRECT (nocache)" if b.nocache else "")),
+        ("range", window),
+        ("serial", b.serial_text),
+    ]
+    width = max(len(k) for k, _ in rows) + 1
+    for key, value in rows:
+        typer.echo(f"{key + ':':<{width}} {value}")
+
+
+@app.command()
+def demo(
+    image: Optional[str] = typer.Option(None, "--image", metavar="PATH",
+                                        help="Create the demo's 1 GiB image here (a new path; "
+                                             "default: a temporary directory)."),
+    keep: bool = typer.Option(False, "--keep",
+                              help="Keep the temporary directory (image and logs) afterwards."),
+) -> None:
+    """Boot a small Linux guest under QEMU against vblk and show it using the disk."""
+    configure_logging("WARNING")
+    try:
+        from vblk.testing.demo import run_demo
+    except ImportError as e:
+        raise fail(f"the demo is not available: {e}") from None
+    try:
+        status = run_demo(Path(image) if image is not None else None, keep)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    raise typer.Exit(status or 0)
+
+
+def main() -> None:
+    """Console-script entry point (``vblk``) and ``python -m cli``."""
+    app(prog_name="vblk")

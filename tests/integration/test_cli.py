@@ -1,0 +1,311 @@
+"""The ``vblk`` command run for real (``python -m cli``): refusals, ``info``, and a short serve."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from vblk.backing import open_backing
+from vblk.options import parse_acrn
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+
+def vblk(*args: str, cwd: Path, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          **kw)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vblk: error: "), lines[0]
+    assert result.stdout == ""
+    return lines[0][len("vblk: error: "):]
+
+
+@pytest.fixture
+def sockdir():
+    """A short directory for sockets (sun_path is 107 bytes; pytest's tmp_path can be long)."""
+    d = Path(tempfile.mkdtemp(prefix="vblk-cli-"))
+    yield d
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+def make_image(path: Path, size: int = MiB, data: bytes = b"") -> Path:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.truncate(size)
+    return path
+
+
+def fingerprint(path: Path) -> tuple:
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size, path.read_bytes()
+
+
+# -- refusals: one line, exit 2, nothing created --------------------------------------------
+
+def test_serve_a_missing_image_refuses_without_creating_the_socket(tmp_path, sockdir):
+    sock = sockdir / "x.sock"
+    msg = one_error_line(vblk("serve", "missing.img", "--socket-path", sock, cwd=tmp_path))
+    assert msg == "image missing.img does not exist (vblk never creates images)"
+    assert not sock.exists() and not (tmp_path / "missing.img").exists()
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("disk.img,bogus", "unknown option 'bogus'"),
+    ("disk.img,discardfoo", "unknown option 'discardfoo'"),
+    ("disk.img,discard", "option 'discard' is not supported yet"),
+    ("mq=2,disk.img", "option 'mq' is not supported yet"),
+    ("disk.img,aio=io_uring", "aio= does not apply to vblk"),
+    ("disk.img,sectorsize=1000", "not a power of two"),
+    ("disk.img,range=1/2/3", "not a decimal number"),
+])
+def test_serve_a_bad_option_refuses(tmp_path, sockdir, spec, words):
+    make_image(tmp_path / "disk.img")
+    sock = sockdir / "x.sock"
+    assert words in one_error_line(vblk("serve", spec, "--socket-path", sock, cwd=tmp_path))
+    assert not sock.exists()
+
+
+def test_serve_a_range_past_the_end_leaves_the_image_untouched(tmp_path, sockdir):
+    img = make_image(tmp_path / "disk.img", MiB, b"precious")
+    os.utime(img, ns=(1_000_000_000, 1_000_000_000))
+    before = fingerprint(img)
+    sock = sockdir / "x.sock"
+    msg = one_error_line(vblk("serve", "disk.img,writeback,range=2000/100", "--socket-path", sock,
+                              cwd=tmp_path))
+    assert msg == (f"range {2000 * 512}/{100 * 512} (bytes) ends at byte {2100 * 512} "
+                   f"past the end of disk.img ({MiB} bytes)")
+    assert fingerprint(img) == before
+    assert not sock.exists()
+
+
+def test_serve_a_flag_range_past_the_end_refuses(tmp_path, sockdir):
+    make_image(tmp_path / "disk.img")
+    msg = one_error_line(vblk("serve", "disk.img", "--range", "512K/1M", "--socket-path",
+                              sockdir / "x.sock", cwd=tmp_path))
+    assert "ends at byte 1572864 past the end of disk.img" in msg
+
+
+def test_range_given_both_ways_refuses(tmp_path, sockdir):
+    make_image(tmp_path / "disk.img")
+    msg = one_error_line(vblk("serve", "disk.img,range=0/8", "--range", "0/4K", "--socket-path",
+                              sockdir / "x.sock", cwd=tmp_path))
+    assert "range= in the option string" in msg and "--range 0/4K" in msg
+
+
+def test_serve_a_directory_refuses(tmp_path, sockdir):
+    msg = one_error_line(vblk("serve", tmp_path, "--socket-path", sockdir / "x.sock", cwd=tmp_path))
+    assert "is a directory" in msg
+
+
+def test_serve_needs_exactly_one_listener(tmp_path, sockdir):
+    make_image(tmp_path / "disk.img")
+    assert "exactly one of --socket-path and --fd" in one_error_line(
+        vblk("serve", "disk.img", cwd=tmp_path))
+    assert "exactly one of --socket-path and --fd" in one_error_line(
+        vblk("serve", "disk.img", "--socket-path", sockdir / "x.sock", "--fd", "0", cwd=tmp_path))
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--workers", "0"), "--workers 0 is out of range 1..64"),
+    (("--workers", "65"), "--workers 65"),
+    (("--queue-size", "100"), "--queue-size 100 must be a power of two"),
+    (("--log-level", "loud"), "log level 'LOUD'"),
+    (("--sectorsize", "4096/512"), "smaller than the logical block size"),
+    (("--serial", "x" * 21), "at most 20"),
+])
+def test_serve_bad_flags_refuse(tmp_path, sockdir, args, words):
+    make_image(tmp_path / "disk.img")
+    sock = sockdir / "x.sock"
+    assert words in one_error_line(vblk("serve", "disk.img", "--socket-path", sock, *args,
+                                        cwd=tmp_path))
+    assert not sock.exists()
+
+
+def test_serve_refuses_to_replace_a_file_at_the_socket_path(tmp_path, sockdir):
+    make_image(tmp_path / "disk.img")
+    not_a_socket = make_image(sockdir / "x.sock", 7, b"keep me")
+    msg = one_error_line(vblk("serve", "disk.img", "--socket-path", not_a_socket, cwd=tmp_path))
+    assert msg == f"{not_a_socket} exists and is not a socket; refusing to replace it"
+    assert not_a_socket.read_bytes() == b"keep me"
+
+
+def test_serve_refuses_a_socket_in_a_missing_directory(tmp_path, sockdir):
+    make_image(tmp_path / "disk.img")
+    msg = one_error_line(vblk("serve", "disk.img", "--socket-path", sockdir / "no" / "x.sock",
+                              cwd=tmp_path))
+    assert msg == f"socket directory {sockdir / 'no'} does not exist"
+
+
+def test_serve_refuses_a_socket_path_too_long_for_bind(tmp_path):
+    make_image(tmp_path / "disk.img")
+    msg = one_error_line(vblk("serve", "disk.img", "--socket-path", "/tmp/" + "s" * 120,
+                              cwd=tmp_path))
+    assert "longer than 107 bytes" in msg
+
+
+def test_serve_refuses_an_fd_that_is_not_a_listening_socket(tmp_path):
+    img = make_image(tmp_path / "disk.img")
+    assert one_error_line(vblk("serve", "disk.img", "--fd", "99", cwd=tmp_path)) == \
+        "--fd 99 is not an open file descriptor"
+    with open(img, "rb") as f:
+        fd = f.fileno()
+        msg = one_error_line(vblk("serve", "disk.img", "--fd", str(fd), cwd=tmp_path,
+                                  pass_fds=(fd,)))
+    assert msg == f"--fd {fd} is not a socket"
+    a, b = socket.socketpair()
+    with a, b:
+        fd = a.fileno()
+        msg = one_error_line(vblk("serve", "disk.img", "--fd", str(fd), cwd=tmp_path,
+                                  pass_fds=(fd,)))
+    assert msg == f"--fd {fd} is a socket that is not listening"
+
+
+def test_serve_refuses_a_window_locked_by_another_vblk(tmp_path, sockdir):
+    img = make_image(tmp_path / "disk.img")
+    with open_backing(parse_acrn(f"{img},range=0/16")):
+        msg = one_error_line(vblk("serve", "disk.img,range=8/16", "--socket-path",
+                                  sockdir / "x.sock", cwd=tmp_path))
+    assert msg == "disk.img bytes 4096..12288 are in use by another process"
+    assert not (sockdir / "x.sock").exists()
+
+
+def test_an_unwritable_image_is_not_silently_served_read_only(tmp_path, sockdir):
+    """ACRN quietly falls back to read-only; vblk refuses and says to pass ro."""
+    img = make_image(tmp_path / "disk.img")
+    img.chmod(0o444)
+    immutable = False
+    if os.geteuid() == 0:                 # root ignores file modes: make it immutable instead
+        if subprocess.run(["chattr", "+i", str(img)], capture_output=True).returncode:
+            pytest.skip("cannot make an immutable file here")
+        immutable = True
+    try:
+        sock = sockdir / "x.sock"
+        msg = one_error_line(vblk("serve", "disk.img", "--socket-path", sock, cwd=tmp_path))
+        assert msg.startswith("cannot open disk.img for writing") and "pass ro" in msg
+        assert not sock.exists()
+        r = vblk("info", "disk.img", "--ro", cwd=tmp_path)
+        assert r.returncode == 0 and "read-only:" in r.stdout, r.stderr
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(img)], check=True)
+
+
+@pytest.mark.parametrize("args", [(), ("serve",), ("serve", "--socket-path", "x"),
+                                  ("serve", "d.img", "--bogus"), ("info",), ("frobnicate",),
+                                  ("serve", "d.img", "--workers", "many")])
+def test_usage_errors_exit_2(tmp_path, args):
+    r = vblk(*args, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+
+
+# -- info -------------------------------------------------------------------------------------
+
+def parse_info(stdout: str) -> dict[str, str]:
+    rows = {}
+    for line in stdout.splitlines():
+        key, _, value = line.partition(":")
+        rows[key] = value.strip()
+    return rows
+
+
+def test_info_shows_what_the_guest_would_see(tmp_path):
+    img = make_image(tmp_path / "disk.img", 4 * MiB)
+    before = fingerprint(img)
+    r = vblk("info", "disk.img,writeback,sectorsize=4096/4096,range=256/512", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = parse_info(r.stdout)
+    assert rows["image"] == f"disk.img (regular file, {4 * MiB} bytes)"
+    assert rows["capacity"] == f"{512 * 8} sectors of 512 bytes ({512 * 4096} bytes)"
+    assert rows["logical block size"] == rows["physical block size"] == "4096"
+    assert rows["read-only"] == "no"
+    assert rows["cache"] == "writeback"
+    assert rows["range"] == f"bytes {256 * 4096}..{768 * 4096} of the image"
+    assert re.fullmatch(r"VBLK-[0-9a-f]{15}", rows["serial"])
+    assert fingerprint(img) == before
+
+
+def test_info_with_flags(tmp_path):
+    make_image(tmp_path / "disk.img", MiB + 100)
+    r = vblk("info", "disk.img", "--ro", "--serial", "my-disk", "--sectorsize", "512/512",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = parse_info(r.stdout)
+    assert rows["capacity"] == f"{MiB // 512} sectors of 512 bytes ({MiB} bytes)"
+    assert rows["physical block size"] == "512"
+    assert (rows["read-only"], rows["cache"], rows["serial"]) == ("yes", "writethrough", "my-disk")
+    assert rows["range"] == "whole image (its last 100 bytes are not a whole block and are not served)"
+    r = vblk("info", "disk.img", "--ro", "--sectorsize", "512/4096", "--range", "0/1M",
+             cwd=tmp_path)
+    assert parse_info(r.stdout)["range"] == f"bytes 0..{MiB} of the image"
+    assert parse_info(r.stdout)["physical block size"] == "4096"
+
+
+def test_info_serial_is_stable(tmp_path):
+    make_image(tmp_path / "disk.img")
+    a = parse_info(vblk("info", "disk.img", cwd=tmp_path).stdout)["serial"]
+    b = parse_info(vblk("info", "disk.img,ro", cwd=tmp_path).stdout)["serial"]
+    assert a == b
+
+
+def test_info_errors_are_one_line(tmp_path):
+    assert "does not exist" in one_error_line(vblk("info", "nope.img", cwd=tmp_path))
+
+
+# -- a short serve ------------------------------------------------------------------------------
+
+def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vblk serve exited with {proc.returncode}: {proc.stderr.read()}")
+        if path.exists():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"{path} did not appear within {timeout}s")
+
+
+def test_serve_listens_logs_key_value_lines_and_stops_on_sigterm(tmp_path, sockdir):
+    img = make_image(tmp_path / "disk.img", MiB, b"data")
+    sock = sockdir / "vblk.sock"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "disk.img,writeback",
+                             "--socket-path", str(sock), "--workers", "2"], cwd=tmp_path,
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_socket(sock, proc)
+        # The image is locked while it is served.
+        r = vblk("info", "disk.img", cwd=tmp_path)
+        assert "in use by another process" in one_error_line(r)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert not sock.exists()
+    lines = [line for line in err.splitlines() if line]
+    assert lines and all(re.match(r"ts=\S+ level=[A-Z]+ logger=\S+ ", line)
+                         for line in lines if not line.startswith(("INFO", "WARNING", "DEBUG"))), err
+    assert any("event=serving" in line and "image=disk.img" in line for line in lines), err
+    assert img.read_bytes()[:4] == b"data"

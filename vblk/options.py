@@ -1,0 +1,319 @@
+"""What the operator asked for: ACRN's option string and vblk's flags, parsed and validated once.
+
+Pure: nothing here touches a file.  ``parse_acrn`` reads ACRN's device string
+(``[iothread,][mq=N,]PATH[,writeback|writethru][,ro][,nocache][,sectorsize=L[/P]][,range=S/N]``),
+``merge_flags`` lays the command-line flags over it, and both return a frozen ``DiskOptions``
+whose ``__post_init__`` is the one place every rule is checked.  ``ServeConfig`` adds what
+``vblk serve`` needs besides the disk.
+
+Deliberate differences from ACRN's parser (``blockif_open``), all stricter:
+
+* tokens are matched exactly: ACRN's prefix match accepts ``discardfoo`` and ``rangefoo=1/2``;
+* a path that merely contains ``nodisk`` is a path (ACRN's ``strstr`` makes it a dummy disk);
+* ``sectorsize=`` and ``range=`` may each be given once, and empty tokens are refused;
+* options vblk does not implement (discard, mq>1, no_bst_block, aio=) are refused by name
+  rather than half-honoured.
+
+Units: ACRN's ``range=S/N`` counts logical sectors (S×L, N×L bytes, with the final L whatever
+order the tokens come in); the ``--range START/SIZE`` flag counts bytes.  ``DiskOptions``
+always holds bytes.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from vblk.errors import ConfigError
+
+BLOCK_SIZES = (512, 1024, 2048, 4096)      # allowed logical and physical block sizes
+SERIAL_MAX_BYTES = 20                      # virtio-blk GET_ID answer
+MAX_WORKERS = 64
+MAX_QUEUE_SIZE = 32768
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+ACRN_SYNTAX = ("[iothread,][mq=1,]PATH[,writeback|writethru][,ro][,nocache]"
+               "[,sectorsize=L[/P]][,range=START/COUNT]")
+
+# Options ACRN has and vblk does not (yet): refused by name, never silently dropped.
+_NOT_YET = {
+    "discard": "option 'discard' is not supported yet",
+    "no_bst_block": "option 'no_bst_block' is not supported yet",
+}
+_AIO = "aio= does not apply to vblk: workers use synchronous I/O"
+_SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskOptions:
+    """One disk as the operator described it (no file has been looked at yet).
+
+    ``physical_block_size`` None means "decide when opening": st_blksize for a file,
+    BLKPBSZGET for a block device, never below the logical size.  ``range_size`` None
+    means "to the end of the image".  ``spec_options`` names the options the ACRN string
+    gave explicitly (so ``merge_flags`` can refuse the same option twice).
+    """
+    path: str
+    readonly: bool = False
+    writeback: bool = False
+    nocache: bool = False
+    logical_block_size: int = 512
+    physical_block_size: int | None = None
+    range_start: int = 0
+    range_size: int | None = None
+    serial: str | None = None
+    spec_options: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError("no image path given")
+        if "\0" in self.path:
+            raise ConfigError(f"image path {self.path!r} contains a NUL byte")
+        check_block_sizes(self.logical_block_size, self.physical_block_size, "sector size")
+        lbs = self.logical_block_size
+        if self.range_start < 0:
+            raise ConfigError(f"range start {self.range_start} is negative")
+        if self.range_start % lbs:
+            raise ConfigError(f"range start byte {self.range_start} is not a whole number of "
+                              f"{lbs}-byte logical sectors")
+        if self.range_size is not None:
+            if self.range_size <= 0:
+                raise ConfigError(f"range size {self.range_size} must be at least one logical "
+                                  f"sector ({lbs} bytes)")
+            if self.range_size % lbs:
+                raise ConfigError(f"range size {self.range_size} bytes is not a whole number of "
+                                  f"{lbs}-byte logical sectors")
+        if self.serial is not None:
+            check_serial(self.serial)
+
+    @property
+    def cache_mode(self) -> str:
+        return "writeback" if self.writeback else "writethrough"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """Everything ``vblk serve`` needs; ``vblk.supervisor.serve`` takes it as is."""
+    disk: DiskOptions
+    socket_path: str | None = None
+    listen_fd: int | None = None
+    workers: int = 8
+    queue_size: int = 64
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if (self.socket_path is None) == (self.listen_fd is None):
+            raise ConfigError("give exactly one of --socket-path and --fd")
+        if self.socket_path is not None and not self.socket_path:
+            raise ConfigError("--socket-path is empty")
+        if self.listen_fd is not None and self.listen_fd < 0:
+            raise ConfigError(f"--fd {self.listen_fd} is not a file descriptor")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers {self.workers} is out of range 1..{MAX_WORKERS}")
+        if not (1 <= self.queue_size <= MAX_QUEUE_SIZE and _is_power_of_two(self.queue_size)):
+            raise ConfigError(f"--queue-size {self.queue_size} must be a power of two "
+                              f"in 1..{MAX_QUEUE_SIZE}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log level {self.log_level!r} is not one of "
+                              f"{', '.join(LOG_LEVELS).lower()}")
+
+
+# -- validation shared by the parser and the dataclass ------------------------------------
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check_block_sizes(logical: int, physical: int | None, where: str) -> None:
+    """Raise ConfigError unless L (and P, if given) are powers of two in 512..4096, P ≥ L."""
+    for name, value in (("logical", logical), ("physical", physical)):
+        if value is None:
+            continue
+        if not _is_power_of_two(value):
+            raise ConfigError(f"{where}: {name} block size {value} is not a power of two")
+        if value not in BLOCK_SIZES:
+            raise ConfigError(f"{where}: {name} block size {value} is outside 512..4096")
+    if physical is not None and physical < logical:
+        raise ConfigError(f"{where}: physical block size {physical} is smaller than the "
+                          f"logical block size {logical}")
+
+
+def check_serial(serial: str) -> None:
+    if not serial:
+        raise ConfigError("serial is empty")
+    if not all(0x20 <= ord(c) < 0x7F for c in serial):
+        raise ConfigError(f"serial {serial!r} must be printable ASCII")
+    if len(serial) > SERIAL_MAX_BYTES:
+        raise ConfigError(f"serial {serial!r} is {len(serial)} bytes; virtio-blk allows at "
+                          f"most {SERIAL_MAX_BYTES}")
+
+
+def _int(text: str, what: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ConfigError(f"{what}: {text!r} is not a decimal number")
+    return int(text)
+
+
+def parse_sectorsize(value: str, where: str) -> tuple[int, int | None]:
+    """``L`` or ``L/P`` -> (L, P or None), checked; ``where`` names the option in errors."""
+    logical_text, slash, physical_text = value.partition("/")
+    if not logical_text or (slash and not physical_text):
+        raise ConfigError(f"{where}: want L or L/P (e.g. 512 or 512/4096)")
+    logical = _int(logical_text, where)
+    physical = _int(physical_text, where) if slash else None
+    check_block_sizes(logical, physical, where)
+    return logical, physical
+
+
+def parse_size(text: str, what: str) -> int:
+    """Bytes with an optional K/M/G/T suffix (powers of 1024): ``4096``, ``64K``, ``1G``."""
+    m = _SIZE_RE.fullmatch(text)
+    if not m:
+        raise ConfigError(f"{what}: {text!r} is not a size (bytes, optionally with K/M/G/T)")
+    return int(m.group(1)) * _SIZE_SUFFIX[m.group(2).upper()]
+
+
+# -- ACRN's option string -------------------------------------------------------------------
+
+def _leading_token(token: str) -> bool:
+    """Handle one of ACRN's tokens that come before the path; False if ``token`` isn't one."""
+    if token == "iothread":
+        return True            # vhost-user kicks never run on a vCPU thread: nothing to do
+    if token.startswith("iothread="):
+        raise ConfigError(f"option {token!r} is not supported yet (a bare 'iothread' is "
+                          f"accepted and changes nothing)")
+    if token == "mq" or token.startswith("mq="):
+        _check_mq(token)
+        return True
+    return False
+
+
+def _check_mq(token: str) -> None:
+    if token == "mq":
+        return
+    n = _int(token[3:], token)
+    if n < 1:
+        raise ConfigError(f"{token}: the number of queues must be at least 1")
+    if n > 1:
+        raise ConfigError(f"option 'mq' is not supported yet ({token}: vblk serves one queue)")
+
+
+def parse_acrn(spec: str) -> DiskOptions:
+    """ACRN's ``virtio-blk`` device string -> DiskOptions.  Raises ConfigError naming the problem."""
+    tokens = spec.split(",")
+    if any(t == "" for t in tokens[1:]):
+        raise ConfigError(f"empty option in {spec!r}")
+    while tokens and _leading_token(tokens[0]):
+        tokens.pop(0)
+    if not tokens or not tokens[0]:
+        raise ConfigError(f"no image path in {spec!r} (syntax: {ACRN_SYNTAX})")
+    path, options = tokens[0], tokens[1:]
+    if path == "nodisk":
+        raise ConfigError("'nodisk' placeholder disks are not supported yet "
+                          "(for an image named nodisk, write ./nodisk)")
+    values: dict = {}
+    sectorsize: tuple[int, int | None] | None = None
+    range_sectors: tuple[int, int] | None = None
+    given: set[str] = set()
+    for token in options:
+        name, eq, value = token.partition("=")
+        if token in ("writeback", "writethru"):
+            values["writeback"] = token == "writeback"        # the last one wins, as in ACRN
+            given.add("writeback")
+        elif token == "ro":
+            values["readonly"] = True
+            given.add("ro")
+        elif token == "nocache":
+            values["nocache"] = True
+            given.add("nocache")
+        elif name == "sectorsize" and eq:
+            if sectorsize is not None:
+                raise ConfigError(f"sectorsize= is given twice in {spec!r}")
+            sectorsize = parse_sectorsize(value, token)
+            given.add("sectorsize")
+        elif name == "range" and eq:
+            if range_sectors is not None:
+                raise ConfigError(f"range= is given twice in {spec!r}")
+            range_sectors = _parse_acrn_range(value, token)
+            given.add("range")
+        elif token in _NOT_YET or name == "discard" and eq:
+            raise ConfigError(_NOT_YET[name])
+        elif name == "aio" and eq:
+            raise ConfigError(_AIO)
+        elif token == "iothread" or name in ("iothread", "mq"):
+            if name == "mq":
+                _check_mq(token)               # mq=N>1 says "not supported" wherever it is
+            raise ConfigError(f"option {token!r} must come before the path "
+                              f"(syntax: {ACRN_SYNTAX})")
+        else:
+            raise ConfigError(f"unknown option {token!r} in {spec!r} (syntax: {ACRN_SYNTAX})")
+    if sectorsize is not None:
+        values["logical_block_size"], values["physical_block_size"] = sectorsize
+    if range_sectors is not None:               # sectors -> bytes with the final L
+        lbs = values.get("logical_block_size", 512)
+        values["range_start"] = range_sectors[0] * lbs
+        values["range_size"] = range_sectors[1] * lbs
+    return DiskOptions(path, spec_options=frozenset(given), **values)
+
+
+def _parse_acrn_range(value: str, where: str) -> tuple[int, int]:
+    start_text, slash, count_text = value.partition("/")
+    if not slash or not start_text or not count_text:
+        raise ConfigError(f"{where}: want range=START/COUNT in logical sectors")
+    start, count = _int(start_text, where), _int(count_text, where)
+    if count < 1:
+        raise ConfigError(f"{where}: the sector count must be at least 1")
+    return start, count
+
+
+# -- command-line flags on top --------------------------------------------------------------
+
+def merge_flags(opts: DiskOptions, *, readonly: bool | None = None,
+                writeback: bool | None = None, sectorsize: str | None = None,
+                range_: str | None = None, serial: str | None = None,
+                nocache: bool | None = None) -> DiskOptions:
+    """Lay CLI flags over ``opts``; None leaves a setting alone.
+
+    Flags override the string, except that ``sectorsize`` and ``range`` may not be given
+    both ways.  ``sectorsize`` is ``L`` or ``L/P``; ``range_`` is ``START/SIZE`` in bytes
+    (K/M/G/T suffixes), each a whole number of logical sectors.  A ``range=S/N`` from the
+    string keeps counting logical sectors, so a ``--sectorsize`` flag rescales it, just as
+    ACRN applies L after all options.
+    """
+    changes: dict = {}
+    for name, value in (("readonly", readonly), ("writeback", writeback),
+                        ("nocache", nocache), ("serial", serial)):
+        if value is not None:
+            changes[name] = value
+    lbs = opts.logical_block_size
+    if sectorsize is not None:
+        if "sectorsize" in opts.spec_options:
+            raise ConfigError(f"the sector size is given twice: sectorsize= in the option string "
+                              f"and --sectorsize {sectorsize}; give it once")
+        lbs, changes["physical_block_size"] = parse_sectorsize(sectorsize, f"--sectorsize {sectorsize}")
+        changes["logical_block_size"] = lbs
+        if "range" in opts.spec_options:
+            old = opts.logical_block_size
+            changes["range_start"] = opts.range_start // old * lbs
+            changes["range_size"] = opts.range_size // old * lbs
+    if range_ is not None:
+        if "range" in opts.spec_options:
+            raise ConfigError(f"the range is given twice: range= in the option string and "
+                              f"--range {range_}; give it once")
+        changes["range_start"], changes["range_size"] = _parse_flag_range(range_, lbs)
+    return replace(opts, **changes) if changes else opts
+
+
+def _parse_flag_range(value: str, lbs: int) -> tuple[int, int]:
+    where = f"--range {value}"
+    start_text, slash, size_text = value.partition("/")
+    if not slash:
+        raise ConfigError(f"{where}: want START/SIZE in bytes (e.g. 1M/16G)")
+    start, size = parse_size(start_text, where), parse_size(size_text, where)
+    for name, n in (("start", start), ("size", size)):
+        if n % lbs:
+            raise ConfigError(f"{where}: {name} {n} bytes is not a whole number of "
+                              f"{lbs}-byte logical sectors")
+    if size == 0:
+        raise ConfigError(f"{where}: the size must be at least one logical sector ({lbs} bytes)")
+    return start, size
