@@ -1,0 +1,159 @@
+"""Backends to test the Python frontend against: qemu-storage-daemon (the reference) and vblk.
+
+``qsd_server(image)`` and ``vblk_server(image, *args)`` start a server on a fresh Unix socket,
+wait until it accepts a connection (failing with its log if it dies first) and stop it at
+teardown. ``backend_server`` is the same thing parametrized over ``BACKENDS``, so a test that
+uses it runs once per backend (select with ``-k qsd`` / ``-k vblk``). When a test fails, the
+log of every server it started is attached to the report.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BACKENDS = ("qsd", "vblk")
+START_TIMEOUT = 20.0
+_SERVERS = pytest.StashKey[list]()
+
+
+class Server(str):
+    """A running server: its socket path (this str), process and log."""
+
+    proc: subprocess.Popen
+    log_path: Path
+    what: str
+
+    def log(self, limit: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-limit:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> int:
+        """SIGTERM the server's process group, SIGKILL after 5 s; returns its exit status."""
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.proc.pid, signal.SIGKILL)    # the leader or a child left behind
+        return self.proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_until_listening(server: Server, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    last = "socket not created"
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            pytest.fail(f"{server.what} exited with status {server.proc.returncode} before "
+                        f"listening on {server}:\n{server.log()}", pytrace=False)
+        if os.path.exists(server):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)
+                try:
+                    probe.connect(str(server))
+                    return
+                except OSError as exc:
+                    last = str(exc)
+        time.sleep(0.05)
+    pytest.fail(f"{server.what} did not accept a connection on {server} within {timeout} s "
+                f"({last}):\n{server.log()}", pytrace=False)
+
+
+class _Launcher:
+    """Starts servers for one test and stops them (and removes their sockets) at teardown."""
+
+    def __init__(self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.servers: list[Server] = request.node.stash.setdefault(_SERVERS, [])
+        self.dirs: list[str] = []
+
+    def start(self, what: str, make_cmd: Callable[[str], Sequence[str]], *,
+              cwd: Path | None = None, env: dict | None = None) -> Server:
+        d = tempfile.mkdtemp(prefix="vblk-t-", dir="/tmp")     # sun_path holds 107 bytes
+        self.dirs.append(d)
+        sock = os.path.join(d, f"{what}.sock")
+        log_path = self.tmp_path / f"{what}-{len(self.servers) + 1}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(list(make_cmd(sock)), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                    start_new_session=True)
+        server = Server(sock)
+        server.proc, server.log_path, server.what = proc, log_path, what
+        self.servers.append(server)
+        _wait_until_listening(server)
+        return server
+
+    def stop_all(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def qsd_command(image: str | os.PathLike, sock: str) -> list[str]:
+    return ["qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}",
+            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+                        f"addr.path={sock},writable=on,num-queues=1"]
+
+
+def vblk_command(image: str | os.PathLike, sock: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "cli", "serve", os.fspath(image), "--socket-path", sock,
+            *map(str, args)]
+
+
+@pytest.fixture
+def qsd_server(request: pytest.FixtureRequest, tmp_path: Path):
+    """qsd_server(image) -> socket path of a qemu-storage-daemon export of the raw image."""
+    launcher = _Launcher(request, tmp_path)
+    yield lambda image: launcher.start("qsd", lambda sock: qsd_command(image, sock))
+    launcher.stop_all()
+
+
+@pytest.fixture
+def vblk_server(request: pytest.FixtureRequest, tmp_path: Path):
+    """vblk_server(image, *args) -> socket path of ``python -m cli serve IMAGE ... ARGS``."""
+    launcher = _Launcher(request, tmp_path)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    yield lambda image, *args: launcher.start(
+        "vblk", lambda sock: vblk_command(image, sock, *args), cwd=REPO, env=env)
+    launcher.stop_all()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_server(request: pytest.FixtureRequest) -> Callable[[str | os.PathLike], Server]:
+    """backend_server(image) -> socket path, once per backend in BACKENDS."""
+    return request.getfixturevalue(f"{request.param}_server")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for server in item.stash.get(_SERVERS, []):
+            status = server.proc.poll()
+            state = "running" if status is None else f"exited with {status}"
+            report.sections.append((f"{server.what} log ({state}, {server.log_path})", server.log()))
