@@ -127,7 +127,7 @@ class Supervisor:
                 for fd, _ in self.epoll.poll():
                     handler = self.handlers.get(fd)
                     if handler is not None:
-                        handler()
+                        self._call(handler)
             return 0
         finally:
             self._disconnect()
@@ -141,6 +141,18 @@ class Supervisor:
             self.slots.close()
             self.epoll.close()
             log.info("event=stopped")
+
+    def _call(self, handler) -> None:
+        """Run one event handler; a bug in vblk costs the frontend its connection, not the
+        process (the next frontend is served)."""
+        try:
+            handler()
+        except Exception:
+            log.exception("event=internal_error action=drop_frontend")
+            try:
+                self._disconnect()
+            except Exception:
+                log.exception("event=internal_error action=disconnect")
 
     def _on_signal(self, wake_r: int) -> None:
         try:

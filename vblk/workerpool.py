@@ -39,7 +39,12 @@ class WorkerHandle:
             log.warning("event=worker_control_failed worker=%d error=%r", self.index, exc)
 
     def submit(self, slots: list[int]) -> None:
-        os.write(self.submit_w, array.array("I", slots).tobytes())
+        """Hand slots to the worker. If it has just died they stay outstanding: the death is
+        noticed on its control socket and they are re-issued to its replacement."""
+        try:
+            os.write(self.submit_w, array.array("I", slots).tobytes())
+        except BrokenPipeError:
+            log.warning("event=worker_gone worker=%d slots=%d", self.index, len(slots))
 
     def close(self) -> None:
         os.close(self.submit_w)
