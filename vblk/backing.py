@@ -29,6 +29,7 @@ import hashlib
 import os
 import stat
 import struct
+import time
 from dataclasses import dataclass, fields
 
 from vblk.errors import ConfigError
@@ -254,20 +255,35 @@ def _in_use(info: BackingInfo) -> ConfigError:
     return ConfigError(f"{info.path} bytes {info.start}..{info.end} are in use by another process")
 
 
+# A vblk that was just killed leaves its workers holding the lock for a moment (they die
+# with it, by PDEATHSIG, but not at the same instant); its restart waits that long for them.
+LOCK_WAIT_SECONDS = 1.0
+
+
 def _test_lock(fd: int, info: BackingInfo) -> None:
-    answer = fcntl.fcntl(fd, F_OFD_GETLK, _lock_args(info))
-    if _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK:
-        raise _in_use(info)
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        answer = fcntl.fcntl(fd, F_OFD_GETLK, _lock_args(info))
+        if _FLOCK.unpack(answer)[0] == fcntl.F_UNLCK:
+            return
+        if time.monotonic() >= deadline:
+            raise _in_use(info)
+        time.sleep(0.05)
 
 
 def _take_lock(fd: int, info: BackingInfo) -> None:
-    try:
-        fcntl.fcntl(fd, F_OFD_SETLK, _lock_args(info))
-    except OSError as e:
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise _in_use(info) from None
-        raise ConfigError(f"cannot lock {info.path} bytes {info.start}..{info.end}: "
-                          f"{e.strerror}") from None
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.fcntl(fd, F_OFD_SETLK, _lock_args(info))
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"cannot lock {info.path} bytes {info.start}..{info.end}: "
+                                  f"{e.strerror}") from None
+            if time.monotonic() >= deadline:
+                raise _in_use(info) from None
+            time.sleep(0.05)
 
 
 # -- entry points ---------------------------------------------------------------------------

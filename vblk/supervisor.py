@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import errno
+import mmap
 import logging
 import os
 import select
@@ -32,13 +33,15 @@ from collections import deque
 from dataclasses import dataclass
 
 from vblk.device import OP_READ, BlkDevice, Completion, Geometry
-from vblk.errors import ConfigError, GuestError, RingBroken
+from vblk.errors import ConfigError, FrontendProtocolError, GuestError, RingBroken
 from vblk.memory import GuestMemory
+from vblk import sdnotify
 from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea, SlotState
 from vblk.vhost_user import transport
 from vblk.vhost_user.session import DropConnection, MemSlot, Session, Vring
 from vblk.virtio.blk import parse_request
 from vblk.virtio.constants import BlkStatus, Feature
+from vblk.virtio.inflight import InflightQueue, queue_region_size
 from vblk.virtio.ring import SplitRing
 from vblk.workerpool import WorkerHandle, WorkerPool
 
@@ -98,6 +101,8 @@ class Supervisor:
         self.stats = {"requests": 0, "completed": 0, "refused": 0}
         self._ring_addrs: dict[int, object] = {}
         self.broken: set[int] = set()            # rings stopped because the guest broke them
+        self.inflight_map: mmap.mmap | None = None
+        self.inflight_queues: dict[int, InflightQueue] = {}
 
     # -- epoll bookkeeping ---------------------------------------------------------------
     def _watch(self, fd: int, handler) -> None:
@@ -123,6 +128,7 @@ class Supervisor:
             self._watch(wake_r, lambda: self._on_signal(wake_r))
             self._watch(listener.fileno(), self._on_accept)
             log.info("event=listening workers=%d slots=%d", self.pool.count, self.slots.count)
+            sdnotify.ready("waiting for a frontend")
             while not self.stopping:
                 for fd, _ in self.epoll.poll():
                     handler = self.handlers.get(fd)
@@ -160,6 +166,7 @@ class Supervisor:
         except BlockingIOError:
             return
         log.info("event=shutdown signals=%s", list(sigs))
+        sdnotify.stopping()
         self.stopping = True
 
     def _on_accept(self) -> None:
@@ -173,6 +180,7 @@ class Supervisor:
         self._unwatch(self.listener.fileno())
         self._watch(conn.fileno(), self._on_message)
         log.info("event=frontend_connected")
+        sdnotify.status("frontend connected")
 
     def _disconnect(self) -> None:
         if self.conn is None:
@@ -185,6 +193,7 @@ class Supervisor:
             self.conn = None
             self.session = None
             log.info("event=frontend_disconnected")
+            sdnotify.status("stopping" if self.stopping else "waiting for a frontend")
             if self.listener is not None and not self.stopping:
                 self._watch(self.listener.fileno(), self._on_accept)
 
@@ -207,7 +216,12 @@ class Supervisor:
         try:
             reply = self.session.handle(header, payload, fds)
             if reply is not None:
-                self.conn.sendall(reply)
+                reply_fds = self.session.take_reply_fds()
+                try:
+                    transport.send_message(self.conn, reply, reply_fds)
+                finally:
+                    for fd in reply_fds:
+                        os.close(fd)
         except DropConnection as exc:
             log.warning("event=frontend_dropped reason=%r", str(exc))
             self._disconnect()
@@ -237,13 +251,74 @@ class Supervisor:
     def start_queue(self, vring: Vring, features: int) -> None:
         ring = self._make_ring(vring.num, vring.addr, vring.base,
                                features & Feature.RING_INDIRECT_DESC.mask)
+        resubmit = []
+        tracker = self.inflight_queues.get(vring.index)
+        if tracker is not None and tracker.size == vring.num:
+            resubmit = ring.attach_inflight(tracker)
+        elif tracker is not None:
+            log.warning("event=inflight_ignored queue=%d reason=queue_size inflight=%d ring=%d",
+                        vring.index, tracker.size, vring.num)
         self._ring_addrs[vring.index] = vring.addr
         self.rings[vring.index] = ring
         self.kicks[vring.index] = vring.kick_fd
         self._watch(vring.kick_fd, lambda q=vring.index: self._on_kick(q))
-        log.info("event=queue_started queue=%d size=%d base=%d used=%d", vring.index, vring.num,
-                 vring.base, ring.used_idx)
+        log.info("event=queue_started queue=%d size=%d base=%d used=%d resubmitted=%d", vring.index,
+                 vring.num, vring.base, ring.used_idx, len(resubmit))
+        if resubmit:
+            self._resubmit(vring.index, ring, resubmit)
         self._drain(vring.index)
+
+    def _resubmit(self, q: int, ring: SplitRing, heads: list[int]) -> None:
+        """Run again what a previous backend process had taken but not completed."""
+        batches: dict[int, list[int]] = {}
+        published = False
+        for head in heads:
+            while not self.free:        # more in flight than slots: let some finish first
+                self._flush_batches(batches)
+                self._wait_idle(lambda: not self.free)
+            ring.inflight.begin(head)
+            published |= self._admit(q, ring, head, batches)
+        self._flush_batches(batches)
+        if published:
+            self._publish(q, ring)
+
+    def _flush_batches(self, batches: dict[int, list[int]]) -> None:
+        for w, slots in batches.items():
+            self.pool.workers[w].submit(slots)
+        batches.clear()
+
+    # -- inflight region -------------------------------------------------------------------
+    def get_inflight(self, num_queues: int, queue_size: int) -> tuple[int, int]:
+        size = num_queues * queue_region_size(queue_size)
+        fd = os.memfd_create("vblk-inflight", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        return fd, size
+
+    def set_inflight(self, fd: int | None, size: int, offset: int, num_queues: int,
+                     queue_size: int) -> None:
+        self.inflight_queues.clear()
+        if self.inflight_map is not None:
+            try:
+                self.inflight_map.close()
+            except BufferError:
+                log.warning("event=unmap_deferred what=inflight")
+            self.inflight_map = None
+        if fd is None:
+            return
+        per_queue = queue_region_size(queue_size)
+        if size < num_queues * per_queue:
+            raise FrontendProtocolError(f"inflight region of {size} bytes for {num_queues} "
+                                        f"queues of {queue_size}")
+        try:
+            self.inflight_map = mmap.mmap(fd, offset + size, mmap.MAP_SHARED)
+        except (OSError, ValueError) as exc:
+            raise FrontendProtocolError(f"cannot map the inflight region: {exc}") from exc
+        view = memoryview(self.inflight_map)
+        for q in range(num_queues):
+            start = offset + q * per_queue
+            self.inflight_queues[q] = InflightQueue(view[start:start + per_queue], queue_size)
+        view.release()
+        log.info("event=inflight_region queues=%d queue_size=%d bytes=%d", num_queues, queue_size, size)
 
     def _make_ring(self, size: int, addr, last_avail: int, indirect: int | None = None) -> SplitRing:
         if indirect is None:
@@ -298,8 +373,7 @@ class Supervisor:
         except RingBroken as exc:
             self.guest_log.warning("ring", "event=ring_broken queue=%d reason=%r", q, str(exc))
             self._break_ring(q)
-        for w, slots in batches.items():
-            self.pool.workers[w].submit(slots)
+        self._flush_batches(batches)
         if published:
             self._publish(q, ring)
 

@@ -28,6 +28,15 @@ class RecordingHost:
     def set_call(self, index, fd):
         self.calls.append(("call", index, fd is not None))
 
+    def get_inflight(self, num_queues, queue_size):
+        fd = os.memfd_create("inflight", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 4096)
+        self.calls.append(("get_inflight", num_queues, queue_size))
+        return fd, 4096
+
+    def set_inflight(self, fd, size, offset, num_queues, queue_size):
+        self.calls.append(("set_inflight", fd is not None, size, num_queues, queue_size))
+
 
 def new_session():
     dev = BlkDevice(Geometry(1 << 30, serial=b"S" * 20), writeback=False)
@@ -68,7 +77,8 @@ def test_features_offer_protocol_bit_and_version_1():
     assert proto & m.ProtocolFeature.CONFIG.mask
     assert proto & m.ProtocolFeature.REPLY_ACK.mask
     assert proto & m.ProtocolFeature.MQ.mask
-    assert not proto & m.ProtocolFeature.INFLIGHT_SHMFD.mask
+    assert proto & m.ProtocolFeature.INFLIGHT_SHMFD.mask
+    assert not proto & m.ProtocolFeature.BACKEND_REQ.mask      # nothing vblk does not do
     assert send(s, R.GET_QUEUE_NUM) == m.U64.pack(1)
 
 
@@ -160,3 +170,18 @@ def test_memory_regions_add_and_remove():
     assert [x.region for x in s.memory] == [r2]
     s.close()
     assert s.memory == []
+
+
+def test_inflight_fd_is_created_handed_over_and_taken_back():
+    s, host = new_session()
+    body = send(s, R.GET_INFLIGHT_FD, m.Inflight(0, 0, 1, 128).pack())
+    reply = m.Inflight.unpack(body)
+    assert (reply.mmap_size, reply.num_queues, reply.queue_size) == (4096, 1, 128)
+    [fd] = s.take_reply_fds()
+    assert send(s, R.SET_INFLIGHT_FD, reply.pack(), fds=[fd], need_reply=True) == m.U64.pack(0)
+    assert ("set_inflight", True, 4096, 1, 128) in host.calls
+    bad = m.Inflight(4096, 0, 2, 128).pack()          # more queues than the device has
+    assert send(s, R.SET_INFLIGHT_FD, bad, fds=[memfd()], need_reply=True) == m.U64.pack(1)
+    with pytest.raises(DropConnection):
+        send(s, R.GET_INFLIGHT_FD, m.Inflight(0, 0, 1, 100).pack())
+    s.close()

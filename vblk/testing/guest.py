@@ -745,9 +745,15 @@ def default_accel() -> str:
 def qemu_command(image: GuestImage, initrd: Path, socket_path: str | os.PathLike, *,
                  memory: str = "512M", queue_size: int = 64, num_queues: int = 1,
                  bios: str | os.PathLike | None = None, accel: str | None = None,
-                 cmdline_extra: str = "",
+                 cmdline_extra: str = "", reconnect: int | None = None,
                  extra_qemu_args: Sequence[str] = ()) -> list[str]:
-    """The QEMU command line for one boot (serial console on stdout)."""
+    """The QEMU command line for one boot (serial console on stdout).
+
+    ``reconnect=N``: QEMU redials the backend N seconds after it goes away (a backend
+    restarted by systemd); the guest's disk carries on."""
+    chardev = f"socket,id=vb0,path={os.fspath(socket_path)}"
+    if reconnect is not None:
+        chardev += f",reconnect={int(reconnect)}"
     accel = accel or default_accel()
     cpu = "host" if accel == "kvm" else "max"
     cmd = [
@@ -758,7 +764,7 @@ def qemu_command(image: GuestImage, initrd: Path, socket_path: str | os.PathLike
         "-kernel", str(image.kernel), "-initrd", str(initrd),
         "-append", (DEFAULT_CMDLINE + " " + cmdline_extra).strip(),
         "-serial", "stdio", "-monitor", "none",
-        "-chardev", f"socket,id=vb0,path={os.fspath(socket_path)}",
+        "-chardev", chardev,
         "-device", f"vhost-user-blk-pci,chardev=vb0,num-queues={num_queues},"
                    f"queue-size={queue_size}",
     ]
@@ -781,7 +787,7 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
               log_path: str | os.PathLike | None = None,
               bios: str | os.PathLike | None = None, accel: str | None = None,
               files: Mapping[str, bytes | str] | None = None,
-              cmdline_extra: str = "",
+              cmdline_extra: str = "", reconnect: int | None = None,
               alive: Callable[[], bool] | None = None) -> GuestResult:
     """Boot the test guest against the vhost-user-blk backend at socket_path.
 
@@ -804,7 +810,8 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
             f.write(scenario_archive(script, files))
         cmd = qemu_command(image, initrd, socket_path, memory=memory, queue_size=queue_size,
                            num_queues=num_queues, bios=bios, accel=accel,
-                           cmdline_extra=cmdline_extra, extra_qemu_args=extra_qemu_args)
+                           cmdline_extra=cmdline_extra, reconnect=reconnect,
+                           extra_qemu_args=extra_qemu_args)
         return _run_qemu(cmd, timeout=timeout, log_path=log_path, alive=alive)
 
 

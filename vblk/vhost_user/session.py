@@ -38,7 +38,9 @@ from vblk.virtio.constants import MAX_QUEUE_SIZE, Feature
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROTOCOL_FEATURES = P.MQ.mask | P.REPLY_ACK.mask | P.CONFIG.mask | P.CONFIGURE_MEM_SLOTS.mask
+DEFAULT_PROTOCOL_FEATURES = (P.MQ.mask | P.REPLY_ACK.mask | P.CONFIG.mask
+                             | P.CONFIGURE_MEM_SLOTS.mask | P.INFLIGHT_SHMFD.mask)
+MAX_INFLIGHT_BYTES = 64 << 20
 
 
 class DropConnection(Exception):
@@ -76,6 +78,9 @@ class QueueHost(Protocol):
     def start_queue(self, vring: Vring, features: int) -> None: ...
     def stop_queue(self, index: int) -> int: ...
     def set_call(self, index: int, fd: int | None) -> None: ...
+    def get_inflight(self, num_queues: int, queue_size: int) -> tuple[int, int]: ...
+    def set_inflight(self, fd: int | None, size: int, offset: int, num_queues: int,
+                     queue_size: int) -> None: ...
 
 
 @dataclass
@@ -90,10 +95,11 @@ class Session:
     memory: list[MemSlot] = field(default_factory=list)
     vrings: list[Vring] = field(default_factory=list)
     backend_req_fd: int | None = None
+    reply_fds: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.vrings = [Vring(i) for i in range(self.num_queues)]
-        self._handlers: dict[int, Callable[[bytes, list[int]], bytes | None]] = {
+        self._handlers: dict[int, Callable[[bytes, list[int]], bytes | tuple[bytes, list[int]] | None]] = {
             R.GET_FEATURES: self.get_features,
             R.SET_FEATURES: self.set_features,
             R.SET_OWNER: self.set_owner,
@@ -117,11 +123,16 @@ class Session:
             R.GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
             R.ADD_MEM_REG: self.add_mem_reg,
             R.REM_MEM_REG: self.rem_mem_reg,
+            R.GET_INFLIGHT_FD: self.get_inflight_fd,
+            R.SET_INFLIGHT_FD: self.set_inflight_fd,
         }
 
     # -- dispatch ------------------------------------------------------------------------
     def handle(self, header: m.Header, payload: bytes, fds: list[int]) -> bytes | None:
-        """Apply one message; returns the whole reply message to send, or None."""
+        """Apply one message; returns the whole reply message to send, or None.
+
+        A reply that carries fds leaves them in ``reply_fds``: send them with the reply, then
+        close them (``take_reply_fds``)."""
         name = m.request_name(header.request)
         pending = list(fds)
         handler = self._handlers.get(header.request)
@@ -139,17 +150,26 @@ class Session:
         finally:
             for fd in pending:
                 os.close(fd)
+        if isinstance(reply, tuple):
+            reply, self.reply_fds = reply
         if reply is not None:
             return m.encode_reply(header.request, reply)
         if header.need_reply:
             return m.encode_reply(header.request, m.U64.pack(1 if failed else 0))
         return None
 
+    def take_reply_fds(self) -> list[int]:
+        fds, self.reply_fds = self.reply_fds, []
+        return fds
+
     def close(self) -> None:
         """The connection is gone: stop every ring and release every fd."""
         self._stop_all()
         for v in self.vrings:
             v.close_fds()
+        for fd in self.take_reply_fds():
+            os.close(fd)
+        self.host.set_inflight(None, 0, 0, 0, 0)
         self._replace_memory([])
         if self.backend_req_fd is not None:
             os.close(self.backend_req_fd)
@@ -346,6 +366,31 @@ class Session:
             self._maybe_start(vring)
         else:
             self._stop(vring)
+
+    # -- inflight tracking (backend restarts) -------------------------------------------
+    def get_inflight_fd(self, payload: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        req = m.Inflight.unpack(payload)
+        self._check_inflight_shape(req.num_queues, req.queue_size)
+        fd, size = self.host.get_inflight(req.num_queues, req.queue_size)
+        return m.Inflight(size, 0, req.num_queues, req.queue_size).pack(), [fd]
+
+    def set_inflight_fd(self, payload: bytes, fds: list[int]) -> None:
+        req = m.Inflight.unpack(payload)
+        if len(fds) != 1:
+            raise FrontendProtocolError(f"SET_INFLIGHT_FD carries {len(fds)} fds, want 1")
+        self._check_inflight_shape(req.num_queues, req.queue_size)
+        if not 0 < req.mmap_size <= MAX_INFLIGHT_BYTES or req.mmap_offset > MAX_INFLIGHT_BYTES:
+            raise FrontendProtocolError(f"inflight region size {req.mmap_size} offset {req.mmap_offset}")
+        if any(v.running for v in self.vrings):
+            raise FrontendProtocolError("SET_INFLIGHT_FD while a queue is running")
+        self.host.set_inflight(fds[0], req.mmap_size, req.mmap_offset, req.num_queues,
+                               req.queue_size)
+
+    def _check_inflight_shape(self, num_queues: int, queue_size: int) -> None:
+        if not 1 <= num_queues <= len(self.vrings):
+            raise FrontendProtocolError(f"inflight for {num_queues} queues (device has {len(self.vrings)})")
+        if queue_size == 0 or queue_size & (queue_size - 1) or queue_size > MAX_QUEUE_SIZE:
+            raise FrontendProtocolError(f"inflight queue size {queue_size}")
 
     # -- config --------------------------------------------------------------------------
     def get_config(self, payload: bytes, fds: list[int]) -> bytes:

@@ -83,6 +83,20 @@ class SplitRing:
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.used_idx = self._used_idx16[0]
         self.signalled_used: int | None = None
+        self.inflight = None                 # an InflightQueue when the frontend gave one
+        self._unpublished: list[int] = []    # heads put in the used ring, not yet published
+
+    def attach_inflight(self, inflight) -> list[int]:
+        """Track requests in ``inflight`` (an InflightQueue); returns the heads a previous
+        backend left in flight, oldest first, and moves last_avail_idx past them."""
+        heads = inflight.recover(self.used_idx, self.used_id_at)
+        self.inflight = inflight
+        self.last_avail_idx = (self.used_idx + len(heads)) & 0xFFFF
+        return heads
+
+    def used_id_at(self, i: int) -> int:
+        """The head id in used-ring entry ``i`` (free-running index)."""
+        return USED_ELEM.unpack_from(self._used, self._used_off + 4 + 8 * (i % self.size))[0]
 
     def detach(self) -> None:
         """Release the views on guest memory (before that memory is unmapped)."""
@@ -107,6 +121,8 @@ class SplitRing:
         """Take the next available head (the caller has checked pending())."""
         slot = self._avail_off + 4 + 2 * (self.last_avail_idx % self.size)
         head = U16.unpack_from(self._avail, slot)[0]
+        if self.inflight is not None and head < self.size:
+            self.inflight.begin(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:
             self._avail_event16[0] = self.last_avail_idx
@@ -159,9 +175,17 @@ class SplitRing:
         USED_ELEM.pack_into(self._used, self._used_off + 4 + 8 * (self.used_idx % self.size),
                             head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
+        if self.inflight is not None:
+            self._unpublished.append(head)
 
     def publish_used(self) -> None:
         self._used_idx16[0] = self.used_idx
+        if self.inflight is not None:
+            for head in self._unpublished:
+                if head < self.size:
+                    self.inflight.end(head)
+            self._unpublished.clear()
+            self.inflight.published(self.used_idx)
 
     def set_kicks_wanted(self, wanted: bool) -> None:
         """used.flags NO_NOTIFY (only meaningful without EVENT_IDX)."""

@@ -1,0 +1,169 @@
+"""vblk killed and restarted (as systemd would) under a real guest's file-system workload.
+
+QEMU redials (``reconnect=1``) and hands the new vblk the inflight region the dead one kept
+(VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD); the new vblk runs again what was in flight. The guest
+must not notice: its writes all land, e2fsck finds the file system clean and every file it
+wrote reads back with the checksum it had.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vblk.testing.guest import host_fsck, make_image
+
+pytestmark = pytest.mark.guest
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+WORKLOAD = r"""
+mkfs.ext4 -q -F /dev/vda
+mount -t ext4 /dev/vda /mnt
+mkdir -p /root/sums
+echo MOUNTED=1
+end=$(( $(cut -d. -f1 /proc/uptime) + @SECONDS@ ))
+i=0
+while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+    i=$((i + 1))
+    n=$((i % 64))
+    dd if=/dev/urandom of=/mnt/f$n bs=64k count=$((1 + i % 16)) 2>/tmp/dd.err || { cat /tmp/dd.err; exit 1; }
+    sha256sum /mnt/f$n > /root/sums/f$n
+    if [ $((i % 4)) = 0 ]; then sync; fi
+done
+echo WRITES=$i
+echo FILES=$(ls /root/sums | wc -l)
+cat /root/sums/* > /root/all.sums
+sync
+umount /mnt
+rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
+echo FSCK=$rc
+[ $rc = 0 ] || cat /tmp/fsck.log
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext4 /dev/vda /mnt
+rc=0; sha256sum -c /root/all.sums > /tmp/check.log 2>&1 || rc=$?
+echo CHECK=$rc
+echo CHECKED=$(grep -c ': OK$' /tmp/check.log)
+[ $rc = 0 ] || grep -v ': OK$' /tmp/check.log | head
+umount /mnt
+"""
+
+
+class RestartingVblk:
+    """Runs ``vblk serve``; kills it with SIGKILL on demand and starts it again at once."""
+
+    def __init__(self, image: Path, sock: str, log_dir: Path, *args: str) -> None:
+        self.image, self.sock, self.log_dir, self.args = image, sock, log_dir, args
+        self.generation = 0
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"vblk-{self.generation}.log"
+
+    def start(self) -> None:
+        self.generation += 1
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cli", "serve", str(self.image), "--socket-path",
+                 self.sock, "--log-level", "info", *self.args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(self.sock)
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise AssertionError(f"vblk did not listen: {self.log_path.read_text()}")
+
+    def serving(self) -> bool:
+        """The frontend is connected and a queue runs (so I/O can be in flight)."""
+        return "event=queue_started" in self.log_path.read_text(errors="replace")
+
+    def kill_and_restart(self, freeze: float) -> None:
+        """Freeze the workers for ``freeze`` seconds (requests pile up in flight), then SIGKILL
+        the supervisor (the workers die with it) and start a new vblk."""
+        pid = self.proc.pid
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                workers = [int(p) for p in f.read().split()]
+        except FileNotFoundError:
+            workers = []
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        time.sleep(freeze)
+        self.proc.kill()
+        self.proc.wait()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def logs(self) -> str:
+        return "".join(f"--- generation {g}\n" + (self.log_dir / f"vblk-{g}.log").read_text(errors="replace")
+                       for g in range(1, self.generation + 1))
+
+
+def test_twenty_backend_kills_during_a_file_system_workload(tmp_path, boot):
+    kills_wanted = int(os.environ.get("VBLK_RESTART_KILLS", 20))
+    image = make_image(tmp_path / "disk.img", 256 * MiB)
+    sock = tempfile_sock()
+    vblk = RestartingVblk(image, sock, tmp_path, "--workers", "4")
+    kills = []
+    stop = threading.Event()
+    rnd = random.Random(20)
+
+    def killer():
+        while len(kills) < kills_wanted and not stop.is_set():
+            if not vblk.serving():
+                time.sleep(0.05)
+                continue
+            if stop.wait(rnd.uniform(0.2, 0.6)):       # let I/O get going, then pull the plug
+                return
+            vblk.kill_and_restart(freeze=rnd.uniform(0.05, 0.4))
+            kills.append(time.monotonic())
+
+    thread = threading.Thread(target=killer, daemon=True)
+    try:
+        thread.start()
+        res = boot(sock, WORKLOAD.replace("@SECONDS@", str(3 * kills_wanted + 10)),
+                   reconnect=1, timeout=400)
+        stop.set()
+        thread.join()
+        assert res.exit_status == 0, res.describe() + vblk.logs()[-4000:]
+    finally:
+        stop.set()
+        vblk.stop()
+    v = res.values
+    logs = vblk.logs()
+    resubmitted = sum(int(x.split()[0]) for x in logs.split("resubmitted=")[1:])
+    assert resubmitted > 0, "no kill caught a request in flight: the test proves nothing"
+    print(f"{len(kills)} kills, {v.get('WRITES')} file writes, {resubmitted} requests re-run after restarts")
+    assert len(kills) == kills_wanted
+    assert v["FSCK"] == "0", res.describe()
+    assert v["CHECK"] == "0" and v["CHECKED"] == v["FILES"], res.describe()
+    fsck = host_fsck(image)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def tempfile_sock() -> str:
+    import tempfile
+    return os.path.join(tempfile.mkdtemp(prefix="vblk-r-", dir="/tmp"), "vblk.sock")
