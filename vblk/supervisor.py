@@ -224,6 +224,11 @@ class Supervisor:
                         os.close(fd)
         except DropConnection as exc:
             log.warning("event=frontend_dropped reason=%r", str(exc))
+            if exc.reply is not None:
+                try:
+                    self.conn.sendall(exc.reply)
+                except OSError:
+                    pass
             self._disconnect()
         except OSError as exc:
             log.warning("event=frontend_dropped reason=%r", exc)
@@ -231,21 +236,34 @@ class Supervisor:
 
     # -- QueueHost: what the session asks of the device --------------------------------
     def set_memory(self, slots: list[MemSlot]) -> None:
+        """Switch to a new memory table once nothing is in flight; running rings are
+        re-resolved in it (memory hot-plug), and a table that no longer holds one of them is
+        refused with everything left as it was."""
         self._wait_idle(lambda: bool(self.inflight))
         new = GuestMemory.from_fds([s.region for s in slots], [s.fd for s in slots],
                                    self.memory.generation + 1)
-        running = {q: (r.size, r.last_avail_idx) for q, r in self.rings.items()}
-        addrs = {q: self._ring_addrs[q] for q in running}
-        for r in self.rings.values():
-            r.detach()
-        self.rings.clear()
+        rebuilt: dict[int, SplitRing] = {}
+        try:
+            for q, old_ring in self.rings.items():
+                addr = self._ring_addrs[q]
+                ring = SplitRing(new, old_ring.size, addr.desc, addr.avail, addr.used,
+                                 last_avail_idx=old_ring.last_avail_idx,
+                                 indirect=old_ring.indirect, event_idx=old_ring.event_idx)
+                ring.inflight = old_ring.inflight
+                rebuilt[q] = ring
+        except GuestError as exc:
+            for ring in rebuilt.values():
+                ring.detach()
+            new.close()
+            raise FrontendProtocolError(f"the new memory table drops a running queue: {exc}") from exc
+        for ring in self.rings.values():
+            ring.detach()
+        self.rings = rebuilt
         old, self.memory = self.memory, new
         old.close()
         self.pool.set_memory(new.generation, [[s.region.guest_phys_addr, s.region.memory_size,
                                                s.region.userspace_addr, s.region.mmap_offset]
                                               for s in slots], [s.fd for s in slots])
-        for q, (size, last) in running.items():     # memory hot-plug: re-resolve the rings
-            self.rings[q] = self._make_ring(size, addrs[q], last)
         log.info("event=memory_table regions=%d generation=%d", len(slots), new.generation)
 
     def start_queue(self, vring: Vring, features: int) -> None:
@@ -320,9 +338,7 @@ class Supervisor:
         view.release()
         log.info("event=inflight_region queues=%d queue_size=%d bytes=%d", num_queues, queue_size, size)
 
-    def _make_ring(self, size: int, addr, last_avail: int, indirect: int | None = None) -> SplitRing:
-        if indirect is None:
-            indirect = self.session.acked_features & Feature.RING_INDIRECT_DESC.mask
+    def _make_ring(self, size: int, addr, last_avail: int, indirect: int) -> SplitRing:
         return SplitRing(self.memory, size, addr.desc, addr.avail, addr.used,
                          last_avail_idx=last_avail, indirect=bool(indirect))
 
@@ -382,6 +398,7 @@ class Supervisor:
         self.stats["requests"] += 1
         try:
             req = parse_request(ring.walk(head), self.memory)
+            self.memory.translate(req.status_addr, 1)     # before any I/O is done for it
         except GuestError as exc:
             self.guest_log.warning("chain", "event=chain_refused queue=%d head=%d reason=%r",
                                    q, head, str(exc))

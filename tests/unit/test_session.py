@@ -47,6 +47,18 @@ def new_session():
 def send(session, req, payload=b"", fds=(), need_reply=False):
     flags = m.VERSION | (m.FLAG_NEED_REPLY if need_reply else 0)
     reply = session.handle(m.Header(req, flags, len(payload)), payload, list(fds))
+    return _body(req, reply)
+
+
+def refused(session, req, payload=b"", fds=(), need_reply=False):
+    """Send a message vblk must refuse: the connection is dropped, with a nack if asked."""
+    flags = m.VERSION | (m.FLAG_NEED_REPLY if need_reply else 0)
+    with pytest.raises(DropConnection) as info:
+        session.handle(m.Header(req, flags, len(payload)), payload, list(fds))
+    return _body(req, info.value.reply)
+
+
+def _body(req, reply):
     if reply is None:
         return None
     header = m.Header.unpack(reply[:12])
@@ -95,29 +107,36 @@ def test_set_config_switches_writeback_and_acks():
     s, _ = new_session()
     assert send(s, R.SET_CONFIG, m.ConfigMsg(32, 1, 0, b"\x01").pack(), need_reply=True) == m.U64.pack(0)
     assert s.device.writeback
-    assert send(s, R.SET_CONFIG, m.ConfigMsg(0, 8, 0, bytes(8)).pack(), need_reply=True) == m.U64.pack(1)
+    assert refused(s, R.SET_CONFIG, m.ConfigMsg(0, 8, 0, bytes(8)).pack(), need_reply=True) == m.U64.pack(1)
 
 
-def test_unknown_and_malformed_messages_are_refused_not_fatal():
+@pytest.mark.parametrize("req,payload,need_reply", [
+    (99, b"", True),
+    (99, b"", False),
+    (R.SET_VRING_NUM, b"\x00" * 3, True),
+    (R.SET_VRING_NUM, m.VringState(5, 64).pack(), True),
+    (R.SET_VRING_NUM, m.VringState(0, 100).pack(), True),
+    (R.SET_FEATURES, m.U64.pack(1 << 63), True),
+    (R.SET_VRING_CALL, m.U64.pack(0x200), True),
+])
+def test_bad_messages_are_refused_with_a_nack_and_drop_the_frontend(req, payload, need_reply):
     s, _ = new_session()
-    assert send(s, 99, need_reply=True) == m.U64.pack(1)
-    assert send(s, 99) is None
-    assert send(s, R.SET_VRING_NUM, b"\x00" * 3, need_reply=True) == m.U64.pack(1)
-    assert send(s, R.SET_VRING_NUM, m.VringState(5, 64).pack(), need_reply=True) == m.U64.pack(1)
-    assert send(s, R.SET_VRING_NUM, m.VringState(0, 100).pack(), need_reply=True) == m.U64.pack(1)
-    assert send(s, R.SET_FEATURES, m.U64.pack(1 << 63), need_reply=True) == m.U64.pack(1)
-    with pytest.raises(DropConnection):
-        send(s, R.GET_VRING_BASE, b"\x01")
-    with pytest.raises(DropConnection):
-        send(s, R.GET_CONFIG, m.CONFIG_HEAD.pack(0, 1000, 0))
+    assert refused(s, req, payload, need_reply=need_reply) == (m.U64.pack(1) if need_reply else None)
+
+
+def test_a_bad_message_with_a_reply_body_drops_without_a_nack():
+    s, _ = new_session()
+    assert refused(s, R.GET_VRING_BASE, b"\x01") is None
+    assert refused(s, R.GET_CONFIG, m.CONFIG_HEAD.pack(0, 1000, 0)) is None
 
 
 def test_fds_that_a_message_does_not_keep_are_closed():
     s, _ = new_session()
     before = open_fds()
     send(s, R.GET_FEATURES, fds=[eventfd(), eventfd()])
-    send(s, R.SET_VRING_KICK, m.U64.pack(0), fds=[eventfd(), eventfd()])   # two fds: refused
-    send(s, R.SET_MEM_TABLE, m.pack_mem_table([m.MemRegion(0, 4096, 0, 0)]), fds=[memfd(), memfd()])
+    refused(s, R.SET_VRING_KICK, m.U64.pack(0), fds=[eventfd(), eventfd()])    # two fds
+    refused(s, R.SET_VRING_CALL, m.U64.pack(0x100), fds=[eventfd()])         # NOFD, yet an fd
+    refused(s, R.SET_MEM_TABLE, m.pack_mem_table([m.MemRegion(0, 4096, 0, 0)]), fds=[memfd(), memfd()])
     assert open_fds() == before
 
 
@@ -164,7 +183,7 @@ def test_memory_regions_add_and_remove():
     assert host.calls[-1] == ("memory", [r1, r2])
     overlapping = m.MemRegion(0x1000, 4096, 0x30000000, 0)
     host.set_memory = lambda slots: __import__("vblk.memory").memory.check_table([x.region for x in slots])
-    assert send(s, R.ADD_MEM_REG, m.pack_single_region(overlapping), fds=[memfd()], need_reply=True) == m.U64.pack(1)
+    assert refused(s, R.ADD_MEM_REG, m.pack_single_region(overlapping), fds=[memfd()], need_reply=True) == m.U64.pack(1)
     assert len(s.memory) == 2
     assert send(s, R.REM_MEM_REG, m.pack_single_region(r1), need_reply=True) == m.U64.pack(0)
     assert [x.region for x in s.memory] == [r2]
@@ -181,7 +200,6 @@ def test_inflight_fd_is_created_handed_over_and_taken_back():
     assert send(s, R.SET_INFLIGHT_FD, reply.pack(), fds=[fd], need_reply=True) == m.U64.pack(0)
     assert ("set_inflight", True, 4096, 1, 128) in host.calls
     bad = m.Inflight(4096, 0, 2, 128).pack()          # more queues than the device has
-    assert send(s, R.SET_INFLIGHT_FD, bad, fds=[memfd()], need_reply=True) == m.U64.pack(1)
-    with pytest.raises(DropConnection):
-        send(s, R.GET_INFLIGHT_FD, m.Inflight(0, 0, 1, 100).pack())
+    assert refused(s, R.SET_INFLIGHT_FD, bad, fds=[memfd()], need_reply=True) == m.U64.pack(1)
+    assert refused(s, R.GET_INFLIGHT_FD, m.Inflight(0, 0, 1, 100).pack()) is None
     s.close()

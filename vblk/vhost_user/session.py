@@ -11,10 +11,10 @@ File descriptors: every fd that arrives is owned by the session from then on. A 
 takes the ones it keeps (kick/call/err eventfds, memory-region fds); whatever is left is
 closed when the message is done, so a frontend cannot leak fds into vblk.
 
-Errors: a malformed or refused message raises FrontendProtocolError inside its handler. For
-a message with a reply body (GET_*) the frontend would wait for an answer we cannot give, so
-the connection is dropped (DropConnection). Otherwise the message is refused: logged, and if
-the frontend asked for an ack (NEED_REPLY) it gets a non-zero one.
+Errors: a malformed or refused message raises FrontendProtocolError inside its handler. It is
+logged, the frontend gets a non-zero ack if it asked for one (NEED_REPLY), and the connection
+is dropped (DropConnection): a frontend that sends what it should not cannot be trusted with
+the rest of its state, and vblk goes back to serving the next one.
 
 Rings: a ring runs once it has an address, a kick fd and a memory table, unless the frontend
 last said SET_VRING_ENABLE 0. (QEMU 7.2 sends ENABLE 1 right after the kick; older frontends
@@ -44,7 +44,12 @@ MAX_INFLIGHT_BYTES = 64 << 20
 
 
 class DropConnection(Exception):
-    """The frontend cannot be served any further; close the socket, serve the next one."""
+    """The frontend broke the protocol: send ``reply`` (a nack, if it asked for an ack),
+    close the socket, serve the next frontend."""
+
+    def __init__(self, reason: str, reply: bytes | None = None) -> None:
+        super().__init__(reason)
+        self.reply = reply
 
 
 @dataclass
@@ -136,7 +141,6 @@ class Session:
         name = m.request_name(header.request)
         pending = list(fds)
         handler = self._handlers.get(header.request)
-        failed = None
         reply = None
         try:
             if handler is None:
@@ -145,8 +149,10 @@ class Session:
         except (FrontendProtocolError, GuestError) as exc:
             failed = str(exc)
             log.warning("event=message_refused request=%s reason=%r", name, failed)
-            if header.request in _HAS_REPLY_BODY:
-                raise DropConnection(f"{name}: {failed}") from exc
+            nack = None
+            if header.need_reply and header.request not in _HAS_REPLY_BODY:
+                nack = m.encode_reply(header.request, m.U64.pack(1))
+            raise DropConnection(f"{name}: {failed}", nack) from exc
         finally:
             for fd in pending:
                 os.close(fd)
@@ -155,7 +161,7 @@ class Session:
         if reply is not None:
             return m.encode_reply(header.request, reply)
         if header.need_reply:
-            return m.encode_reply(header.request, m.U64.pack(1 if failed else 0))
+            return m.encode_reply(header.request, m.U64.pack(0))
         return None
 
     def take_reply_fds(self) -> list[int]:
@@ -183,8 +189,12 @@ class Session:
 
     def _vring_file(self, payload: bytes, fds: list[int]) -> tuple[Vring, int | None]:
         value = m.unpack_u64(payload, "vring file")
+        if value & ~(m.VRING_FILE_INDEX_MASK | m.VRING_FILE_NOFD):
+            raise FrontendProtocolError(f"vring file value {value:#x} has unknown bits")
         vring = self._vring(value & m.VRING_FILE_INDEX_MASK)
         if value & m.VRING_FILE_NOFD:
+            if fds:
+                raise FrontendProtocolError("vring file message says NOFD but carries an fd")
             return vring, None
         if len(fds) != 1:
             raise FrontendProtocolError(f"vring file message carries {len(fds)} fds, want 1")
