@@ -100,8 +100,12 @@ class ServeConfig:
     workers: int = 8
     queue_size: int = 64
     log_level: str = "INFO"
+    socket_mode: int = 0o600                # permissions of a socket vblk creates
+    socket_group: str | None = None         # group of a socket vblk creates
 
     def __post_init__(self) -> None:
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError(f"--socket-mode {self.socket_mode:o} is not a permission mode")
         if (self.socket_path is None) == (self.listen_fd is None):
             raise ConfigError("give exactly one of --socket-path and --fd")
         if self.socket_path is not None and not self.socket_path:
@@ -317,3 +321,14 @@ def _parse_flag_range(value: str, lbs: int) -> tuple[int, int]:
     if size == 0:
         raise ConfigError(f"{where}: the size must be at least one logical sector ({lbs} bytes)")
     return start, size
+
+
+def parse_socket_mode(text: str) -> int:
+    """An octal permission mode such as 0600 or 660."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"--socket-mode {text!r} is not an octal mode like 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"--socket-mode {text!r} is not a permission mode (0..0777)")
+    return mode

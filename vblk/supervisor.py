@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import errno
+import grp
 import mmap
 import logging
 import os
@@ -566,8 +567,10 @@ class Supervisor:
             log.warning("event=requests_reissued worker=%d count=%d", new.index, len(redo))
 
 
-def open_listener(socket_path: str | None, listen_fd: int | None) -> tuple[socket.socket, str | None]:
-    """The listening socket: an inherited fd, or a new one at ``socket_path``."""
+def open_listener(socket_path: str | None, listen_fd: int | None, mode: int = 0o600,
+                  group: str | None = None) -> tuple[socket.socket, str | None]:
+    """The listening socket: an inherited fd, or a new one at ``socket_path`` created with
+    ``mode`` (never wider, not even for a moment) and ``group``."""
     if listen_fd is not None:
         sock = socket.socket(fileno=listen_fd)
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
@@ -582,8 +585,20 @@ def open_listener(socket_path: str | None, listen_fd: int | None) -> tuple[socke
             raise ConfigError(f"{socket_path} exists and is not a socket; refusing to replace it")
         os.unlink(socket_path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(socket_path)
-    sock.listen(1)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(socket_path)
+    finally:
+        os.umask(old_umask)
+    try:
+        if group is not None:
+            os.chown(socket_path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(socket_path, mode)
+        sock.listen(1)
+    except BaseException:
+        sock.close()
+        os.unlink(socket_path)
+        raise
     return sock, socket_path
 
 
@@ -597,7 +612,8 @@ def serve(config) -> int:
                         readonly=backing.readonly, serial=backing.serial, file_offset=backing.start)
     device = BlkDevice(geometry, writeback=backing.writeback)
     try:
-        listener, created = open_listener(config.socket_path, config.listen_fd)
+        listener, created = open_listener(config.socket_path, config.listen_fd,
+                                          config.socket_mode, config.socket_group)
     except BaseException:
         backing.close()
         raise

@@ -601,6 +601,8 @@ class BlkClient:
             if self.fds.err in events and _drain(self.fds.err):
                 raise VringError(f"backend signalled an error on queue {self.queue_index}")
             if self.frontend.sock.fileno() in events:
+                if self._harvest():       # a backend may finish its work, then hang up
+                    return
                 self._check_socket()
             if self.fds.call in events:
                 _drain(self.fds.call)
