@@ -7,6 +7,7 @@ same status click gives a usage error.
 """
 from __future__ import annotations
 
+import grp
 import os
 import socket
 import stat
@@ -16,9 +17,11 @@ from typing import Optional
 
 import typer
 
+from cli import ops
+from cli.bench import bench_command
 from vblk.errors import ConfigError
 from vblk.logs import configure_logging
-from vblk.options import DiskOptions, ServeConfig, merge_flags, parse_acrn
+from vblk.options import DiskOptions, ServeConfig, merge_flags, parse_acrn, parse_socket_mode
 
 EXIT_CONFIG = 2
 SUN_PATH_MAX = 107                    # sizeof(sockaddr_un.sun_path) - 1
@@ -34,7 +37,8 @@ SPEC_HELP = ("The image path, or an ACRN option string "
 
 # Options shared by serve and info.
 Spec = typer.Argument(..., metavar="SPEC", help=SPEC_HELP, show_default=False)
-ReadOnly = typer.Option(None, "--ro", help="Serve read-only (ACRN: ro).", show_default=False)
+ReadOnly = typer.Option(None, "--ro", "--read-only", help="Serve read-only (ACRN: ro).",
+                        show_default=False)
 Writeback = typer.Option(None, "--writeback/--writethru",
                          help="Initial cache mode (ACRN: writeback / writethru; default writethru).",
                          show_default=False)
@@ -61,6 +65,15 @@ def disk_options(spec: str, *, readonly: Optional[bool], writeback: Optional[boo
     opts = parse_acrn(spec)
     return merge_flags(opts, readonly=readonly, writeback=writeback, nocache=nocache,
                        sectorsize=sectorsize, range_=range_, serial=serial)
+
+
+def check_group(name: str | None) -> str | None:
+    if name is not None:
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise ConfigError(f"--socket-group {name!r}: no such group") from None
+    return name
 
 
 def check_socket_path(path: str) -> None:
@@ -100,9 +113,18 @@ def check_listen_fd(fd: int) -> None:
 
 @app.command()
 def serve(
-    spec: str = Spec,
+    spec: Optional[str] = typer.Argument(None, metavar="[SPEC]", show_default=False,
+                                         help=SPEC_HELP + " Or give the image as --blk-file."),
+    blk_file: Optional[str] = typer.Option(None, "--blk-file", metavar="PATH",
+                                           help="The image path, instead of SPEC (vhost-user "
+                                                "backend convention)."),
     socket_path: Optional[str] = typer.Option(None, "--socket-path", metavar="PATH",
                                               help="Listen on a new Unix socket here."),
+    socket_mode: str = typer.Option("0600", "--socket-mode", metavar="MODE",
+                                    help="Permissions of the socket vblk creates (octal)."),
+    socket_group: Optional[str] = typer.Option(None, "--socket-group", metavar="GROUP",
+                                               help="Group of the socket vblk creates "
+                                                    "(e.g. the one QEMU runs as)."),
     fd: Optional[int] = typer.Option(None, "--fd", metavar="N",
                                      help="Listen on this inherited listening socket instead."),
     readonly: Optional[bool] = ReadOnly,
@@ -116,14 +138,35 @@ def serve(
                                    help="Request slots (requests in flight), a power of two."),
     log_level: str = typer.Option("info", "--log-level", metavar="LEVEL",
                                   help="debug, info, warning or error."),
+    control_socket: Optional[str] = typer.Option(None, "--control-socket", metavar="PATH",
+                                                 help="Control socket for vblk stats (default: "
+                                                      "the listening socket's path + .ctl)."),
+    metrics_listen: Optional[str] = typer.Option(None, "--metrics-listen", metavar="HOST:PORT",
+                                                 help="Serve Prometheus metrics over HTTP here."),
+    print_capabilities: bool = typer.Option(False, "--print-capabilities", is_eager=True,
+                                            callback=ops.print_capabilities,
+                                            help="Print the vhost-user backend capabilities "
+                                                 "(JSON) and exit."),
 ) -> None:
-    """Serve SPEC to one vhost-user frontend at a time until SIGTERM or SIGINT."""
+    """Serve SPEC to one vhost-user frontend at a time until SIGTERM or SIGINT.
+
+    Without --socket-path or --fd, listens on the socket systemd passes (LISTEN_FDS)."""
     from vblk.backing import check_backing
     try:
-        disk = disk_options(spec, readonly=readonly, writeback=writeback, nocache=nocache,
-                            sectorsize=sectorsize, range_=range_, serial=serial)
+        if (spec is None) == (blk_file is None):
+            raise ConfigError("give the image as SPEC or as --blk-file PATH (exactly one)")
+        flags = dict(readonly=readonly, writeback=writeback, nocache=nocache,
+                     sectorsize=sectorsize, range_=range_, serial=serial)
+        disk = (disk_options(spec, **flags) if blk_file is None
+                else merge_flags(DiskOptions(path=blk_file), **flags))
+        if socket_path is None and fd is None:
+            fd = ops.activated_socket()
         config = ServeConfig(disk=disk, socket_path=socket_path, listen_fd=fd, workers=workers,
-                             queue_size=queue_size, log_level=log_level.upper())
+                             control_socket=control_socket, metrics_listen=metrics_listen,
+                             queue_size=queue_size, log_level=log_level.upper(),
+                             socket_mode=parse_socket_mode(socket_mode),
+                             socket_group=check_group(socket_group))
+        ops.check_ops_flags(control_socket, metrics_listen, socket_path)
         check_backing(disk)
         if config.socket_path is not None:
             check_socket_path(config.socket_path)
@@ -201,6 +244,10 @@ def demo(
     except ConfigError as e:
         raise fail(str(e)) from None
     raise typer.Exit(status or 0)
+
+
+app.command()(ops.stats)
+app.command("bench")(bench_command)
 
 
 def main() -> None:

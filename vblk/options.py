@@ -100,6 +100,8 @@ class ServeConfig:
     workers: int = 8
     queue_size: int = 64
     log_level: str = "INFO"
+    control_socket: str | None = None     # None: the listening socket's path + ".ctl"
+    metrics_listen: str | None = None     # "HOST:PORT" for Prometheus, None: off
     socket_mode: int = 0o600                # permissions of a socket vblk creates
     socket_group: str | None = None         # group of a socket vblk creates
 

@@ -35,9 +35,11 @@ from dataclasses import dataclass
 
 from vblk.device import OP_READ, BlkDevice, Completion, Geometry
 from vblk.errors import ConfigError, FrontendProtocolError, GuestError, RingBroken
+from vblk.control import listener_path
 from vblk.memory import GuestMemory
 from vblk import sdnotify
 from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea, SlotState
+from vblk.stats import Stats
 from vblk.vhost_user import transport
 from vblk.vhost_user.session import DropConnection, MemSlot, Session, Vring
 from vblk.virtio.blk import parse_request
@@ -59,6 +61,8 @@ class InFlight:
     status_addr: int
     used_len: int
     worker: int
+    rtype: int = 0
+    t0: int = 0                  # time.monotonic_ns() at admission
 
 
 class RateLimitedLog:
@@ -82,8 +86,11 @@ class RateLimitedLog:
 
 class Supervisor:
     def __init__(self, device: BlkDevice, backing_fd: int, *, workers: int = 8,
-                 slots: int = 64, log_level: str = "WARNING") -> None:
+                 slots: int = 64, log_level: str = "WARNING", stats: Stats | None = None,
+                 control=None) -> None:
         self.device = device
+        self.live = stats if stats is not None else Stats(device.num_queues, workers=workers)
+        self.control = control                   # a vblk.control.ControlServer, or None
         self.slots = SlotArea.create(slots)
         self.free: deque[int] = deque(range(slots))
         self.inflight: dict[int, InFlight] = {}
@@ -99,7 +106,6 @@ class Supervisor:
         self.handlers: dict[int, object] = {}
         self.guest_log = RateLimitedLog()
         self.stopping = False
-        self.stats = {"requests": 0, "completed": 0, "refused": 0}
         self._ring_addrs: dict[int, object] = {}
         self.broken: set[int] = set()            # rings stopped because the guest broke them
         self.inflight_map: mmap.mmap | None = None
@@ -128,6 +134,8 @@ class Supervisor:
                 self._watch_worker(w)
             self._watch(wake_r, lambda: self._on_signal(wake_r))
             self._watch(listener.fileno(), self._on_accept)
+            if self.control is not None:
+                self._watch(self.control.fileno(), self.control.on_readable)
             log.info("event=listening workers=%d slots=%d", self.pool.count, self.slots.count)
             sdnotify.ready("waiting for a frontend")
             while not self.stopping:
@@ -181,6 +189,7 @@ class Supervisor:
         self._unwatch(self.listener.fileno())
         self._watch(conn.fileno(), self._on_message)
         log.info("event=frontend_connected")
+        self.live.frontend_connected()
         sdnotify.status("frontend connected")
 
     def _disconnect(self) -> None:
@@ -194,6 +203,7 @@ class Supervisor:
             self.conn = None
             self.session = None
             log.info("event=frontend_disconnected")
+            self.live.frontend_disconnected()
             sdnotify.status("stopping" if self.stopping else "waiting for a frontend")
             if self.listener is not None and not self.stopping:
                 self._watch(self.listener.fileno(), self._on_accept)
@@ -396,14 +406,13 @@ class Supervisor:
 
     def _admit(self, q: int, ring: SplitRing, head: int, batches: dict[int, list[int]]) -> bool:
         """Take one chain; returns True if it completed at once (used ring written)."""
-        self.stats["requests"] += 1
         try:
             req = parse_request(ring.walk(head), self.memory)
             self.memory.translate(req.status_addr, 1)     # before any I/O is done for it
         except GuestError as exc:
             self.guest_log.warning("chain", "event=chain_refused queue=%d head=%d reason=%r",
                                    q, head, str(exc))
-            self.stats["refused"] += 1
+            self.live.refused(q)
             ring.put_used(head, 0)
             return True
         plan = self.device.plan(req)
@@ -418,7 +427,6 @@ class Supervisor:
                 plan = Completion(BlkStatus.IOERR, reason=str(exc))
         if isinstance(plan, Completion):
             if plan.reason:
-                self.stats["refused"] += 1
                 self.guest_log.warning("request", "event=request_refused queue=%d head=%d status=%s reason=%r",
                                        q, head, BlkStatus(plan.status).name, plan.reason)
             used = 1
@@ -432,13 +440,17 @@ class Supervisor:
                                        q, head, str(exc))
                 used = 0
             ring.put_used(head, used)
+            self.live.started(q, req.type, len(plan.fill))
+            self.live.finished(q, req.type, plan.status, 0)
             return True
+        self.live.started(q, req.type, plan.length)
         slot = self.free.popleft()
         worker = self.pool.least_busy()
         flags = 0 if self.device.writeback else FLAG_SYNC
         self.slots.post(slot, plan.op, flags, plan.offset, plan.length, self.memory.generation, pieces)
         used = plan.length + 1 if plan.op == OP_READ else 1
-        self.inflight[slot] = InFlight(q, head, req.status_addr, used, worker.index)
+        self.inflight[slot] = InFlight(q, head, req.status_addr, used, worker.index, req.type,
+                                       time.monotonic_ns())
         worker.outstanding.add(slot)
         batches.setdefault(worker.index, []).append(slot)
         return False
@@ -483,7 +495,7 @@ class Supervisor:
                         errno.errorcode.get(err, err))
         self.pool.workers[info.worker].outstanding.discard(slot)
         self.free.append(slot)
-        self.stats["completed"] += 1
+        self.live.finished(info.queue, info.rtype, status, time.monotonic_ns() - info.t0)
         ring = self.rings.get(info.queue)
         if ring is None:
             return None
@@ -552,6 +564,7 @@ class Supervisor:
         for q in self._collect_completions():
             self._publish(q, self.rings[q])
         new = self.pool.restart(w)
+        self.live.worker_restarted()
         self._watch_worker(new)
         redo = []
         for slot in sorted(new.outstanding):
@@ -602,6 +615,26 @@ def open_listener(socket_path: str | None, listen_fd: int | None, mode: int = 0o
     return sock, socket_path
 
 
+def open_control(config, listener: socket.socket, stats: Stats):
+    """The control socket (``--control-socket``, default: the listening socket's path +
+    ``.ctl``) and the ``--metrics-listen`` endpoint; None if there is neither."""
+    from vblk.control import (SUN_PATH_MAX, ControlServer, default_control_path,
+                              parse_listen_address)
+    path = config.control_socket
+    if path is None:
+        bound = listener_path(listener)
+        if bound is not None and len(os.fsencode(default_control_path(bound))) <= SUN_PATH_MAX:
+            path = default_control_path(bound)
+        else:
+            log.info("event=no_control_socket reason=%r",
+                     "the listening socket has no path" if bound is None else "path too long")
+    metrics = parse_listen_address(config.metrics_listen) if config.metrics_listen else None
+    if path is None and metrics is None:
+        return None
+    stats.info["control"] = path
+    return ControlServer(stats.snapshot, path=path, metrics=metrics)
+
+
 def serve(config) -> int:
     """Run vblk for one disk until SIGTERM/SIGINT. ``config`` is a vblk.options.ServeConfig."""
     from vblk.backing import open_backing
@@ -621,11 +654,21 @@ def serve(config) -> int:
              backing.path, backing.size, backing.logical_block_size, backing.physical_block_size,
              backing.readonly, "writeback" if backing.writeback else "writethrough",
              config.socket_path or f"fd:{config.listen_fd}")
+    stats = Stats(device.num_queues, workers=config.workers,
+                  info={"image": backing.path, "socket": listener_path(listener)})
+    try:
+        control = open_control(config, listener, stats)
+    except BaseException:
+        listener.close()
+        backing.close()
+        raise
     sup = Supervisor(device, backing.fd, workers=config.workers, slots=config.queue_size,
-                     log_level=config.log_level)
+                     log_level=config.log_level, stats=stats, control=control)
     try:
         return sup.run(listener)
     finally:
+        if control is not None:
+            control.close()
         listener.close()
         if created:
             try:

@@ -1,0 +1,226 @@
+"""Operator commands and helpers: ``vblk stats``, ``serve --print-capabilities``, activation.
+
+``vblk stats`` shows what a running vblk is doing, read from its control socket.
+
+The control socket is ``--control-socket PATH``, or ``--socket PATH`` (the vhost-user socket)
+plus ``.ctl``, which is where ``vblk serve`` puts it by default. One snapshot is printed as a
+table (or ``--json``); ``--watch [SECONDS]`` redraws every SECONDS (default 2) and adds
+rates, until Ctrl-C. Exit status: 0, 1 if vblk cannot be reached, 2 for bad usage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from vblk.control import ControlError, default_control_path, fetch_stats
+from vblk.stats import KINDS
+
+EXIT_UNREACHABLE = 1
+EXIT_USAGE = 2
+DEFAULT_WATCH_SECONDS = 2.0
+
+# vhost-user.rst "Backend program conventions", vhost-user.json VHostUserBackendCapabilities:
+# vblk serve takes --blk-file PATH and --read-only, so it announces both block features.
+CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
+
+
+def print_capabilities(value: bool) -> None:
+    """Eager callback of ``serve --print-capabilities``: print the JSON and exit 0 before any
+    other option or argument is looked at."""
+    if value:
+        typer.echo(json.dumps(CAPABILITIES))
+        raise typer.Exit(0)
+
+
+def check_ops_flags(control_socket: Optional[str], metrics_listen: Optional[str],
+                    socket_path: Optional[str] = None) -> None:
+    """Refuse a bad ``--control-socket`` or ``--metrics-listen`` (ConfigError) before
+    ``serve`` creates anything."""
+    from vblk.control import check_control_path, parse_listen_address
+    from vblk.errors import ConfigError
+    if control_socket is not None:
+        if not control_socket:
+            raise ConfigError("--control-socket is empty")
+        if socket_path is not None and os.path.abspath(control_socket) == os.path.abspath(socket_path):
+            raise ConfigError("--control-socket must differ from --socket-path")
+        check_control_path(control_socket)
+    if metrics_listen is not None:
+        parse_listen_address(metrics_listen)
+
+
+def activated_socket() -> Optional[int]:
+    """The listening socket systemd passed (LISTEN_FDS / LISTEN_PID), or None."""
+    from vblk.errors import ConfigError
+    from vblk.sdnotify import listen_fds
+    fds = listen_fds()
+    if len(fds) > 1:
+        raise ConfigError(f"systemd passed {len(fds)} sockets (LISTEN_FDS); vblk listens on one")
+    return fds[0] if fds else None
+
+
+def _fail(message: str, status: int) -> typer.Exit:
+    print(f"vblk: error: {message}", file=sys.stderr, flush=True)
+    return typer.Exit(status)
+
+
+def stats(
+    seconds: Optional[float] = typer.Argument(
+        None, metavar="SECONDS", show_default=False,
+        help=f"With --watch: seconds between refreshes (default {DEFAULT_WATCH_SECONDS:g})."),
+    control_socket: Optional[str] = typer.Option(None, "--control-socket", metavar="PATH",
+                                                 help="The vblk's control socket."),
+    socket_path: Optional[str] = typer.Option(None, "--socket", metavar="PATH",
+                                              help="The vblk's vhost-user socket (its control "
+                                                   "socket is PATH.ctl)."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh until Ctrl-C (--watch [SECONDS])."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per refresh)."),
+    timeout: float = typer.Option(5.0, "--timeout", metavar="SECONDS",
+                                  help="How long to wait for an answer."),
+) -> None:
+    """Show a running vblk's requests, bytes, latency, frontend and workers."""
+    if (control_socket is None) == (socket_path is None):
+        raise _fail("give exactly one of --control-socket and --socket", EXIT_USAGE)
+    if seconds is not None and not watch:
+        raise _fail(f"{seconds:g} seconds means nothing without --watch", EXIT_USAGE)
+    interval = DEFAULT_WATCH_SECONDS if seconds is None else seconds
+    if not 0 < interval <= 3600:
+        raise _fail(f"--watch {seconds:g} must be more than 0 and at most 3600 seconds", EXIT_USAGE)
+    if not 0 < timeout <= 600:
+        raise _fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
+    path = control_socket if control_socket is not None else default_control_path(socket_path)
+    if not watch:
+        try:
+            snap = fetch_stats(path, timeout=timeout)
+        except ControlError as exc:
+            raise _fail(str(exc), EXIT_UNREACHABLE) from None
+        typer.echo(json.dumps(snap, sort_keys=True) if as_json else render(snap))
+        return
+    try:
+        _watch(path, interval, timeout, as_json)
+    except KeyboardInterrupt:
+        pass
+
+
+def _watch(path: str, interval: float, timeout: float, as_json: bool) -> None:
+    clear = sys.stdout.isatty() and not as_json
+    previous = None
+    while True:
+        started = time.monotonic()
+        try:
+            snap = fetch_stats(path, timeout=min(timeout, max(interval, 0.5)))
+        except ControlError as exc:
+            text = json.dumps({"error": str(exc)}) if as_json else f"vblk: {exc} (retrying)"
+            previous = None
+        else:
+            text = json.dumps(snap, sort_keys=True) if as_json else render(snap, previous)
+            previous = snap
+        if clear:
+            sys.stdout.write("\033[H\033[2J")
+        sys.stdout.write(text + ("\n" if as_json else "\n\n"))
+        sys.stdout.flush()
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+# -- the table -------------------------------------------------------------------------------
+
+def render(snap: dict, previous: dict | None = None) -> str:
+    """A snapshot as the operator reads it; with ``previous``, per-second rates too."""
+    info = snap.get("info", {})
+    head = [f"vblk pid {snap['pid']}", f"up {duration(snap['uptime_s'])}"]
+    head += [f"{k} {info[k]}" for k in ("image", "socket", "control", "metrics") if info.get(k)]
+    fe = snap["frontend"]
+    if fe["connected"]:
+        since = max(0.0, snap["time"] - fe["since"])
+        frontend = f"connected for {duration(since)}"
+    else:
+        frontend = "not connected"
+    workers = snap["workers"]
+    lines = [" | ".join(head),
+             f"frontend: {frontend}, {fe['connections']} connections since start | "
+             f"workers: {workers['count']}, {workers['restarts']} restarts"]
+    dt = None
+    if previous is not None and previous.get("pid") == snap["pid"]:
+        dt = snap["time"] - previous["time"]
+        if dt <= 0:
+            dt = None
+    columns = ["type", "requests", "bytes", "p50", "p99", "p99.9"]
+    if dt is not None:
+        columns += ["req/s", "bytes/s"]
+    for q in snap["queues"]:
+        lines.append(f"queue {q['queue']}: {q['in_flight']} in flight, {q['ioerr']} ioerr, "
+                     f"{q['unsupp']} unsupp, {q['refused']} refused chains")
+        old = _queue(previous, q["queue"]) if dt is not None else None
+        rows = []
+        for kind in KINDS:
+            t = q["types"][kind]
+            rows.append(_row(kind, t["requests"], t["bytes"], t["latency_us"],
+                             old["types"][kind] if old else None, dt))
+        rows.append(_row("all", q["requests"], q["bytes"], q["latency_us"], old, dt))
+        lines.extend("  " + line for line in _table(columns, rows))
+    return "\n".join(lines)
+
+
+def _queue(snap: dict | None, index: int) -> dict | None:
+    if snap is None:
+        return None
+    for q in snap["queues"]:
+        if q["queue"] == index:
+            return q
+    return None
+
+
+def _row(name: str, requests: int, nbytes: int, latency: dict, old: dict | None,
+         dt: float | None) -> list[str]:
+    row = [name, str(requests), size(nbytes)] + [micros(latency[k]) for k in ("p50", "p99", "p99_9")]
+    if dt is not None:
+        if old is None:
+            row += ["-", "-"]
+        else:
+            row += [f"{(requests - old['requests']) / dt:.1f}", size((nbytes - old["bytes"]) / dt)]
+    return row
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
+    out = []
+    for r in [columns, *rows]:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def size(n: float) -> str:
+    """Bytes in binary units: 512 B, 4.0 KiB, 1.5 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def micros(us: float | None) -> str:
+    """A latency in µs, shown in µs, ms or s; '-' when there were no requests."""
+    if us is None:
+        return "-"
+    if us < 1000:
+        return f"{us:.0f}µs"
+    if us < 1_000_000:
+        return f"{us / 1000:.2f}ms"
+    return f"{us / 1_000_000:.2f}s"
+
+
+def duration(seconds: float) -> str:
+    """1h02m03s, 4m05s, 6s."""
+    s = int(seconds)
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m:02d}m{s:02d}s"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"
