@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from vblk.testing.guest import host_fsck, make_image
+from vblk.testing.restart import RestartingVblk
 
 pytestmark = pytest.mark.guest
-REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 WORKLOAD = r"""
@@ -57,71 +52,6 @@ umount /mnt
 """
 
 
-class RestartingVblk:
-    """Runs ``vblk serve``; kills it with SIGKILL on demand and starts it again at once."""
-
-    def __init__(self, image: Path, sock: str, log_dir: Path, *args: str) -> None:
-        self.image, self.sock, self.log_dir, self.args = image, sock, log_dir, args
-        self.generation = 0
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"vblk-{self.generation}.log"
-
-    def start(self) -> None:
-        self.generation += 1
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli", "serve", str(self.image), "--socket-path",
-                 self.sock, "--log-level", "info", *self.args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(self.sock)
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise AssertionError(f"vblk did not listen: {self.log_path.read_text()}")
-
-    def serving(self) -> bool:
-        """The frontend is connected and a queue runs (so I/O can be in flight)."""
-        return "event=queue_started" in self.log_path.read_text(errors="replace")
-
-    def kill_and_restart(self, freeze: float) -> None:
-        """Freeze the workers for ``freeze`` seconds (requests pile up in flight), then SIGKILL
-        the supervisor (the workers die with it) and start a new vblk."""
-        pid = self.proc.pid
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                workers = [int(p) for p in f.read().split()]
-        except FileNotFoundError:
-            workers = []
-        for w in workers:
-            try:
-                os.kill(w, signal.SIGSTOP)
-            except ProcessLookupError:
-                pass
-        time.sleep(freeze)
-        self.proc.kill()
-        self.proc.wait()
-        self.start()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def logs(self) -> str:
-        return "".join(f"--- generation {g}\n" + (self.log_dir / f"vblk-{g}.log").read_text(errors="replace")
-                       for g in range(1, self.generation + 1))
-
-
 def test_twenty_backend_kills_during_a_file_system_workload(tmp_path, boot):
     kills_wanted = int(os.environ.get("VBLK_RESTART_KILLS", 20))
     image = make_image(tmp_path / "disk.img", 256 * MiB)
@@ -153,8 +83,7 @@ def test_twenty_backend_kills_during_a_file_system_workload(tmp_path, boot):
         stop.set()
         vblk.stop()
     v = res.values
-    logs = vblk.logs()
-    resubmitted = sum(int(x.split()[0]) for x in logs.split("resubmitted=")[1:])
+    resubmitted = vblk.resubmitted()
     assert resubmitted > 0, "no kill caught a request in flight: the test proves nothing"
     print(f"{len(kills)} kills, {v.get('WRITES')} file writes, {resubmitted} requests re-run after restarts")
     assert len(kills) == kills_wanted

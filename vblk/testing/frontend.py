@@ -190,6 +190,7 @@ class VhostUserFrontend:
         self.config: BlkConfig | None = None
         self.ram: GuestRam | None = None
         self.queues: dict[int, QueueFds] = {}
+        self.reply_fds: list[int] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         try:
@@ -228,8 +229,11 @@ class VhostUserFrontend:
             raise BadReply(f"{req.name}: malformed reply: {exc}") from exc
         except OSError as exc:
             raise BackendClosed(f"{req.name}: receiving failed: {exc}") from exc
-        for fd in fds:
-            os.close(fd)
+        if req == R.GET_INFLIGHT_FD:
+            self.reply_fds = fds             # the caller takes them
+        else:
+            for fd in fds:
+                os.close(fd)
         if header.flags != m.REPLY_FLAGS:
             raise BadReply(f"{req.name}: reply flags {header.flags:#x}, want {m.REPLY_FLAGS:#x}")
         if header.request != req:
@@ -313,6 +317,21 @@ class VhostUserFrontend:
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
         self._call(R.SET_VRING_ENABLE, m.VringState(index, int(enable)).pack())
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, m.Inflight]:
+        """The backend's new inflight region (fd, description); the caller keeps the fd."""
+        msg = m.Inflight(0, 0, num_queues, queue_size).pack()
+        reply = m.Inflight.unpack(self._call(R.GET_INFLIGHT_FD, msg, reply_size=len(msg)))
+        if not self.reply_fds:
+            raise BadReply("GET_INFLIGHT_FD reply carries no fd")
+        fd, extra = self.reply_fds[0], self.reply_fds[1:]
+        for x in extra:
+            os.close(x)
+        self.reply_fds = []
+        return fd, reply
+
+    def set_inflight_fd(self, fd: int, inflight: m.Inflight) -> None:
+        self._call(R.SET_INFLIGHT_FD, inflight.pack(), [fd])
 
     # -- sequences -----------------------------------------------------------------------
     def handshake(self) -> BlkConfig:
@@ -437,7 +456,7 @@ class BlkClient:
 
     def __init__(self, frontend: VhostUserFrontend, ram: GuestRam, *, queue_size: int = 128,
                  queue_index: int = 0, indirect: bool = False, segments: int = 1,
-                 timeout: float | None = None, owns: bool = False) -> None:
+                 timeout: float | None = None, owns: bool = False, inflight: bool = False) -> None:
         self.frontend, self.ram, self.queue_index = frontend, ram, queue_index
         self.indirect, self.segments = indirect, segments
         self.timeout = frontend.timeout if timeout is None else timeout
@@ -457,14 +476,66 @@ class BlkClient:
         self._tags = itertools.count(1)
         self._closed = False
         self.broken = False          # a BackendError was raised: close() sends nothing more
+        self.layout = layout
+        self.inflight_fd: int | None = None      # kept across backend restarts, as QEMU does
+        self.inflight_desc: m.Inflight | None = None
         try:
+            if inflight:
+                if not frontend.protocol_features & P.INFLIGHT_SHMFD.mask:
+                    raise BackendError("backend does not offer INFLIGHT_SHMFD")
+                self.inflight_fd, self.inflight_desc = frontend.get_inflight_fd(1, queue_size)
+                frontend.set_inflight_fd(self.inflight_fd, self.inflight_desc)
             self.fds = frontend.start_queue(queue_index, layout)
         except BaseException:
             self.driver.close()
+            if self.inflight_fd is not None:
+                os.close(self.inflight_fd)
             raise
+        self._watch_fds()
+
+    def _watch_fds(self) -> None:
         self._poll = select.poll()
-        for fd in (self.fds.call, self.fds.err, frontend.sock.fileno()):
+        for fd in (self.fds.call, self.fds.err, self.frontend.sock.fileno()):
             self._poll.register(fd, select.POLLIN)
+
+    def reconnect(self, path: str | os.PathLike, *, attempts: int = 100) -> None:
+        """What QEMU does when a backend it was using dies and a new one listens: connect
+        again, hand over the same RAM and inflight region, restart the queue at the device's
+        used index. Requests in flight stay in flight; the new backend must finish them."""
+        old = self.frontend
+        for fds in old.queues.values():
+            fds.close()
+        old.queues.clear()
+        old.sock.close()
+        for attempt in range(attempts):       # like QEMU's reconnect=N: try until it works
+            try:
+                new = VhostUserFrontend(path, timeout=old.timeout, features=old.wanted_features,
+                                        protocol_features=old.wanted_protocol_features)
+            except BackendClosed:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05)
+                continue
+            try:
+                new.handshake()
+                new.negotiate()
+                if self.inflight_fd is not None:
+                    new.set_inflight_fd(self.inflight_fd, self.inflight_desc)
+                new.set_memory(self.ram)
+                used_idx = int.from_bytes(self.ram.read(self.layout.used + 2, 2), "little")
+                self.fds = new.start_queue(self.queue_index, self.layout, base=used_idx)
+                break
+            except BackendClosed:
+                new.close()
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05)
+            except BaseException:
+                new.close()
+                raise
+        self.frontend = new
+        self.broken = False
+        self._watch_fds()
 
     @classmethod
     def connect(cls, path: str | os.PathLike, *, ram_mib: int = 32, split_at: Sequence[int] = (),
@@ -472,6 +543,8 @@ class BlkClient:
                 features: int = DEFAULT_FEATURES,
                 protocol_features: int = DEFAULT_PROTOCOL_FEATURES, **kw) -> "BlkClient":
         """Connect, handshake, hand over a fresh GuestRam and start queue 0; owns them all."""
+        if kw.get("inflight"):
+            protocol_features |= P.INFLIGHT_SHMFD.mask
         ram = GuestRam(ram_mib, split_at=split_at)
         frontend = None
         try:
@@ -666,6 +739,9 @@ class BlkClient:
             if fds is not None:
                 fds.close()
             self.driver.close()
+            if self.inflight_fd is not None:
+                os.close(self.inflight_fd)
+                self.inflight_fd = None
             if self._owns:
                 self.frontend.close()
                 self.ram.close()
