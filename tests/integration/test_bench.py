@@ -1,0 +1,177 @@
+"""``vblk bench`` run for real (``python -m cli bench``) against vblk and qemu-storage-daemon.
+
+Short and bounded: every load is ``--ops N`` or a fraction of a second; every subprocess has
+a timeout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vblk.testing.frontend import BlkClient
+from vblk.virtio.constants import BlkStatus
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+IMAGE_SIZE = 16 * MiB
+CHUNK = 128 * 1024
+
+
+def bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "cli", "bench", *map(str, args)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def ok_json(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vblk: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(random.Random(3).randbytes(IMAGE_SIZE))
+    return path
+
+
+def read_disk(sock: str) -> bytes:
+    with BlkClient.connect(sock) as client:
+        parts = [client.read(s, CHUNK) for s in range(0, IMAGE_SIZE // 512, CHUNK // 512)]
+    assert {p.status for p in parts} == {BlkStatus.OK}
+    return b"".join(p.data for p in parts)
+
+
+@pytest.mark.parametrize("pattern", ["randread", "randrw"])
+def test_json_numbers_are_sane(backend_server, image, pattern):
+    sock = backend_server(image)
+    d = ok_json(bench("--socket", sock, "--pattern", pattern, "--ops", 2000, "--qd", 8, "--json"))
+    assert d["ops"] == 2000 and d["errors"] == 0
+    assert d["bytes"] == d["ops"] * 4096 == d["ops"] * d["workload"]["bs"]
+    assert d["reads"] + d["writes"] == 2000
+    assert d["writes"] == 0 if pattern == "randread" else min(d["reads"], d["writes"]) > 500
+    assert d["iops"] > 0 and d["mb_per_s"] > 0 and d["seconds"] > 0
+    assert d["iops"] == pytest.approx(d["ops"] / d["seconds"], rel=1e-3)
+    lat = d["lat_us"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p99"] <= lat["p99_9"] <= lat["max"]
+    assert 0 < d["client_cpu_pct"] <= 200
+
+
+def test_randwrite_changes_the_region_and_nothing_else(backend_server, image):
+    sock = backend_server(image)
+    before = image.read_bytes()
+    d = ok_json(bench("--socket", sock, "--pattern", "randwrite", "--ops", 512, "--qd", 4,
+                      "--offset", "1M", "--size", "1M", "--seed", 9, "--json"))
+    assert (d["writes"], d["errors"], d["bytes"]) == (512, 0, 512 * 4096)
+    after = read_disk(sock)
+    assert after[:MiB] == before[:MiB]
+    assert after[2 * MiB:] == before[2 * MiB:]
+    changed = sum(after[o:o + 4096] != before[o:o + 4096] for o in range(MiB, 2 * MiB, 4096))
+    assert changed > 150            # 512 random writes over 256 blocks touch ~221 of them
+
+
+def test_text_output_and_a_read_only_sequential_run(vblk_server, image):
+    sock = vblk_server(image, "--workers", "2")
+    r = bench("--socket", sock, "--pattern", "read", "--bs", "64k", "--qd", 2, "--ops", 300)
+    assert r.returncode == 0, r.stderr
+    assert "64k read QD2" in r.stdout and "errors      0" in r.stdout
+    for word in ("IOPS", "MB/s", "p50", "p99.9", "client CPU"):
+        assert word in r.stdout
+    assert r.stderr == ""                     # no progress without a terminal or --progress
+
+
+def test_more_queues_than_offered_is_refused(vblk_server, image):
+    sock = vblk_server(image, "--workers", "1")
+    line = one_error_line(bench("--socket", sock, "--queues", 2, "--ops", 10))
+    assert "--queues 2" in line and "GET_QUEUE_NUM" in line
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--socket", "/nonexistent.sock", "--qd", "0"], "--qd 0"),
+    (["--socket", "/nonexistent.sock", "--bs", "1000"], "multiple of 512"),
+    (["--socket", "/nonexistent.sock", "--pattern", "randomread"], "--pattern"),
+    (["--socket", "/nonexistent.sock", "--duration", "1", "--ops", "5"], "not both"),
+    (["--socket", "/nonexistent.sock", "--rounds", "2"], "--rounds goes with --compare"),
+    (["--socket", "/nonexistent.sock"], "no such socket"),
+    (["--ops", "5"], "exactly one of --socket"),
+    (["--compare", "/nonexistent.img", "--workload", "randread:4k"], "PATTERN:BS:QD"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, words):
+    assert words in one_error_line(bench(*args))
+
+
+def test_compare_runs_both_backends_and_prints_the_ratio(image, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    r = bench("--compare", image, "--rounds", 1, "--duration", 0.3, "--workload", "randread:4k:4",
+              "--workload", "randwrite:4k:2", "--vblk-args", "--workers 1", "--workdir", work,
+              timeout=90)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    out = r.stdout
+    assert "writethrough" in out and "writethrough=on" in out and "--writethru" in out
+    assert "4k randread QD4" in out and "4k randwrite QD2" in out
+    rows = [line.split() for line in out.splitlines()]
+    assert sum(row[:1] == ["qsd"] for row in rows) == 2
+    assert sum("vblk/qsd" in row for row in rows) == 2
+    assert sum(row[3:4] == ["vblk"] for row in rows) == 2      # "4k randread QD4 vblk ..."
+    assert list(work.iterdir()) == []                             # copies and logs removed
+
+
+def test_compare_json_and_plot(image, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    d = ok_json(bench("--compare", image, "--rounds", 1, "--ops", 200, "--pattern", "randread",
+                      "--qd", 2, "--cache", "writeback", "--vblk-args", "--workers 1",
+                      "--plot", png, "--workdir", tmp_path, "--json", timeout=120))
+    assert d["cache"] == "writeback" and d["errors"] == 0
+    assert "--writeback" in d["commands"]["vblk"]
+    assert any("writethrough=off" in arg for arg in d["commands"]["qsd"])
+    [row] = d["workloads"]
+    assert row["workload"] == "4k randread QD2"
+    assert row["ratio_vblk_qsd"]["iops"] > 0
+    assert [s["qd"] for s in d["sweep"]] == [1, 2, 4, 8, 16, 32]
+    for backend in ("vblk", "qsd"):
+        assert row["runs"][backend][0]["ops"] == 200
+        assert row["median"][backend]["server_cpu_pct"] is not None
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the pure parts, in process ------------------------------------------------------------------
+def test_sizes_workloads_and_percentiles():
+    from vblk.bench import (BenchError, Workload, format_size, latency_summary, parse_size,
+                            split_cache_mode)
+    assert [parse_size(s) for s in ("4k", "128K", "1M", "1GiB", "512")] == \
+        [4096, 131072, MiB, 1 << 30, 512]
+    assert [format_size(n) for n in (4096, 131072, MiB, 1536)] == ["4k", "128k", "1M", "1536"]
+    w = Workload.parse("randwrite:128k:8", duration=1.0)
+    assert (w.pattern, w.bs, w.qd, w.label) == ("randwrite", 131072, 8, "128k randwrite QD8")
+    for bad in ("randread:4k", "randread:4x:1", "randread:4k:0", "scan:4k:1"):
+        with pytest.raises(BenchError):
+            Workload.parse(bad, duration=1.0)
+    lat = latency_summary(list(range(1000, 0, -1)))
+    assert (lat["min"], lat["p50"], lat["p99"], lat["p99_9"], lat["max"]) == (0.001, 0.5, 0.99,
+                                                                                0.999, 1.0)
+    assert latency_summary([7000])["p99_9"] == latency_summary([7000])["p50"] == 7.0
+    assert split_cache_mode("--workers 2", None) == (True, ["--workers", "2"])
+    assert split_cache_mode("--writeback --workers 2", None) == (False, ["--workers", "2"])
+    assert split_cache_mode("", "writeback") == (False, [])
+    with pytest.raises(BenchError):
+        split_cache_mode("--writethru", "writeback")
+    with pytest.raises(BenchError):
+        split_cache_mode("--socket-path /x", None)
