@@ -26,7 +26,7 @@ from vblk.options import DiskOptions, ServeConfig, merge_flags, parse_acrn, pars
 EXIT_CONFIG = 2
 SUN_PATH_MAX = 107                    # sizeof(sockaddr_un.sun_path) - 1
 
-app = typer.Typer(name="vblk", add_completion=False, no_args_is_help=True,
+app = typer.Typer(name="vblk", add_completion=True, no_args_is_help=True,
                   rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="A virtio-blk device backend (after ACRN's Virtio-BLK) that speaks "
                        "vhost-user on a Unix socket.")

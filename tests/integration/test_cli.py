@@ -309,3 +309,15 @@ def test_serve_listens_logs_key_value_lines_and_stops_on_sigterm(tmp_path, sockd
                          for line in lines if not line.startswith(("INFO", "WARNING", "DEBUG"))), err
     assert any("event=serving" in line and "image=disk.img" in line for line in lines), err
     assert img.read_bytes()[:4] == b"data"
+
+
+def test_shell_completion_script_is_offered():
+    out = subprocess.run([sys.executable, "-m", "cli", "--show-completion", "bash"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "complete" in out.stdout and "_VBLK_COMPLETE" in out.stdout.upper()
+    words = subprocess.run(["bash", "-c", out.stdout + "\nCOMP_WORDS=(vblk se); COMP_CWORD=1; "
+                            "_vblk_completion vblk; printf '%s\\n' \"${COMPREPLY[@]}\""],
+                           capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]})
+    assert "serve" in words.stdout, words.stdout + words.stderr
