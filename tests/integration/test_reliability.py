@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from vblk.testing.frontend import BlkClient
 from vblk.virtio.constants import BlkStatus, BlkType
 
@@ -161,7 +163,8 @@ def test_writeback_writes_are_not_synced_but_flush_is(tmp_path):
 
 # -- shutdown ------------------------------------------------------------------------------
 
-def test_sigterm_finishes_requests_in_flight_then_exits_zero(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_finishes_requests_in_flight_then_exits_zero(tmp_path, sig):
     proc, sock = serve(image(tmp_path), "--workers", "2")
     c = BlkClient.connect(sock)
     try:
@@ -172,7 +175,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits_zero(tmp_path):
             tags = [c.submit(BlkType.OUT, 8 * i, data=b"z" * 4096, publish=False) for i in range(8)]
             c.publish()
             time.sleep(0.3)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             time.sleep(0.3)
             assert proc.poll() is None, "vblk exited with requests in flight"
         finally:
