@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 
 def configure_logging(level: str) -> None:
@@ -15,3 +16,24 @@ def configure_logging(level: str) -> None:
         fmt = "ts=%(asctime)s " + fmt
     logging.basicConfig(level=level.upper(), stream=sys.stderr, force=True, format=fmt,
                         datefmt="%Y-%m-%dT%H:%M:%S")
+
+
+class RateLimitedLog:
+    """At most ``burst`` lines per ``period`` seconds per event kind; counts what it drops."""
+
+    def __init__(self, burst: int = 20, period: float = 10.0,
+                 logger: logging.Logger | None = None) -> None:
+        self.log = logger or logging.getLogger("vblk")
+        self.burst, self.period = burst, period
+        self.window: dict[str, tuple[float, int]] = {}
+
+    def warning(self, kind: str, fmt: str, *args) -> None:
+        now = time.monotonic()
+        start, count = self.window.get(kind, (now, 0))
+        if now - start > self.period:
+            if count > self.burst:
+                self.log.warning("event=log_suppressed kind=%s count=%d", kind, count - self.burst)
+            start, count = now, 0
+        self.window[kind] = (start, count + 1)
+        if count < self.burst:
+            self.log.warning(fmt, *args)

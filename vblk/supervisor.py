@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from vblk.device import OP_READ, BlkDevice, Completion, Geometry
 from vblk.errors import ConfigError, FrontendProtocolError, GuestError, RingBroken
 from vblk.control import listener_path
+from vblk.logs import RateLimitedLog
 from vblk.memory import GuestMemory
 from vblk import sdnotify
 from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea, SlotState
@@ -66,25 +67,6 @@ class InFlight:
     t0: int = 0                  # time.monotonic_ns() at admission
 
 
-class RateLimitedLog:
-    """At most ``burst`` lines per ``period`` seconds per event kind; counts what it drops."""
-
-    def __init__(self, burst: int = 20, period: float = 10.0) -> None:
-        self.burst, self.period = burst, period
-        self.window: dict[str, tuple[float, int]] = {}
-
-    def warning(self, kind: str, fmt: str, *args) -> None:
-        now = time.monotonic()
-        start, count = self.window.get(kind, (now, 0))
-        if now - start > self.period:
-            if count > self.burst:
-                log.warning("event=log_suppressed kind=%s count=%d", kind, count - self.burst)
-            start, count = now, 0
-        self.window[kind] = (start, count + 1)
-        if count < self.burst:
-            log.warning(fmt, *args)
-
-
 class Supervisor:
     def __init__(self, device: BlkDevice, backing_fd: int, *, workers: int = 8,
                  slots: int = 64, log_level: str = "WARNING", stats: Stats | None = None,
@@ -109,7 +91,7 @@ class Supervisor:
         self.listener: socket.socket | None = None
         self.epoll = select.epoll()
         self.handlers: dict[int, object] = {}
-        self.guest_log = RateLimitedLog()
+        self.guest_log = RateLimitedLog(logger=log)
         self.stopping = False
         self._ring_addrs: dict[int, object] = {}
         self.broken: set[int] = set()            # rings stopped because the guest broke them
@@ -239,7 +221,7 @@ class Supervisor:
                     for fd in reply_fds:
                         os.close(fd)
         except DropConnection as exc:
-            log.warning("event=frontend_dropped reason=%r", str(exc))
+            self.guest_log.warning("frontend", "event=frontend_dropped reason=%r", str(exc))
             if exc.reply is not None:
                 try:
                     self.conn.sendall(exc.reply)

@@ -31,12 +31,14 @@ from typing import Callable, Protocol
 
 from vblk.device import BlkDevice
 from vblk.errors import FrontendProtocolError, GuestError
+from vblk.logs import RateLimitedLog
 from vblk.vhost_user import messages as m
 from vblk.vhost_user.messages import FrontendReq as R
 from vblk.vhost_user.messages import ProtocolFeature as P
 from vblk.virtio.constants import MAX_QUEUE_SIZE, Feature
 
 log = logging.getLogger(__name__)
+refusals = RateLimitedLog(logger=log)     # a hostile frontend cannot flood the log
 
 DEFAULT_PROTOCOL_FEATURES = (P.MQ.mask | P.REPLY_ACK.mask | P.CONFIG.mask
                              | P.CONFIGURE_MEM_SLOTS.mask | P.INFLIGHT_SHMFD.mask)
@@ -148,7 +150,7 @@ class Session:
             reply = handler(payload, pending)
         except (FrontendProtocolError, GuestError) as exc:
             failed = str(exc)
-            log.warning("event=message_refused request=%s reason=%r", name, failed)
+            refusals.warning(name, "event=message_refused request=%s reason=%r", name, failed)
             nack = None
             if header.need_reply and header.request not in _HAS_REPLY_BODY:
                 nack = m.encode_reply(header.request, m.U64.pack(1))
