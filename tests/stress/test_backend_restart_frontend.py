@@ -15,9 +15,10 @@ import time
 import pytest
 
 from vblk.testing.frontend import BackendError, BlkClient
-from vblk.testing.model import DiskModel, Workload, write_initial_image
+from vblk.testing.model import (DiskModel, StressReport, Workload, account_op, submit_op,
+                                write_initial_image)
 from vblk.testing.restart import RestartingVblk
-from vblk.virtio.constants import SECTOR_SIZE, BlkStatus, BlkType
+from vblk.virtio.constants import SECTOR_SIZE, BlkStatus
 
 MiB = 1 << 20
 SECTORS = 32 * MiB // SECTOR_SIZE
@@ -53,7 +54,7 @@ def test_twenty_backend_kills_under_the_test_frontend(tmp_path, mode):
             kills.append(1)
 
     inflight: dict[int, tuple] = {}
-    problems: list[str] = []
+    report = StressReport(seed=0)
     reconnects = ops = 0
     client = BlkClient.connect(sock, ram_mib=32, inflight=True, timeout=20)
     thread = threading.Thread(target=killer, daemon=True)
@@ -64,29 +65,14 @@ def test_twenty_backend_kills_under_the_test_frontend(tmp_path, mode):
             try:
                 while len(kills) < kills_wanted and len(inflight) < 16:
                     op = workload.next_op()
-                    if op.kind == BlkType.IN:
-                        token = model.begin_read(op.sector, op.count)
-                        tag = client.submit(BlkType.IN, op.sector, nbytes=op.count * SECTOR_SIZE,
-                                            segments=op.segments, publish=False)
-                    elif op.kind == BlkType.OUT:
-                        token, data = model.begin_write(op.sector, op.count)
-                        tag = client.submit(BlkType.OUT, op.sector, data=data,
-                                            segments=op.segments, publish=False)
-                    else:
-                        token, tag = None, client.submit(BlkType.FLUSH, publish=False)
+                    tag, token = submit_op(client, model, op)
                     inflight[tag] = (op, token)
                     ops += 1
                 client.publish()
                 for c in client.wait(1, timeout=20):
                     done[0] += 1
                     op, token = inflight.pop(c.tag)
-                    ok = c.status == BlkStatus.OK
-                    if not ok:
-                        problems.append(f"{op}: status {c.status}")
-                    if op.kind == BlkType.OUT:
-                        model.end_write(token, op.sector, op.count, ok)
-                    elif op.kind == BlkType.IN and ok:
-                        problems += model.end_read(token, c.data)
+                    account_op(report, model, op, token, c)
             except BackendError:
                 reconnects += 1
                 client.reconnect(sock)
@@ -100,7 +86,8 @@ def test_twenty_backend_kills_under_the_test_frontend(tmp_path, mode):
         vblk.stop()
     resubmitted = vblk.resubmitted()
     print(f"{len(kills)} backend kills, {reconnects} reconnects, {ops} verified ops, "
-          f"{resubmitted} requests re-run, {len(problems)} problems")
+          f"{resubmitted} requests re-run, {len(report.bad_status) + len(report.mismatches)} problems")
     assert len(kills) == kills_wanted
+    problems = report.bad_status + report.mismatches
     assert not problems, problems[:10]
     assert resubmitted > 0, "no kill caught a request in flight"

@@ -17,9 +17,10 @@ import time
 import pytest
 
 from vblk.testing.frontend import BackendError, BlkClient
-from vblk.testing.model import DiskModel, Workload, write_initial_image
+from vblk.testing.model import (DiskModel, StressReport, Workload, account_op, submit_op,
+                                write_initial_image)
 from vblk.testing.restart import RestartingVblk
-from vblk.virtio.constants import SECTOR_SIZE, BlkStatus, BlkType
+from vblk.virtio.constants import SECTOR_SIZE, BlkStatus
 
 MiB = 1 << 20
 SECTORS = 16 * MiB // SECTOR_SIZE
@@ -51,7 +52,7 @@ def test_random_fault_schedule(tmp_path, seed):
     workload = Workload(seed, SECTORS, indirect_share=0.2, max_segments=3)
     client = BlkClient.connect(sock, ram_mib=16, inflight=True, timeout=20)
     inflight: dict[int, tuple] = {}
-    problems: list[str] = []
+    report = StressReport(seed=0)
     faults = dict.fromkeys(FAULTS, 0)
     ops = reconnects = 0
     next_fault = time.monotonic() + rnd.uniform(0.2, 0.8)
@@ -74,17 +75,7 @@ def test_random_fault_schedule(tmp_path, seed):
                         vblk.kill_and_restart(freeze=rnd.uniform(0.0, 0.1))
                 while time.monotonic() < end and len(inflight) < 16:
                     op = workload.next_op()
-                    if op.kind == BlkType.IN:
-                        token = model.begin_read(op.sector, op.count)
-                        tag = client.submit(BlkType.IN, op.sector, nbytes=op.count * SECTOR_SIZE,
-                                            indirect=op.indirect, segments=op.segments,
-                                            publish=False)
-                    elif op.kind == BlkType.OUT:
-                        token, data = model.begin_write(op.sector, op.count)
-                        tag = client.submit(BlkType.OUT, op.sector, data=data, indirect=op.indirect,
-                                            segments=op.segments, publish=False)
-                    else:
-                        token, tag = None, client.submit(BlkType.FLUSH, publish=False)
+                    tag, token = submit_op(client, model, op)
                     inflight[tag] = (op, token)
                     ops += 1
                 client.publish()
@@ -92,13 +83,7 @@ def test_random_fault_schedule(tmp_path, seed):
                     continue
                 for c in client.wait(1, timeout=20):
                     op, token = inflight.pop(c.tag)
-                    ok = c.status == BlkStatus.OK
-                    if not ok:
-                        problems.append(f"{op}: status {c.status}")
-                    if op.kind == BlkType.OUT:
-                        model.end_write(token, op.sector, op.count, ok)
-                    elif op.kind == BlkType.IN and ok:
-                        problems += model.end_read(token, c.data)
+                    account_op(report, model, op, token, c)
             except BackendError:
                 reconnects += 1
                 client.reconnect(sock)
@@ -112,6 +97,7 @@ def test_random_fault_schedule(tmp_path, seed):
         client.close(graceful=False)
         vblk.stop()
     print(f"seed {seed}: {ops} verified ops, faults {faults}, {reconnects} reconnects, "
-          f"{vblk.resubmitted()} requests re-run, {len(problems)} problems")
+          f"{vblk.resubmitted()} requests re-run, {len(report.bad_status) + len(report.mismatches)} problems")
+    problems = report.bad_status + report.mismatches
     assert not problems, problems[:10]
     assert sum(faults.values()) > 0

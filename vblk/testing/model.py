@@ -237,20 +237,20 @@ def run_stress(client, model: DiskModel, workload: Workload, ops: int, *, qd: in
             if client.driver.num_free < (1 if op.indirect else op.segments + 2):
                 waiting = op
                 break
-            tag, token = _submit(client, model, op)
+            tag, token = submit_op(client, model, op)
             inflight[tag] = (op, token)
             report.ops += 1
         client.publish()
         for c in client.wait(1):
             op, token = inflight.pop(c.tag)
-            _account(report, model, op, token, c)
+            account_op(report, model, op, token, c)
     report.seconds = time.monotonic() - start
     report.checked_sectors = model.checked_sectors
     report.unchecked_sectors = model.unchecked_sectors
     return report
 
 
-def _submit(client, model: DiskModel, op: Op) -> tuple[int, object]:
+def submit_op(client, model: DiskModel, op: Op) -> tuple[int, object]:
     """Submit ``op`` unpublished; returns its tag and what its completion needs."""
     if op.kind == BlkType.FLUSH:
         return client.submit(BlkType.FLUSH, 0, publish=False), None
@@ -262,7 +262,7 @@ def _submit(client, model: DiskModel, op: Op) -> tuple[int, object]:
     return client.submit(BlkType.OUT, op.sector, data=data, **kw), wid
 
 
-def _account(report: StressReport, model: DiskModel, op: Op, token: object, c) -> None:
+def account_op(report: StressReport, model: DiskModel, op: Op, token: object, c) -> None:
     ok = c.status == BlkStatus.OK
     if not ok:
         report.bad_status.append(f"{BlkType(op.kind).name} sector {op.sector} count {op.count}: "
