@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import pytest
+
+from vblk.testing.processes import stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ("qsd", "vblk")
@@ -42,21 +43,7 @@ class Server(str):
 
     def stop(self) -> int:
         """SIGTERM the server's process group, SIGKILL after 5 s; returns its exit status."""
-        if self.proc.poll() is None:
-            _signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        _signal_group(self.proc.pid, signal.SIGKILL)    # the leader or a child left behind
-        return self.proc.wait()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        return stop_group(self.proc)
 
 
 def _wait_until_listening(server: Server, timeout: float = START_TIMEOUT) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Callable, Sequence
 import pytest
 
 from vblk.testing.guest import GuestBuildError, GuestImage, GuestResult, build_guest, run_guest
+from vblk.testing.processes import stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,27 +128,7 @@ class Served(str):
 
     def stop(self) -> int | None:
         """SIGTERM the server's process group, SIGKILL after 5 s; returns the exit status."""
-        p = self.proc
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
-        else:
-            # the leader is gone; make sure no child (a worker) outlives it
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        return p.returncode
+        return stop_group(self.proc)
 
 
 def _start(cmd: Sequence[str], sock: str, log: Path, what: str, *, cwd: Path | None = None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from vblk.testing.guest import GuestBuildError, build_guest, default_accel, run_guest
+from vblk.testing.processes import stop_group
 
 GiB = 1 << 30
 DEMO_FILE_MIB = 8
@@ -71,22 +71,6 @@ def _wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -
                 s.close()
         time.sleep(0.05)
     return f"vblk serve did not listen on {path} within {timeout:.0f} s"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
 
 
 def _human(n: int) -> str:
@@ -186,7 +170,7 @@ def run_demo(image: Path | None = None, keep: bool = False, *,
         return 0 if ok else 1
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_group(proc)
         if keep or not ok:
             say(f"  kept       {work} (server and guest logs"
                 f"{', image' if image.parent == work else ''})")
