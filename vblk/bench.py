@@ -763,6 +763,25 @@ def copy_image(src: Path, dst: Path) -> None:
         os.fsync(fo.fileno())
 
 
+def source_version(repo: str) -> str | None:
+    """The git commit of the vblk code in ``repo``, with the files changed since, and any
+    VBLK_* environment variables (the served code, for a result to be reproducible)."""
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("VBLK_"))
+    try:
+        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no",
+                                "--", "vblk", "workers", "cli"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return env or None
+    if head.returncode != 0:
+        return env or None
+    changed = [line[3:] for line in dirty.stdout.splitlines()]
+    text = head.stdout.strip() + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+    return f"{text}{' ' + env if env else ''}"
+
+
 def split_cache_mode(vblk_args: str, cache: str | None) -> tuple[bool, list[str]]:
     """(writethrough?, vblk's extra args without the cache flag) from --vblk-args/--cache."""
     try:
@@ -794,6 +813,7 @@ class Comparison:
     sweep: dict[int, dict[str, list[Result]]] = field(default_factory=dict)  # qd -> backend
     sweep_label: str = ""
     loadavg: list[tuple[float, float, float]] = field(default_factory=list)   # start, end
+    source: str | None = None            # the vblk code that was served (git)
 
     @staticmethod
     def medians(results: list[Result]) -> dict:
@@ -834,7 +854,8 @@ class Comparison:
         return {"image": self.image, "cache": "writethrough" if self.writethrough else "writeback",
                 "rounds": self.rounds, "commands": self.commands, "errors": self.errors,
                 "workloads": rows(self.runs), "sweep": rows(self.sweep),
-                "sweep_workload": self.sweep_label or None, "loadavg": self.loadavg}
+                "sweep_workload": self.sweep_label or None, "loadavg": self.loadavg,
+                "vblk_source": self.source}
 
 
 def format_comparison(c: Comparison) -> str:
@@ -843,6 +864,8 @@ def format_comparison(c: Comparison) -> str:
            f"{'s' * (c.rounds > 1)} (alternating)",
            f"  vblk: {shlex.join(c.commands['vblk'])}",
            f"  qsd:  {shlex.join(c.commands['qsd'])}"]
+    if c.source:
+        out.append(f"  vblk source: {c.source}")
     if c.loadavg:
         out.append("  load average (1/5/15 min) at start " + "/".join(f"{v:.2f}" for v in c.loadavg[0])
                    + ", at end " + "/".join(f"{v:.2f}" for v in c.loadavg[-1]))
@@ -918,7 +941,7 @@ def compare(image: str | os.PathLike, workloads: Sequence[Workload], *, rounds: 
                                 env=env if b == "vblk" else None)
         for server in servers.values():
             server.wait_listening()
-        result = Comparison(str(src), writethrough, rounds, commands)
+        result = Comparison(str(src), writethrough, rounds, commands, source=source_version(repo))
         result.loadavg.append(os.getloadavg())
 
         def one(tag: str, w: Workload, b: str) -> Result:

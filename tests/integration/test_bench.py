@@ -140,6 +140,7 @@ def test_compare_json_and_plot(image, tmp_path):
                       "--qd", 2, "--cache", "writeback", "--vblk-args", "--workers 1",
                       "--plot", png, "--workdir", tmp_path, "--json", timeout=120))
     assert d["cache"] == "writeback" and d["errors"] == 0
+    assert d["vblk_source"]                    # the git commit served
     assert "--writeback" in d["commands"]["vblk"]
     assert any("writethrough=off" in arg for arg in d["commands"]["qsd"])
     [row] = d["workloads"]
