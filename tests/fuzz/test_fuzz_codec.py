@@ -23,7 +23,6 @@ VBLK_FUZZ_STATS (see test_fuzz_ring.py).
 from __future__ import annotations
 
 import array
-import json
 import os
 import random
 import socket
@@ -35,13 +34,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vblk.testing.fuzzstats import record
 from vblk.errors import FrontendProtocolError
 from vblk.vhost_user import messages as m
 from vblk.vhost_user.transport import PeerClosed, recv_message
 
 EXAMPLES = int(os.environ.get("VBLK_FUZZ_EXAMPLES", "300"))
 ROUNDS = int(os.environ.get("VBLK_FUZZ_ROUNDS", "1"))
-STATS_FILE = os.environ.get("VBLK_FUZZ_STATS")
 # Many rounds (or shards) must each explore new ground, so they never run derandomized
 # (Hypothesis' CI profile would replay the same examples every round).
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
@@ -50,18 +49,6 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, print_b
 ALLOWED = (PeerClosed, FrontendProtocolError, TimeoutError, OSError)
 SILENT_TIMEOUT = 0.02            # the reader's timeout when the writer goes quiet
 U32_MAX = (1 << 32) - 1
-
-
-def record(kind: str, counts: Counter, seconds: float, cpu_seconds: float) -> None:
-    if not STATS_FILE:
-        return
-    line = json.dumps({"kind": kind, "seconds": round(seconds, 3),
-                       "cpu_seconds": round(cpu_seconds, 3), **counts}) + "\n"
-    fd = os.open(STATS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
 
 
 def open_fds() -> set[int]:

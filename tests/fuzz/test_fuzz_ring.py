@@ -32,7 +32,6 @@ counts per test run (scripts/fuzz-long adds them up).
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -44,6 +43,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vblk.device import OP_FLUSH, OP_READ, OP_WRITE, BlkDevice, Completion, Geometry, IoPlan
+from vblk.testing.fuzzstats import record
 from vblk.errors import GuestError, RingBroken
 from vblk.memory import GuestMemory
 from vblk.vhost_user.messages import MemRegion
@@ -61,7 +61,6 @@ EXAMPLES = int(os.environ.get("VBLK_FUZZ_EXAMPLES", "300"))
 GUESTS = int(os.environ.get("VBLK_FUZZ_GUESTS", "8"))
 ROUNDS = int(os.environ.get("VBLK_FUZZ_ROUNDS", "1"))
 SHARDS = int(os.environ.get("VBLK_FUZZ_SHARDS", "1"))
-STATS_FILE = os.environ.get("VBLK_FUZZ_STATS")
 
 NEXT, WRITE, INDIRECT = 1, 2, 4
 PAGE = 4096
@@ -73,19 +72,6 @@ U64_MAX = (1 << 64) - 1
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
                     suppress_health_check=list(HealthCheck),
                     **({"derandomize": False} if ROUNDS > 1 or SHARDS > 1 else {}))
-
-
-def record(kind: str, counts: Counter, seconds: float, cpu_seconds: float) -> None:
-    """Append this run's counts to VBLK_FUZZ_STATS (one JSON line; O_APPEND keeps lines whole)."""
-    if not STATS_FILE:
-        return
-    line = json.dumps({"kind": kind, "seconds": round(seconds, 3),
-                       "cpu_seconds": round(cpu_seconds, 3), **counts}) + "\n"
-    fd = os.open(STATS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
 
 
 # -- the generated guest ------------------------------------------------------------------

@@ -28,7 +28,6 @@ VBLK_FUZZ_STATS (see test_fuzz_ring.py).
 """
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import os
@@ -42,6 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vblk.device import BlkDevice, Geometry
+from vblk.testing.fuzzstats import record
 from vblk.errors import FrontendProtocolError, GuestError
 from vblk.memory import GuestMemory
 from vblk.vhost_user import messages as m
@@ -51,7 +51,6 @@ from vblk.virtio.ring import SplitRing
 
 EXAMPLES = int(os.environ.get("VBLK_FUZZ_EXAMPLES", "250"))
 ROUNDS = int(os.environ.get("VBLK_FUZZ_ROUNDS", "1"))
-STATS_FILE = os.environ.get("VBLK_FUZZ_STATS")
 
 # Many rounds (or shards) must each explore new ground, so they never run derandomized
 # (Hypothesis' CI profile would replay the same examples every round).
@@ -69,18 +68,6 @@ REPLY_BODY_SIZE = {R.GET_FEATURES: 8, R.GET_PROTOCOL_FEATURES: 8, R.GET_QUEUE_NU
                    R.GET_MAX_MEM_SLOTS: 8, R.GET_VRING_BASE: 8, R.GET_INFLIGHT_FD: 24}
 UNKNOWN_IDS = [0, 26, 31, 33, 35, 40, 41, 99, 1 << 16, U32_MAX]
 REQUESTS = [int(r) for r in R] + UNKNOWN_IDS
-
-
-def record(kind: str, counts: Counter, seconds: float, cpu_seconds: float) -> None:
-    if not STATS_FILE:
-        return
-    line = json.dumps({"kind": kind, "seconds": round(seconds, 3),
-                       "cpu_seconds": round(cpu_seconds, 3), **counts}) + "\n"
-    fd = os.open(STATS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
 
 
 def open_fds() -> set[int]:
