@@ -114,6 +114,9 @@ class ControlServer:
     def __init__(self, snapshot: Snapshot, *, path: str | None = None,
                  metrics: tuple[str, int] | None = None) -> None:
         self.snapshot = snapshot
+        # op -> handler(request dict) -> answer dict; the supervisor registers what it
+        # can change at run time (see ``register``).
+        self.actions: dict[str, Callable[[dict], dict]] = {}
         self.path: str | None = None
         self.metrics_address: str | None = None
         self._epoll = select.epoll()
@@ -236,6 +239,11 @@ class ControlServer:
             log.debug("event=control_client_timeout")
             self._drop(conn)
 
+    def register(self, op: str, handler: Callable[[dict], dict]) -> None:
+        """Answer control requests ``{"op": op, ...}`` with ``handler(request)``; a handler
+        returns ``{"ok": True, ...}`` or ``{"ok": False, "error": "..."}`` and must not block."""
+        self.actions[op] = handler
+
     # -- the control protocol ------------------------------------------------------------
     def _control_reply(self, buf: bytearray) -> bytes | None:
         if len(buf) < _LEN.size:
@@ -262,6 +270,12 @@ class ControlServer:
             return {"ok": True, "stats": snap}
         if op == "ping":
             return {"ok": True}
+        action = self.actions.get(op) if isinstance(op, str) else None
+        if action is not None:
+            try:
+                return action(request)
+            except VblkError as exc:
+                return {"ok": False, "error": str(exc)}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     # -- the metrics endpoint ------------------------------------------------------------

@@ -746,7 +746,7 @@ def qemu_command(image: GuestImage, initrd: Path, socket_path: str | os.PathLike
                  memory: str = "512M", queue_size: int = 64, num_queues: int = 1,
                  bios: str | os.PathLike | None = None, accel: str | None = None,
                  cmdline_extra: str = "", reconnect: int | None = None,
-                 extra_qemu_args: Sequence[str] = ()) -> list[str]:
+                 smp: int = 1, extra_qemu_args: Sequence[str] = ()) -> list[str]:
     """The QEMU command line for one boot (serial console on stdout).
 
     ``reconnect=N``: QEMU redials the backend N seconds after it goes away (a backend
@@ -759,7 +759,7 @@ def qemu_command(image: GuestImage, initrd: Path, socket_path: str | os.PathLike
     cmd = [
         QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-machine", f"q35,accel={accel},memory-backend=mem",
-        "-cpu", cpu, "-smp", "1", "-m", memory,
+        "-cpu", cpu, "-smp", str(smp), "-m", memory,
         "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
         "-kernel", str(image.kernel), "-initrd", str(initrd),
         "-append", (DEFAULT_CMDLINE + " " + cmdline_extra).strip(),
@@ -788,7 +788,7 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
               bios: str | os.PathLike | None = None, accel: str | None = None,
               files: Mapping[str, bytes | str] | None = None,
               cmdline_extra: str = "", reconnect: int | None = None,
-              alive: Callable[[], bool] | None = None) -> GuestResult:
+              alive: Callable[[], bool] | None = None, smp: int = 1) -> GuestResult:
     """Boot the test guest against the vhost-user-blk backend at socket_path.
 
     ``script`` runs as ``sh -e /scenario.sh`` once /dev/vda exists; what it
@@ -800,6 +800,7 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
     of SeaBIOS.  ``alive`` (e.g. "the backend process still runs") is polled; once it
     returns False the guest gets 3 s to finish, then QEMU is killed and
     ``result.aborted`` says why, so a dead backend fails fast instead of timing out.
+    ``smp``: the guest's vCPUs (a multiqueue guest uses at most one queue per vCPU).
     """
     _check_prerequisites()
     image = image or build_guest()
@@ -810,7 +811,7 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
             f.write(scenario_archive(script, files))
         cmd = qemu_command(image, initrd, socket_path, memory=memory, queue_size=queue_size,
                            num_queues=num_queues, bios=bios, accel=accel,
-                           cmdline_extra=cmdline_extra, reconnect=reconnect,
+                           cmdline_extra=cmdline_extra, reconnect=reconnect, smp=smp,
                            extra_qemu_args=extra_qemu_args)
         return _run_qemu(cmd, timeout=timeout, log_path=log_path, alive=alive)
 
