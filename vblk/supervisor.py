@@ -266,7 +266,8 @@ class Supervisor:
 
     def start_queue(self, vring: Vring, features: int) -> None:
         ring = self._make_ring(vring.num, vring.addr, vring.base,
-                               features & Feature.RING_INDIRECT_DESC.mask)
+                               indirect=bool(features & Feature.RING_INDIRECT_DESC.mask),
+                               event_idx=bool(features & Feature.RING_EVENT_IDX.mask))
         resubmit = []
         tracker = self.inflight_queues.get(vring.index)
         if tracker is not None and tracker.size == vring.num:
@@ -336,9 +337,10 @@ class Supervisor:
         view.release()
         log.info("event=inflight_region queues=%d queue_size=%d bytes=%d", num_queues, queue_size, size)
 
-    def _make_ring(self, size: int, addr, last_avail: int, indirect: int) -> SplitRing:
+    def _make_ring(self, size: int, addr, last_avail: int, *, indirect: bool,
+                   event_idx: bool) -> SplitRing:
         return SplitRing(self.memory, size, addr.desc, addr.avail, addr.used,
-                         last_avail_idx=last_avail, indirect=bool(indirect))
+                         last_avail_idx=last_avail, indirect=indirect, event_idx=event_idx)
 
     def stop_queue(self, index: int) -> int:
         kick = self.kicks.pop(index, None)

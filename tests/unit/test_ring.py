@@ -177,3 +177,50 @@ def test_kick_suppression_flag_round_trip(g):
     assert ring.needs_notify()
     g.mem.write(AVAIL_GPA, b"\x01\x00")     # NO_INTERRUPT
     assert not ring.needs_notify()
+
+
+def avail_event(g):
+    return struct.unpack("<H", g.mem.read(USED_GPA + 4 + 8 * Q, 2))[0]
+
+
+def set_used_event(g, value):
+    g.mem.write(AVAIL_GPA + 4 + 2 * Q, struct.pack("<H", value))
+
+
+def test_event_idx_asks_for_the_next_kick_after_a_drain(g):
+    ring = SplitRing(g.mem, Q, UVA + DESC_GPA, UVA + AVAIL_GPA, UVA + USED_GPA,
+                     last_avail_idx=0, indirect=True, event_idx=True)
+    for head in (0, 1, 2):
+        g.offer(head)
+    ring.set_kicks_wanted(False)
+    while ring.pending():
+        ring.pop()
+        assert avail_event(g) == ring.last_avail_idx      # each pop moves the event on
+    g.offer(3)                                            # arrives while "not wanted"
+    ring.set_kicks_wanted(True)
+    assert avail_event(g) == 4                            # the driver kicks past entry 4
+    assert ring.pending() == 1                            # and the re-check sees entry 3
+    # used.flags stays untouched under EVENT_IDX
+    assert struct.unpack("<H", g.mem.read(USED_GPA, 2))[0] == 0
+
+
+def test_event_idx_interrupts_only_when_used_event_is_crossed(g):
+    ring = SplitRing(g.mem, Q, UVA + DESC_GPA, UVA + AVAIL_GPA, UVA + USED_GPA,
+                     last_avail_idx=0, indirect=True, event_idx=True)
+    ring.put_used(0, 1)
+    ring.publish_used()
+    assert ring.needs_notify()                 # the first publication always signals
+    set_used_event(g, 3)                       # "interrupt me once entry 3 is used"
+    ring.put_used(1, 1)
+    ring.publish_used()                        # used 1 -> 2: entry 3 not reached
+    assert not ring.needs_notify()
+    ring.put_used(2, 1)
+    ring.put_used(3, 1)
+    ring.publish_used()                        # 2 -> 4 crosses 3
+    assert ring.needs_notify()
+    # NO_INTERRUPT in avail.flags is ignored under EVENT_IDX
+    g.mem.write(AVAIL_GPA, struct.pack("<H", 1))
+    set_used_event(g, 4)
+    ring.put_used(4, 1)
+    ring.publish_used()
+    assert ring.needs_notify()
