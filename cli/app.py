@@ -49,6 +49,8 @@ SectorSize = typer.Option(None, "--sectorsize", metavar="L[/P]",
 Range = typer.Option(None, "--range", metavar="START/SIZE",
                      help="Serve only these bytes of the image, K/M/G/T suffixes allowed, whole "
                           "logical sectors (ACRN: range=S/N counts sectors instead).")
+NumQueues = typer.Option(None, "--num-queues", metavar="N",
+                         help="Virtqueues offered, 1..64 (ACRN: mq=N; default 1).")
 Serial = typer.Option(None, "--serial", metavar="S", help="Serial number the guest reads (≤ 20 ASCII chars; "
                                              "default derived from the image).")
 
@@ -61,10 +63,11 @@ def fail(message: str) -> typer.Exit:
 
 def disk_options(spec: str, *, readonly: Optional[bool], writeback: Optional[bool],
                  nocache: Optional[bool], sectorsize: Optional[str], range_: Optional[str],
-                 serial: Optional[str]) -> DiskOptions:
+                 serial: Optional[str], num_queues: Optional[int] = None) -> DiskOptions:
     opts = parse_acrn(spec)
     return merge_flags(opts, readonly=readonly, writeback=writeback, nocache=nocache,
-                       sectorsize=sectorsize, range_=range_, serial=serial)
+                       sectorsize=sectorsize, range_=range_, serial=serial,
+                       num_queues=num_queues)
 
 
 def check_group(name: str | None) -> str | None:
@@ -133,6 +136,7 @@ def serve(
     sectorsize: Optional[str] = SectorSize,
     range_: Optional[str] = Range,
     serial: Optional[str] = Serial,
+    num_queues: Optional[int] = NumQueues,
     workers: int = typer.Option(8, "--workers", metavar="N", help="I/O worker processes, 1..64."),
     queue_size: int = typer.Option(64, "--queue-size", metavar="N",
                                    help="Request slots (requests in flight), a power of two."),
@@ -156,7 +160,7 @@ def serve(
         if (spec is None) == (blk_file is None):
             raise ConfigError("give the image as SPEC or as --blk-file PATH (exactly one)")
         flags = dict(readonly=readonly, writeback=writeback, nocache=nocache,
-                     sectorsize=sectorsize, range_=range_, serial=serial)
+                     sectorsize=sectorsize, range_=range_, serial=serial, num_queues=num_queues)
         disk = (disk_options(spec, **flags) if blk_file is None
                 else merge_flags(DiskOptions(path=blk_file), **flags))
         if socket_path is None and fd is None:
@@ -192,12 +196,14 @@ def info(
     sectorsize: Optional[str] = SectorSize,
     range_: Optional[str] = Range,
     serial: Optional[str] = Serial,
+    num_queues: Optional[int] = NumQueues,
 ) -> None:
     """Show the disk a guest would see for SPEC, without serving it or writing anything."""
     from vblk.backing import check_backing
     try:
         disk = disk_options(spec, readonly=readonly, writeback=writeback, nocache=nocache,
-                            sectorsize=sectorsize, range_=range_, serial=serial)
+                            sectorsize=sectorsize, range_=range_, serial=serial,
+                            num_queues=num_queues)
         b = check_backing(disk)
     except ConfigError as e:
         raise fail(str(e)) from None
@@ -218,6 +224,7 @@ def info(
         ("cache", ("writeback" if b.writeback else "writethrough")
          + (", O_DIRECT (nocache)" if b.nocache else "")),
         ("range", window),
+        ("queues", str(disk.num_queues)),
         ("serial", b.serial_text),
     ]
     width = max(len(k) for k, _ in rows) + 1

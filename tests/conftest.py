@@ -97,12 +97,12 @@ class _Launcher:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def qsd_command(image: str | os.PathLike, sock: str) -> list[str]:
+def qsd_command(image: str | os.PathLike, sock: str, num_queues: int = 1) -> list[str]:
     return ["qemu-storage-daemon",
             "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}",
             "--blockdev", "driver=raw,node-name=disk0,file=file0",
             "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-                        f"addr.path={sock},writable=on,num-queues=1"]
+                        f"addr.path={sock},writable=on,num-queues={num_queues}"]
 
 
 def vblk_command(image: str | os.PathLike, sock: str, *args: str) -> list[str]:
@@ -112,9 +112,11 @@ def vblk_command(image: str | os.PathLike, sock: str, *args: str) -> list[str]:
 
 @pytest.fixture
 def qsd_server(request: pytest.FixtureRequest, tmp_path: Path):
-    """qsd_server(image) -> socket path of a qemu-storage-daemon export of the raw image."""
+    """qsd_server(image, num_queues=1) -> socket path of a qemu-storage-daemon export of the
+    raw image."""
     launcher = _Launcher(request, tmp_path)
-    yield lambda image: launcher.start("qsd", lambda sock: qsd_command(image, sock))
+    yield lambda image, num_queues=1: launcher.start(
+        "qsd", lambda sock: qsd_command(image, sock, num_queues))
     launcher.stop_all()
 
 

@@ -11,8 +11,11 @@ Deliberate differences from ACRN's parser (``blockif_open``), all stricter:
 * tokens are matched exactly: ACRN's prefix match accepts ``discardfoo`` and ``rangefoo=1/2``;
 * a path that merely contains ``nodisk`` is a path (ACRN's ``strstr`` makes it a dummy disk);
 * ``sectorsize=`` and ``range=`` may each be given once, and empty tokens are refused;
-* options vblk does not implement (discard, mq>1, no_bst_block, aio=) are refused by name
-  rather than half-honoured.
+* options vblk does not implement (discard, no_bst_block, aio=) are refused by name
+  rather than half-honoured;
+* ``mq=N`` is the number of queues vblk offers (at most ``MAX_QUEUES``); ACRN clamps it to the
+  guest's vCPU count, which a vhost-user backend does not know (Linux uses at most one queue
+  per vCPU itself).
 
 Units: ACRN's ``range=S/N`` counts logical sectors (S×L, N×L bytes, with the final L whatever
 order the tokens come in); the ``--range START/SIZE`` flag counts bytes.  ``DiskOptions``
@@ -29,9 +32,10 @@ BLOCK_SIZES = (512, 1024, 2048, 4096)      # allowed logical and physical block 
 SERIAL_MAX_BYTES = 20                      # virtio-blk GET_ID answer
 MAX_WORKERS = 64
 MAX_QUEUE_SIZE = 32768
+MAX_QUEUES = 64                            # virtqueues (mq=N, --num-queues)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-ACRN_SYNTAX = ("[iothread,][mq=1,]PATH[,writeback|writethru][,ro][,nocache]"
+ACRN_SYNTAX = ("[iothread,][mq=N,]PATH[,writeback|writethru][,ro][,nocache]"
                "[,sectorsize=L[/P]][,range=START/COUNT]")
 
 # Options ACRN has and vblk does not (yet): refused by name, never silently dropped.
@@ -62,6 +66,7 @@ class DiskOptions:
     range_start: int = 0
     range_size: int | None = None
     serial: str | None = None
+    num_queues: int = 1
     spec_options: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +90,8 @@ class DiskOptions:
                                   f"{lbs}-byte logical sectors")
         if self.serial is not None:
             check_serial(self.serial)
+        if not isinstance(self.num_queues, int) or not 1 <= self.num_queues <= MAX_QUEUES:
+            raise ConfigError(f"the number of queues ({self.num_queues}) must be 1..{MAX_QUEUES}")
 
     @property
     def cache_mode(self) -> str:
@@ -181,7 +188,7 @@ def parse_size(text: str, what: str) -> int:
 
 # -- ACRN's option string -------------------------------------------------------------------
 
-def _leading_token(token: str) -> bool:
+def _leading_token(token: str, values: dict) -> bool:
     """Handle one of ACRN's tokens that come before the path; False if ``token`` isn't one."""
     if token == "iothread":
         return True            # vhost-user kicks never run on a vCPU thread: nothing to do
@@ -189,19 +196,19 @@ def _leading_token(token: str) -> bool:
         raise ConfigError(f"option {token!r} is not supported yet (a bare 'iothread' is "
                           f"accepted and changes nothing)")
     if token == "mq" or token.startswith("mq="):
-        _check_mq(token)
+        values["num_queues"] = _parse_mq(token)
         return True
     return False
 
 
-def _check_mq(token: str) -> None:
+def _parse_mq(token: str) -> int:
+    """``mq`` (one queue, as in ACRN) or ``mq=N``."""
     if token == "mq":
-        return
+        return 1
     n = _int(token[3:], token)
-    if n < 1:
-        raise ConfigError(f"{token}: the number of queues must be at least 1")
-    if n > 1:
-        raise ConfigError(f"option 'mq' is not supported yet ({token}: vblk serves one queue)")
+    if not 1 <= n <= MAX_QUEUES:
+        raise ConfigError(f"{token}: the number of queues must be 1..{MAX_QUEUES}")
+    return n
 
 
 def parse_acrn(spec: str) -> DiskOptions:
@@ -209,7 +216,11 @@ def parse_acrn(spec: str) -> DiskOptions:
     tokens = spec.split(",")
     if any(t == "" for t in tokens[1:]):
         raise ConfigError(f"empty option in {spec!r}")
-    while tokens and _leading_token(tokens[0]):
+    values: dict = {}
+    given: set[str] = set()
+    while tokens and _leading_token(tokens[0], values):
+        if tokens[0].startswith("mq"):
+            given.add("mq")
         tokens.pop(0)
     if not tokens or not tokens[0]:
         raise ConfigError(f"no image path in {spec!r} (syntax: {ACRN_SYNTAX})")
@@ -217,10 +228,8 @@ def parse_acrn(spec: str) -> DiskOptions:
     if path == "nodisk":
         raise ConfigError("'nodisk' placeholder disks are not supported yet "
                           "(for an image named nodisk, write ./nodisk)")
-    values: dict = {}
     sectorsize: tuple[int, int | None] | None = None
     range_sectors: tuple[int, int] | None = None
-    given: set[str] = set()
     for token in options:
         name, eq, value = token.partition("=")
         if token in ("writeback", "writethru"):
@@ -247,8 +256,6 @@ def parse_acrn(spec: str) -> DiskOptions:
         elif name == "aio" and eq:
             raise ConfigError(_AIO)
         elif token == "iothread" or name in ("iothread", "mq"):
-            if name == "mq":
-                _check_mq(token)               # mq=N>1 says "not supported" wherever it is
             raise ConfigError(f"option {token!r} must come before the path "
                               f"(syntax: {ACRN_SYNTAX})")
         else:
@@ -277,7 +284,7 @@ def _parse_acrn_range(value: str, where: str) -> tuple[int, int]:
 def merge_flags(opts: DiskOptions, *, readonly: bool | None = None,
                 writeback: bool | None = None, sectorsize: str | None = None,
                 range_: str | None = None, serial: str | None = None,
-                nocache: bool | None = None) -> DiskOptions:
+                nocache: bool | None = None, num_queues: int | None = None) -> DiskOptions:
     """Lay CLI flags over ``opts``; None leaves a setting alone.
 
     Flags override the string, except that ``sectorsize`` and ``range`` may not be given
@@ -291,6 +298,11 @@ def merge_flags(opts: DiskOptions, *, readonly: bool | None = None,
                         ("nocache", nocache), ("serial", serial)):
         if value is not None:
             changes[name] = value
+    if num_queues is not None:
+        if "mq" in opts.spec_options:
+            raise ConfigError(f"the number of queues is given twice: mq= in the option string "
+                              f"and --num-queues {num_queues}; give it once")
+        changes["num_queues"] = num_queues
     lbs = opts.logical_block_size
     if sectorsize is not None:
         if "sectorsize" in opts.spec_options:

@@ -38,6 +38,19 @@ INDEX = struct.Struct("<I")       # a slot number in a pipe
 FLAG_SYNC = 1                     # writethrough: the write is durable before it completes
 
 
+def slot_budget(free: int, total: int, held: int, rings: int, others_waiting: bool) -> int:
+    """How many more slots one ring may take now (multiqueue fairness, work-conserving).
+
+    A ring alone, or one whose siblings have nothing waiting, may take every free slot. While
+    another ring waits, no ring grows past an equal share of all slots (at least one), so a
+    queue that floods the device cannot starve the others: the slots its completions free go
+    to the waiting rings first."""
+    if rings <= 1 or not others_waiting:
+        return free
+    share = max(1, total // rings)
+    return max(0, min(free, share - held))
+
+
 class SlotState(enum.IntEnum):
     FREE = 0
     PENDING = 1

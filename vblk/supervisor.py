@@ -40,7 +40,7 @@ from vblk.control import listener_path
 from vblk.logs import RateLimitedLog
 from vblk.memory import GuestMemory
 from vblk import sdnotify
-from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea, SlotState
+from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea, SlotState, slot_budget
 from vblk.stats import Stats
 from vblk.vhost_user import transport
 from vblk.vhost_user.session import DropConnection, MemSlot, Session, Vring
@@ -80,6 +80,8 @@ class Supervisor:
         self.control = control                   # a vblk.control.ControlServer, or None
         self.slots = SlotArea.create(slots)
         self.free: deque[int] = deque(range(slots))
+        self.held = [0] * device.num_queues      # slots each queue's requests hold
+        self._drain_from = 0                     # rotates which ring is drained first
         self.inflight: dict[int, InFlight] = {}
         self.pool = WorkerPool(workers, backing_fd, self.slots.fd, slots, log_level)
         self.memory = GuestMemory.empty()
@@ -379,9 +381,12 @@ class Supervisor:
         published = False
         try:
             while self.free:
+                budget = self._slot_budget(q) if len(self.rings) > 1 else len(self.free)
+                if budget <= 0:
+                    break           # other rings wait: this one goes on as its slots return
                 ring.set_kicks_wanted(False)
                 n = ring.pending()
-                for _ in range(min(n, len(self.free))):
+                for _ in range(min(n, budget)):
                     published |= self._admit(q, ring, ring.pop(), batches)
                 ring.set_kicks_wanted(True)
                 if ring.pending() == 0:
@@ -392,6 +397,19 @@ class Supervisor:
         self._flush_batches(batches)
         if published:
             self._publish(q, ring)
+
+    def _slot_budget(self, q: int) -> int:
+        others_waiting = False
+        for other, ring in self.rings.items():
+            if other != q and other not in self.broken:
+                try:
+                    if ring.pending():
+                        others_waiting = True
+                        break
+                except RingBroken:
+                    pass            # found broken when that ring is drained
+        return slot_budget(len(self.free), self.slots.count, self.held[q], len(self.rings),
+                           others_waiting)
 
     def _admit(self, q: int, ring: SplitRing, head: int, batches: dict[int, list[int]]) -> bool:
         """Take one chain; returns True if it completed at once (used ring written)."""
@@ -440,6 +458,7 @@ class Supervisor:
             self.live.finished(q, req.type, BlkStatus.OK, 0)
             return True
         slot = self.free.popleft()
+        self.held[q] += 1
         worker = self.pool.least_busy()
         flags = 0 if self.device.writeback else FLAG_SYNC
         self.slots.post(slot, plan.op, flags, plan.offset, plan.length, self.memory.generation, pieces)
@@ -474,7 +493,12 @@ class Supervisor:
         touched = self._collect_completions()
         for q in touched:
             self._publish(q, self.rings[q])
-        for q in list(self.rings):
+        order = list(self.rings)
+        if len(order) > 1:          # the ring drained first gets the freed slots: take turns
+            k = self._drain_from % len(order)
+            self._drain_from += 1
+            order = order[k:] + order[:k]
+        for q in order:
             self._drain(q)
 
     def _collect_completions(self) -> set[int]:
@@ -501,6 +525,7 @@ class Supervisor:
                         errno.errorcode.get(err, err))
         self.pool.workers[info.worker].outstanding.discard(slot)
         self.free.append(slot)
+        self.held[info.queue] -= 1
         self.live.finished(info.queue, info.rtype, status, time.monotonic_ns() - info.t0)
         ring = self.rings.get(info.queue)
         if ring is None:
@@ -649,7 +674,7 @@ def serve(config) -> int:
     geometry = Geometry(size_bytes=backing.size, logical_block_size=backing.logical_block_size,
                         physical_block_size=backing.physical_block_size,
                         readonly=backing.readonly, serial=backing.serial, file_offset=backing.start)
-    device = BlkDevice(geometry, writeback=backing.writeback)
+    device = BlkDevice(geometry, writeback=backing.writeback, num_queues=config.disk.num_queues)
     try:
         listener, created = open_listener(config.socket_path, config.listen_fd,
                                           config.socket_mode, config.socket_group)

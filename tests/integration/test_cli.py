@@ -72,7 +72,7 @@ def test_serve_a_missing_image_refuses_without_creating_the_socket(tmp_path, soc
     ("disk.img,bogus", "unknown option 'bogus'"),
     ("disk.img,discardfoo", "unknown option 'discardfoo'"),
     ("disk.img,discard", "option 'discard' is not supported yet"),
-    ("mq=2,disk.img", "option 'mq' is not supported yet"),
+    ("mq=0,disk.img", "the number of queues must be 1..64"),
     ("disk.img,aio=io_uring", "aio= does not apply to vblk"),
     ("disk.img,sectorsize=1000", "not a power of two"),
     ("disk.img,range=1/2/3", "not a decimal number"),

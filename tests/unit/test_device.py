@@ -103,3 +103,11 @@ def test_unknown_types_get_unsupp(t):
 def test_short_header_gets_ioerr():
     r = BlkRequest(-1, 0, [], [], 0x2000, bad="request header shorter than 16 bytes")
     assert device().plan(r).status == BlkStatus.IOERR
+
+
+def test_mq_is_offered_only_with_more_than_one_queue():
+    g = Geometry(size_bytes=1 << 20)
+    assert not BlkDevice(g, writeback=False).features & Feature.BLK_MQ.mask
+    d = BlkDevice(g, writeback=False, num_queues=4)
+    assert d.features & Feature.BLK_MQ.mask
+    assert d.config().num_queues == 4

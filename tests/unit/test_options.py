@@ -126,13 +126,27 @@ def test_iothread_and_mq1_before_the_path_are_accepted(spec):
     assert parse_acrn(spec).path == "d.img"
 
 
-@pytest.mark.parametrize("spec", ["mq=2,d.img", "iothread,mq=4,d.img", "d.img,mq=8"])
-def test_more_than_one_queue_is_not_supported_yet(spec):
-    refused(spec, "option 'mq' is not supported yet")
+@pytest.mark.parametrize("spec, n", [("mq=2,d.img", 2), ("iothread,mq=4,d.img", 4),
+                                     ("mq=64,d.img,ro", 64), ("mq,d.img", 1), ("d.img", 1)])
+def test_mq_sets_the_number_of_queues(spec, n):
+    assert parse_acrn(spec).num_queues == n
 
 
-def test_mq_zero_is_refused():
-    refused("mq=0,d.img", "mq=0", "at least 1")
+def test_mq_after_the_path_must_move():
+    refused("d.img,mq=8", "'mq=8'", "must come before the path")
+
+
+@pytest.mark.parametrize("spec", ["mq=0,d.img", "mq=65,d.img"])
+def test_mq_out_of_range_is_refused(spec):
+    refused(spec, spec.split(",")[0], "1..64")
+
+
+def test_num_queues_flag_and_mq_string_do_not_mix():
+    assert merge_flags(parse_acrn("d.img"), num_queues=4).num_queues == 4
+    with pytest.raises(ConfigError, match="given twice"):
+        merge_flags(parse_acrn("mq=2,d.img"), num_queues=4)
+    with pytest.raises(ConfigError, match="1..64"):
+        merge_flags(parse_acrn("d.img"), num_queues=0)
 
 
 def test_mq_garbage_is_refused():

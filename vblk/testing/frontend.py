@@ -451,20 +451,26 @@ HEADER_BLOCK = 64                      # header and status byte share one alloca
 class BlkClient:
     """virtio-blk requests on one queue of a frontend that has negotiated and set memory.
 
-    The ring sits at the start of guest RAM; the rest is the data allocator's (one client
-    per GuestRam)."""
+    The ring sits at the start of guest RAM (or of ``area``, a (gpa, length) part of it); the
+    rest is the data allocator's. Clients of several queues of one frontend share its RAM by
+    taking disjoint areas (see ``open_queues``)."""
 
     def __init__(self, frontend: VhostUserFrontend, ram: GuestRam, *, queue_size: int = 128,
                  queue_index: int = 0, indirect: bool = False, segments: int = 1,
-                 timeout: float | None = None, owns: bool = False, inflight: bool = False) -> None:
+                 timeout: float | None = None, owns: bool = False, inflight: bool = False,
+                 area: tuple[int, int] | None = None) -> None:
         self.frontend, self.ram, self.queue_index = frontend, ram, queue_index
         self.indirect, self.segments = indirect, segments
         self.timeout = frontend.timeout if timeout is None else timeout
         self._owns = owns
         self.config = frontend.config
-        layout = RingLayout.at(ram.gpa_base, queue_size)
+        area_start, area_end = (ram.gpa_base, ram.end) if area is None else (area[0], area[0] + area[1])
+        if area_start < ram.gpa_base or area_end > ram.end:
+            raise ValueError(f"area {area} is outside the guest RAM")
+        self.area_end = area_end
+        layout = RingLayout.at(area_start, queue_size)
         data_start = -(-layout.end // 4096) * 4096
-        self.allocator = Allocator(data_start, ram.end - data_start, align=512)
+        self.allocator = Allocator(data_start, area_end - data_start, align=512)
         # One header block per request that can be in flight (each takes a descriptor).
         pool = self.allocator.alloc(HEADER_BLOCK * queue_size)
         self._headers = [pool + HEADER_BLOCK * i for i in range(queue_size)]
@@ -559,6 +565,27 @@ class BlkClient:
                 frontend.close()
             ram.close()
             raise
+
+    def open_queues(self, count: int, **kw) -> list["BlkClient"]:
+        """Start queues 1..count-1 on this client's frontend; returns [self, q1, q2, ...].
+
+        Needs a client made by ``connect(..., area=(gpa, n))`` leaving RAM free after it: the
+        other queues get equal areas of the rest. The extra clients are closed by this one's
+        close() only if the caller closes them first (close them in reverse order)."""
+        start = self.area_end
+        size = (self.ram.end - start) // max(count - 1, 1) // 4096 * 4096
+        kw.setdefault("queue_size", self.layout.size)
+        kw.setdefault("timeout", self.timeout)
+        clients = [self]
+        try:
+            for i in range(1, count):
+                clients.append(BlkClient(self.frontend, self.ram, queue_index=i,
+                                         area=(start + (i - 1) * size, size), **kw))
+        except BaseException:
+            for c in reversed(clients[1:]):
+                c.close()
+            raise
+        return clients
 
     # -- synchronous requests ------------------------------------------------------------
     def read(self, sector: int, nbytes: int, **kw) -> Completion:
