@@ -213,6 +213,16 @@ def vblk_shm():
     return sorted(n for n in os.listdir("/dev/shm") if "vblk" in n)
 
 
+def fd_targets(pid):
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    return out
+
+
 def resources(pid):
     """Open fds and guest-memory mappings of a process."""
     fds = len(os.listdir(f"/proc/{pid}/fd"))
@@ -228,6 +238,7 @@ def test_twenty_frontend_kills_leak_nothing(tmp_path):
         time.sleep(0.5)
         workers = sorted(children(proc.pid))
         before = {p: resources(p) for p in [proc.pid, *workers]}
+        fds_before = {p: fd_targets(p) for p in [proc.pid, *workers]}
         shm_before = vblk_shm()
         for i in range(kills):
             fe = subprocess.Popen([sys.executable, "-c", FRONTEND, sock, str(REPO)],
@@ -244,7 +255,8 @@ def test_twenty_frontend_kills_leak_nothing(tmp_path):
                 break
             time.sleep(0.1)
         assert sorted(children(proc.pid)) == workers, "a worker died or was added"
-        assert now == before, f"fds/mappings before {before}, after {now}"
+        assert now == before, (f"fds/mappings before {before}, after {now}; fds before "
+                               f"{fds_before}, after { {p: fd_targets(p) for p in now} }")
         assert vblk_shm() == shm_before
         with BlkClient.connect(sock) as c:             # and it still serves
             assert c.write(0, b"ok" * 256).status == BlkStatus.OK
