@@ -97,8 +97,9 @@ class _Launcher:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def qsd_command(image: str | os.PathLike, sock: str) -> list[str]:
-    return ["qemu-storage-daemon",
+def qsd_command(image: str | os.PathLike, sock: str, *extra: str) -> list[str]:
+    """``extra``: more qsd arguments, e.g. a QMP monitor (see ``qmp_args``)."""
+    return ["qemu-storage-daemon", *extra,
             "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}",
             "--blockdev", "driver=raw,node-name=disk0,file=file0",
             "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
@@ -110,11 +111,18 @@ def vblk_command(image: str | os.PathLike, sock: str, *args: str) -> list[str]:
             *map(str, args)]
 
 
+def qmp_args(monitor_path: str | os.PathLike) -> list[str]:
+    """qsd arguments for a QMP monitor on a Unix socket (for block_resize and friends)."""
+    return ["--chardev", f"socket,id=qmp0,path={os.fspath(monitor_path)},server=on,wait=off",
+            "--monitor", "chardev=qmp0"]
+
+
 @pytest.fixture
 def qsd_server(request: pytest.FixtureRequest, tmp_path: Path):
-    """qsd_server(image) -> socket path of a qemu-storage-daemon export of the raw image."""
+    """qsd_server(image, *extra) -> socket path of a qemu-storage-daemon export of the raw
+    image (node ``disk0``); ``extra`` goes on qsd's command line (e.g. ``qmp_args(path)``)."""
     launcher = _Launcher(request, tmp_path)
-    yield lambda image: launcher.start("qsd", lambda sock: qsd_command(image, sock))
+    yield lambda image, *extra: launcher.start("qsd", lambda sock: qsd_command(image, sock, *extra))
     launcher.stop_all()
 
 
