@@ -117,3 +117,25 @@ def test_describe_says_old_new_and_whether_the_guest_was_told():
     assert describe(MiB, 2 * MiB, True, "") == ("resized from 1048576 to 2097152 bytes "
                                                 "(2048 -> 4096 sectors); the frontend was notified")
     assert "not notified (no frontend)" in describe(MiB, 512, False, "no frontend")
+
+
+def test_notification_send_is_bounded_when_the_frontend_does_not_read():
+    import socket
+    import time
+    from vblk.supervisor import _send_bounded
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        while True:                                  # fill the channel: QEMU stuck
+            ours.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="no room on the backend channel"):
+        _send_bounded(ours.fileno(), b"\0" * 12, 0.2)
+    assert time.monotonic() - t0 < 1.0
+    theirs.close()
+    with pytest.raises(OSError):                     # a dead channel: EPIPE, no SIGPIPE
+        _send_bounded(ours.fileno(), b"\0" * 12, 0.2)
+    assert ours.fileno() >= 0                        # still ours to close (not detached twice)
+    ours.close()

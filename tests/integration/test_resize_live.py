@@ -86,9 +86,21 @@ def check_disk_ends_at(client: BlkClient, size: int) -> None:
 
 # -- vblk -------------------------------------------------------------------------------------
 
+def metrics_capacity(sock: str) -> float:
+    import urllib.request
+    r = vblk("stats", "--socket", sock, "--json")
+    address = json.loads(r.stdout)["info"]["metrics"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("vblk_capacity_bytes "):
+                return float(line.split()[1])
+    raise AssertionError("no vblk_capacity_bytes in /metrics")
+
+
 def test_vblk_resize_shrinks_then_grows_and_the_frontend_is_told(vblk_server, tmp_path):
     image = make_image(tmp_path / "d.img", 16 * MiB)
-    sock = vblk_server(image)
+    sock = vblk_server(image, "--metrics-listen", "127.0.0.1:0")
+    assert metrics_capacity(sock) == 16 * MiB
     with BlkClient.connect(sock, protocol_features=WITH_CHANNEL) as client:
         assert client.frontend.protocol_features & P.BACKEND_REQ.mask
         assert client.config.capacity == 16 * MiB // 512
@@ -99,6 +111,9 @@ def test_vblk_resize_shrinks_then_grows_and_the_frontend_is_told(vblk_server, tm
         check_disk_ends_at(client, 8 * MiB)
         assert client.read(7 * MiB // 512, 4096).data[:8] == (7 * MiB).to_bytes(8, "little")
         assert capacity_in_stats(sock) == 8 * MiB
+        assert metrics_capacity(sock) == 8 * MiB
+        table = vblk("stats", "--socket", sock).stdout
+        assert "disk: 8388608 bytes (8.0 MiB, 16384 sectors), 1 resizes since start" in table
 
         assert "from 8388608 to 16777216 bytes" in resize_ok(sock, str(16 * MiB))
         expect_config_change(client)
