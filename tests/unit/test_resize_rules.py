@@ -139,3 +139,14 @@ def test_notification_send_is_bounded_when_the_frontend_does_not_read():
         _send_bounded(ours.fileno(), b"\0" * 12, 0.2)
     assert ours.fileno() >= 0                        # still ours to close (not detached twice)
     ours.close()
+
+
+def test_a_backend_channel_that_is_no_socket_fails_cleanly_and_stays_ours():
+    from vblk.supervisor import _send_bounded
+    fd = os.eventfd(0, os.EFD_CLOEXEC)               # a hostile frontend's "channel"
+    try:
+        with pytest.raises(OSError):
+            _send_bounded(fd, b"\0" * 12, 0.1)
+        os.fstat(fd)                                 # not closed behind the session's back
+    finally:
+        os.close(fd)
