@@ -254,6 +254,7 @@ def demo(
 
 
 app.command()(ops.stats)
+app.command()(ops.resize)
 app.command("bench")(bench_command)
 
 

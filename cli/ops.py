@@ -1,4 +1,5 @@
-"""Operator commands and helpers: ``vblk stats``, ``serve --print-capabilities``, activation.
+"""Operator commands and helpers: ``vblk stats``, ``vblk resize``, ``serve --print-capabilities``,
+activation.
 
 ``vblk stats`` shows what a running vblk is doing, read from its control socket.
 
@@ -17,7 +18,7 @@ from typing import Optional
 
 import typer
 
-from vblk.control import ControlError, default_control_path, fetch_stats
+from vblk.control import ControlError, SUFFIX, default_control_path, fetch_stats, request
 from vblk.stats import KINDS
 
 EXIT_UNREACHABLE = 1
@@ -106,6 +107,48 @@ def stats(
         pass
 
 
+def resize(
+    instance: str = typer.Argument(..., metavar="INSTANCE", show_default=False,
+                                   help="The vblk's vhost-user socket (its control socket is "
+                                        "INSTANCE.ctl) or its control socket."),
+    new_size: str = typer.Argument(..., metavar="SIZE", show_default=False,
+                                   help="The new size the guest sees: bytes or K/M/G/T "
+                                        "(powers of 1024), whole logical blocks, at most what "
+                                        "the image (or the range) holds."),
+    timeout: float = typer.Option(5.0, "--timeout", metavar="SECONDS",
+                                  help="How long to wait for an answer."),
+) -> None:
+    """Grow or shrink the disk a running vblk serves, and tell the guest.
+
+    Exit status: 0 resized (notified or not: the line says), 1 vblk cannot be reached,
+    2 bad SIZE or refused by vblk (nothing changed)."""
+    from vblk.errors import ResizeRefused
+    from vblk.resize import describe, parse_new_size
+    try:
+        size_bytes = parse_new_size(new_size)
+    except ResizeRefused as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    if not 0 < timeout <= 600:
+        raise _fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
+    path = control_path(instance)
+    try:
+        answer = request(path, {"op": "resize", "size": size_bytes}, timeout=timeout)
+    except ControlError as exc:
+        raise _fail(str(exc), EXIT_UNREACHABLE) from None
+    if not answer.get("ok"):
+        raise _fail(f"resize refused: {answer.get('error', 'no reason given')}", EXIT_USAGE)
+    typer.echo(describe(answer["old_bytes"], answer["new_bytes"], answer["notified"],
+                        answer.get("reason", "")))
+
+
+def control_path(instance: str) -> str:
+    """INSTANCE -> control socket: INSTANCE.ctl when that exists (INSTANCE is the vhost-user
+    socket, as ``vblk stats --socket`` takes it), else INSTANCE itself."""
+    if not instance.endswith(SUFFIX) and os.path.exists(default_control_path(instance)):
+        return default_control_path(instance)
+    return instance
+
+
 def _watch(path: str, interval: float, timeout: float, as_json: bool) -> None:
     clear = sys.stdout.isatty() and not as_json
     previous = None
@@ -143,6 +186,11 @@ def render(snap: dict, previous: dict | None = None) -> str:
     lines = [" | ".join(head),
              f"frontend: {frontend}, {fe['connections']} connections since start | "
              f"workers: {workers['count']}, {workers['restarts']} restarts"]
+    disk = snap.get("disk") or {}
+    if disk.get("capacity_bytes") is not None:
+        n = disk["capacity_bytes"]
+        lines.append(f"disk: {n} bytes ({size(n)}, {n // 512} sectors), "
+                     f"{disk['resizes']} resizes since start")
     dt = None
     if previous is not None and previous.get("pid") == snap["pid"]:
         dt = snap["time"] - previous["time"]

@@ -97,8 +97,9 @@ class _Launcher:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def qsd_command(image: str | os.PathLike, sock: str, num_queues: int = 1) -> list[str]:
-    return ["qemu-storage-daemon",
+def qsd_command(image: str | os.PathLike, sock: str, *extra: str, num_queues: int = 1) -> list[str]:
+    """``extra``: more qsd arguments, e.g. a QMP monitor (see ``qmp_args``)."""
+    return ["qemu-storage-daemon", *extra,
             "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}",
             "--blockdev", "driver=raw,node-name=disk0,file=file0",
             "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
@@ -110,13 +111,20 @@ def vblk_command(image: str | os.PathLike, sock: str, *args: str) -> list[str]:
             *map(str, args)]
 
 
+def qmp_args(monitor_path: str | os.PathLike) -> list[str]:
+    """qsd arguments for a QMP monitor on a Unix socket (for block_resize and friends)."""
+    return ["--chardev", f"socket,id=qmp0,path={os.fspath(monitor_path)},server=on,wait=off",
+            "--monitor", "chardev=qmp0"]
+
+
 @pytest.fixture
 def qsd_server(request: pytest.FixtureRequest, tmp_path: Path):
-    """qsd_server(image, num_queues=1) -> socket path of a qemu-storage-daemon export of the
-    raw image."""
+    """qsd_server(image, *extra, num_queues=1) -> socket path of a qemu-storage-daemon export
+    of the raw image (node ``disk0``); ``extra`` goes on qsd's command line (e.g.
+    ``qmp_args(path)``)."""
     launcher = _Launcher(request, tmp_path)
-    yield lambda image, num_queues=1: launcher.start(
-        "qsd", lambda sock: qsd_command(image, sock, num_queues))
+    yield lambda image, *extra, num_queues=1: launcher.start(
+        "qsd", lambda sock: qsd_command(image, sock, *extra, num_queues=num_queues))
     launcher.stop_all()
 
 

@@ -64,6 +64,7 @@ class BackingInfo:
     size: int                      # bytes the guest sees, whole logical blocks
     image_size: int                # bytes in the whole image
     serial: bytes                  # exactly 20 bytes, NUL-padded
+    ranged: bool                   # a range was given: its size is the most a resize may reach
 
     @property
     def capacity_sectors(self) -> int:
@@ -236,7 +237,8 @@ def _inspect(opts: DiskOptions, fd: int) -> BackingInfo:
     return BackingInfo(path=opts.path, is_block_device=is_blk, readonly=opts.readonly,
                        writeback=opts.writeback, nocache=opts.nocache, logical_block_size=lbs,
                        physical_block_size=physical, start=start, size=size,
-                       image_size=image_size, serial=serial)
+                       image_size=image_size, serial=serial,
+                       ranged=opts.range_size is not None)
 
 
 def _ioctl(fd: int, request: int, fmt: str) -> int:
@@ -313,3 +315,47 @@ def open_backing(opts: DiskOptions) -> Backing:
         os.close(fd)
         raise
     return Backing(fd=fd, **{f.name: getattr(info, f.name) for f in fields(BackingInfo)})
+
+
+# -- live resize ----------------------------------------------------------------------------
+
+def resize_limit(info: BackingInfo, fd: int) -> tuple[int, str]:
+    """The most bytes a resize of this window may reach now, and what sets that bound.
+
+    With a range: the range's size (the operator's window never widens). Otherwise the image
+    as it is now -- a regular file is re-stat'ed (so ``truncate -s`` / ``qemu-img resize``
+    then ``vblk resize`` works), a block device asked again -- less the window's start,
+    rounded down to whole logical blocks. vblk never grows the image itself."""
+    if info.ranged:
+        return info.size, f"the range's size ({info.size} bytes)"
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        image_size, what = _ioctl(fd, BLKGETSIZE64, "Q"), "block device"
+    else:
+        image_size, what = st.st_size, "file"
+    lbs = info.logical_block_size
+    limit = max(0, image_size - info.start) // lbs * lbs
+    where = f" after byte {info.start}" if info.start else ""
+    return limit, f"what the {what} {info.path} holds{where} now ({limit} bytes)"
+
+
+def relock_window(info: BackingInfo, fd: int, old_size: int, new_size: int) -> None:
+    """Move the window's lock from ``old_size`` to ``new_size`` bytes (same start, same kind).
+
+    Growing takes the lock on the new bytes first (ResizeRefused if another process holds
+    them; nothing changes); shrinking releases the bytes no longer served."""
+    from vblk.errors import ResizeRefused
+    kind = fcntl.F_RDLCK if info.readonly else fcntl.F_WRLCK
+    if new_size > old_size:
+        grow = _FLOCK.pack(kind, os.SEEK_SET, info.start + old_size, new_size - old_size, 0)
+        try:
+            fcntl.fcntl(fd, F_OFD_SETLK, grow)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise ResizeRefused(f"{info.path} bytes {info.start + old_size}.."
+                                    f"{info.start + new_size} are in use by another process") from None
+            raise ResizeRefused(f"cannot lock {info.path} bytes {info.start + old_size}.."
+                                f"{info.start + new_size}: {e.strerror}") from None
+    elif new_size < old_size:
+        tail = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, info.start + new_size, old_size - new_size, 0)
+        fcntl.fcntl(fd, F_OFD_SETLK, tail)

@@ -346,6 +346,11 @@ class _Collector:
         yield GaugeMetricFamily("vblk_workers", "I/O worker processes", value=s["workers"]["count"])
         yield CounterMetricFamily("vblk_worker_restarts", "I/O workers replaced after dying",
                                   value=s["workers"]["restarts"])
+        disk = s.get("disk", {})
+        if disk.get("capacity_bytes") is not None:
+            yield GaugeMetricFamily("vblk_capacity_bytes", "Disk size the guest sees (follows vblk resize)",
+                                    value=disk["capacity_bytes"])
+            yield CounterMetricFamily("vblk_resizes", "Live resizes applied", value=disk["resizes"])
         requests = CounterMetricFamily("vblk_requests", "Requests admitted",
                                        labels=["queue", "type"])
         nbytes = CounterMetricFamily("vblk_request_bytes", "Data bytes of admitted requests",

@@ -9,7 +9,7 @@ completed, and a chain without a status byte is still returned to the used ring.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vblk.virtio.blk import CONFIG_WRITEBACK_OFFSET, BlkConfig, BlkRequest
 from vblk.virtio.constants import BLK_ID_BYTES, SECTOR_SIZE, BlkStatus, BlkType, Feature
@@ -53,6 +53,14 @@ class BlkDevice:
         self.geometry = geometry
         self.writeback = writeback
         self.num_queues = num_queues
+
+    def resize(self, size_bytes: int) -> int:
+        """Show the guest ``size_bytes`` from now on (checked by the caller, see
+        vblk.resize); returns the old size. Requests planned before keep their plan; every
+        later one is checked against the new end."""
+        old = self.geometry.size_bytes
+        self.geometry = replace(self.geometry, size_bytes=size_bytes)
+        return old
 
     # -- negotiation ---------------------------------------------------------------------
     @property

@@ -28,3 +28,8 @@ class RingBroken(GuestError):
 
 class RequestError(VblkError):
     """One request failed; it becomes a status byte and never escapes the event loop."""
+
+
+class ResizeRefused(VblkError):
+    """An operator's resize was refused (bad size, past what the image holds, lock taken);
+    nothing was changed."""

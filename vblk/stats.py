@@ -69,6 +69,8 @@ class Stats:
         self._started_mono = time.monotonic()
         self.frontend_since: float | None = None       # wall clock, None when disconnected
         self.frontend_connections = 0
+        self.capacity_bytes: int | None = None         # what the guest sees (follows resizes)
+        self.resizes = 0
 
     # -- the hot path --------------------------------------------------------------------
     def started(self, queue: int, rtype: int, nbytes: int) -> None:
@@ -108,6 +110,10 @@ class Stats:
     def worker_restarted(self) -> None:
         self.worker_restarts += 1
 
+    def resized(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.resizes += 1
+
     # -- reading -------------------------------------------------------------------------
     def snapshot(self, *, histograms: bool = False) -> dict:
         """Everything as a plain dict; ``histograms`` adds the raw latency buckets per kind
@@ -144,6 +150,7 @@ class Stats:
             "frontend": {"connected": since is not None, "since": since,
                          "connections": self.frontend_connections},
             "workers": {"count": self.workers, "restarts": self.worker_restarts},
+            "disk": {"capacity_bytes": self.capacity_bytes, "resizes": self.resizes},
             "info": dict(self.info),
             "queues": queues,
         }

@@ -13,6 +13,11 @@ per worker per drain. Workers return finished slot numbers through one pipe; the
 writes each status byte and used element, publishes used.idx once per batch and signals the
 guest once per ring per batch. Only the supervisor writes the used ring.
 
+A resize (the control socket's "resize" op) is checked against what the image holds now,
+swaps the device's Geometry and sends CONFIG_CHANGE_MSG on the backend channel without
+waiting for anything: QEMU answers it with GET_CONFIG on the main socket, which this loop
+serves as soon as the control request returns, so nothing can deadlock.
+
 Stopping a ring (SET_VRING_ENABLE 0, GET_VRING_BASE, a new memory table, a disconnect) first
 waits for that ring's requests in flight, so GET_VRING_BASE answers the true next avail index
 and no worker ever writes into memory that is about to go.
@@ -34,8 +39,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from vblk.backing import BackingInfo, relock_window, resize_limit
 from vblk.device import OP_READ, BlkDevice, Completion, Geometry
 from vblk.errors import ConfigError, FrontendProtocolError, GuestError, RingBroken
+from vblk.resize import check_new_size, parse_new_size
 from vblk.control import listener_path
 from vblk.logs import RateLimitedLog
 from vblk.memory import GuestMemory
@@ -54,6 +61,7 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 60.0            # how long a ring stop waits for I/O in flight
 MESSAGE_TIMEOUT = 10.0         # a frontend must send a whole message within this
+NOTIFY_TIMEOUT = 0.25          # the longest a resize waits for room on the backend channel
 
 
 @dataclass(slots=True)
@@ -70,14 +78,18 @@ class InFlight:
 class Supervisor:
     def __init__(self, device: BlkDevice, backing_fd: int, *, workers: int = 8,
                  slots: int = 64, log_level: str = "WARNING", stats: Stats | None = None,
-                 control=None) -> None:
+                 control=None, backing: BackingInfo | None = None) -> None:
         self.device = device
         self.backing_fd = backing_fd
+        self.backing = backing                   # the window's description (for resizes)
         # Page-cache hits are served inline; with O_DIRECT there is no page cache to hit.
         self.inline_reads = (hasattr(os, "RWF_NOWAIT") and os.environ.get("VBLK_INLINE_READS", "1") != "0"
                              and not fcntl.fcntl(backing_fd, fcntl.F_GETFL) & os.O_DIRECT)
         self.live = stats if stats is not None else Stats(device.num_queues, workers=workers)
         self.control = control                   # a vblk.control.ControlServer, or None
+        self.live.capacity_bytes = device.geometry.size_bytes
+        if control is not None and backing is not None:
+            control.register("resize", self.resize)
         self.slots = SlotArea.create(slots)
         self.free: deque[int] = deque(range(slots))
         self.held = [0] * device.num_queues      # slots each queue's requests hold
@@ -233,6 +245,44 @@ class Supervisor:
         except OSError as exc:
             log.warning("event=frontend_dropped reason=%r", exc)
             self._disconnect()
+
+    # -- live resize ---------------------------------------------------------------------
+    def resize(self, request: dict) -> dict:
+        """The control op ``{"op": "resize", "size": 4096 | "64M"}``: check, apply, notify.
+
+        Raises ResizeRefused (the control server answers it as an error) with nothing
+        changed; otherwise the new size is in force, whether or not the frontend could be
+        told (``notified``; ``reason`` says why not)."""
+        size = parse_new_size(request.get("size"))
+        g = self.device.geometry
+        limit, limit_what = resize_limit(self.backing, self.backing_fd)
+        check_new_size(size, g.logical_block_size, limit, limit_what)
+        relock_window(self.backing, self.backing_fd, g.size_bytes, size)
+        old = self.device.resize(size)
+        self.live.resized(size)
+        notified, reason = self._notify_config_change()
+        log.info("event=resized old_bytes=%d new_bytes=%d notified=%s reason=%r",
+                 old, size, notified, reason)
+        return {"ok": True, "old_bytes": old, "new_bytes": size, "notified": notified,
+                "reason": reason}
+
+    def _notify_config_change(self) -> tuple[bool, str]:
+        """Send CONFIG_CHANGE_MSG if the frontend gave us a backend channel; never blocks
+        longer than NOTIFY_TIMEOUT and never waits for an answer (none is asked for)."""
+        if self.session is None:
+            return False, "no frontend is connected; it reads the new size when it connects"
+        change = self.session.config_change()
+        if change is None:
+            return False, ("the frontend did not negotiate BACKEND_REQ; it reads the new size "
+                           "at its next GET_CONFIG")
+        fd, message = change
+        try:
+            _send_bounded(fd, message, NOTIFY_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            self.session.drop_backend_channel()
+            log.warning("event=backend_channel_failed action=dropped reason=%r", str(exc))
+            return False, f"the backend channel failed ({exc}); it is closed now"
+        return True, ""
 
     # -- QueueHost: what the session asks of the device --------------------------------
     def set_memory(self, slots: list[MemSlot]) -> None:
@@ -611,6 +661,27 @@ class Supervisor:
             log.warning("event=requests_reissued worker=%d count=%d", new.index, len(redo))
 
 
+def _send_bounded(fd: int, data: bytes, timeout: float) -> None:
+    """Write all of ``data`` to the stream socket ``fd`` without blocking for more than
+    ``timeout`` seconds in all; TimeoutError if the peer does not make room in time."""
+    sock = socket.socket(fileno=fd)
+    try:
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        while view:
+            try:
+                view = view[sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL):]
+                continue
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [fd], [], left)[1]:
+                raise TimeoutError(f"no room on the backend channel within {timeout:g} s "
+                                   f"({len(view)} of {len(data)} bytes unsent)")
+    finally:
+        sock.detach()
+
+
 def open_listener(socket_path: str | None, listen_fd: int | None, mode: int = 0o600,
                   group: str | None = None) -> tuple[socket.socket, str | None]:
     """The listening socket: an inherited fd, or a new one at ``socket_path`` created with
@@ -694,7 +765,7 @@ def serve(config) -> int:
         backing.close()
         raise
     sup = Supervisor(device, backing.fd, workers=config.workers, slots=config.queue_size,
-                     log_level=config.log_level, stats=stats, control=control)
+                     log_level=config.log_level, stats=stats, control=control, backing=backing)
     try:
         return sup.run(listener)
     finally:

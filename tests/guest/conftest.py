@@ -200,12 +200,14 @@ def serve_vblk(tmp_path: Path):
 
 @pytest.fixture
 def serve_qsd(tmp_path: Path):
-    """serve_qsd(image, *, readonly=False, logical_block_size=None, physical_block_size=None)
-    -> socket path, a qemu-storage-daemon vhost-user-blk export of a raw image."""
+    """serve_qsd(image, *, readonly=False, logical_block_size=None, physical_block_size=None,
+    qmp=None) -> socket path, a qemu-storage-daemon vhost-user-blk export of a raw image
+    (node ``disk0``); ``qmp=PATH`` adds a QMP monitor on that Unix socket."""
     servers = _Servers("qsd")
 
     def _serve(image: str | os.PathLike, *, readonly: bool = False,
-               logical_block_size: int | None = None, num_queues: int = 1) -> Served:
+               logical_block_size: int | None = None, num_queues: int = 1,
+               qmp: str | os.PathLike | None = None) -> Served:
         d = _short_dir()
         servers.dirs.append(d)
         sock = str(d / "qsd.sock")
@@ -220,6 +222,9 @@ def serve_qsd(tmp_path: Path):
                "--blockdev", f"driver=raw,node-name=disk0,file=file0"
                              f"{',read-only=on' if readonly else ''}",
                "--export", export]
+        if qmp is not None:
+            cmd += ["--chardev", f"socket,id=qmp0,path={os.fspath(qmp)},server=on,wait=off",
+                    "--monitor", "chardev=qmp0"]
         served = _start(cmd, sock, log, "qemu-storage-daemon")
         servers.started.append(served)
         return served

@@ -90,7 +90,7 @@ def test_features_offer_protocol_bit_and_version_1():
     assert proto & m.ProtocolFeature.REPLY_ACK.mask
     assert proto & m.ProtocolFeature.MQ.mask
     assert proto & m.ProtocolFeature.INFLIGHT_SHMFD.mask
-    assert not proto & m.ProtocolFeature.BACKEND_REQ.mask      # nothing vblk does not do
+    assert proto & m.ProtocolFeature.BACKEND_REQ.mask          # for resize notifications
     assert send(s, R.GET_QUEUE_NUM) == m.U64.pack(1)
 
 
@@ -203,3 +203,86 @@ def test_inflight_fd_is_created_handed_over_and_taken_back():
     assert refused(s, R.SET_INFLIGHT_FD, bad, fds=[memfd()], need_reply=True) == m.U64.pack(1)
     assert refused(s, R.GET_INFLIGHT_FD, m.Inflight(0, 0, 1, 100).pack()) is None
     s.close()
+
+
+# -- the backend channel (BACKEND_REQ, SET_BACKEND_REQ_FD, CONFIG_CHANGE_MSG) ---------------
+
+def negotiated(protocol):
+    s, host = new_session()
+    send(s, R.SET_PROTOCOL_FEATURES, m.U64.pack(protocol))
+    return s
+
+
+def socket_end():
+    import socket
+    a, b = socket.socketpair()
+    return a, b.detach()
+
+
+def test_backend_req_fd_is_kept_and_acked_once_negotiated():
+    s = negotiated(m.ProtocolFeature.BACKEND_REQ.mask | m.ProtocolFeature.REPLY_ACK.mask)
+    ours, theirs = socket_end()
+    assert send(s, R.SET_BACKEND_REQ_FD, b"", [theirs], need_reply=True) == m.U64.pack(0)
+    assert s.backend_req_fd == theirs
+    fd, message = s.config_change()
+    assert fd == theirs
+    os.write(fd, message)
+    assert ours.recv(64) == message
+    ours.close()
+    s.close()
+
+
+def test_backend_req_fd_is_refused_without_the_feature_and_the_fd_closed():
+    s = negotiated(m.ProtocolFeature.REPLY_ACK.mask)
+    before = open_fds()
+    ours, theirs = socket_end()
+    assert refused(s, R.SET_BACKEND_REQ_FD, b"", [theirs], need_reply=True) == m.U64.pack(1)
+    assert s.backend_req_fd is None and s.config_change() is None
+    with pytest.raises(OSError):
+        os.fstat(theirs)                       # the session closed it
+    ours.close()
+    assert open_fds() == before
+
+
+def test_backend_req_fd_without_an_fd_is_refused():
+    s = negotiated(m.ProtocolFeature.BACKEND_REQ.mask)
+    refused(s, R.SET_BACKEND_REQ_FD, b"")
+    assert s.backend_req_fd is None
+
+
+def test_a_new_backend_req_fd_closes_the_old_one_and_close_closes_the_last():
+    s = negotiated(m.ProtocolFeature.BACKEND_REQ.mask)
+    before = open_fds()
+    ours1, first = socket_end()
+    ours2, second = socket_end()
+    send(s, R.SET_BACKEND_REQ_FD, b"", [first])
+    send(s, R.SET_BACKEND_REQ_FD, b"", [second])
+    assert s.backend_req_fd == second
+    assert ours1.recv(1) == b""                # the old end was closed: its peer sees EOF
+    s.close()
+    assert s.backend_req_fd is None
+    assert ours2.recv(1) == b""
+    ours1.close()
+    ours2.close()
+    assert open_fds() == before
+
+
+def test_no_config_change_without_a_channel():
+    s = negotiated(m.ProtocolFeature.BACKEND_REQ.mask)
+    assert s.config_change() is None           # negotiated, but no fd handed over yet
+
+
+def test_config_change_message_is_a_bare_header_without_need_reply():
+    raw = m.encode_config_change()
+    assert raw == bytes.fromhex("02000000" "01000000" "00000000")
+    header = m.Header.unpack(raw)
+    assert header.request == m.BackendReq.CONFIG_CHANGE_MSG == 2
+    assert header.flags == m.VERSION and not header.need_reply
+    assert header.size == 0
+
+
+def test_get_config_follows_a_device_resize():
+    s, _ = new_session()
+    s.device.resize(1 << 20)
+    body = send(s, R.GET_CONFIG, m.ConfigMsg(0, 57, 0, bytes(57)).pack())
+    assert int.from_bytes(m.ConfigMsg.unpack(body).data[:8], "little") == (1 << 20) // 512

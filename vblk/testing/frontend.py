@@ -12,6 +12,10 @@ what QEMU plus a guest driver do, against any vhost-user-blk backend on a Unix s
   sends what QEMU 7.2 sends at realize. With REPLY_ACK every message without a reply body
   carries NEED_REPLY and its ack is checked. Replies must have flags 0x5, the same request id
   and the exact size.
+* The backend channel: with protocol feature BACKEND_REQ (ask for it in
+  ``protocol_features``) the handshake hands the backend one end of a socketpair
+  (SET_BACKEND_REQ_FD, as QEMU does at realize); ``recv_backend_request`` reads what the
+  backend sends on it (CONFIG_CHANGE_MSG on a resize) and acks it if asked to.
 * ``BlkClient`` -- virtio-blk requests through a ``SplitDriver``: synchronous ``read``,
   ``write``, ``flush``, ``get_id``, and ``submit`` / ``wait`` to keep many requests in flight,
   with optional indirect tables, data split over several descriptors, and raw chains.
@@ -31,6 +35,8 @@ Public API::
                             data_gpa=None, publish=True)
         client.publish(); client.wait(min_completions=1, timeout=None) -> list[Completion]
         client.submit_raw([(addr, len, flags, next), ...]) -> tag
+        client.refresh_config() -> BlkConfig (GET_CONFIG again, e.g. after CONFIG_CHANGE_MSG)
+        client.frontend.recv_backend_request(timeout) -> (Header, payload)
         client.set_writeback(on); client.stop() -> next avail index; client.close(graceful=True)
         client.driver (SplitDriver), client.allocator, client.ram, client.frontend
 """
@@ -191,6 +197,7 @@ class VhostUserFrontend:
         self.ram: GuestRam | None = None
         self.queues: dict[int, QueueFds] = {}
         self.reply_fds: list[int] = []
+        self.backend_channel: socket.socket | None = None     # our end, after SET_BACKEND_REQ_FD
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         try:
@@ -333,6 +340,42 @@ class VhostUserFrontend:
     def set_inflight_fd(self, fd: int, inflight: m.Inflight) -> None:
         self._call(R.SET_INFLIGHT_FD, inflight.pack(), [fd])
 
+    def set_backend_req_fd(self) -> None:
+        """Open the backend channel: a socketpair whose other end goes to the backend."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._call(R.SET_BACKEND_REQ_FD, b"", [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        self.backend_channel = ours
+
+    def recv_backend_request(self, timeout: float | None = None) -> tuple[m.Header, bytes]:
+        """The next message the backend sends on the backend channel (its fds are closed);
+        answers it with a zero ack when it carries NEED_REPLY, as QEMU does.
+        BackendTimeout if none arrives within ``timeout`` (default: the frontend's)."""
+        if self.backend_channel is None:
+            raise RuntimeError("no backend channel (BACKEND_REQ was not negotiated)")
+        chan = self.backend_channel
+        chan.settimeout(self.timeout if timeout is None else timeout)
+        try:
+            header, payload, fds = recv_message(chan)
+        except TimeoutError as exc:
+            raise BackendTimeout("nothing arrived on the backend channel") from exc
+        except PeerClosed as exc:
+            raise BackendClosed("the backend closed the backend channel") from exc
+        except FrontendProtocolError as exc:
+            raise BadReply(f"malformed backend request: {exc}") from exc
+        for fd in fds:
+            os.close(fd)
+        if header.need_reply:
+            send_message(chan, m.encode_reply(header.request, m.U64.pack(0)))
+        return header, payload
+
     # -- sequences -----------------------------------------------------------------------
     def handshake(self) -> BlkConfig:
         """QEMU 7.2's realize: negotiate, take ownership, read the config space."""
@@ -349,6 +392,8 @@ class VhostUserFrontend:
             self.max_queues = self.get_queue_num()
         if proto & P.CONFIGURE_MEM_SLOTS.mask:
             self.max_mem_slots = self.get_max_mem_slots()
+        if proto & P.BACKEND_REQ.mask:
+            self.set_backend_req_fd()
         self.set_owner()
         self.config = BlkConfig.unpack(self.get_config())
         return self.config
@@ -413,6 +458,9 @@ class VhostUserFrontend:
         for fds in self.queues.values():
             fds.close()
         self.queues.clear()
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
         self.sock.close()
 
     def __enter__(self) -> "VhostUserFrontend":
@@ -512,6 +560,9 @@ class BlkClient:
         for fds in old.queues.values():
             fds.close()
         old.queues.clear()
+        if old.backend_channel is not None:
+            old.backend_channel.close()
+            old.backend_channel = None
         old.sock.close()
         for attempt in range(attempts):       # like QEMU's reconnect=N: try until it works
             try:
@@ -744,6 +795,11 @@ class BlkClient:
         return Completion(req.tag, req.type, req.sector, status, data, used_len)
 
     # -- lifetime ------------------------------------------------------------------------
+    def refresh_config(self) -> BlkConfig:
+        """Read the config space again (what QEMU does on CONFIG_CHANGE_MSG)."""
+        self.config = self.frontend.config = BlkConfig.unpack(self.frontend.get_config())
+        return self.config
+
     def set_writeback(self, on: bool) -> None:
         """The guest's cache-mode write: SET_CONFIG of the writeback byte."""
         self.frontend.set_config(CONFIG_WRITEBACK_OFFSET, bytes([int(on)]))

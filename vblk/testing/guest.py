@@ -170,6 +170,7 @@ class GuestResult:
     # (seconds since QEMU start, line) for every serial line, as read on the host.
     timed_lines: list[tuple[float, str]] = dataclasses.field(default_factory=list)
     started_at: float = 0.0  # time.time() when QEMU was started
+    hook_errors: list[str] = dataclasses.field(default_factory=list)  # what on_line raised
 
     @property
     def ok(self) -> bool:
@@ -227,11 +228,13 @@ class GuestResult:
         ]
         if self.stderr.strip():
             parts += ["--- qemu stderr ---", self.stderr.strip()[-4000:]]
+        if self.hook_errors:
+            parts += ["--- on_line errors ---", *self.hook_errors]
         return "\n".join(parts)
 
     def check(self) -> "GuestResult":
         """Raise AssertionError with the output unless the scenario exited 0."""
-        if self.exit_status != 0:
+        if self.exit_status != 0 or self.hook_errors:
             raise AssertionError("test guest scenario failed:\n" + self.describe())
         return self
 
@@ -788,7 +791,8 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
               bios: str | os.PathLike | None = None, accel: str | None = None,
               files: Mapping[str, bytes | str] | None = None,
               cmdline_extra: str = "", reconnect: int | None = None,
-              alive: Callable[[], bool] | None = None, smp: int = 1) -> GuestResult:
+              alive: Callable[[], bool] | None = None, smp: int = 1,
+              on_line: Callable[[str], None] | None = None) -> GuestResult:
     """Boot the test guest against the vhost-user-blk backend at socket_path.
 
     ``script`` runs as ``sh -e /scenario.sh`` once /dev/vda exists; what it
@@ -801,6 +805,9 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
     returns False the guest gets 3 s to finish, then QEMU is killed and
     ``result.aborted`` says why, so a dead backend fails fast instead of timing out.
     ``smp``: the guest's vCPUs (a multiqueue guest uses at most one queue per vCPU).
+    ``on_line(line)`` is called with each console line as it arrives (on a reader thread),
+    so the host can act when the guest prints a marker; what it raises is logged to
+    ``GuestResult.stderr`` and fails ``check()``, and the guest runs on.
     """
     _check_prerequisites()
     image = image or build_guest()
@@ -813,14 +820,16 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
                            num_queues=num_queues, bios=bios, accel=accel,
                            cmdline_extra=cmdline_extra, reconnect=reconnect, smp=smp,
                            extra_qemu_args=extra_qemu_args)
-        return _run_qemu(cmd, timeout=timeout, log_path=log_path, alive=alive)
+        return _run_qemu(cmd, timeout=timeout, log_path=log_path, alive=alive, on_line=on_line)
 
 
 def _run_qemu(cmd: list[str], *, timeout: float, log_path,
-              alive: Callable[[], bool] | None = None) -> GuestResult:
+              alive: Callable[[], bool] | None = None,
+              on_line: Callable[[str], None] | None = None) -> GuestResult:
     log = open(log_path, "a", buffering=1, errors="replace") if log_path else None
     timed: list[tuple[float, str]] = []
     err_chunks: list[str] = []
+    hook_errors: list[str] = []
     exit_seen = threading.Event()
     started_at = time.time()
     t0 = time.monotonic()
@@ -834,6 +843,11 @@ def _run_qemu(cmd: list[str], *, timeout: float, log_path,
             timed.append((time.monotonic() - t0, line))
             if log:
                 log.write(line + "\n")
+            if on_line is not None:
+                try:
+                    on_line(line)
+                except Exception as exc:          # the test's own hook: report, keep reading
+                    hook_errors.append(f"on_line({line!r}) raised {exc!r}")
             if line.strip().startswith(EXIT_MARKER):
                 exit_seen.set()
 
@@ -889,7 +903,8 @@ def _run_qemu(cmd: list[str], *, timeout: float, log_path,
     return GuestResult(exit_status=status, output=output, seconds=seconds,
                        stderr="".join(err_chunks), qemu_returncode=proc.returncode,
                        timed_out=timed_out and not aborted, aborted=aborted,
-                       command=tuple(cmd), timed_lines=timed, started_at=started_at)
+                       command=tuple(cmd), timed_lines=timed, started_at=started_at,
+                       hook_errors=hook_errors)
 
 
 # --------------------------------------------------------------------------

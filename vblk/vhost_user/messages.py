@@ -74,6 +74,7 @@ class FrontendReq(enum.IntEnum):
 
 
 class BackendReq(enum.IntEnum):
+    """Backend-to-frontend requests, sent on the channel SET_BACKEND_REQ_FD hands over."""
     CONFIG_CHANGE_MSG = 2
 
 
@@ -260,6 +261,14 @@ def encode(request: int, payload: bytes = b"", flags: int = VERSION) -> bytes:
 
 def encode_reply(request: int, payload: bytes) -> bytes:
     return encode(request, payload, REPLY_FLAGS)
+
+
+def encode_config_change() -> bytes:
+    """CONFIG_CHANGE_MSG on the backend channel: a bare 12-byte header (request 2, flags 0x1:
+    version 1, no NEED_REPLY, so the frontend sends nothing back; size 0), as libvhost-user's
+    ``vu_config_change_msg`` sends it. The frontend answers it with GET_CONFIG on the main
+    channel."""
+    return encode(BackendReq.CONFIG_CHANGE_MSG)
 
 
 def _expect_size(what: str, buf: bytes, size: int) -> None:

@@ -40,7 +40,7 @@ from vblk.virtio.constants import MAX_QUEUE_SIZE, Feature
 log = logging.getLogger(__name__)
 refusals = RateLimitedLog(logger=log)     # a hostile frontend cannot flood the log
 
-DEFAULT_PROTOCOL_FEATURES = (P.MQ.mask | P.REPLY_ACK.mask | P.CONFIG.mask
+DEFAULT_PROTOCOL_FEATURES = (P.MQ.mask | P.REPLY_ACK.mask | P.CONFIG.mask | P.BACKEND_REQ.mask
                              | P.CONFIGURE_MEM_SLOTS.mask | P.INFLIGHT_SHMFD.mask)
 MAX_INFLIGHT_BYTES = 64 << 20
 
@@ -179,9 +179,7 @@ class Session:
             os.close(fd)
         self.host.set_inflight(None, 0, 0, 0, 0)
         self._replace_memory([])
-        if self.backend_req_fd is not None:
-            os.close(self.backend_req_fd)
-            self.backend_req_fd = None
+        self.drop_backend_channel()
 
     # -- helpers -------------------------------------------------------------------------
     def _vring(self, index: int) -> Vring:
@@ -266,11 +264,27 @@ class Session:
         self.acked_features = 0
 
     def set_backend_req_fd(self, payload: bytes, fds: list[int]) -> None:
+        if not self.acked_protocol & P.BACKEND_REQ.mask:
+            raise FrontendProtocolError("SET_BACKEND_REQ_FD without protocol feature BACKEND_REQ")
         if len(fds) != 1:
             raise FrontendProtocolError(f"SET_BACKEND_REQ_FD carries {len(fds)} fds, want 1")
         if self.backend_req_fd is not None:
             os.close(self.backend_req_fd)
         self.backend_req_fd = fds.pop()
+
+    def config_change(self) -> tuple[int, bytes] | None:
+        """What to send to tell the frontend the config space changed: (the backend channel's
+        fd, the CONFIG_CHANGE_MSG bytes), or None when there is no channel (BACKEND_REQ not
+        negotiated, or no SET_BACKEND_REQ_FD yet). The fd stays the session's."""
+        if self.backend_req_fd is None or not self.acked_protocol & P.BACKEND_REQ.mask:
+            return None
+        return self.backend_req_fd, m.encode_config_change()
+
+    def drop_backend_channel(self) -> None:
+        """The backend channel is dead (the frontend closed its end): forget it."""
+        if self.backend_req_fd is not None:
+            os.close(self.backend_req_fd)
+            self.backend_req_fd = None
 
     # -- memory --------------------------------------------------------------------------
     def set_mem_table(self, payload: bytes, fds: list[int]) -> None:
