@@ -69,6 +69,7 @@ class Stats:
         self._started_mono = time.monotonic()
         self.frontend_since: float | None = None       # wall clock, None when disconnected
         self.frontend_connections = 0
+        self.limiter = None          # a vblk.ratelimit.Limiter, set by the supervisor
 
     # -- the hot path --------------------------------------------------------------------
     def started(self, queue: int, rtype: int, nbytes: int) -> None:
@@ -146,6 +147,7 @@ class Stats:
             "workers": {"count": self.workers, "restarts": self.worker_restarts},
             "info": dict(self.info),
             "queues": queues,
+            "limits": None if self.limiter is None else self.limiter.snapshot(time.monotonic()),
         }
 
 

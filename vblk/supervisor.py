@@ -16,6 +16,15 @@ guest once per ring per batch. Only the supervisor writes the used ring.
 Stopping a ring (SET_VRING_ENABLE 0, GET_VRING_BASE, a new memory table, a disconnect) first
 waits for that ring's requests in flight, so GET_VRING_BASE answers the true next avail index
 and no worker ever writes into memory that is about to go.
+
+Rate limits (``--iops-limit``/``--bps-limit``, ``vblk limit``): before a chain is popped the
+drain asks the device's ``Limiter`` whether it may admit one more; once the chain is parsed,
+a request that does I/O (read, write, flush; page-cache hits too) is charged one request and
+its data bytes. A request may overdraw the buckets (see vblk.ratelimit), so nothing is ever
+popped and then held: when the limiter says no, the rest simply stays in the avail ring, the
+ring is remembered as throttled, and the event loop's poll timeout wakes the drain when tokens
+are due. Every stop path is therefore the unlimited one: the avail index was never advanced
+past a request that was not admitted.
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ from vblk.errors import ConfigError, FrontendProtocolError, GuestError, RingBrok
 from vblk.control import listener_path
 from vblk.logs import RateLimitedLog
 from vblk.memory import GuestMemory
+from vblk.ratelimit import Limiter, Limits
 from vblk import sdnotify
 from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea, SlotState
 from vblk.stats import Stats
@@ -70,7 +80,7 @@ class InFlight:
 class Supervisor:
     def __init__(self, device: BlkDevice, backing_fd: int, *, workers: int = 8,
                  slots: int = 64, log_level: str = "WARNING", stats: Stats | None = None,
-                 control=None) -> None:
+                 control=None, limits: Limits = Limits()) -> None:
         self.device = device
         self.backing_fd = backing_fd
         # Page-cache hits are served inline; with O_DIRECT there is no page cache to hit.
@@ -97,6 +107,12 @@ class Supervisor:
         self.broken: set[int] = set()            # rings stopped because the guest broke them
         self.inflight_map: mmap.mmap | None = None
         self.inflight_queues: dict[int, InflightQueue] = {}
+        self.limiter = Limiter(limits, now=time.monotonic())
+        self.throttled: set[int] = set()         # rings with requests left waiting for tokens
+        self.wake_at = 0.0                       # monotonic time tokens are due for them
+        self.live.limiter = self.limiter
+        if control is not None:
+            control.register("limit", self._on_limit_request)
 
     # -- epoll bookkeeping ---------------------------------------------------------------
     def _watch(self, fd: int, handler) -> None:
@@ -126,10 +142,13 @@ class Supervisor:
             log.info("event=listening workers=%d slots=%d", self.pool.count, self.slots.count)
             sdnotify.ready("waiting for a frontend")
             while not self.stopping:
-                for fd, _ in self.epoll.poll():
+                timeout = max(0.0, self.wake_at - time.monotonic()) if self.throttled else -1
+                for fd, _ in self.epoll.poll(timeout):
                     handler = self.handlers.get(fd)
                     if handler is not None:
                         self._call(handler)
+                if self.throttled and time.monotonic() >= self.wake_at:
+                    self._call(self._unthrottle)
             return 0
         finally:
             self._disconnect()
@@ -344,6 +363,7 @@ class Supervisor:
         kick = self.kicks.pop(index, None)
         if kick is not None:
             self._unwatch(kick)
+        self._not_throttled(index)
         ring = self.rings.get(index)
         if ring is None:
             return 0
@@ -373,6 +393,9 @@ class Supervisor:
         ring = self.rings.get(q)
         if ring is None or q in self.broken:
             return
+        if not self.limiter.unlimited:
+            self._drain_limited(q, ring)
+            return
         batches: dict[int, list[int]] = {}
         published = False
         try:
@@ -390,6 +413,80 @@ class Supervisor:
         self._flush_batches(batches)
         if published:
             self._publish(q, ring)
+
+    def _drain_limited(self, q: int, ring: SplitRing) -> None:
+        """``_drain`` under a rate limit: ask the limiter before each pop; when it says no,
+        leave the rest in the avail ring and remember to come back when tokens are due."""
+        batches: dict[int, list[int]] = {}
+        published = False
+        limiter = self.limiter
+        stalled = False
+        try:
+            while self.free and not stalled:
+                ring.set_kicks_wanted(False)
+                for _ in range(min(ring.pending(), len(self.free))):
+                    if not limiter.ready(time.monotonic()):
+                        stalled = True
+                        break
+                    published |= self._admit(q, ring, ring.pop(), batches)
+                ring.set_kicks_wanted(True)
+                if stalled or ring.pending() == 0:
+                    break
+        except RingBroken as exc:
+            self.guest_log.warning("ring", "event=ring_broken queue=%d reason=%r", q, str(exc))
+            self._break_ring(q)
+            stalled = False
+        self._flush_batches(batches)
+        if published:
+            self._publish(q, ring)
+        if stalled:
+            now = time.monotonic()
+            self.throttled.add(q)
+            limiter.throttled(now)
+            self.wake_at = now + limiter.delay(now)
+        else:
+            self._not_throttled(q)
+
+    def _not_throttled(self, q: int) -> None:
+        if q in self.throttled:
+            self.throttled.discard(q)
+            if not self.throttled:
+                self.limiter.flowing(time.monotonic())
+
+    def _unthrottle(self) -> None:
+        """Tokens are due: drain the rings that were left waiting (they may stall again)."""
+        waiting = sorted(self.throttled)
+        self.throttled.clear()
+        for q in waiting:
+            self._drain(q)                # adds q back if it stalls again
+        if not self.throttled:
+            self.limiter.flowing(time.monotonic())
+
+    def _on_limit_request(self, request: dict) -> dict:
+        """Control op ``limit``: ``{"op": "limit", "iops": N, "bps": N, "iops_burst": N,
+        "bps_burst": N}``, every key optional (0 = unlimited; a burst left out with its rate
+        given goes back to the default). Answers the limits in effect."""
+        now = time.monotonic()
+        keys = ("iops", "bps", "iops_burst", "bps_burst")
+        if any(k in request for k in keys):
+            old = self.limiter.limits()
+            values = {k: getattr(old, k) for k in keys}
+            for kind in ("iops", "bps"):
+                if kind in request:
+                    values[kind] = request[kind] or 0
+                    values[f"{kind}_burst"] = None
+            for k in ("iops_burst", "bps_burst"):
+                if k in request:
+                    values[k] = request[k] or None
+            try:
+                limits = Limits(**values)
+            except (TypeError, ValueError) as exc:
+                return {"ok": False, "error": str(exc)}
+            self.limiter.set(now, limits)
+            log.info("event=limits_changed iops=%d bps=%d iops_burst=%s bps_burst=%s",
+                     limits.iops, limits.bps, limits.iops_burst, limits.bps_burst)
+            self.wake_at = now            # let the loop look at throttled rings again
+        return {"ok": True, "limits": self.limiter.snapshot(now)}
 
     def _admit(self, q: int, ring: SplitRing, head: int, batches: dict[int, list[int]]) -> bool:
         """Take one chain; returns True if it completed at once (used ring written)."""
@@ -431,6 +528,8 @@ class Supervisor:
             self.live.finished(q, req.type, plan.status, 0)
             return True
         self.live.started(q, req.type, plan.length)
+        if not self.limiter.unlimited:
+            self.limiter.charge(time.monotonic(), 1, plan.length)
         if plan.op == OP_READ and self.inline_reads and self._read_cached(plan, pieces):
             # Served from the page cache without a trip to a worker (RWF_NOWAIT never blocks).
             self.memory.write(req.status_addr, b"\x00")
@@ -654,10 +753,11 @@ def serve(config) -> int:
     except BaseException:
         backing.close()
         raise
-    log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s socket=%s",
+    log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s socket=%s "
+             "iops_limit=%d bps_limit=%d",
              backing.path, backing.size, backing.logical_block_size, backing.physical_block_size,
              backing.readonly, "writeback" if backing.writeback else "writethrough",
-             config.socket_path or f"fd:{config.listen_fd}")
+             config.socket_path or f"fd:{config.listen_fd}", config.limits.iops, config.limits.bps)
     stats = Stats(device.num_queues, workers=config.workers,
                   info={"image": backing.path, "socket": listener_path(listener)})
     try:
@@ -667,7 +767,8 @@ def serve(config) -> int:
         backing.close()
         raise
     sup = Supervisor(device, backing.fd, workers=config.workers, slots=config.queue_size,
-                     log_level=config.log_level, stats=stats, control=control)
+                     log_level=config.log_level, stats=stats, control=control,
+                     limits=config.limits)
     try:
         return sup.run(listener)
     finally:
