@@ -263,6 +263,7 @@ def demo(
 
 
 app.command()(ops.stats)
+app.command()(ops.limit)
 app.command("bench")(bench_command)
 
 

@@ -193,12 +193,15 @@ def parse_count(text: str, what: str) -> int:
 
 def parse_limits(*, iops: str | None = None, bps: str | None = None,
                  iops_burst: str | None = None, bps_burst: str | None = None,
-                 prefix: str = "--", suffix: str = "-limit") -> Limits:
+                 prefix: str = "--", suffix: str = "-limit",
+                 burst_needs_rate: bool = True) -> Limits | dict:
     """Rate limits as the operator typed them -> ``Limits`` (0 or absent: unlimited).
 
     IOPS and the IOPS burst are counts (k/M/G = powers of 1000); bytes/s and the byte burst are
     sizes (K/M/G/T = powers of 1024, like every size vblk takes).  ``prefix``/``suffix``
-    spell the flag names in errors (``--iops-limit`` for serve, ``--iops`` for vblk limit)."""
+    spell the flag names in errors (``--iops-limit`` for serve, ``--iops`` for vblk limit).
+    With ``burst_needs_rate`` False (a change to a running vblk, whose rate is kept) a burst
+    may come alone, and the answer is a dict of just the values given."""
     name = {"iops": f"{prefix}iops{suffix}", "bps": f"{prefix}bps{suffix}",
             "iops_burst": f"{prefix}iops-burst", "bps_burst": f"{prefix}bps-burst"}
     values = {
@@ -211,11 +214,14 @@ def parse_limits(*, iops: str | None = None, bps: str | None = None,
     }
     for kind in ("iops", "bps"):
         burst = values[f"{kind}_burst"]
-        if burst is not None and not values[kind]:
+        if burst is not None and not values[kind] and burst_needs_rate:
             raise ConfigError(f"{name[kind + '_burst']} needs {name[kind]} (a burst of an "
                               f"unlimited rate means nothing)")
         if burst is not None and burst < 1:
             raise ConfigError(f"{name[kind + '_burst']} {burst} must be at least 1")
+    if not burst_needs_rate:
+        given = {"iops": iops, "bps": bps, "iops_burst": iops_burst, "bps_burst": bps_burst}
+        return {k: v for k, v in values.items() if given[k] is not None}
     return Limits(**values)
 
 
