@@ -200,17 +200,21 @@ def serve_vblk(tmp_path: Path):
 
 @pytest.fixture
 def serve_qsd(tmp_path: Path):
-    """serve_qsd(image, *, readonly=False, logical_block_size=None, physical_block_size=None)
-    -> socket path, a qemu-storage-daemon vhost-user-blk export of a raw image."""
+    """serve_qsd(image, *, readonly=False, logical_block_size=None, physical_block_size=None,
+    throttle=None) -> socket path, a qemu-storage-daemon vhost-user-blk export of a raw image.
+    ``throttle`` (e.g. ``"x-iops-total=200"``) puts a throttle node in a throttle group with
+    those limits between the export and the image."""
     servers = _Servers("qsd")
 
     def _serve(image: str | os.PathLike, *, readonly: bool = False,
-               logical_block_size: int | None = None, num_queues: int = 1) -> Served:
+               logical_block_size: int | None = None, num_queues: int = 1,
+               throttle: str | None = None) -> Served:
         d = _short_dir()
         servers.dirs.append(d)
         sock = str(d / "qsd.sock")
         log = tmp_path / f"qsd-{len(servers.started) + 1}.log"
-        export = (f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
+        node = "thr0" if throttle else "disk0"
+        export = (f"type=vhost-user-blk,id=exp0,node-name={node},addr.type=unix,addr.path={sock},"
                   f"writable={'off' if readonly else 'on'},num-queues={num_queues}")
         if logical_block_size:
             export += f",logical-block-size={logical_block_size}"
@@ -220,6 +224,9 @@ def serve_qsd(tmp_path: Path):
                "--blockdev", f"driver=raw,node-name=disk0,file=file0"
                              f"{',read-only=on' if readonly else ''}",
                "--export", export]
+        if throttle:
+            cmd[1:1] = ["--object", f"throttle-group,id=t0,{throttle}"]
+            cmd[-2:-2] = ["--blockdev", "driver=throttle,node-name=thr0,throttle-group=t0,file=disk0"]
         served = _start(cmd, sock, log, "qemu-storage-daemon")
         servers.started.append(served)
         return served
