@@ -164,7 +164,7 @@ def bench_command(
                 result.limit_source = "--limit-iops/--limit-bps"
             else:
                 known = b.backend_limits(socket_path)
-                if known is not None:
+                if known is not None and any(known):
                     result.limit_iops, result.limit_bps = known
                     result.limit_source = "vblk control socket"
             if as_json:
