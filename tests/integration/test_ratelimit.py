@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -219,3 +220,24 @@ def test_disconnect_and_reconnect_with_requests_waiting_for_tokens(vblk_server, 
     snap = fetch_stats(default_control_path(sock))
     # each write was taken once: none lost, none run twice across the reconnect
     assert sum(q["types"]["write"]["requests"] for q in snap["queues"]) == COUNT
+
+
+def test_sigterm_while_requests_wait_for_tokens(vblk_server, image):
+    sock = vblk_server(image, "--iops-limit", "40", "--iops-burst", "4")
+    client = BlkClient.connect(sock, ram_mib=8)
+    try:
+        _submit_writes(client, 3)
+        time.sleep(0.3)
+        started = time.monotonic()
+        sock.proc.send_signal(signal.SIGTERM)  # finish what was taken, then exit
+        status = sock.proc.wait(timeout=30)
+        assert status == 0, sock.log()
+        assert time.monotonic() - started < 4, "a throttled vblk was slow to stop"
+        taken = _used_idx(client)
+        assert 0 < taken < COUNT
+        client._harvest()
+        done = client.wait(0)
+        assert len(done) == taken and {c.status for c in done} == {BlkStatus.OK}
+    finally:
+        client.broken = True
+        client.close()
