@@ -21,7 +21,8 @@ from cli import ops
 from cli.bench import bench_command
 from vblk.errors import ConfigError
 from vblk.logs import configure_logging
-from vblk.options import DiskOptions, ServeConfig, merge_flags, parse_acrn, parse_socket_mode
+from vblk.options import (DiskOptions, ServeConfig, merge_flags, parse_acrn, parse_limits,
+                          parse_socket_mode)
 
 EXIT_CONFIG = 2
 SUN_PATH_MAX = 107                    # sizeof(sockaddr_un.sun_path) - 1
@@ -147,6 +148,19 @@ def serve(
                                                       "the listening socket's path + .ctl)."),
     metrics_listen: Optional[str] = typer.Option(None, "--metrics-listen", metavar="HOST:PORT",
                                                  help="Serve Prometheus metrics over HTTP here."),
+    iops_limit: Optional[str] = typer.Option(None, "--iops-limit", metavar="N",
+                                             help="At most N requests (reads, writes, flushes) "
+                                                  "per second over all queues; 0 = unlimited "
+                                                  "(default). Changeable with vblk limit."),
+    bps_limit: Optional[str] = typer.Option(None, "--bps-limit", metavar="SIZE",
+                                            help="At most SIZE bytes read+written per second, "
+                                                 "K/M/G suffixes (1024-based); 0 = unlimited."),
+    iops_burst: Optional[str] = typer.Option(None, "--iops-burst", metavar="N",
+                                             help="Requests an idle device may take at once "
+                                                  "(default: 0.1 s of --iops-limit)."),
+    bps_burst: Optional[str] = typer.Option(None, "--bps-burst", metavar="SIZE",
+                                            help="Bytes an idle device may move at once "
+                                                 "(default: 0.1 s of --bps-limit)."),
     print_capabilities: bool = typer.Option(False, "--print-capabilities", is_eager=True,
                                             callback=ops.print_capabilities,
                                             help="Print the vhost-user backend capabilities "
@@ -169,7 +183,9 @@ def serve(
                              control_socket=control_socket, metrics_listen=metrics_listen,
                              queue_size=queue_size, log_level=log_level.upper(),
                              socket_mode=parse_socket_mode(socket_mode),
-                             socket_group=check_group(socket_group))
+                             socket_group=check_group(socket_group),
+                             limits=parse_limits(iops=iops_limit, bps=bps_limit,
+                                                 iops_burst=iops_burst, bps_burst=bps_burst))
         ops.check_ops_flags(control_socket, metrics_listen, socket_path)
         check_backing(disk)
         if config.socket_path is not None:
@@ -255,6 +271,7 @@ def demo(
 
 app.command()(ops.stats)
 app.command()(ops.resize)
+app.command()(ops.limit)
 app.command("bench")(bench_command)
 
 

@@ -91,6 +91,12 @@ def bench_command(
                                           help="--compare: where the image copies go "
                                                "(default $TMPDIR)."),
     keep: bool = typer.Option(False, "--keep", help="--compare: keep the copies and logs."),
+    limit_iops: Optional[str] = typer.Option(None, "--limit-iops", metavar="N",
+                                             help="--socket: the IOPS limit the backend should "
+                                                  "hold; prints achieved/limit (default: asked "
+                                                  "of a vblk's control socket, SOCKET.ctl)."),
+    limit_bps: Optional[str] = typer.Option(None, "--limit-bps", metavar="SIZE",
+                                            help="--socket: the bytes/s limit, likewise."),
 ) -> None:
     from vblk import bench as b
     from vblk.testing.frontend import BackendError
@@ -106,6 +112,14 @@ def bench_command(
             given = [name for name, value in compare_only.items() if value is not None]
             if given:
                 raise b.BenchError(f"{given[0]} goes with --compare, not --socket")
+        elif limit_iops is not None or limit_bps is not None:
+            raise b.BenchError("--limit-iops/--limit-bps go with --socket, not --compare")
+        from vblk.errors import ConfigError
+        from vblk.options import parse_limits
+        try:
+            expected = parse_limits(iops=limit_iops, bps=limit_bps, suffix="", prefix="--limit-")
+        except ConfigError as exc:
+            raise b.BenchError(str(exc)) from None
         if duration is not None and ops is not None:
             raise b.BenchError("give --duration or --ops, not both")
         common = dict(rwmix=rwmix, queues=queues,
@@ -145,6 +159,14 @@ def bench_command(
             finally:
                 if line:
                     line.finish()
+            if limit_iops is not None or limit_bps is not None:
+                result.limit_iops, result.limit_bps = expected.iops, expected.bps
+                result.limit_source = "--limit-iops/--limit-bps"
+            else:
+                known = b.backend_limits(socket_path)
+                if known is not None and any(known):
+                    result.limit_iops, result.limit_bps = known
+                    result.limit_source = "vblk control socket"
             if as_json:
                 typer.echo(json.dumps(result.to_dict(), indent=2))
             else:

@@ -1,7 +1,8 @@
-"""Operator commands and helpers: ``vblk stats``, ``vblk resize``, ``serve --print-capabilities``,
+"""Operator commands and helpers: ``vblk stats``, ``vblk resize``, ``vblk limit``, ``serve --print-capabilities``,
 activation.
 
-``vblk stats`` shows what a running vblk is doing, read from its control socket.
+``vblk stats`` shows what a running vblk is doing, read from its control socket; ``vblk limit``
+shows or changes its rate limits there.
 
 The control socket is ``--control-socket PATH``, or ``--socket PATH`` (the vhost-user socket)
 plus ``.ctl``, which is where ``vblk serve`` puts it by default. One snapshot is printed as a
@@ -83,9 +84,8 @@ def stats(
     timeout: float = typer.Option(5.0, "--timeout", metavar="SECONDS",
                                   help="How long to wait for an answer."),
 ) -> None:
-    """Show a running vblk's requests, bytes, latency, frontend and workers."""
-    if (control_socket is None) == (socket_path is None):
-        raise _fail("give exactly one of --control-socket and --socket", EXIT_USAGE)
+    """Show a running vblk's requests, bytes, latency, frontend, workers and rate limits."""
+    _control_path(control_socket, socket_path)
     if seconds is not None and not watch:
         raise _fail(f"{seconds:g} seconds means nothing without --watch", EXIT_USAGE)
     interval = DEFAULT_WATCH_SECONDS if seconds is None else seconds
@@ -169,6 +169,71 @@ def _watch(path: str, interval: float, timeout: float, as_json: bool) -> None:
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
 
+def _control_path(control_socket: Optional[str], socket_path: Optional[str]) -> str:
+    if (control_socket is None) == (socket_path is None):
+        raise _fail("give exactly one of --control-socket and --socket", EXIT_USAGE)
+    return control_socket if control_socket is not None else default_control_path(socket_path)
+
+
+def limit(
+    control_socket: Optional[str] = typer.Option(None, "--control-socket", metavar="PATH",
+                                                 help="The vblk's control socket."),
+    socket_path: Optional[str] = typer.Option(None, "--socket", metavar="PATH",
+                                              help="The vblk's vhost-user socket (its control "
+                                                   "socket is PATH.ctl)."),
+    iops: Optional[str] = typer.Option(None, "--iops", metavar="N",
+                                       help="Requests per second over all queues (k/M "
+                                            "suffixes = 1000s); 0 = unlimited."),
+    bps: Optional[str] = typer.Option(None, "--bps", metavar="SIZE",
+                                      help="Bytes per second (K/M/G suffixes = 1024s); "
+                                           "0 = unlimited."),
+    iops_burst: Optional[str] = typer.Option(None, "--iops-burst", metavar="N",
+                                             help="Burst in requests (default: 0.1 s of the "
+                                                  "rate)."),
+    bps_burst: Optional[str] = typer.Option(None, "--bps-burst", metavar="SIZE",
+                                            help="Burst in bytes (default: 0.1 s of the rate)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the limits in effect as JSON."),
+    timeout: float = typer.Option(5.0, "--timeout", metavar="SECONDS",
+                                  help="How long to wait for an answer."),
+) -> None:
+    """Show or change a running vblk's I/O rate limits; prints the limits in effect.
+
+    A rate given without its burst gets the default burst (0.1 s of the rate); a burst alone
+    keeps the rate. Exit status: 0, 1 if vblk cannot be reached or refuses, 2 for bad usage."""
+    from vblk.errors import ConfigError
+    from vblk.options import parse_limits
+    path = _control_path(control_socket, socket_path)
+    try:
+        changes = parse_limits(iops=iops, bps=bps, iops_burst=iops_burst, bps_burst=bps_burst,
+                               suffix="", burst_needs_rate=False)
+    except ConfigError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    message = {"op": "limit", **changes}
+    if not 0 < timeout <= 600:
+        raise _fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
+    try:
+        answer = request(path, message, timeout=timeout)
+    except ControlError as exc:
+        raise _fail(str(exc), EXIT_UNREACHABLE) from None
+    if not answer.get("ok"):
+        raise _fail(f"{path}: {answer.get('error', 'request failed')}", EXIT_UNREACHABLE)
+    limits = answer["limits"]
+    typer.echo(json.dumps(limits, sort_keys=True) if as_json else render_limits(limits))
+
+
+def render_limits(limits: dict | None) -> str:
+    """``iops limit: 2000/s (burst 200) | bps limit: unlimited | throttled 3 times, 1.2 s``."""
+    if limits is None:
+        return "limits: unknown"
+    iops = (f"iops limit: {limits['iops']}/s (burst {limits['iops_burst']:g})" if limits["iops"]
+            else "iops limit: unlimited")
+    bps = (f"bps limit: {size(limits['bps'])}/s (burst {size(limits['bps_burst'])})"
+           if limits["bps"] else "bps limit: unlimited")
+    state = " (now)" if limits.get("throttled_now") else ""
+    return (f"{iops} | {bps} | throttled {limits['throttle_events']} times, "
+            f"{limits['throttled_s']:.3f} s{state}")
+
+
 # -- the table -------------------------------------------------------------------------------
 
 def render(snap: dict, previous: dict | None = None) -> str:
@@ -191,6 +256,8 @@ def render(snap: dict, previous: dict | None = None) -> str:
         n = disk["capacity_bytes"]
         lines.append(f"disk: {n} bytes ({size(n)}, {n // 512} sectors), "
                      f"{disk['resizes']} resizes since start")
+    if "limits" in snap:
+        lines.append(render_limits(snap["limits"]))
     dt = None
     if previous is not None and previous.get("pid") == snap["pid"]:
         dt = snap["time"] - previous["time"]

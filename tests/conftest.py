@@ -139,6 +139,14 @@ def vblk_server(request: pytest.FixtureRequest, tmp_path: Path):
     launcher.stop_all()
 
 
+@pytest.fixture
+def launch(request: pytest.FixtureRequest, tmp_path: Path):
+    """launch(what, make_cmd) -> socket path of any server, ``make_cmd(sock)`` its argv."""
+    launcher = _Launcher(request, tmp_path)
+    yield launcher.start
+    launcher.stop_all()
+
+
 @pytest.fixture(params=BACKENDS)
 def backend_server(request: pytest.FixtureRequest) -> Callable[[str | os.PathLike], Server]:
     """backend_server(image) -> socket path, once per backend in BACKENDS."""

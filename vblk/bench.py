@@ -186,6 +186,21 @@ class Result:
     client_cpu: float
     server_cpu: float | None = None
     backend: str = ""
+    limit_iops: int = 0            # the rate limits the backend should hold (0: none known)
+    limit_bps: int = 0
+    limit_source: str = ""         # where they came from: "control socket" or "--limit-*"
+
+    @property
+    def iops_ratio(self) -> float | None:
+        """Achieved IOPS / the IOPS limit (None without one)."""
+        return self.iops / self.limit_iops if self.limit_iops else None
+
+    @property
+    def bps_ratio(self) -> float | None:
+        """Achieved bytes/s / the bytes/s limit (None without one)."""
+        if not self.limit_bps or self.seconds <= 0:
+            return None
+        return self.bytes / self.seconds / self.limit_bps
 
     @property
     def iops(self) -> float:
@@ -203,7 +218,31 @@ class Result:
                 "iops": round(self.iops, 1), "mb_per_s": round(self.mb_per_s, 3),
                 "lat_us": {k: round(v, 2) for k, v in self.lat_us.items()},
                 "client_cpu_pct": round(self.client_cpu, 1),
-                "server_cpu_pct": None if self.server_cpu is None else round(self.server_cpu, 1)}
+                "server_cpu_pct": None if self.server_cpu is None else round(self.server_cpu, 1),
+                "limits": {"iops": self.limit_iops, "bps": self.limit_bps,
+                           "source": self.limit_source or None,
+                           "iops_ratio": _round(self.iops_ratio, 4),
+                           "bps_ratio": _round(self.bps_ratio, 4)}}
+
+
+def _round(v: float | None, digits: int) -> float | None:
+    return None if v is None else round(v, digits)
+
+
+def backend_limits(socket_path: str | os.PathLike, timeout: float = 2.0) -> tuple[int, int] | None:
+    """(IOPS, bytes/s) limits of the vblk serving ``socket_path``, asked of its control socket
+    (``socket_path`` + ``.ctl``); None if there is none or it does not say (qsd, an old vblk)."""
+    from vblk.control import ControlError, default_control_path, fetch_stats
+    path = default_control_path(os.fspath(socket_path))
+    if not os.path.exists(path):
+        return None
+    try:
+        limits = fetch_stats(path, timeout=timeout).get("limits")
+    except ControlError:
+        return None
+    if not isinstance(limits, dict):
+        return None
+    return int(limits.get("iops") or 0), int(limits.get("bps") or 0)
 
 
 def latency_summary(lat_ns: Sequence[int]) -> dict[str, float]:
@@ -642,6 +681,13 @@ def format_result(r: Result) -> str:
     ]
     if r.server_cpu is not None:
         lines.append(f"  server CPU  {r.server_cpu:.0f} % of one core")
+    source = f" ({r.limit_source})" if r.limit_source else ""
+    if r.limit_iops:
+        lines.append(f"  IOPS limit  {r.limit_iops:,}{source}: achieved {r.iops:,.1f} = "
+                     f"{r.iops_ratio:.3f} of the limit")
+    if r.limit_bps:
+        lines.append(f"  bps limit   {r.limit_bps:,} bytes/s{source}: achieved "
+                     f"{r.bytes / r.seconds:,.0f} = {r.bps_ratio:.3f} of the limit")
     return "\n".join(lines)
 
 

@@ -380,6 +380,18 @@ class _Collector:
                     cumulative.append((le, running))
                 latency.add_metric([qi, kind], cumulative, t["latency_sum_ns"] / 1e9)
         yield from (requests, nbytes, in_flight, errors, refused, latency)
+        limits = s.get("limits")
+        if limits is not None:
+            yield GaugeMetricFamily("vblk_limit_iops", "IOPS limit in effect (0: unlimited)",
+                                    value=limits["iops"])
+            yield GaugeMetricFamily("vblk_limit_bytes_per_second",
+                                    "Bytes/s limit in effect (0: unlimited)", value=limits["bps"])
+            yield CounterMetricFamily("vblk_throttle_events",
+                                      "Times admission stopped for want of rate-limit tokens",
+                                      value=limits["throttle_events"])
+            yield CounterMetricFamily("vblk_throttled_seconds",
+                                      "Seconds requests waited in the ring for rate-limit tokens",
+                                      value=limits["throttled_s"])
 
 
 def _le(seconds: float) -> str:

@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from vblk.errors import ConfigError
+from vblk.ratelimit import Limits
 
 BLOCK_SIZES = (512, 1024, 2048, 4096)      # allowed logical and physical block sizes
 SERIAL_MAX_BYTES = 20                      # virtio-blk GET_ID answer
@@ -46,6 +47,8 @@ _NOT_YET = {
 _AIO = "aio= does not apply to vblk: workers use synchronous I/O"
 _SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)", re.IGNORECASE)
+_COUNT_SUFFIX = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3}
+_COUNT_RE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,7 @@ class ServeConfig:
     metrics_listen: str | None = None     # "HOST:PORT" for Prometheus, None: off
     socket_mode: int = 0o600                # permissions of a socket vblk creates
     socket_group: str | None = None         # group of a socket vblk creates
+    limits: Limits = Limits()               # --iops-limit / --bps-limit (0: unlimited)
 
     def __post_init__(self) -> None:
         if not 0 <= self.socket_mode <= 0o777:
@@ -184,6 +188,48 @@ def parse_size(text: str, what: str) -> int:
     if not m:
         raise ConfigError(f"{what}: {text!r} is not a size (bytes, optionally with K/M/G/T)")
     return int(m.group(1)) * _SIZE_SUFFIX[m.group(2).upper()]
+
+
+def parse_count(text: str, what: str) -> int:
+    """A whole number with an optional K/M/G suffix (powers of 1000): ``2000``, ``2k``."""
+    m = _COUNT_RE.fullmatch(text.strip())
+    if not m:
+        raise ConfigError(f"{what}: {text!r} is not a whole number (optionally with k/M/G)")
+    return int(m.group(1)) * _COUNT_SUFFIX[m.group(2).upper()]
+
+
+def parse_limits(*, iops: str | None = None, bps: str | None = None,
+                 iops_burst: str | None = None, bps_burst: str | None = None,
+                 prefix: str = "--", suffix: str = "-limit",
+                 burst_needs_rate: bool = True) -> Limits | dict:
+    """Rate limits as the operator typed them -> ``Limits`` (0 or absent: unlimited).
+
+    IOPS and the IOPS burst are counts (k/M/G = powers of 1000); bytes/s and the byte burst are
+    sizes (K/M/G/T = powers of 1024, like every size vblk takes).  ``prefix``/``suffix``
+    spell the flag names in errors (``--iops-limit`` for serve, ``--iops`` for vblk limit).
+    With ``burst_needs_rate`` False (a change to a running vblk, whose rate is kept) a burst
+    may come alone, and the answer is a dict of just the values given."""
+    name = {"iops": f"{prefix}iops{suffix}", "bps": f"{prefix}bps{suffix}",
+            "iops_burst": f"{prefix}iops-burst", "bps_burst": f"{prefix}bps-burst"}
+    values = {
+        "iops": 0 if iops is None else parse_count(iops, f"{name['iops']} {iops}"),
+        "bps": 0 if bps is None else parse_size(bps.strip(), f"{name['bps']} {bps}"),
+        "iops_burst": None if iops_burst is None
+        else parse_count(iops_burst, f"{name['iops_burst']} {iops_burst}"),
+        "bps_burst": None if bps_burst is None
+        else parse_size(bps_burst.strip(), f"{name['bps_burst']} {bps_burst}"),
+    }
+    for kind in ("iops", "bps"):
+        burst = values[f"{kind}_burst"]
+        if burst is not None and not values[kind] and burst_needs_rate:
+            raise ConfigError(f"{name[kind + '_burst']} needs {name[kind]} (a burst of an "
+                              f"unlimited rate means nothing)")
+        if burst is not None and burst < 1:
+            raise ConfigError(f"{name[kind + '_burst']} {burst} must be at least 1")
+    if not burst_needs_rate:
+        given = {"iops": iops, "bps": bps, "iops_burst": iops_burst, "bps_burst": bps_burst}
+        return {k: v for k, v in values.items() if given[k] is not None}
+    return Limits(**values)
 
 
 # -- ACRN's option string -------------------------------------------------------------------

@@ -71,6 +71,7 @@ class Stats:
         self.frontend_connections = 0
         self.capacity_bytes: int | None = None         # what the guest sees (follows resizes)
         self.resizes = 0
+        self.limiter = None          # a vblk.ratelimit.Limiter, set by the supervisor
 
     # -- the hot path --------------------------------------------------------------------
     def started(self, queue: int, rtype: int, nbytes: int) -> None:
@@ -153,6 +154,7 @@ class Stats:
             "disk": {"capacity_bytes": self.capacity_bytes, "resizes": self.resizes},
             "info": dict(self.info),
             "queues": queues,
+            "limits": None if self.limiter is None else self.limiter.snapshot(time.monotonic()),
         }
 
 

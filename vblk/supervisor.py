@@ -21,6 +21,15 @@ serves as soon as the control request returns, so nothing can deadlock.
 Stopping a ring (SET_VRING_ENABLE 0, GET_VRING_BASE, a new memory table, a disconnect) first
 waits for that ring's requests in flight, so GET_VRING_BASE answers the true next avail index
 and no worker ever writes into memory that is about to go.
+
+Rate limits (``--iops-limit``/``--bps-limit``, ``vblk limit``): before a chain is popped the
+drain asks the device's ``Limiter`` whether it may admit one more; once the chain is parsed,
+a request that does I/O (read, write, flush; page-cache hits too) is charged one request and
+its data bytes. A request may overdraw the buckets (see vblk.ratelimit), so nothing is ever
+popped and then held: when the limiter says no, the rest simply stays in the avail ring, the
+ring is remembered as throttled, and the event loop's poll timeout wakes the drain when tokens
+are due. Every stop path is therefore the unlimited one: the avail index was never advanced
+past a request that was not admitted.
 """
 from __future__ import annotations
 
@@ -46,6 +55,7 @@ from vblk.resize import check_new_size, parse_new_size
 from vblk.control import listener_path
 from vblk.logs import RateLimitedLog
 from vblk.memory import GuestMemory
+from vblk.ratelimit import Limiter, Limits
 from vblk import sdnotify
 from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea, SlotState, slot_budget
 from vblk.stats import Stats
@@ -78,7 +88,8 @@ class InFlight:
 class Supervisor:
     def __init__(self, device: BlkDevice, backing_fd: int, *, workers: int = 8,
                  slots: int = 64, log_level: str = "WARNING", stats: Stats | None = None,
-                 control=None, backing: BackingInfo | None = None) -> None:
+                 control=None, backing: BackingInfo | None = None,
+                 limits: Limits = Limits()) -> None:
         self.device = device
         self.backing_fd = backing_fd
         self.backing = backing                   # the window's description (for resizes)
@@ -111,6 +122,12 @@ class Supervisor:
         self.broken: set[int] = set()            # rings stopped because the guest broke them
         self.inflight_map: mmap.mmap | None = None
         self.inflight_queues: dict[int, InflightQueue] = {}
+        self.limiter = Limiter(limits, now=time.monotonic())
+        self.throttled: set[int] = set()         # rings with requests left waiting for tokens
+        self.wake_at = 0.0                       # monotonic time tokens are due for them
+        self.live.limiter = self.limiter
+        if control is not None:
+            control.register("limit", self._on_limit_request)
 
     # -- epoll bookkeeping ---------------------------------------------------------------
     def _watch(self, fd: int, handler) -> None:
@@ -140,10 +157,13 @@ class Supervisor:
             log.info("event=listening workers=%d slots=%d", self.pool.count, self.slots.count)
             sdnotify.ready("waiting for a frontend")
             while not self.stopping:
-                for fd, _ in self.epoll.poll():
+                timeout = max(0.0, self.wake_at - time.monotonic()) if self.throttled else -1
+                for fd, _ in self.epoll.poll(timeout):
                     handler = self.handlers.get(fd)
                     if handler is not None:
                         self._call(handler)
+                if self.throttled and time.monotonic() >= self.wake_at:
+                    self._call(self._unthrottle)
             return 0
         finally:
             self._disconnect()
@@ -398,6 +418,7 @@ class Supervisor:
         kick = self.kicks.pop(index, None)
         if kick is not None:
             self._unwatch(kick)
+        self._not_throttled(index)
         ring = self.rings.get(index)
         if ring is None:
             return 0
@@ -424,29 +445,44 @@ class Supervisor:
         self._drain(q)
 
     def _drain(self, q: int) -> None:
+        """Take what the ring offers while slots are free, within this ring's fair share of
+        them (multiqueue) and within the rate limit; what is left stays in the avail ring.
+        A ring the limit stopped is remembered, and the loop comes back when tokens are due."""
         ring = self.rings.get(q)
         if ring is None or q in self.broken:
             return
         batches: dict[int, list[int]] = {}
         published = False
+        limiter = None if self.limiter.unlimited else self.limiter
+        stalled = False
         try:
             while self.free:
                 budget = self._slot_budget(q) if len(self.rings) > 1 else len(self.free)
                 if budget <= 0:
                     break           # other rings wait: this one goes on as its slots return
                 ring.set_kicks_wanted(False)
-                n = ring.pending()
-                for _ in range(min(n, budget)):
+                for _ in range(min(ring.pending(), budget)):
+                    if limiter is not None and not limiter.ready(time.monotonic()):
+                        stalled = True
+                        break
                     published |= self._admit(q, ring, ring.pop(), batches)
                 ring.set_kicks_wanted(True)
-                if ring.pending() == 0:
+                if stalled or ring.pending() == 0:
                     break
         except RingBroken as exc:
             self.guest_log.warning("ring", "event=ring_broken queue=%d reason=%r", q, str(exc))
             self._break_ring(q)
+            stalled = False
         self._flush_batches(batches)
         if published:
             self._publish(q, ring)
+        if stalled:
+            now = time.monotonic()
+            self.throttled.add(q)
+            limiter.throttled(now)
+            self.wake_at = now + limiter.delay(now)
+        elif self.throttled:
+            self._not_throttled(q)
 
     def _slot_budget(self, q: int) -> int:
         others_waiting = False
@@ -460,6 +496,47 @@ class Supervisor:
                     pass            # found broken when that ring is drained
         return slot_budget(len(self.free), self.slots.count, self.held[q], len(self.rings),
                            others_waiting)
+
+    def _not_throttled(self, q: int) -> None:
+        if q in self.throttled:
+            self.throttled.discard(q)
+            if not self.throttled:
+                self.limiter.flowing(time.monotonic())
+
+    def _unthrottle(self) -> None:
+        """Tokens are due: drain the rings that were left waiting (they may stall again)."""
+        waiting = sorted(self.throttled)
+        self.throttled.clear()
+        for q in waiting:
+            self._drain(q)                # adds q back if it stalls again
+        if not self.throttled:
+            self.limiter.flowing(time.monotonic())
+
+    def _on_limit_request(self, request: dict) -> dict:
+        """Control op ``limit``: ``{"op": "limit", "iops": N, "bps": N, "iops_burst": N,
+        "bps_burst": N}``, every key optional (0 = unlimited; a burst left out with its rate
+        given goes back to the default). Answers the limits in effect."""
+        now = time.monotonic()
+        keys = ("iops", "bps", "iops_burst", "bps_burst")
+        if any(k in request for k in keys):
+            old = self.limiter.limits()
+            values = {k: getattr(old, k) for k in keys}
+            for kind in ("iops", "bps"):
+                if kind in request:
+                    values[kind] = request[kind] or 0
+                    values[f"{kind}_burst"] = None
+            for k in ("iops_burst", "bps_burst"):
+                if k in request:
+                    values[k] = request[k] or None
+            try:
+                limits = Limits(**values)
+            except (TypeError, ValueError) as exc:
+                return {"ok": False, "error": str(exc)}
+            self.limiter.set(now, limits)
+            log.info("event=limits_changed iops=%d bps=%d iops_burst=%s bps_burst=%s",
+                     limits.iops, limits.bps, limits.iops_burst, limits.bps_burst)
+            self.wake_at = now            # let the loop look at throttled rings again
+        return {"ok": True, "limits": self.limiter.snapshot(now)}
 
     def _admit(self, q: int, ring: SplitRing, head: int, batches: dict[int, list[int]]) -> bool:
         """Take one chain; returns True if it completed at once (used ring written)."""
@@ -501,6 +578,8 @@ class Supervisor:
             self.live.finished(q, req.type, plan.status, 0)
             return True
         self.live.started(q, req.type, plan.length)
+        if not self.limiter.unlimited:
+            self.limiter.charge(time.monotonic(), 1, plan.length)
         if plan.op == OP_READ and self.inline_reads and self._read_cached(plan, pieces):
             # Served from the page cache without a trip to a worker (RWF_NOWAIT never blocks).
             self.memory.write(req.status_addr, b"\x00")
@@ -618,14 +697,17 @@ class Supervisor:
             if left <= 0:
                 log.error("event=stop_timeout inflight=%d", len(self.inflight))
                 return
-            watch = [self.pool.complete_r] + [w.control.fileno() for w in self.pool.workers]
+            watch = [self.pool.complete_r] + [w.control.fileno() for w in self.pool.workers
+                                              if w.control.fileno() in self.handlers]
             ready, _, _ = select.select(watch, [], [], min(left, 1.0))
             for fd in ready:
                 if fd == self.pool.complete_r:
                     for q in self._collect_completions():
                         self._publish(q, self.rings[q])
                 else:
-                    self.handlers[fd]()
+                    handler = self.handlers.get(fd)
+                    if handler is not None:
+                        handler()
 
     # -- workers -------------------------------------------------------------------------
     def _watch_worker(self, w: WorkerHandle) -> None:
@@ -639,8 +721,8 @@ class Supervisor:
         if data:
             return
         self._unwatch(w.control.fileno())
-        if self.stopping:
-            return
+        if self.stopping and not w.outstanding:
+            return              # shutting down: a worker with nothing to finish is not missed
         # Completions the dead worker already sent are taken first.
         for q in self._collect_completions():
             self._publish(q, self.rings[q])
@@ -752,10 +834,11 @@ def serve(config) -> int:
     except BaseException:
         backing.close()
         raise
-    log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s socket=%s",
+    log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s socket=%s "
+             "iops_limit=%d bps_limit=%d",
              backing.path, backing.size, backing.logical_block_size, backing.physical_block_size,
              backing.readonly, "writeback" if backing.writeback else "writethrough",
-             config.socket_path or f"fd:{config.listen_fd}")
+             config.socket_path or f"fd:{config.listen_fd}", config.limits.iops, config.limits.bps)
     stats = Stats(device.num_queues, workers=config.workers,
                   info={"image": backing.path, "socket": listener_path(listener)})
     try:
@@ -765,7 +848,8 @@ def serve(config) -> int:
         backing.close()
         raise
     sup = Supervisor(device, backing.fd, workers=config.workers, slots=config.queue_size,
-                     log_level=config.log_level, stats=stats, control=control, backing=backing)
+                     log_level=config.log_level, stats=stats, control=control,
+                     backing=backing, limits=config.limits)
     try:
         return sup.run(listener)
     finally:

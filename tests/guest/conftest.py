@@ -201,18 +201,21 @@ def serve_vblk(tmp_path: Path):
 @pytest.fixture
 def serve_qsd(tmp_path: Path):
     """serve_qsd(image, *, readonly=False, logical_block_size=None, physical_block_size=None,
-    qmp=None) -> socket path, a qemu-storage-daemon vhost-user-blk export of a raw image
-    (node ``disk0``); ``qmp=PATH`` adds a QMP monitor on that Unix socket."""
+    qmp=None, throttle=None) -> socket path, a qemu-storage-daemon vhost-user-blk export of a
+    raw image (node ``disk0``); ``qmp=PATH`` adds a QMP monitor on that Unix socket;
+    ``throttle`` (e.g. ``"x-iops-total=200"``) puts a throttle node in a throttle group with
+    those limits between the export and the image."""
     servers = _Servers("qsd")
 
     def _serve(image: str | os.PathLike, *, readonly: bool = False,
                logical_block_size: int | None = None, num_queues: int = 1,
-               qmp: str | os.PathLike | None = None) -> Served:
+               qmp: str | os.PathLike | None = None, throttle: str | None = None) -> Served:
         d = _short_dir()
         servers.dirs.append(d)
         sock = str(d / "qsd.sock")
         log = tmp_path / f"qsd-{len(servers.started) + 1}.log"
-        export = (f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
+        node = "thr0" if throttle else "disk0"
+        export = (f"type=vhost-user-blk,id=exp0,node-name={node},addr.type=unix,addr.path={sock},"
                   f"writable={'off' if readonly else 'on'},num-queues={num_queues}")
         if logical_block_size:
             export += f",logical-block-size={logical_block_size}"
@@ -222,6 +225,9 @@ def serve_qsd(tmp_path: Path):
                "--blockdev", f"driver=raw,node-name=disk0,file=file0"
                              f"{',read-only=on' if readonly else ''}",
                "--export", export]
+        if throttle:
+            cmd[1:1] = ["--object", f"throttle-group,id=t0,{throttle}"]
+            cmd[-2:-2] = ["--blockdev", "driver=throttle,node-name=thr0,throttle-group=t0,file=disk0"]
         if qmp is not None:
             cmd += ["--chardev", f"socket,id=qmp0,path={os.fspath(qmp)},server=on,wait=off",
                     "--monitor", "chardev=qmp0"]

@@ -373,3 +373,34 @@ def test_parse_acrn_only_ever_raises_config_error(spec):
     except ConfigError:
         return
     assert o.path and "," not in o.path
+
+
+# -- rate limits ------------------------------------------------------------------------------
+
+def test_rate_limits_parse_counts_and_sizes():
+    from vblk.options import parse_limits
+    from vblk.ratelimit import Limits
+    assert parse_limits() == Limits()
+    assert parse_limits(iops="2k", bps="50M") == Limits(iops=2000, bps=50 << 20)
+    assert parse_limits(iops="300", iops_burst="30", bps="4096", bps_burst="1K") == \
+        Limits(300, 4096, 30, 1024)
+    assert parse_limits(iops="0", bps="0") == Limits()
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(iops="-1"), "--iops-limit -1"),
+    (dict(iops="1.5"), "not a whole number"),
+    (dict(bps="10Q"), "--bps-limit 10Q"),
+    (dict(iops_burst="5"), "--iops-burst needs --iops-limit"),
+    (dict(bps="1M", bps_burst="0"), "--bps-burst 0 must be at least 1"),
+])
+def test_bad_rate_limits_name_the_flag(kw, words):
+    from vblk.options import parse_limits
+    with pytest.raises(ConfigError) as e:
+        parse_limits(**kw)
+    assert words in str(e.value)
+
+
+def test_a_burst_alone_is_a_change_for_a_running_vblk():
+    from vblk.options import parse_limits
+    assert parse_limits(iops_burst="5", suffix="", burst_needs_rate=False) == {"iops_burst": 5}

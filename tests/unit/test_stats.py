@@ -215,3 +215,24 @@ def test_table_with_rates_from_two_snapshots():
     read = next(line for line in lines if line.strip().startswith("read")).split()
     assert read[1:4] == ["10", "40.0", "KiB"] and read[-3:] == ["5.0", "20.0", "KiB"]
     assert "req/s" not in render(second)                  # one snapshot: no rates
+
+
+def test_limits_in_the_snapshot_the_control_op_and_prometheus():
+    from prometheus_client.parser import text_string_to_metric_families
+    from vblk.ratelimit import Limiter, Limits
+    s = Stats(1)
+    assert s.snapshot()["limits"] is None
+    s.limiter = Limiter(Limits(iops=300, bps=1 << 20))
+    s.limiter.throttled(0.0)
+    s.limiter.flowing(2.5)
+    snap = s.snapshot()["limits"]
+    assert (snap["iops"], snap["bps"], snap["throttle_events"]) == (300, 1 << 20, 1)
+    with ControlServer(s.snapshot) as server:
+        server.register("limit", lambda req: {"ok": True, "limits": {"iops": req["iops"]}})
+        assert server.handle({"op": "limit", "iops": 5}) == {"ok": True, "limits": {"iops": 5}}
+        text = server.metrics_text().decode()
+    values = {x.name: x.value for f in text_string_to_metric_families(text) for x in f.samples}
+    assert values["vblk_limit_iops"] == 300
+    assert values["vblk_limit_bytes_per_second"] == 1 << 20
+    assert values["vblk_throttle_events_total"] == 1
+    assert values["vblk_throttled_seconds_total"] == 2.5
