@@ -49,7 +49,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from vblk.backing import BackingInfo, relock_window, resize_limit
-from vblk.device import OP_READ, BlkDevice, Completion, Geometry
+from vblk.device import OP_READ, OP_WRITE, BlkDevice, Completion, Geometry
 from vblk.errors import ConfigError, FrontendProtocolError, GuestError, RingBroken
 from vblk.resize import check_new_size, parse_new_size
 from vblk.control import listener_path
@@ -105,6 +105,7 @@ class Supervisor:
         self.free: deque[int] = deque(range(slots))
         self.held = [0] * device.num_queues      # slots each queue's requests hold
         self._drain_from = 0                     # rotates which ring is drained first
+        self._sync_worker: WorkerHandle | None = None   # takes this drain's durable writes
         self.inflight: dict[int, InFlight] = {}
         self.pool = WorkerPool(workers, backing_fd, self.slots.fd, slots, log_level)
         self.memory = GuestMemory.empty()
@@ -375,6 +376,7 @@ class Supervisor:
         for w, slots in batches.items():
             self.pool.workers[w].submit(slots)
         batches.clear()
+        self._sync_worker = None
 
     # -- inflight region -------------------------------------------------------------------
     def get_inflight(self, num_queues: int, queue_size: int) -> tuple[int, int]:
@@ -588,8 +590,14 @@ class Supervisor:
             return True
         slot = self.free.popleft()
         self.held[q] += 1
-        worker = self.pool.least_busy()
         flags = 0 if self.device.writeback else FLAG_SYNC
+        if flags and plan.op == OP_WRITE:
+            # Durable writes taken together go to one worker: its batch shares one fdatasync.
+            if self._sync_worker is None:
+                self._sync_worker = self.pool.least_busy()
+            worker = self._sync_worker
+        else:
+            worker = self.pool.least_busy()
         self.slots.post(slot, plan.op, flags, plan.offset, plan.length, self.memory.generation, pieces)
         used = plan.length + 1 if plan.op == OP_READ else 1
         self.inflight[slot] = InFlight(q, head, req.status_addr, used, worker.index, req.type,

@@ -5,6 +5,12 @@ SCM_RIGHTS, msgpack-encoded, whenever the memory table changes) and the same slo
 waits on two fds: the control socket and its submission pipe. Slot numbers arrive in batches;
 it runs them in order and returns all the finished numbers in one write to the completion pipe.
 
+Group commit (write-through): the writes of a batch that must be durable (FLAG_SYNC) are all
+made first, then one ``fdatasync`` covers every one of them -- each finished before it started
+-- and only after it returns is any slot of the batch marked DONE and reported. A failed
+fdatasync fails every write it was to cover. Durability is the same as one fdatasync per
+write; the cost is one per batch.
+
 Errors never leave a slot hanging: an OSError (or a slot that refers to memory the worker does
 not have) becomes IOERR with the errno recorded for the supervisor's log.
 """
@@ -86,9 +92,11 @@ class Worker:
         return True
 
     # -- I/O -----------------------------------------------------------------------------
-    def execute(self, i: int) -> None:
+    def execute(self, i: int) -> tuple[int, int, bool]:
+        """Run slot i; returns (status, errno, durable write awaiting the batch's fdatasync).
+        The slot is not marked DONE here (see ``run_batch``)."""
         op, flags, offset, length, gen, iovs = self.slots.take(i, self.index)
-        status, err = BlkStatus.OK, 0
+        status, err, needs_sync = BlkStatus.OK, 0, False
         try:
             if gen != self.memory.generation and op != OP_FLUSH:
                 # The supervisor sends a new memory table before any slot that uses it.
@@ -101,8 +109,7 @@ class Worker:
                 self._transfer(iovs, offset, write=False)
             elif op == OP_WRITE:
                 self._transfer(iovs, offset, write=True)
-                if flags & FLAG_SYNC:
-                    os.fdatasync(self.fd)
+                needs_sync = bool(flags & FLAG_SYNC)
             elif op == OP_FLUSH:
                 os.fdatasync(self.fd)
             else:
@@ -112,7 +119,21 @@ class Worker:
             err = getattr(exc, "errno", None) or errno.EIO
             log.warning("event=io_error worker=%d slot=%d op=%d offset=%d length=%d error=%r",
                         self.index, i, op, offset, length, exc)
-        self.slots.finish(i, status, err)
+        return status, err, needs_sync
+
+    def run_batch(self, batch: array.array) -> None:
+        """Run a batch of slots, group-commit its durable writes, then mark them all DONE."""
+        results = [self.execute(i) for i in batch]
+        if any(needs_sync for _, _, needs_sync in results):
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
+                log.warning("event=io_error worker=%d op=fdatasync error=%r", self.index, exc)
+                results = [(BlkStatus.IOERR, err, False) if needs_sync else (status, e, False)
+                           for status, e, needs_sync in results]
+        for i, (status, err, _) in zip(batch, results):
+            self.slots.finish(i, status, err)
 
     def _transfer(self, iovs: list[tuple[int, int, int]], offset: int, write: bool) -> None:
         bufs = self.memory.iovecs(iovs)
@@ -144,8 +165,7 @@ class Worker:
                         return 0
                     done = array.array("I")
                     done.frombytes(data)
-                    for i in done:
-                        self.execute(i)
+                    self.run_batch(done)
                     os.write(self.complete_fd, done.tobytes())
 
 
