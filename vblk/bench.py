@@ -711,18 +711,30 @@ def vblk_command(image: str | os.PathLike, sock: str, *, writethrough: bool,
             "--log-level", "warning", "--writethru" if writethrough else "--writeback", *extra]
 
 
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and _stat_fields(int(name))[2:3] == [str(pgid).encode()]:
+            pids.append(int(name))
+    return pids
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    """/proc/PID/stat after the command name (state ppid pgrp ... utime(11) stime(12)), or []."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def group_cpu_seconds(pgid: int) -> float:
     """User + system CPU seconds of the live processes of process group ``pgid``."""
     total = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid:                 # state ppid pgrp ... utime(11) stime(12)
+    for pid in group_pids(pgid):
+        fields = _stat_fields(pid)
+        if len(fields) > 12:
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
 

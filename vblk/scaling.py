@@ -21,28 +21,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vblk.bench import (BenchError, Server, Workload, copy_image, run_workload, source_version,
-                        vblk_command)
+from vblk.bench import (BenchError, Server, Workload, copy_image, group_pids, run_workload,
+                        source_version, vblk_command)
 
 WORKERS = (1, 2, 4, 8)
 QDS = (1, 2, 4, 8, 16, 32, 64)
 MiB = 1 << 20
-
-
-def group_pids(pgid: int) -> list[int]:
-    """The live processes of process group ``pgid``."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid:
-            pids.append(int(name))
-    return pids
 
 
 def pss_bytes(pid: int, *, without_guest_ram: bool = False) -> int:
