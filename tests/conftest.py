@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import pytest
 
+from vblk.bench import qsd_command
 from vblk.testing.processes import stop_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,15 +98,6 @@ class _Launcher:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def qsd_command(image: str | os.PathLike, sock: str, *extra: str, num_queues: int = 1) -> list[str]:
-    """``extra``: more qsd arguments, e.g. a QMP monitor (see ``qmp_args``)."""
-    return ["qemu-storage-daemon", *extra,
-            "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}",
-            "--blockdev", "driver=raw,node-name=disk0,file=file0",
-            "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-                        f"addr.path={sock},writable=on,num-queues={num_queues}"]
-
-
 def vblk_command(image: str | os.PathLike, sock: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "cli", "serve", os.fspath(image), "--socket-path", sock,
             *map(str, args)]
@@ -124,7 +116,7 @@ def qsd_server(request: pytest.FixtureRequest, tmp_path: Path):
     ``qmp_args(path)``)."""
     launcher = _Launcher(request, tmp_path)
     yield lambda image, *extra, num_queues=1: launcher.start(
-        "qsd", lambda sock: qsd_command(image, sock, *extra, num_queues=num_queues))
+        "qsd", lambda sock: qsd_command(image, sock, *extra, queues=num_queues))
     launcher.stop_all()
 
 

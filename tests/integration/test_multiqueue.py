@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -101,20 +103,35 @@ def test_a_queue_beyond_the_count_cannot_be_started(backend, request, image):
 
 
 def test_a_flooded_queue_does_not_starve_another(vblk_server, image):
-    """Queue 0 puts 20 write-through writes of 64 KiB in flight against 16 slots and one
-    worker; queue 1's 8 writes still finish while queue 0 has work outstanding (the slot
-    policy itself, slot_budget, is unit-tested)."""
+    """With the only worker stopped, queue 0 fills all 16 slots and keeps 44 more requests
+    waiting; queue 1 then asks for 8. Once the worker runs again every request of both
+    queues completes with the right data (which queue gets the freed slots first is the
+    slot_budget policy, unit-tested in tests/unit/test_slot_budget.py)."""
     sock = vblk_server(image, "--num-queues", "2", "--queue-size", "16", "--workers", "1")
     flood, other = clients = connect(sock, 2)
+    pid = sock.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        (worker,) = map(int, f.read().split())         # --workers 1
     try:
-        block = b"\xab" * (64 * 1024)
-        flood_tags = [flood.submit(BlkType.OUT, i * 128, data=block) for i in range(20)]
-        other_tags = [other.submit(BlkType.OUT, 8192 * 8 + i * 8, data=b"\xcd" * 4096)
-                      for i in range(8)]
+        flood.indirect = other.indirect = True
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            flood_tags = [flood.submit(BlkType.OUT, i * 8, data=bytes([i]) * 4096)
+                          for i in range(60)]
+            deadline = time.monotonic() + 10
+            while fetch_stats(sock + ".ctl")["queues"][0]["in_flight"] < 16:
+                assert time.monotonic() < deadline, "queue 0 did not fill the slots"
+                time.sleep(0.02)
+            other_tags = [other.submit(BlkType.OUT, 8192 + i * 8, data=b"\xcd" * 4096)
+                          for i in range(8)]
+            time.sleep(0.2)
+            snap = fetch_stats(sock + ".ctl")
+            assert [q["in_flight"] for q in snap["queues"]] == [16, 0]
+        finally:
+            os.kill(worker, signal.SIGCONT)
         assert all(d.status == BlkStatus.OK for d in wait_for(other, other_tags).values())
-        snap = fetch_stats(sock + ".ctl")
-        assert snap["queues"][0]["in_flight"] + (20 - snap["queues"][0]["requests"]) > 0, \
-            "queue 0 drained completely before queue 1 got a slot"
         assert all(d.status == BlkStatus.OK for d in wait_for(flood, flood_tags).values())
+        for i in (0, 17, 59):
+            assert flood.read(i * 8, 4096).data == bytes([i]) * 4096
     finally:
         close(clients)

@@ -44,3 +44,16 @@ def test_simulated_rings_share_slots_fairly(total, rings, data):
     assert sum(held) + free == total
     share = max(1, total // rings)
     assert all(h <= max(share, 1) for h in held)
+
+
+def test_freed_slots_reach_the_waiting_ring_whichever_ring_goes_first():
+    """Ring 0 held all 16 slots; 8 come back while both rings have work. Whichever ring is
+    drained first, ring 1 gets its share in this round (without the budget, ring 0 drained
+    first would take all 8 back)."""
+    for order in ((0, 1), (1, 0)):
+        held, free = [8, 0], 8            # ring 0's 8 completions returned their slots
+        for q in order:
+            take = slot_budget(free, 16, held[q], 2, others_waiting=True)
+            held[q] += take
+            free -= take
+        assert held == [8, 8], order
