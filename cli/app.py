@@ -19,13 +19,13 @@ import typer
 
 from cli import ops
 from cli.bench import bench_command
+from vblk.control import check_unix_socket_path
 from vblk.errors import ConfigError
 from vblk.logs import configure_logging
 from vblk.options import (DiskOptions, ServeConfig, merge_flags, parse_acrn, parse_limits,
                           parse_socket_mode)
 
 EXIT_CONFIG = 2
-SUN_PATH_MAX = 107                    # sizeof(sockaddr_un.sun_path) - 1
 
 app = typer.Typer(name="vblk", add_completion=True, no_args_is_help=True,
                   rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -78,23 +78,6 @@ def check_group(name: str | None) -> str | None:
         except KeyError:
             raise ConfigError(f"--socket-group {name!r}: no such group") from None
     return name
-
-
-def check_socket_path(path: str) -> None:
-    """Refuse a socket path that ``bind`` would refuse, or that names something else."""
-    if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise ConfigError(f"socket path {path} is longer than {SUN_PATH_MAX} bytes")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ConfigError(f"socket directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot create the socket in {parent}: permission denied")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
 
 
 def check_listen_fd(fd: int) -> None:
@@ -189,7 +172,7 @@ def serve(
         ops.check_ops_flags(control_socket, metrics_listen, socket_path)
         check_backing(disk)
         if config.socket_path is not None:
-            check_socket_path(config.socket_path)
+            check_unix_socket_path(config.socket_path)
         else:
             check_listen_fd(config.listen_fd)
     except ConfigError as e:

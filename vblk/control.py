@@ -84,19 +84,27 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def check_control_path(path: str) -> None:
-    """Refuse a control socket path bind would refuse, or one that names something else."""
+def check_unix_socket_path(path: str, what: str = "socket") -> None:
+    """Refuse a path for a Unix socket vblk will create that ``bind`` would refuse (too long,
+    no directory, a directory we cannot write), or that names something other than a socket
+    (never replaced). ``what`` names the socket in the message."""
     if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise ConfigError(f"control socket path {path} is longer than {SUN_PATH_MAX} bytes")
+        raise ConfigError(f"{what} path {path} is longer than {SUN_PATH_MAX} bytes")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise ConfigError(f"control socket directory {parent} does not exist")
+        raise ConfigError(f"{what} directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create the {what} in {parent}: permission denied")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+
+
+def check_control_path(path: str) -> None:
+    check_unix_socket_path(path, "control socket")
 
 
 @dataclass(eq=False)
