@@ -31,21 +31,18 @@ import tracemalloc
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from vblk.testing import fuzzstats
 from vblk.testing.fuzzstats import record
 from vblk.errors import FrontendProtocolError
 from vblk.vhost_user import messages as m
 from vblk.vhost_user.transport import PeerClosed, recv_message
 
-EXAMPLES = int(os.environ.get("VBLK_FUZZ_EXAMPLES", "300"))
-ROUNDS = int(os.environ.get("VBLK_FUZZ_ROUNDS", "1"))
-# Many rounds (or shards) must each explore new ground, so they never run derandomized
-# (Hypothesis' CI profile would replay the same examples every round).
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
-                    suppress_health_check=list(HealthCheck),
-                    **({"derandomize": False} if ROUNDS > 1 else {}))
+EXAMPLES = fuzzstats.examples(300)
+ROUNDS = fuzzstats.rounds()
+SETTINGS = fuzzstats.hypothesis_settings(EXAMPLES)
 ALLOWED = (PeerClosed, FrontendProtocolError, TimeoutError, OSError)
 SILENT_TIMEOUT = 0.02            # the reader's timeout when the writer goes quiet
 U32_MAX = (1 << 32) - 1

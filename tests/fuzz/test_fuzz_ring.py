@@ -39,10 +39,11 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from vblk.device import OP_FLUSH, OP_READ, OP_WRITE, BlkDevice, Completion, Geometry, IoPlan
+from vblk.testing import fuzzstats
 from vblk.testing.fuzzstats import record
 from vblk.errors import GuestError, RingBroken
 from vblk.memory import GuestMemory
@@ -57,9 +58,9 @@ try:        # the inflight region (backend restarts): another input the frontend
 except ImportError:                                   # pragma: no cover
     InflightQueue = None
 
-EXAMPLES = int(os.environ.get("VBLK_FUZZ_EXAMPLES", "300"))
+EXAMPLES = fuzzstats.examples(300)
 GUESTS = int(os.environ.get("VBLK_FUZZ_GUESTS", "8"))
-ROUNDS = int(os.environ.get("VBLK_FUZZ_ROUNDS", "1"))
+ROUNDS = fuzzstats.rounds()
 SHARDS = int(os.environ.get("VBLK_FUZZ_SHARDS", "1"))
 
 NEXT, WRITE, INDIRECT = 1, 2, 4
@@ -67,11 +68,7 @@ PAGE = 4096
 UVA = 0x7F00_0000_0000
 U64_MAX = (1 << 64) - 1
 
-# Many rounds (or shards) must each explore new ground, so they never run derandomized
-# (Hypothesis' CI profile would replay the same examples every round).
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
-                    suppress_health_check=list(HealthCheck),
-                    **({"derandomize": False} if ROUNDS > 1 or SHARDS > 1 else {}))
+SETTINGS = fuzzstats.hypothesis_settings(EXAMPLES, SHARDS)
 
 
 # -- the generated guest ------------------------------------------------------------------

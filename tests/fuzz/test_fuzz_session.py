@@ -41,6 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vblk.device import BlkDevice, Geometry
+from vblk.testing import fuzzstats
 from vblk.testing.fuzzstats import record
 from vblk.errors import FrontendProtocolError, GuestError
 from vblk.memory import GuestMemory
@@ -49,14 +50,10 @@ from vblk.vhost_user.messages import FrontendReq as R
 from vblk.vhost_user.session import _HAS_REPLY_BODY, DropConnection, Session
 from vblk.virtio.ring import SplitRing
 
-EXAMPLES = int(os.environ.get("VBLK_FUZZ_EXAMPLES", "250"))
-ROUNDS = int(os.environ.get("VBLK_FUZZ_ROUNDS", "1"))
+EXAMPLES = fuzzstats.examples(250)
+ROUNDS = fuzzstats.rounds()
 
-# Many rounds (or shards) must each explore new ground, so they never run derandomized
-# (Hypothesis' CI profile would replay the same examples every round).
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
-                    suppress_health_check=list(HealthCheck),
-                    **({"derandomize": False} if ROUNDS > 1 else {}))
+SETTINGS = fuzzstats.hypothesis_settings(EXAMPLES)
 
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1

@@ -1,5 +1,5 @@
-"""Counts a fuzz run reports for ``scripts/fuzz-long`` (one JSON line per test, in
-``$VBLK_FUZZ_STATS``; nothing is written when it is unset)."""
+"""The fuzz tests' shared knobs and the counts a run reports for ``scripts/fuzz-long`` (one
+JSON line per test, in ``$VBLK_FUZZ_STATS``; nothing is written when it is unset)."""
 from __future__ import annotations
 
 import json
@@ -19,3 +19,23 @@ def record(kind: str, counts: Counter, seconds: float, cpu_seconds: float) -> No
         os.write(fd, line.encode())
     finally:
         os.close(fd)
+
+
+def examples(default: int) -> int:
+    """Examples per round: ``$VBLK_FUZZ_EXAMPLES``, else ``default``."""
+    return int(os.environ.get("VBLK_FUZZ_EXAMPLES", str(default)))
+
+
+def rounds() -> int:
+    """Rounds (a fresh Hypothesis run each): ``$VBLK_FUZZ_ROUNDS``, default 1."""
+    return int(os.environ.get("VBLK_FUZZ_ROUNDS", "1"))
+
+
+def hypothesis_settings(max_examples: int, shards: int = 1):
+    """Settings for a fuzz test: no deadline, no example database, every health check off.
+    With several rounds (or ``shards``, copies of the test run in parallel) each must explore new ground, so they never run
+    derandomized (Hypothesis' CI profile would replay the same examples every round)."""
+    from hypothesis import HealthCheck, settings
+    return settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
+                    suppress_health_check=list(HealthCheck),
+                    **({"derandomize": False} if rounds() > 1 or shards > 1 else {}))
