@@ -17,7 +17,8 @@ Public API::
     build_guest(cache_dir=None, *, rebuild=False) -> GuestImage
     run_guest(socket_path, script, *, timeout=180, memory="512M", queue_size=64,
               num_queues=1, extra_qemu_args=(), image=None, log_path=None,
-              bios=None, accel=None, files=None, cmdline_extra="") -> GuestResult
+              bios=None, accel=None, files=None, cmdline_extra="", smp=1,
+              archives=()) -> GuestResult
 
 Command line: ``python -m vblk.testing.guest build`` builds (or finds) the cached
 image and prints its paths; ``python -m vblk.testing.guest run SOCK SCRIPT``
@@ -788,7 +789,8 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
               bios: str | os.PathLike | None = None, accel: str | None = None,
               files: Mapping[str, bytes | str] | None = None,
               cmdline_extra: str = "", reconnect: int | None = None,
-              alive: Callable[[], bool] | None = None, smp: int = 1) -> GuestResult:
+              alive: Callable[[], bool] | None = None, smp: int = 1,
+              archives: Sequence[str | os.PathLike] = ()) -> GuestResult:
     """Boot the test guest against the vhost-user-blk backend at socket_path.
 
     ``script`` runs as ``sh -e /scenario.sh`` once /dev/vda exists; what it
@@ -801,6 +803,8 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
     returns False the guest gets 3 s to finish, then QEMU is killed and
     ``result.aborted`` says why, so a dead backend fails fast instead of timing out.
     ``smp``: the guest's vCPUs (a multiqueue guest uses at most one queue per vCPU).
+    ``archives``: more newc cpio archives (e.g. ``guestaddon.build_fio_addon()``), appended
+    after the base initramfs and before the scenario, in order.
     """
     _check_prerequisites()
     image = image or build_guest()
@@ -808,6 +812,11 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
         initrd = Path(tmp) / "initrd.img"
         with open(initrd, "wb") as f, open(image.initrd, "rb") as base:
             shutil.copyfileobj(base, f)
+            for path in archives:
+                with open(path, "rb") as extra:
+                    shutil.copyfileobj(extra, f)
+                if f.tell() % 4:                  # newc archives start 4-byte aligned
+                    f.write(b"\0" * (4 - f.tell() % 4))
             f.write(scenario_archive(script, files))
         cmd = qemu_command(image, initrd, socket_path, memory=memory, queue_size=queue_size,
                            num_queues=num_queues, bios=bios, accel=accel,
