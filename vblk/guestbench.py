@@ -319,6 +319,8 @@ def guest_compare(image: str | os.PathLike, workloads: Sequence[Workload], *, ro
                   keep: bool = False, log: TextIO | None = None) -> GuestComparison:
     """Run every workload with fio in the guest against vblk and qsd, one boot per backend per
     round, the boots' order alternating; round r uses seed + r on both backends."""
+    if not Path(image).is_file():
+        raise BenchError(f"--compare {image}: not a regular file")
     if not 1 <= rounds <= 100:
         raise BenchError(f"--rounds {rounds}: 1..100")
     if not 1 <= smp <= 64:

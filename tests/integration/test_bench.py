@@ -111,6 +111,12 @@ def test_more_queues_than_offered_is_refused(vblk_server, image):
     (["--socket", "/nonexistent.sock"], "no such socket"),
     (["--ops", "5"], "exactly one of --socket"),
     (["--compare", "/nonexistent.img", "--workload", "randread:4k"], "PATTERN:BS:QD"),
+    (["--socket", "/nonexistent.sock", "--guest"], "--guest goes with --compare"),
+    (["--compare", "/nonexistent.img", "--ramp", "1"], "--ramp goes with --guest"),
+    (["--compare", "/nonexistent.img", "--guest", "--ops", "5"], "--ops does not go with --guest"),
+    (["--compare", "/nonexistent.img", "--guest", "--queues", "2"], "--queues does not go"),
+    (["--compare", "/nonexistent.img", "--guest", "--smp", "0"], "--smp 0"),
+    (["--compare", "/nonexistent.img", "--guest", "--guest-memory", "100M"], "--guest-memory"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, words):
     assert words in one_error_line(bench(*args))
