@@ -20,9 +20,10 @@ Public API::
               bios=None, accel=None, files=None, cmdline_extra="", smp=1,
               archives=()) -> GuestResult
 
-Command line: ``python -m vblk.testing.guest build`` builds (or finds) the cached
-image and prints its paths; ``python -m vblk.testing.guest run SOCK SCRIPT``
-boots it once against a running backend.
+Command line: ``python -m vblk.testing.guest build [--fio]`` builds (or finds) the cached
+image (and the fio add-on of ``vblk.testing.guestaddon``) and prints their paths;
+``python -m vblk.testing.guest run SOCK SCRIPT [--fio] [--archive CPIO]`` boots it once
+against a running backend.
 """
 from __future__ import annotations
 
@@ -1004,12 +1005,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--cache-dir", type=Path)
     b.add_argument("--rebuild", action="store_true",
                    help="ask apt for the current kernel and build it if not cached")
+    b.add_argument("--fio", action="store_true",
+                   help="also build (or find) the fio add-on archive (vblk bench --guest)")
     r = sub.add_parser("run", help="boot the guest once against a vhost-user-blk socket")
     r.add_argument("socket")
     r.add_argument("script", help="scenario file (sh), or - for stdin")
     r.add_argument("--timeout", type=float, default=180)
     r.add_argument("--bios")
     r.add_argument("--queue-size", type=int, default=64)
+    r.add_argument("--archive", action="append", default=[], metavar="CPIO",
+                   help="append this newc archive to the initramfs (repeatable)")
+    r.add_argument("--fio", action="store_true", help="append the fio add-on")
     args = ap.parse_args(argv)
     if args.cmd == "build":
         t0 = time.monotonic()
@@ -1021,11 +1027,22 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"kernel_version={img.kernel_version}")
         print(f"kernel={img.kernel}")
         print(f"initrd={img.initrd}")
+        if args.fio:
+            from vblk.testing.guestaddon import build_fio_addon
+            try:
+                print(f"fio_addon={build_fio_addon()}")
+            except GuestBuildError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
         print(f"seconds={time.monotonic() - t0:.1f}")
         return 0
     script = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
+    archives = list(args.archive)
+    if args.fio:
+        from vblk.testing.guestaddon import build_fio_addon
+        archives.append(build_fio_addon())
     res = run_guest(args.socket, script, timeout=args.timeout, bios=args.bios,
-                    queue_size=args.queue_size)
+                    queue_size=args.queue_size, archives=archives)
     print(res.output)
     if res.stderr:
         print(res.stderr, file=sys.stderr)
