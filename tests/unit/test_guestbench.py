@@ -140,3 +140,56 @@ def test_a_guest_comparison_prints_the_same_table_and_counts_kernel_errors():
     assert [b["backend"] for b in d["guest"]["boots"]] == list(BACKENDS)
     c.boots[0].io_errors = 2
     assert c.errors == 2 and c.to_dict()["errors"] == 2
+
+
+class _FakeServer:
+    """What _collect reads of a bench.Server: its name and log."""
+    name = "vblk"
+
+    def log_tail(self, limit: int = 2000) -> str:
+        return "(server log)"
+
+
+def _guest_output(reports: list[str], statuses: list[int], io_errors: str = "0") -> str:
+    lines = ["VBLK-GUEST-SCENARIO-START"]
+    for i, (doc, rc) in enumerate(zip(reports, statuses)):
+        lines += [f"{BEGIN} {i}", f"{END} {i} rc={rc}", f"{JSON_BEGIN} {i}", doc, "",
+                  f"{JSON_END} {i}"]
+    return "\n".join(lines + [f"{IO_ERRORS}={io_errors}", "VBLK-GUEST-EXIT=0"])
+
+
+def _collect(output: str, n: int, exit_status: int | None = 0):
+    from vblk.guestbench import _collect as collect
+    from vblk.testing.guest import GuestResult
+    res = GuestResult(exit_status=exit_status, output=output, seconds=9.0,
+                      timed_lines=[(0.1 * i, line) for i, line in enumerate(output.splitlines())],
+                      started_at=1000.0)
+    cpu = CpuSampler(lambda: 0.0)
+    cpu.samples = [(999.0, 1.0), (2000.0, 101.1)]      # 0.1 CPU seconds per second
+    workloads = [Workload.parse("randread:4k:4", duration=1) for _ in range(n)]
+    return collect(_FakeServer(), workloads, res, cpu)
+
+
+def test_collect_turns_reports_into_results_and_counts_failed_fio_runs():
+    good = (DATA / "fio-randread-4k-qd4.json").read_text()
+    bad = json.loads(good)
+    bad["jobs"][0]["error"] = 5                          # EIO
+    run = _collect(_guest_output([good, json.dumps(bad), good], [0, 1, 1]), 3)
+    assert [r.errors for r in run.results] == [0, 1, 1]
+    assert run.results[0].ops == load("fio-randread-4k-qd4.json")["jobs"][0]["read"]["total_ios"]
+    assert run.results[0].server_cpu == pytest.approx(10.0)
+    assert run.io_errors == 0 and run.backend == "vblk"
+
+
+def test_collect_fails_loudly_when_the_guest_did_not_deliver():
+    from vblk.guestbench import GuestBenchError
+    good = (DATA / "fio-randread-4k-qd4.json").read_text()
+    with pytest.raises(GuestBenchError, match="no fio output for 4k randread QD4"):
+        _collect(_guest_output([good], [0]), 2)
+    with pytest.raises(GuestBenchError, match="unreadable"):
+        _collect(_guest_output([good[:200]], [0]), 1)
+    with pytest.raises(GuestBenchError, match="did not finish"):
+        _collect(_guest_output([good], [0]), 1, exit_status=None)
+    with pytest.raises(GuestBenchError, match="kernel's I/O errors"):
+        _collect(_guest_output([good], [0], io_errors=""), 1)
+    assert _collect(_guest_output([good], [0], io_errors="3"), 1).io_errors == 3
