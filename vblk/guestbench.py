@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 from vblk.bench import (BACKENDS, MiB, BenchError, Comparison, Result, Server, Workload,
-                        parse_size, serve_pair)
+                        parse_size, serve_pair, split_cache_mode)
 from vblk.testing.frontend import BackendError
 from vblk.testing.guest import (GuestBuildError, GuestResult, build_guest, default_accel,
                                 run_guest)
@@ -338,6 +338,7 @@ def guest_compare(image: str | os.PathLike, workloads: Sequence[Workload], *, ro
             raise BenchError("--guest runs each workload for --duration seconds, not --ops")
         if w.queues != 1:
             raise BenchError(f"--queues {w.queues}: the guest mode uses one queue")
+    split_cache_mode(vblk_args, cache)        # its BenchError before the guest is built
     say = (lambda msg: print(msg, file=log, flush=True)) if log else (lambda msg: None)
     try:
         version = fio_version()
