@@ -33,7 +33,12 @@ reap that sees it done. MB/s are 10^6 bytes.
 each workload (--workload PATTERN:BS:QD, repeatable; default 4k randread QD1 and QD32, 128k
 read and write QD8, 4k randwrite QD32) against both, alternately, for --rounds rounds, then
 prints medians and the ratio vblk/qsd. --plot FILE.png adds a queue-depth sweep (QD 1..32 of
---plot-workload) and draws it (needs matplotlib)."""
+--plot-workload) and draws it (needs matplotlib).
+
+--compare IMAGE --guest runs the same comparison with fio (libaio, O_DIRECT, JSON output) inside
+vblk's test guest (QEMU, TCG without real KVM): one boot per backend per round, order
+alternating, every workload for --duration seconds after a --ramp; --smp and --guest-memory size
+the guest. Needs fio on the host (apt-get install fio): it is copied into a cached add-on."""
 
 
 def _fail(message: str, status: int) -> typer.Exit:
@@ -97,6 +102,16 @@ def bench_command(
                                                   "of a vblk's control socket, SOCKET.ctl)."),
     limit_bps: Optional[str] = typer.Option(None, "--limit-bps", metavar="SIZE",
                                             help="--socket: the bytes/s limit, likewise."),
+    guest: bool = typer.Option(False, "--guest",
+                               help="--compare: run fio inside the test guest (QEMU) against "
+                                    "each backend instead of the Python frontend."),
+    ramp: Optional[float] = typer.Option(None, "--ramp", metavar="SECONDS",
+                                         help="--guest: fio's ramp before each workload "
+                                              "(default 1)."),
+    smp: Optional[int] = typer.Option(None, "--smp", metavar="N",
+                                      help="--guest: the guest's vCPUs (default 1)."),
+    guest_memory: Optional[str] = typer.Option(None, "--guest-memory", metavar="SIZE",
+                                               help="--guest: the guest's RAM (default 512M)."),
 ) -> None:
     from vblk import bench as b
     from vblk.testing.frontend import BackendError
@@ -105,9 +120,24 @@ def bench_command(
     compare_only = {"--workload": workload, "--rounds": rounds, "--vblk-args": vblk_args,
                     "--cache": cache, "--plot": plot, "--plot-workload": plot_workload,
                     "--workdir": workdir, "--keep": keep or None}
+    guest_only = {"--ramp": ramp, "--smp": smp, "--guest-memory": guest_memory}
     try:
         if (socket_path is None) == (compare_image is None):
             raise b.BenchError("give exactly one of --socket PATH and --compare IMAGE")
+        if guest and compare_image is None:
+            raise b.BenchError("--guest goes with --compare IMAGE")
+        if not guest:
+            given = [name for name, value in guest_only.items() if value is not None]
+            if given:
+                raise b.BenchError(f"{given[0]} goes with --guest")
+        else:
+            frontend_only = {"--ops": ops, "--busy-poll": busy_poll or None, "--plot": plot,
+                             "--plot-workload": plot_workload,
+                             "--queues": queues if queues != 1 else None}
+            given = [name for name, value in frontend_only.items() if value is not None]
+            if given:
+                raise b.BenchError(f"{given[0]} does not go with --guest (fio runs each "
+                                   "workload for --duration seconds on one queue)")
         if socket_path is not None:
             given = [name for name, value in compare_only.items() if value is not None]
             if given:
@@ -151,7 +181,20 @@ def bench_command(
         raise _fail(str(exc), EXIT_USAGE) from None
 
     try:
-        if socket_path is not None:
+        if guest:
+            from vblk import guestbench
+            comparison = guestbench.guest_compare(
+                compare_image, workloads, rounds=3 if rounds is None else rounds,
+                ramp=guestbench.DEFAULT_RAMP if ramp is None else ramp,
+                smp=1 if smp is None else smp,
+                memory=guest_memory or guestbench.DEFAULT_MEMORY, vblk_args=vblk_args or "",
+                cache=cache, workdir=workdir, keep=keep, log=sys.stderr if show else None)
+            if as_json:
+                typer.echo(json.dumps(comparison.to_dict(), indent=2))
+            else:
+                typer.echo(b.format_comparison(comparison))
+            errors = comparison.errors
+        elif socket_path is not None:
             line = b.ProgressLine(sys.stderr, single.label, single) if show else None
             try:
                 result = b.run_workload(socket_path, single, timeout=timeout, busy_poll=busy_poll,

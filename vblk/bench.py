@@ -36,6 +36,7 @@ p50 latency against queue depth (matplotlib, imported only there).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -53,7 +54,7 @@ import time
 from array import array
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import Callable, Iterator, Sequence, TextIO
 
 from vblk.errors import ConfigError
 from vblk.testing.driver import RingLayout, SplitDriver
@@ -876,6 +877,8 @@ class Comparison:
     sweep_label: str = ""
     loadavg: list[tuple[float, float, float]] = field(default_factory=list)   # start, end
     source: str | None = None            # the vblk code that was served (git)
+    load: str = "frontend"               # what made the load: "frontend" or "guest" (fio)
+    notes: list[str] = field(default_factory=list)   # more header lines for the table
 
     @staticmethod
     def medians(results: list[Result]) -> dict:
@@ -917,15 +920,17 @@ class Comparison:
                 "rounds": self.rounds, "commands": self.commands, "errors": self.errors,
                 "workloads": rows(self.runs), "sweep": rows(self.sweep),
                 "sweep_workload": self.sweep_label or None, "loadavg": self.loadavg,
-                "vblk_source": self.source}
+                "vblk_source": self.source, "load": self.load, "notes": self.notes}
 
 
 def format_comparison(c: Comparison) -> str:
     cache = "writethrough" if c.writethrough else "writeback"
-    out = [f"vblk vs qemu-storage-daemon, {cache}, medians of {c.rounds} round"
+    by = ", fio in the test guest" if c.load == "guest" else ""
+    out = [f"vblk vs qemu-storage-daemon{by}, {cache}, medians of {c.rounds} round"
            f"{'s' * (c.rounds > 1)} (alternating)",
            f"  vblk: {shlex.join(c.commands['vblk'])}",
            f"  qsd:  {shlex.join(c.commands['qsd'])}"]
+    out += [f"  {note}" for note in c.notes]
     if c.source:
         out.append(f"  vblk source: {c.source}")
     if c.loadavg:
@@ -933,7 +938,8 @@ def format_comparison(c: Comparison) -> str:
                    + ", at end " + "/".join(f"{v:.2f}" for v in c.loadavg[-1]))
     out.append("")
     head = (f"{'workload':<20} {'backend':<9} {'IOPS':>10} {'MB/s':>9} {'p50 µs':>9} "
-            f"{'p99 µs':>9} {'p99.9 µs':>9} {'errors':>6} {'client CPU':>10} {'server CPU':>10}")
+            f"{'p99 µs':>9} {'p99.9 µs':>9} {'errors':>6} "
+            f"{'guest CPU' if c.load == 'guest' else 'client CPU':>10} {'server CPU':>10}")
     out += [head, "-" * len(head)]
 
     def pct(v: float | None) -> str:
@@ -962,30 +968,39 @@ def format_comparison(c: Comparison) -> str:
     return "\n".join(out)
 
 
-def compare(image: str | os.PathLike, workloads: Sequence[Workload], *, rounds: int = 3,
-            vblk_args: str = "", cache: str | None = None, workdir: str | None = None,
-            keep: bool = False, sweep: Workload | None = None, timeout: float = 10.0,
-            busy_poll: bool = False, progress: TextIO | None = None,
-            log: TextIO | None = None) -> Comparison:
-    """Serve two copies of ``image`` with vblk and qsd and run every workload against both,
-    A B A B, ``rounds`` times (round r uses seed + r for both). ``sweep`` adds the same runs
-    at each queue depth of SWEEP_QDS. Writes go to the copies, identically on both."""
+@dataclass
+class ServedPair:
+    """vblk and qsd serving two fresh copies of one image (``serve_pair``)."""
+    image: Path
+    writethrough: bool
+    commands: dict[str, list[str]]
+    servers: dict[str, Server]
+    source: str | None                   # the vblk code that is served (git)
+    workdir: Path
+
+
+@contextlib.contextmanager
+def serve_pair(image: str | os.PathLike, *, vblk_args: str = "", cache: str | None = None,
+               queues: int = 1, workdir: str | None = None, keep: bool = False,
+               log: TextIO | None = None) -> Iterator[ServedPair]:
+    """Copy ``image`` twice, serve one copy with ``vblk serve`` and the other with
+    qemu-storage-daemon in the same cache mode, wait until both listen; on exit stop both and
+    remove the copies (unless ``keep``). BenchError for a bad option, before anything starts."""
     src = Path(image)
     if not src.is_file():
         raise BenchError(f"--compare {image}: not a regular file")
-    if not 1 <= rounds <= 100:
-        raise BenchError(f"--rounds {rounds}: 1..100")
     if shutil.which("qemu-storage-daemon") is None:
         raise BenchError("--compare needs qemu-storage-daemon on PATH (Debian: qemu-system-common)")
     writethrough, extra = split_cache_mode(vblk_args, cache)
-    queues = max(w.queues for w in [*workloads, *([sweep] if sweep else [])])
+    if workdir is not None and "," in os.path.abspath(workdir):
+        raise BenchError(f"--workdir {workdir}: a path with a comma cannot be an image spec")
     work = Path(tempfile.mkdtemp(prefix="vblk-bench-", dir=workdir))
     sockdir = tempfile.mkdtemp(prefix="vblk-bench-", dir="/tmp")    # sun_path is short
-    if "," in str(work):
-        raise BenchError(f"--workdir {work}: a path with a comma cannot be an image spec")
     servers: dict[str, Server] = {}
     say = (lambda msg: print(msg, file=log, flush=True)) if log else (lambda msg: None)
     try:
+        if "," in str(work):
+            raise BenchError(f"--workdir {work}: a path with a comma cannot be an image spec")
         images = {b: work / f"{b}.img" for b in BACKENDS}
         say(f"copying {src} ({src.stat().st_size / MiB:,.0f} MiB) twice into {work}")
         for path in images.values():
@@ -1003,7 +1018,33 @@ def compare(image: str | os.PathLike, workloads: Sequence[Workload], *, rounds: 
                                 env=env if b == "vblk" else None)
         for server in servers.values():
             server.wait_listening()
-        result = Comparison(str(src), writethrough, rounds, commands, source=source_version(repo))
+        yield ServedPair(src, writethrough, commands, servers, source_version(repo), work)
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if keep:
+            say(f"kept {work} (image copies and server logs)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(image: str | os.PathLike, workloads: Sequence[Workload], *, rounds: int = 3,
+            vblk_args: str = "", cache: str | None = None, workdir: str | None = None,
+            keep: bool = False, sweep: Workload | None = None, timeout: float = 10.0,
+            busy_poll: bool = False, progress: TextIO | None = None,
+            log: TextIO | None = None) -> Comparison:
+    """Serve two copies of ``image`` with vblk and qsd and run every workload against both,
+    A B A B, ``rounds`` times (round r uses seed + r for both). ``sweep`` adds the same runs
+    at each queue depth of SWEEP_QDS. Writes go to the copies, identically on both."""
+    if not 1 <= rounds <= 100:
+        raise BenchError(f"--rounds {rounds}: 1..100")
+    queues = max(w.queues for w in [*workloads, *([sweep] if sweep else [])])
+    with serve_pair(image, vblk_args=vblk_args, cache=cache, queues=queues, workdir=workdir,
+                    keep=keep, log=log) as pair:
+        servers = pair.servers
+        result = Comparison(str(pair.image), pair.writethrough, rounds, pair.commands,
+                            source=pair.source)
         result.loadavg.append(os.getloadavg())
 
         def one(tag: str, w: Workload, b: str) -> Result:
@@ -1035,14 +1076,6 @@ def compare(image: str | os.PathLike, workloads: Sequence[Workload], *, rounds: 
                         group[b].append(one(f"[sweep {r + 1}/{rounds}]", wr, b))
         result.loadavg.append(os.getloadavg())
         return result
-    finally:
-        for server in servers.values():
-            server.stop()
-        shutil.rmtree(sockdir, ignore_errors=True)
-        if keep:
-            say(f"kept {work} (image copies and server logs)")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 # -- plot ---------------------------------------------------------------------------------------
@@ -1087,6 +1120,7 @@ def plot_sweep(c: Comparison, path: str | os.PathLike) -> None:
 
 
 __all__ = ["BenchError", "Comparison", "DEFAULT_WORKLOADS", "PATTERNS", "ProgressLine", "Result",
-           "Runner", "SWEEP_QDS", "Workload", "check_plot_support", "compare", "copy_image",
-           "format_comparison", "format_result", "format_size", "latency_summary", "parse_size",
-           "plot_sweep", "qsd_command", "run_workload", "vblk_command"]
+           "Runner", "SWEEP_QDS", "ServedPair", "Workload", "check_plot_support", "compare",
+           "copy_image", "format_comparison", "format_result", "format_size", "latency_summary",
+           "parse_size", "plot_sweep", "qsd_command", "run_workload", "serve_pair",
+           "vblk_command"]

@@ -111,9 +111,26 @@ def test_more_queues_than_offered_is_refused(vblk_server, image):
     (["--socket", "/nonexistent.sock"], "no such socket"),
     (["--ops", "5"], "exactly one of --socket"),
     (["--compare", "/nonexistent.img", "--workload", "randread:4k"], "PATTERN:BS:QD"),
+    (["--socket", "/nonexistent.sock", "--guest"], "--guest goes with --compare"),
+    (["--compare", "/nonexistent.img", "--ramp", "1"], "--ramp goes with --guest"),
+    (["--compare", "/nonexistent.img", "--guest", "--ops", "5"], "--ops does not go with --guest"),
+    (["--compare", "/nonexistent.img", "--guest", "--queues", "2"], "--queues does not go"),
+    (["--compare", "/nonexistent.img", "--guest"], "not a regular file"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, words):
     assert words in one_error_line(bench(*args))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--smp", "0"], "--smp 0"),
+    (["--guest-memory", "100M"], "--guest-memory 100M"),
+    (["--ramp", "-1"], "--ramp -1"),
+    (["--vblk-args", "--writeback", "--cache", "writethrough"], "contradicts"),
+])
+def test_bad_guest_options_are_refused_before_anything_starts(image, tmp_path, args, words):
+    assert words in one_error_line(bench("--compare", image, "--guest", "--workdir", tmp_path,
+                                         *args))
+    assert [p.name for p in tmp_path.iterdir()] == ["disk.img"]      # no copies made
 
 
 def test_compare_runs_both_backends_and_prints_the_ratio(image, tmp_path):

@@ -17,11 +17,13 @@ Public API::
     build_guest(cache_dir=None, *, rebuild=False) -> GuestImage
     run_guest(socket_path, script, *, timeout=180, memory="512M", queue_size=64,
               num_queues=1, extra_qemu_args=(), image=None, log_path=None,
-              bios=None, accel=None, files=None, cmdline_extra="") -> GuestResult
+              bios=None, accel=None, files=None, cmdline_extra="", smp=1,
+              archives=()) -> GuestResult
 
-Command line: ``python -m vblk.testing.guest build`` builds (or finds) the cached
-image and prints its paths; ``python -m vblk.testing.guest run SOCK SCRIPT``
-boots it once against a running backend.
+Command line: ``python -m vblk.testing.guest build [--fio]`` builds (or finds) the cached
+image (and the fio add-on of ``vblk.testing.guestaddon``) and prints their paths;
+``python -m vblk.testing.guest run SOCK SCRIPT [--fio] [--archive CPIO]`` boots it once
+against a running backend.
 """
 from __future__ import annotations
 
@@ -792,7 +794,8 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
               files: Mapping[str, bytes | str] | None = None,
               cmdline_extra: str = "", reconnect: int | None = None,
               alive: Callable[[], bool] | None = None, smp: int = 1,
-              on_line: Callable[[str], None] | None = None) -> GuestResult:
+              on_line: Callable[[str], None] | None = None,
+              archives: Sequence[str | os.PathLike] = ()) -> GuestResult:
     """Boot the test guest against the vhost-user-blk backend at socket_path.
 
     ``script`` runs as ``sh -e /scenario.sh`` once /dev/vda exists; what it
@@ -808,6 +811,8 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
     ``on_line(line)`` is called with each console line as it arrives (on a reader thread),
     so the host can act when the guest prints a marker; what it raises is logged to
     ``GuestResult.stderr`` and fails ``check()``, and the guest runs on.
+    ``archives``: more newc cpio archives (e.g. ``guestaddon.build_fio_addon()``), appended
+    after the base initramfs and before the scenario, in order.
     """
     _check_prerequisites()
     image = image or build_guest()
@@ -815,6 +820,11 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
         initrd = Path(tmp) / "initrd.img"
         with open(initrd, "wb") as f, open(image.initrd, "rb") as base:
             shutil.copyfileobj(base, f)
+            for path in archives:
+                with open(path, "rb") as extra:
+                    shutil.copyfileobj(extra, f)
+                if f.tell() % 4:                  # newc archives start 4-byte aligned
+                    f.write(b"\0" * (4 - f.tell() % 4))
             f.write(scenario_archive(script, files))
         cmd = qemu_command(image, initrd, socket_path, memory=memory, queue_size=queue_size,
                            num_queues=num_queues, bios=bios, accel=accel,
@@ -1010,12 +1020,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--cache-dir", type=Path)
     b.add_argument("--rebuild", action="store_true",
                    help="ask apt for the current kernel and build it if not cached")
+    b.add_argument("--fio", action="store_true",
+                   help="also build (or find) the fio add-on archive (vblk bench --guest)")
     r = sub.add_parser("run", help="boot the guest once against a vhost-user-blk socket")
     r.add_argument("socket")
     r.add_argument("script", help="scenario file (sh), or - for stdin")
     r.add_argument("--timeout", type=float, default=180)
     r.add_argument("--bios")
     r.add_argument("--queue-size", type=int, default=64)
+    r.add_argument("--archive", action="append", default=[], metavar="CPIO",
+                   help="append this newc archive to the initramfs (repeatable)")
+    r.add_argument("--fio", action="store_true", help="append the fio add-on")
     args = ap.parse_args(argv)
     if args.cmd == "build":
         t0 = time.monotonic()
@@ -1027,11 +1042,22 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"kernel_version={img.kernel_version}")
         print(f"kernel={img.kernel}")
         print(f"initrd={img.initrd}")
+        if args.fio:
+            from vblk.testing.guestaddon import build_fio_addon
+            try:
+                print(f"fio_addon={build_fio_addon()}")
+            except GuestBuildError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
         print(f"seconds={time.monotonic() - t0:.1f}")
         return 0
     script = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
+    archives = list(args.archive)
+    if args.fio:
+        from vblk.testing.guestaddon import build_fio_addon
+        archives.append(build_fio_addon())
     res = run_guest(args.socket, script, timeout=args.timeout, bios=args.bios,
-                    queue_size=args.queue_size)
+                    queue_size=args.queue_size, archives=archives)
     print(res.output)
     if res.stderr:
         print(res.stderr, file=sys.stderr)
