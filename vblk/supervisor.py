@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 60.0            # how long a ring stop waits for I/O in flight
 MESSAGE_TIMEOUT = 10.0         # a frontend must send a whole message within this
+POLL_US = 50                   # adaptive polling window (VBLK_POLL_US overrides; 0: off)
 NOTIFY_TIMEOUT = 0.25          # the longest a resize waits for room on the backend channel
 
 
@@ -97,6 +98,8 @@ class Supervisor:
         self.inline_reads = (hasattr(os, "RWF_NOWAIT") and os.environ.get("VBLK_INLINE_READS", "1") != "0"
                              and not fcntl.fcntl(backing_fd, fcntl.F_GETFL) & os.O_DIRECT)
         self.live = stats if stats is not None else Stats(device.num_queues, workers=workers)
+        # How long the loop keeps looking for new requests after activity before it sleeps.
+        self.poll_seconds = float(os.environ.get("VBLK_POLL_US", POLL_US)) / 1e6
         self.control = control                   # a vblk.control.ControlServer, or None
         self.live.capacity_bytes = device.geometry.size_bytes
         if control is not None and backing is not None:
@@ -159,12 +162,15 @@ class Supervisor:
             sdnotify.ready("waiting for a frontend")
             while not self.stopping:
                 timeout = max(0.0, self.wake_at - time.monotonic()) if self.throttled else -1
-                for fd, _ in self.epoll.poll(timeout):
+                events = self.epoll.poll(timeout)
+                for fd, _ in events:
                     handler = self.handlers.get(fd)
                     if handler is not None:
                         self._call(handler)
                 if self.throttled and time.monotonic() >= self.wake_at:
                     self._call(self._unthrottle)
+                if events and self.poll_seconds and self.rings:
+                    self._call(self._poll_rings)
             return 0
         finally:
             self._disconnect()
@@ -190,6 +196,34 @@ class Supervisor:
                 self._disconnect()
             except Exception:
                 log.exception("event=internal_error action=disconnect")
+
+    def _poll_rings(self) -> None:
+        """Adaptive polling: after activity, look at the rings (and, without sleeping, at the
+        other fds) for up to ``poll_seconds`` before going back to sleep in epoll. A request
+        the guest adds meanwhile is taken without the cost of waking this process up; the
+        window closes at the first quiet stretch of that length."""
+        deadline = time.monotonic() + self.poll_seconds
+        while time.monotonic() < deadline and not self.stopping:
+            found = False
+            for q, ring in list(self.rings.items()):
+                if q in self.broken or q in self.throttled:
+                    continue
+                try:
+                    pending = ring.pending()
+                except RingBroken:
+                    pending = 1                   # _drain reports and stops it
+                if pending and self.free:
+                    self._drain(q)
+                    found = True
+            for fd, _ in self.epoll.poll(0):
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler()
+                found = True
+            if found:
+                deadline = time.monotonic() + self.poll_seconds
+            if not self.rings:
+                return
 
     def _on_signal(self, wake_r: int) -> None:
         try:
