@@ -34,13 +34,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from vblk.device import OP_READ, BlkDevice, Completion, Geometry
+from vblk.device import OP_READ, U32_MAX, BlkDevice, Completion, DiscardLimits, Geometry
 from vblk.errors import ConfigError, FrontendProtocolError, GuestError, RingBroken
 from vblk.control import listener_path
 from vblk.logs import RateLimitedLog
 from vblk.memory import GuestMemory
 from vblk import sdnotify
-from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea, SlotState
+from vblk.slots import FLAG_SYNC, FLAG_UNMAP, MAX_IOV, SlotArea, SlotState, encode_ranges
 from vblk.stats import Stats
 from vblk.vhost_user import transport
 from vblk.vhost_user.session import DropConnection, MemSlot, Session, Vring
@@ -81,7 +81,9 @@ class Supervisor:
         self.slots = SlotArea.create(slots)
         self.free: deque[int] = deque(range(slots))
         self.inflight: dict[int, InFlight] = {}
-        self.pool = WorkerPool(workers, backing_fd, self.slots.fd, slots, log_level)
+        g = device.geometry
+        self.pool = WorkerPool(workers, backing_fd, self.slots.fd, slots, log_level,
+                               window=(g.file_offset, g.file_offset + g.size_bytes))
         self.memory = GuestMemory.empty()
         self.rings: dict[int, SplitRing] = {}
         self.kicks: dict[int, int] = {}          # queue -> kick fd (owned by the session)
@@ -402,9 +404,14 @@ class Supervisor:
             self.live.refused(q)
             ring.put_used(head, 0)
             return True
-        plan = self.device.plan(req)
+        try:
+            plan = self.device.plan(req, self._segment_bytes(req))
+        except GuestError as exc:
+            plan = Completion(BlkStatus.IOERR, reason=str(exc))
         pieces: list[tuple[int, int, int]] = []
-        if not isinstance(plan, Completion):
+        if not isinstance(plan, Completion) and plan.ranges:
+            pieces = encode_ranges(plan.ranges)    # discard / write-zeroes: store ranges
+        elif not isinstance(plan, Completion):
             try:
                 for addr, n in (req.data_in if plan.op == OP_READ else req.data_out):
                     pieces.extend(self.memory.translate(addr, n))
@@ -439,7 +446,7 @@ class Supervisor:
             return True
         slot = self.free.popleft()
         worker = self.pool.least_busy()
-        flags = 0 if self.device.writeback else FLAG_SYNC
+        flags = (0 if self.device.writeback else FLAG_SYNC) | (FLAG_UNMAP if plan.unmap else 0)
         self.slots.post(slot, plan.op, flags, plan.offset, plan.length, self.memory.generation, pieces)
         used = plan.length + 1 if plan.op == OP_READ else 1
         self.inflight[slot] = InFlight(q, head, req.status_addr, used, worker.index, req.type,
@@ -447,6 +454,21 @@ class Supervisor:
         worker.outstanding.add(slot)
         batches.setdefault(worker.index, []).append(slot)
         return False
+
+    def _segment_bytes(self, req) -> bytes:
+        """The DISCARD / WRITE_ZEROES segments the device wants to see (b"" for other types);
+        GuestError if the guest's buffers cannot be read."""
+        want = self.device.segment_bytes_wanted(req)
+        if not want:
+            return b""
+        out = []
+        for addr, n in req.data_out:
+            take = min(n, want)
+            out.append(self.memory.read(addr, take))
+            want -= take
+            if not want:
+                break
+        return b"".join(out)
 
     def _read_cached(self, plan, pieces: list[tuple[int, int, int]]) -> bool:
         """Try the whole read with RWF_NOWAIT; False (nothing promised) on any miss."""
@@ -647,16 +669,24 @@ def serve(config) -> int:
     geometry = Geometry(size_bytes=backing.size, logical_block_size=backing.logical_block_size,
                         physical_block_size=backing.physical_block_size,
                         readonly=backing.readonly, serial=backing.serial, file_offset=backing.start)
-    device = BlkDevice(geometry, writeback=backing.writeback)
+    discard = None
+    if config.disk.discard is not None:
+        d = config.disk.discard
+        # ACRN's default max_discard_sectors: the whole disk, as far as the u32 field reaches.
+        max_sectors = d.max_sectors if d.max_sectors is not None else min(backing.size // 512, U32_MAX)
+        discard = DiscardLimits(max_sectors, d.max_segments, d.alignment)
+    device = BlkDevice(geometry, writeback=backing.writeback, discard=discard)
     try:
         listener, created = open_listener(config.socket_path, config.listen_fd,
                                           config.socket_mode, config.socket_group)
     except BaseException:
         backing.close()
         raise
-    log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s socket=%s",
+    log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s discard=%s socket=%s",
              backing.path, backing.size, backing.logical_block_size, backing.physical_block_size,
              backing.readonly, "writeback" if backing.writeback else "writethrough",
+             (f"{device.discard.max_sectors}:{device.discard.max_segments}:"
+              f"{device.discard.alignment}" if device.discard else "off"),
              config.socket_path or f"fd:{config.listen_fd}")
     stats = Stats(device.num_queues, workers=config.workers,
                   info={"image": backing.path, "socket": listener_path(listener)})

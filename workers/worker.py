@@ -20,14 +20,16 @@ import os
 import select
 import signal
 import socket
+import stat
 
 import msgpack
 
 from vblk.memory import GuestMemory
-from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea
+from vblk.slots import FLAG_SYNC, FLAG_UNMAP, MAX_IOV, SlotArea, decode_ranges
 from vblk.vhost_user.messages import MemRegion
-from vblk.device import OP_FLUSH, OP_READ, OP_WRITE
+from vblk.device import OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES
 from vblk.virtio.constants import BlkStatus
+from workers import zeroing
 
 log = logging.getLogger("vblk.worker")
 
@@ -52,9 +54,12 @@ def recv_control(sock: socket.socket) -> tuple[dict | None, list[int]]:
 
 class Worker:
     def __init__(self, index: int, backing_fd: int, slots: SlotArea, submit_fd: int,
-                 complete_fd: int, control: socket.socket) -> None:
+                 complete_fd: int, control: socket.socket,
+                 window: tuple[int, int] | None = None) -> None:
         self.index = index
         self.fd = backing_fd
+        self.window = window              # [start, end) bytes discard/write-zeroes may touch
+        self.block_device = stat.S_ISBLK(os.fstat(backing_fd).st_mode)
         self.slots = slots
         self.submit_fd = submit_fd
         self.complete_fd = complete_fd
@@ -90,29 +95,64 @@ class Worker:
         op, flags, offset, length, gen, iovs = self.slots.take(i, self.index)
         status, err = BlkStatus.OK, 0
         try:
-            if gen != self.memory.generation and op != OP_FLUSH:
-                # The supervisor sends a new memory table before any slot that uses it.
-                if not self.wait_for_generation(gen) or gen != self.memory.generation:
-                    raise OSError(errno.ESTALE, f"slot for memory generation {gen}, "
-                                  f"worker has {self.memory.generation}")
-            if len(iovs) > MAX_IOV or sum(n for _, _, n in iovs) != length:
-                raise OSError(errno.EINVAL, "slot iovecs do not add up")
-            if op == OP_READ:
-                self._transfer(iovs, offset, write=False)
-            elif op == OP_WRITE:
-                self._transfer(iovs, offset, write=True)
-                if flags & FLAG_SYNC:
-                    os.fdatasync(self.fd)
-            elif op == OP_FLUSH:
-                os.fdatasync(self.fd)
+            if op in (OP_DISCARD, OP_WRITE_ZEROES):        # no guest memory involved
+                status = self._zeroing(op, flags, offset, length, iovs)
             else:
-                raise OSError(errno.EINVAL, f"unknown op {op}")
+                self._memory_io(op, flags, offset, length, gen, iovs)
         except (OSError, IndexError, ValueError) as exc:
             status = BlkStatus.IOERR
             err = getattr(exc, "errno", None) or errno.EIO
             log.warning("event=io_error worker=%d slot=%d op=%d offset=%d length=%d error=%r",
                         self.index, i, op, offset, length, exc)
         self.slots.finish(i, status, err)
+
+    def _memory_io(self, op: int, flags: int, offset: int, length: int, gen: int,
+                   iovs: list[tuple[int, int, int]]) -> None:
+        if gen != self.memory.generation and op != OP_FLUSH:
+            # The supervisor sends a new memory table before any slot that uses it.
+            if not self.wait_for_generation(gen) or gen != self.memory.generation:
+                raise OSError(errno.ESTALE, f"slot for memory generation {gen}, "
+                              f"worker has {self.memory.generation}")
+        if len(iovs) > MAX_IOV or sum(n for _, _, n in iovs) != length:
+            raise OSError(errno.EINVAL, "slot iovecs do not add up")
+        if op == OP_READ:
+            self._transfer(iovs, offset, write=False)
+        elif op == OP_WRITE:
+            self._transfer(iovs, offset, write=True)
+            if flags & FLAG_SYNC:
+                os.fdatasync(self.fd)
+        elif op == OP_FLUSH:
+            os.fdatasync(self.fd)
+        else:
+            raise OSError(errno.EINVAL, f"unknown op {op}")
+
+    def _zeroing(self, op: int, flags: int, offset: int, length: int,
+                 iovs: list[tuple[int, int, int]]) -> int:
+        """Discard or zero the slot's ranges; the status (UNSUPP when the store cannot
+        discard). Raises OSError (-> IOERR) for records that break the encoding or the window."""
+        try:
+            ranges = decode_ranges(offset, length, iovs)
+        except ValueError as exc:
+            raise OSError(errno.EINVAL, str(exc)) from None
+        if self.window is not None:
+            start, end = self.window
+            for off, n in ranges:
+                if off < start or off + n > end:
+                    raise OSError(errno.EINVAL, f"range {off}+{n} outside the window {start}..{end}")
+        try:
+            for off, n in ranges:
+                if op == OP_DISCARD:
+                    zeroing.discard(self.fd, self.block_device, off, n)
+                else:
+                    zeroing.write_zeroes(self.fd, self.block_device, off, n, bool(flags & FLAG_UNMAP))
+        except OSError as exc:
+            if op == OP_DISCARD and exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
+                log.warning("event=discard_unsupported worker=%d error=%r", self.index, exc)
+                return BlkStatus.UNSUPP
+            raise
+        if flags & FLAG_SYNC:
+            os.fdatasync(self.fd)
+        return BlkStatus.OK
 
     def _transfer(self, iovs: list[tuple[int, int, int]], offset: int, write: bool) -> None:
         bufs = self.memory.iovecs(iovs)

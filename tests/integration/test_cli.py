@@ -71,7 +71,8 @@ def test_serve_a_missing_image_refuses_without_creating_the_socket(tmp_path, soc
 @pytest.mark.parametrize("spec, words", [
     ("disk.img,bogus", "unknown option 'bogus'"),
     ("disk.img,discardfoo", "unknown option 'discardfoo'"),
-    ("disk.img,discard", "option 'discard' is not supported yet"),
+    ("disk.img,discard=8:1", "discard=8:1: want A:B:C"),
+    ("disk.img,discard=0:1:0", "discard=0:1:0: discard max sectors 0 is outside"),
     ("mq=2,disk.img", "option 'mq' is not supported yet"),
     ("disk.img,aio=io_uring", "aio= does not apply to vblk"),
     ("disk.img,sectorsize=1000", "not a power of two"),

@@ -24,14 +24,16 @@ def kind_counts(stats: Stats, field: str = "requests") -> dict[str, int]:
 def test_request_types_map_to_kinds():
     s = Stats(1)
     for rtype, n in ((BlkType.IN, 4096), (BlkType.OUT, 512), (BlkType.FLUSH, 0),
-                     (BlkType.FLUSH_OUT, 0), (BlkType.GET_ID, 20), (BlkType.DISCARD, 0),
-                     (0x7777, 0)):
+                     (BlkType.FLUSH_OUT, 0), (BlkType.GET_ID, 20), (BlkType.DISCARD, 8192),
+                     (BlkType.WRITE_ZEROES, 1024), (BlkType.WRITE_ZEROES, 512), (0x7777, 0),
+                     (2, 0)):
         s.started(0, rtype, n)
-    assert kind_counts(s) == {"read": 1, "write": 1, "flush": 2, "get_id": 1, "other": 2}
+    assert kind_counts(s) == {"read": 1, "write": 1, "flush": 2, "get_id": 1, "discard": 1,
+                              "write_zeroes": 2, "other": 2}
     assert kind_counts(s, "bytes") == {"read": 4096, "write": 512, "flush": 0, "get_id": 20,
-                                       "other": 0}
+                                       "discard": 8192, "write_zeroes": 1536, "other": 0}
     q = s.snapshot()["queues"][0]
-    assert (q["requests"], q["bytes"], q["in_flight"]) == (7, 4628, 7)
+    assert (q["requests"], q["bytes"], q["in_flight"]) == (10, 4628 + 8192 + 1536, 10)
 
 
 def test_finished_counts_statuses_and_in_flight():
