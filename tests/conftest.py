@@ -97,10 +97,13 @@ class _Launcher:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def qsd_command(image: str | os.PathLike, sock: str) -> list[str]:
+def qsd_command(image: str | os.PathLike, sock: str, *, discard: bool = False) -> list[str]:
+    """``discard=True`` passes the guest's discards to the file (``discard=unmap`` on both
+    nodes); without it qsd still offers DISCARD but completes it without touching the file."""
+    unmap = ",discard=unmap" if discard else ""
     return ["qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}",
-            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}{unmap}",
+            "--blockdev", f"driver=raw,node-name=disk0,file=file0{unmap}",
             "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
                         f"addr.path={sock},writable=on,num-queues=1"]
 
@@ -112,9 +115,11 @@ def vblk_command(image: str | os.PathLike, sock: str, *args: str) -> list[str]:
 
 @pytest.fixture
 def qsd_server(request: pytest.FixtureRequest, tmp_path: Path):
-    """qsd_server(image) -> socket path of a qemu-storage-daemon export of the raw image."""
+    """qsd_server(image, discard=False) -> socket path of a qemu-storage-daemon export of the
+    raw image."""
     launcher = _Launcher(request, tmp_path)
-    yield lambda image: launcher.start("qsd", lambda sock: qsd_command(image, sock))
+    yield lambda image, discard=False: launcher.start(
+        "qsd", lambda sock: qsd_command(image, sock, discard=discard))
     launcher.stop_all()
 
 
