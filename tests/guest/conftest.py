@@ -200,12 +200,14 @@ def serve_vblk(tmp_path: Path):
 
 @pytest.fixture
 def serve_qsd(tmp_path: Path):
-    """serve_qsd(image, *, readonly=False, logical_block_size=None, physical_block_size=None)
-    -> socket path, a qemu-storage-daemon vhost-user-blk export of a raw image."""
+    """serve_qsd(image, *, readonly=False, logical_block_size=None, num_queues=1,
+    discard=False) -> socket path, a qemu-storage-daemon vhost-user-blk export of a raw image
+    (``discard=True``: the guest's discards reach the file)."""
     servers = _Servers("qsd")
 
     def _serve(image: str | os.PathLike, *, readonly: bool = False,
-               logical_block_size: int | None = None, num_queues: int = 1) -> Served:
+               logical_block_size: int | None = None, num_queues: int = 1,
+               discard: bool = False) -> Served:
         d = _short_dir()
         servers.dirs.append(d)
         sock = str(d / "qsd.sock")
@@ -214,11 +216,11 @@ def serve_qsd(tmp_path: Path):
                   f"writable={'off' if readonly else 'on'},num-queues={num_queues}")
         if logical_block_size:
             export += f",logical-block-size={logical_block_size}"
+        # discard=unmap on both nodes passes the guest's discards to the file
+        node = (",read-only=on" if readonly else "") + (",discard=unmap" if discard else "")
         cmd = ["qemu-storage-daemon",
-               "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}"
-                             f"{',read-only=on' if readonly else ''}",
-               "--blockdev", f"driver=raw,node-name=disk0,file=file0"
-                             f"{',read-only=on' if readonly else ''}",
+               "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}{node}",
+               "--blockdev", f"driver=raw,node-name=disk0,file=file0{node}",
                "--export", export]
         served = _start(cmd, sock, log, "qemu-storage-daemon")
         servers.started.append(served)
