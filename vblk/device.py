@@ -189,13 +189,13 @@ class BlkDevice:
         g = self.geometry
         discard = req.type == BlkType.DISCARD
         name = "DISCARD" if discard else "WRITE_ZEROES"
-        if req.data_in:
-            return Completion(BlkStatus.IOERR, reason=f"{name} with device-writable data")
-        if g.readonly:
+        if g.readonly:                                       # ACRN: EROFS
             return Completion(BlkStatus.IOERR, reason=f"{name} on a read-only disk")
         max_segments = self._segment_limit(req.type)
-        if max_segments is None:
+        if max_segments is None:                             # ACRN: !candiscard, EOPNOTSUPP
             return Completion(BlkStatus.UNSUPP, reason=f"{name} is not enabled")
+        if req.data_in:
+            return Completion(BlkStatus.IOERR, reason=f"{name} with device-writable data")
         size = DISCARD_SEGMENT.size
         if req.out_len == 0 or req.out_len % size:
             return Completion(BlkStatus.IOERR,

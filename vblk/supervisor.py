@@ -44,7 +44,7 @@ from vblk.slots import FLAG_SYNC, FLAG_UNMAP, MAX_IOV, SlotArea, SlotState, enco
 from vblk.stats import Stats
 from vblk.vhost_user import transport
 from vblk.vhost_user.session import DropConnection, MemSlot, Session, Vring
-from vblk.virtio.blk import parse_request
+from vblk.virtio.blk import parse_request, read_data_out
 from vblk.virtio.constants import BlkStatus, Feature
 from vblk.virtio.inflight import InflightQueue, queue_region_size
 from vblk.virtio.ring import SplitRing
@@ -459,16 +459,7 @@ class Supervisor:
         """The DISCARD / WRITE_ZEROES segments the device wants to see (b"" for other types);
         GuestError if the guest's buffers cannot be read."""
         want = self.device.segment_bytes_wanted(req)
-        if not want:
-            return b""
-        out = []
-        for addr, n in req.data_out:
-            take = min(n, want)
-            out.append(self.memory.read(addr, take))
-            want -= take
-            if not want:
-                break
-        return b"".join(out)
+        return read_data_out(req, self.memory, want) if want else b""
 
     def _read_cached(self, plan, pieces: list[tuple[int, int, int]]) -> bool:
         """Try the whole read with RWF_NOWAIT; False (nothing promised) on any miss."""

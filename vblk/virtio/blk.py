@@ -123,3 +123,16 @@ def parse_segments(payload: bytes) -> list[tuple[int, int, int]]:
     only; the caller checks that the length is a multiple of the segment size)."""
     n = len(payload) // DISCARD_SEGMENT.size
     return [DISCARD_SEGMENT.unpack_from(payload, i * DISCARD_SEGMENT.size) for i in range(n)]
+
+
+def read_data_out(req: BlkRequest, memory: GuestMemory, limit: int) -> bytes:
+    """The first ``limit`` device-readable data bytes of ``req`` (fewer if it has fewer),
+    gathered across descriptors. Raises GuestError if guest memory does not hold them."""
+    out = []
+    for addr, n in req.data_out:
+        if limit <= 0:
+            break
+        take = min(n, limit)
+        out.append(memory.read(addr, take))
+        limit -= take
+    return b"".join(out)
