@@ -5,6 +5,10 @@ SCM_RIGHTS, msgpack-encoded, whenever the memory table changes) and the same slo
 waits on two fds: the control socket and its submission pipe. Slot numbers arrive in batches;
 it runs them in order and returns all the finished numbers in one write to the completion pipe.
 
+Discard and write-zeroes slots carry byte ranges of the backing store instead of guest
+buffers (see vblk.slots); the worker checks them against the window it was started with
+before ``workers.zeroing`` touches anything.
+
 Errors never leave a slot hanging: an OSError (or a slot that refers to memory the worker does
 not have) becomes IOERR with the errno recorded for the supervisor's log.
 """

@@ -98,6 +98,7 @@ def test_blkdiscard_and_zeroout_free_and_zero_the_image(tmp_path, serve_discardi
     assert int(v["Q_discard_max_bytes"]) > 0, res.describe()
     assert v["ZEROED"] == v["ZERO16"] == ZERO_SHA_16M
     a2 = allocated(image)
+    print(f"{name}: allocated after the guest wrote 24 MiB {a1}, after discard/zeroes {a2}")
     # 8 MiB discarded + 4 MiB punched by UNMAP; BLKZEROOUT's 4 MiB stay allocated
     assert 12 * MiB - SLACK <= a1 - a2 <= 12 * MiB + SLACK, (name, a1, a2)
     after = host_read(image, 0, 24 * MiB)
@@ -107,6 +108,7 @@ def test_blkdiscard_and_zeroout_free_and_zero_the_image(tmp_path, serve_discardi
     if name == "vblk":
         assert v["Q_write_zeroes_max_bytes"] == str(65536 * 512)
         d = delta(counts(sock), before)
+        print(f"vblk: requests of boot 2: {d}")
         assert d["discard"] >= 1 and d["write_zeroes"] >= 2, d
         assert d["ioerr"] == d["unsupp"] == 0, d
 
@@ -174,6 +176,7 @@ def test_mkfs_uses_write_zeroes_and_fstrim_frees_deleted_files(tmp_path, serve_d
     boot(sock, MKFS).check()
     if name == "vblk":
         d = delta(counts(sock), before)
+        print(f"vblk: requests mkfs sent: {d}")
         assert d["write_zeroes"] >= 1, d            # the journal is zeroed with WRITE_ZEROES
         assert d["discard"] >= 1, d                 # mke2fs discards the disk first
         assert d["ioerr"] == d["unsupp"] == 0, d
@@ -186,6 +189,7 @@ def test_mkfs_uses_write_zeroes_and_fstrim_frees_deleted_files(tmp_path, serve_d
     assert res.values["FSCK"] == "0", res.describe()
     assert "bytes" in res.output and "trimmed" in res.output, res.describe()
     a2 = allocated(image)
+    print(f"{name}: allocated after rm {a1}, after fstrim {a2}")
     assert a1 - a2 >= 44 * MiB, (name, a1, a2)
     sock.stop()
     fsck = host_fsck(image)

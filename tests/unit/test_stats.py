@@ -161,6 +161,9 @@ def test_prometheus_text_from_a_snapshot():
     s = Stats(1, workers=4, info={"image": "d.img"})
     s.started(0, BlkType.GET_ID, 20)
     s.finished(0, BlkType.GET_ID, 0, 3_000)
+    for rtype, nbytes in ((BlkType.DISCARD, 1 << 20), (BlkType.WRITE_ZEROES, 4096)):
+        s.started(0, rtype, nbytes)
+        s.finished(0, rtype, 0, 50_000)
     with ControlServer(s.snapshot) as server:
         text = server.metrics_text().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -170,6 +173,9 @@ def test_prometheus_text_from_a_snapshot():
     values = {(x.name, tuple(sorted(x.labels.items()))): x.value
               for f in families.values() for x in f.samples}
     assert values[("vblk_requests_total", (("queue", "0"), ("type", "get_id")))] == 1
+    assert values[("vblk_requests_total", (("queue", "0"), ("type", "discard")))] == 1
+    assert values[("vblk_requests_total", (("queue", "0"), ("type", "write_zeroes")))] == 1
+    assert values[("vblk_request_bytes_total", (("queue", "0"), ("type", "discard")))] == 1 << 20
     assert values[("vblk_info", (("image", "d.img"),))] == 1
     assert values[("vblk_request_duration_seconds_bucket",
                    (("le", "4e-06"), ("queue", "0"), ("type", "get_id")))] == 1
