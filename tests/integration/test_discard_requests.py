@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,39 @@ def test_stats_count_discard_and_write_zeroes(image, vblk_server):
     assert (t["discard"]["requests"], t["discard"]["bytes"]) == (2, 16 * 512)
     assert (t["write_zeroes"]["requests"], t["write_zeroes"]["bytes"]) == (2, 16 * 512)
     assert (q["unsupp"], q["ioerr"], t["other"]["requests"]) == (1, 0, 0)
+
+
+def test_a_block_device_gets_blkdiscard_and_blkzeroout(tmp_path, vblk_server):
+    """vblk serving a loop device: DISCARD becomes BLKDISCARD, WRITE_ZEROES BLKZEROOUT (the loop
+    driver passes both to its backing file as punched holes / zeroes)."""
+    backing = tmp_path / "backing.img"
+    with open(backing, "wb") as f:
+        f.truncate(16 * MiB)
+        f.write(os.urandom(8 * MiB))
+        os.fsync(f.fileno())
+    try:
+        dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot make a loop device: {e}")
+    try:
+        before_bytes = host_read(backing, 0, 8 * MiB)
+        before = allocated(backing)
+        sock = vblk_server(dev, "--discard", "--workers", "2")
+        with BlkClient.connect(sock, features=FEATURES) as c:
+            assert c.frontend.features & Feature.BLK_DISCARD.mask
+            assert send(c, BlkType.DISCARD, segs((2048, 4096, 0))) == OK          # 1..3 MiB
+            assert send(c, BlkType.WRITE_ZEROES, segs((8192, 2048, 0))) == OK     # 4..5 MiB
+            assert send(c, BlkType.WRITE_ZEROES, segs((12288, 2048, UNMAP))) == OK  # 6..7 MiB
+            assert c.read(8192, MiB).data == bytes(MiB)
+            assert c.read(12288, MiB).data == bytes(MiB)
+            assert send(c, BlkType.DISCARD, segs((32768, 8, 0))) == IOERR          # past the end
+        sock.stop()
+        after = host_read(backing, 0, 8 * MiB)
+        expect = bytearray(before_bytes)
+        for lo, hi in ((MiB, 3 * MiB), (4 * MiB, 5 * MiB), (6 * MiB, 7 * MiB)):
+            expect[lo:hi] = bytes(hi - lo)
+        assert after == bytes(expect)
+        assert before - allocated(backing) >= 2 * MiB - SLACK       # at least the discard
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
