@@ -67,11 +67,6 @@ class DiscardOption:
         if not 0 <= self.alignment <= U32_MAX:
             raise ConfigError(f"discard alignment {self.alignment} is outside 0..{U32_MAX}")
 
-    @property
-    def text(self) -> str:
-        return ("default" if self.max_sectors is None else
-                f"{self.max_sectors}:{self.max_segments}:{self.alignment}")
-
 
 @dataclass(frozen=True, slots=True)
 class DiskOptions:
