@@ -24,7 +24,6 @@ SEG_MAX = 256                           # ACRN's BLOCKIF_IOV_MAX
 OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = 0, 1, 2, 3, 4
 
 U32_MAX = 0xFFFF_FFFF
-MAX_DISCARD_SEG = 256                   # Linux's MAX_DISCARD_SEGMENTS; one slot record each
 # WRITE_ZEROES limits (not in ACRN): 32 MiB per request bounds how long a worker may have
 # to write real zeroes when the filesystem cannot zero a range (tmpfs); one segment, as
 # Linux never sends more and qemu-storage-daemon offers no more.
@@ -185,7 +184,8 @@ class BlkDevice:
 
     def _plan_discard(self, req: BlkRequest, payload: bytes) -> Completion | IoPlan:
         """DISCARD / WRITE_ZEROES: every segment checked before anything is done (virtio
-        spec 5.2.6.2 and ACRN's blockif_discard; qemu-storage-daemon's order of checks)."""
+        spec 5.2.6.2 and ACRN's blockif_discard). ro and "not offered" come first, as in ACRN;
+        per segment, qemu-storage-daemon's order (sectors, range, then flags)."""
         g = self.geometry
         discard = req.type == BlkType.DISCARD
         name = "DISCARD" if discard else "WRITE_ZEROES"

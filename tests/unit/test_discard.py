@@ -359,3 +359,19 @@ def test_block_device_discard_and_zeroout(loop_device):
         f.seek(MiB)
         assert f.read(2 * MiB) == bytes(2 * MiB)
     assert allocated(image) < before
+
+
+@pytest.mark.parametrize("flags, syncs", [(FLAG_SYNC, 1), (0, 0), (FLAG_SYNC | FLAG_UNMAP, 1)])
+def test_writethrough_syncs_after_discard_and_write_zeroes(tmp_path, monkeypatch, flags, syncs):
+    path = sparse_file(tmp_path, size=MiB, data_mib=1)
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd)))
+    w = worker_for(path, (0, MiB))
+    try:
+        for op in (OP_DISCARD, OP_WRITE_ZEROES):
+            calls.clear()
+            assert w._zeroing(op, flags, 0, 4096, encode_ranges([(0, 4096)])) == BlkStatus.OK
+            assert calls == [w.fd] * syncs
+    finally:
+        os.close(w.fd)
