@@ -22,6 +22,7 @@ from cli.bench import bench_command
 from vblk.control import check_unix_socket_path
 from vblk.errors import ConfigError
 from vblk.logs import configure_logging
+from vblk.device import U32_MAX, WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG
 from vblk.options import (DiskOptions, ServeConfig, merge_flags, parse_acrn, parse_limits,
                           parse_socket_mode)
 
@@ -33,7 +34,7 @@ app = typer.Typer(name="vblk", add_completion=True, no_args_is_help=True,
                        "vhost-user on a Unix socket.")
 
 SPEC_HELP = ("The image path, or an ACRN option string "
-             "'[iothread,][mq=1,]PATH[,writeback|writethru][,ro][,nocache]"
+             "'[iothread,][mq=1,]PATH[,writeback|writethru][,ro][,nocache][,discard[=A:B:C]]"
              "[,sectorsize=L[/P]][,range=START/COUNT]' (range in logical sectors).")
 
 # Options shared by serve and info.
@@ -52,6 +53,14 @@ Range = typer.Option(None, "--range", metavar="START/SIZE",
                           "logical sectors (ACRN: range=S/N counts sectors instead).")
 NumQueues = typer.Option(None, "--num-queues", metavar="N",
                          help="Virtqueues offered, 1..64 (ACRN: mq=N; default 1).")
+Discard = typer.Option(None, "--discard/--no-discard",
+                       help="Offer DISCARD (ACRN: discard): max sectors per segment = the disk, "
+                            "1 segment, no alignment unless --discard-limits says otherwise.",
+                       show_default=False)
+DiscardLimits = typer.Option(None, "--discard-limits", metavar="A:B:C",
+                             help="DISCARD on with these limits (ACRN: discard=A:B:C): max "
+                                  "sectors per segment, segments per request (at most 256), "
+                                  "sector alignment (0: none).")
 Serial = typer.Option(None, "--serial", metavar="S", help="Serial number the guest reads (≤ 20 ASCII chars; "
                                              "default derived from the image).")
 
@@ -64,11 +73,13 @@ def fail(message: str) -> typer.Exit:
 
 def disk_options(spec: str, *, readonly: Optional[bool], writeback: Optional[bool],
                  nocache: Optional[bool], sectorsize: Optional[str], range_: Optional[str],
-                 serial: Optional[str], num_queues: Optional[int] = None) -> DiskOptions:
+                 serial: Optional[str], num_queues: Optional[int] = None,
+                 discard: Optional[bool] = None,
+                 discard_limits: Optional[str] = None) -> DiskOptions:
     opts = parse_acrn(spec)
     return merge_flags(opts, readonly=readonly, writeback=writeback, nocache=nocache,
                        sectorsize=sectorsize, range_=range_, serial=serial,
-                       num_queues=num_queues)
+                       num_queues=num_queues, discard=discard, discard_limits=discard_limits)
 
 
 def check_group(name: str | None) -> str | None:
@@ -121,6 +132,8 @@ def serve(
     range_: Optional[str] = Range,
     serial: Optional[str] = Serial,
     num_queues: Optional[int] = NumQueues,
+    discard: Optional[bool] = Discard,
+    discard_limits: Optional[str] = DiscardLimits,
     workers: int = typer.Option(8, "--workers", metavar="N", help="I/O worker processes, 1..64."),
     queue_size: int = typer.Option(64, "--queue-size", metavar="N",
                                    help="Request slots (requests in flight), a power of two."),
@@ -157,7 +170,8 @@ def serve(
         if (spec is None) == (blk_file is None):
             raise ConfigError("give the image as SPEC or as --blk-file PATH (exactly one)")
         flags = dict(readonly=readonly, writeback=writeback, nocache=nocache,
-                     sectorsize=sectorsize, range_=range_, serial=serial, num_queues=num_queues)
+                     sectorsize=sectorsize, range_=range_, serial=serial, num_queues=num_queues,
+                     discard=discard, discard_limits=discard_limits)
         disk = (disk_options(spec, **flags) if blk_file is None
                 else merge_flags(DiskOptions(path=blk_file), **flags))
         if socket_path is None and fd is None:
@@ -196,13 +210,16 @@ def info(
     range_: Optional[str] = Range,
     serial: Optional[str] = Serial,
     num_queues: Optional[int] = NumQueues,
+    discard: Optional[bool] = Discard,
+    discard_limits: Optional[str] = DiscardLimits,
 ) -> None:
     """Show the disk a guest would see for SPEC, without serving it or writing anything."""
     from vblk.backing import check_backing
     try:
         disk = disk_options(spec, readonly=readonly, writeback=writeback, nocache=nocache,
                             sectorsize=sectorsize, range_=range_, serial=serial,
-                            num_queues=num_queues)
+                            num_queues=num_queues, discard=discard,
+                            discard_limits=discard_limits)
         b = check_backing(disk)
     except ConfigError as e:
         raise fail(str(e)) from None
@@ -225,10 +242,25 @@ def info(
         ("range", window),
         ("queues", str(disk.num_queues)),
         ("serial", b.serial_text),
+        ("discard", discard_text(disk, b)),
+        ("write-zeroes", "no (read-only)" if b.readonly else
+         f"yes, up to {WRITE_ZEROES_MAX_SECTORS} sectors x {WRITE_ZEROES_MAX_SEG} segment"
+         + (", may unmap" if disk.discard is not None else "")),
     ]
     width = max(len(k) for k, _ in rows) + 1
     for key, value in rows:
         typer.echo(f"{key + ':':<{width}} {value}")
+
+
+def discard_text(disk: DiskOptions, b) -> str:
+    d = disk.discard
+    if d is None:
+        return "off"
+    if b.readonly:
+        return "off (read-only)"
+    max_sectors = d.max_sectors if d.max_sectors is not None else min(b.size // 512, U32_MAX)
+    return (f"on, up to {max_sectors} sectors x {d.max_segments} segments per request, "
+            f"alignment {d.alignment or 'none'}")
 
 
 @app.command()

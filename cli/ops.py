@@ -272,9 +272,11 @@ def render(snap: dict, previous: dict | None = None) -> str:
         old = _queue(previous, q["queue"]) if dt is not None else None
         rows = []
         for kind in KINDS:
-            t = q["types"][kind]
+            t = q["types"].get(kind)
+            if t is None:                  # a vblk from before this kind was counted
+                continue
             rows.append(_row(kind, t["requests"], t["bytes"], t["latency_us"],
-                             old["types"][kind] if old else None, dt))
+                             old["types"].get(kind) if old else None, dt))
         rows.append(_row("all", q["requests"], q["bytes"], q["latency_us"], old, dt))
         lines.extend("  " + line for line in _table(columns, rows))
     return "\n".join(lines)

@@ -111,12 +111,13 @@ def qmp_args(monitor_path: str | os.PathLike) -> list[str]:
 
 @pytest.fixture
 def qsd_server(request: pytest.FixtureRequest, tmp_path: Path):
-    """qsd_server(image, *extra, num_queues=1) -> socket path of a qemu-storage-daemon export
-    of the raw image (node ``disk0``); ``extra`` goes on qsd's command line (e.g.
-    ``qmp_args(path)``)."""
+    """qsd_server(image, *extra, num_queues=1, discard=False) -> socket path of a
+    qemu-storage-daemon export of the raw image (node ``disk0``); ``extra`` goes on qsd's
+    command line (e.g. ``qmp_args(path)``); ``discard=True`` passes the guest's discards to
+    the file (without it qsd still offers DISCARD but completes it without touching the file)."""
     launcher = _Launcher(request, tmp_path)
-    yield lambda image, *extra, num_queues=1: launcher.start(
-        "qsd", lambda sock: qsd_command(image, sock, *extra, queues=num_queues))
+    yield lambda image, *extra, num_queues=1, discard=False: launcher.start(
+        "qsd", lambda sock: qsd_command(image, sock, *extra, queues=num_queues, discard=discard))
     launcher.stop_all()
 
 

@@ -17,6 +17,10 @@ a file and ``BLKPBSZGET`` for a device, never below the logical size (and, unlik
 above 4096 or anything but a power of two).  The window is ``[range_start, range_start +
 range_size)``, or the whole image rounded down to whole logical blocks.
 
+Discard on a block device needs a device that discards: ACRN probes ``BLKDISCARD {0, 0}`` and
+quietly drops the feature; vblk reads the device's ``queue/discard_max_bytes`` in sysfs (no
+write access needed, so ``check_backing`` sees it too) and refuses the option when it is 0.
+
 Where ACRN is lenient and vblk is not: an image that cannot be opened for writing is an error
 that says to pass ``ro`` (ACRN silently serves it read-only); a range past the end of the
 image is an error (ACRN does not check); a lock held elsewhere is an error (ACRN exits).
@@ -225,6 +229,9 @@ def _inspect(opts: DiskOptions, fd: int) -> BackingInfo:
             raise ConfigError(f"sector size {lbs} is smaller than {opts.path}'s logical block "
                               f"size {device_lbs}")
         native_physical = _ioctl(fd, BLKPBSZGET, "I")
+        if opts.discard is not None and not opts.readonly and not device_discards(st.st_rdev):
+            raise ConfigError(f"{opts.path} is a block device that cannot discard "
+                              f"(drop the discard option)")
     else:
         image_size = st.st_size
         native_physical = st.st_blksize
@@ -239,6 +246,20 @@ def _inspect(opts: DiskOptions, fd: int) -> BackingInfo:
                        physical_block_size=physical, start=start, size=size,
                        image_size=image_size, serial=serial,
                        ranged=opts.range_size is not None)
+
+
+def device_discards(rdev: int) -> bool:
+    """Does the block device ``rdev`` discard? (sysfs ``queue/discard_max_bytes`` > 0; a
+    partition's queue is its disk's). True when sysfs cannot tell: the worker then answers
+    UNSUPP for each discard the device refuses."""
+    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    for queue in (f"{base}/queue", f"{base}/../queue"):
+        try:
+            with open(f"{queue}/discard_max_bytes") as f:
+                return int(f.read().strip() or 0) > 0
+        except (OSError, ValueError):
+            continue
+    return True
 
 
 def _ioctl(fd: int, request: int, fmt: str) -> int:

@@ -694,19 +694,22 @@ def format_result(r: Result) -> str:
 
 # -- servers for --compare --------------------------------------------------------------------
 def qsd_command(image: str | os.PathLike, sock: str, *extra: str,
-                writethrough: bool | None = None, queues: int = 1) -> list[str]:
+                writethrough: bool | None = None, queues: int = 1,
+                discard: bool = False) -> list[str]:
     """A qemu-storage-daemon vhost-user-blk export of the raw ``image`` (node ``disk0``), the
     one the tests and ``--compare`` use: page cache on (cache.direct=off), and with
     ``writethrough`` given, a flush after every write (True) or none (False). ``extra`` goes
-    on qsd's command line first (e.g. a QMP monitor)."""
+    on qsd's command line first (e.g. a QMP monitor). ``discard`` passes the guest's discards
+    to the file (``discard=unmap`` on both nodes)."""
     path = os.fspath(image).replace(",", ",,")
+    unmap = ",discard=unmap" if discard else ""
     export = ("type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
               f"addr.path={sock},writable=on,num-queues={queues}")
     if writethrough is not None:
         export += f",writethrough={'on' if writethrough else 'off'}"
     return ["qemu-storage-daemon", *extra,
-            "--blockdev", f"driver=file,node-name=file0,filename={path},cache.direct=off",
-            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--blockdev", f"driver=file,node-name=file0,filename={path},cache.direct=off{unmap}",
+            "--blockdev", f"driver=raw,node-name=disk0,file=file0{unmap}",
             "--export", export]
 
 

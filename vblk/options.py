@@ -1,7 +1,8 @@
 """What the operator asked for: ACRN's option string and vblk's flags, parsed and validated once.
 
 Pure: nothing here touches a file.  ``parse_acrn`` reads ACRN's device string
-(``[iothread,][mq=N,]PATH[,writeback|writethru][,ro][,nocache][,sectorsize=L[/P]][,range=S/N]``),
+(``[iothread,][mq=N,]PATH[,writeback|writethru][,ro][,nocache][,discard[=A:B:C]]
+[,sectorsize=L[/P]][,range=S/N]``),
 ``merge_flags`` lays the command-line flags over it, and both return a frozen ``DiskOptions``
 whose ``__post_init__`` is the one place every rule is checked.  ``ServeConfig`` adds what
 ``vblk serve`` needs besides the disk.
@@ -11,11 +12,14 @@ Deliberate differences from ACRN's parser (``blockif_open``), all stricter:
 * tokens are matched exactly: ACRN's prefix match accepts ``discardfoo`` and ``rangefoo=1/2``;
 * a path that merely contains ``nodisk`` is a path (ACRN's ``strstr`` makes it a dummy disk);
 * ``sectorsize=`` and ``range=`` may each be given once, and empty tokens are refused;
-* options vblk does not implement (discard, no_bst_block, aio=) are refused by name
+* options vblk does not implement (no_bst_block, aio=) are refused by name
   rather than half-honoured;
 * ``mq=N`` is the number of queues vblk offers (at most ``MAX_QUEUES``); ACRN clamps it to the
   guest's vCPU count, which a vhost-user backend does not know (Linux uses at most one queue
-  per vCPU itself).
+  per vCPU itself);
+* ``discard=A:B:C`` must give a usable device: A (max sectors per segment) and B (segments
+  per request, at most 256) at least 1, C (sector alignment) 0 or whole logical blocks.
+  ACRN takes any three integers, and a 0 there makes Linux send discards the device refuses.
 
 Units: ACRN's ``range=S/N`` counts logical sectors (S×L, N×L bytes, with the final L whatever
 order the tokens come in); the ``--range START/SIZE`` flag counts bytes.  ``DiskOptions``
@@ -37,18 +41,38 @@ MAX_QUEUES = 64                            # virtqueues (mq=N, --num-queues)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 ACRN_SYNTAX = ("[iothread,][mq=N,]PATH[,writeback|writethru][,ro][,nocache]"
-               "[,sectorsize=L[/P]][,range=START/COUNT]")
+               "[,discard[=A:B:C]][,sectorsize=L[/P]][,range=START/COUNT]")
 
 # Options ACRN has and vblk does not (yet): refused by name, never silently dropped.
 _NOT_YET = {
-    "discard": "option 'discard' is not supported yet",
     "no_bst_block": "option 'no_bst_block' is not supported yet",
 }
+U32_MAX = 0xFFFF_FFFF
+MAX_DISCARD_SEGMENTS = 256                 # Linux's MAX_DISCARD_SEGMENTS
 _AIO = "aio= does not apply to vblk: workers use synchronous I/O"
 _SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)", re.IGNORECASE)
 _COUNT_SUFFIX = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3}
 _COUNT_RE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardOption:
+    """ACRN's ``discard[=A:B:C]``: max sectors per segment (None: the disk's size in sectors,
+    clamped to u32, decided when the image is open), segments per request, and the sector
+    alignment a segment must start on (0: none)."""
+    max_sectors: int | None = None
+    max_segments: int = 1
+    alignment: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_sectors is not None and not 1 <= self.max_sectors <= U32_MAX:
+            raise ConfigError(f"discard max sectors {self.max_sectors} is outside 1..{U32_MAX}")
+        if not 1 <= self.max_segments <= MAX_DISCARD_SEGMENTS:
+            raise ConfigError(f"discard max segments {self.max_segments} is outside "
+                              f"1..{MAX_DISCARD_SEGMENTS}")
+        if not 0 <= self.alignment <= U32_MAX:
+            raise ConfigError(f"discard alignment {self.alignment} is outside 0..{U32_MAX}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +94,7 @@ class DiskOptions:
     range_size: int | None = None
     serial: str | None = None
     num_queues: int = 1
+    discard: DiscardOption | None = None      # None: DISCARD not offered
     spec_options: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +120,12 @@ class DiskOptions:
             check_serial(self.serial)
         if not isinstance(self.num_queues, int) or not 1 <= self.num_queues <= MAX_QUEUES:
             raise ConfigError(f"the number of queues ({self.num_queues}) must be 1..{MAX_QUEUES}")
+        if self.discard is not None:
+            for what, sectors in (("max sectors", self.discard.max_sectors),
+                                  ("alignment", self.discard.alignment)):
+                if sectors and sectors * 512 % lbs:
+                    raise ConfigError(f"discard {what} {sectors} (512-byte sectors) is not a whole "
+                                      f"number of {lbs}-byte logical blocks")
 
     @property
     def cache_mode(self) -> str:
@@ -180,6 +211,19 @@ def parse_sectorsize(value: str, where: str) -> tuple[int, int | None]:
     physical = _int(physical_text, where) if slash else None
     check_block_sizes(logical, physical, where)
     return logical, physical
+
+
+def parse_discard(value: str, where: str) -> DiscardOption:
+    """ACRN's ``A:B:C`` (exactly three decimal integers) -> DiscardOption, checked."""
+    parts = value.split(":")
+    if len(parts) != 3:
+        raise ConfigError(f"{where}: want A:B:C (max sectors : max segments : sector "
+                          f"alignment), three decimal numbers")
+    numbers = [_int(p, where) for p in parts]
+    try:
+        return DiscardOption(*numbers)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def parse_size(text: str, what: str) -> int:
@@ -297,7 +341,12 @@ def parse_acrn(spec: str) -> DiskOptions:
                 raise ConfigError(f"range= is given twice in {spec!r}")
             range_sectors = _parse_acrn_range(value, token)
             given.add("range")
-        elif token in _NOT_YET or name == "discard" and eq:
+        elif name == "discard":
+            if "discard" in given:
+                raise ConfigError(f"discard is given twice in {spec!r}")
+            values["discard"] = parse_discard(value, token) if eq else DiscardOption()
+            given.add("discard")
+        elif token in _NOT_YET:
             raise ConfigError(_NOT_YET[name])
         elif name == "aio" and eq:
             raise ConfigError(_AIO)
@@ -330,16 +379,25 @@ def _parse_acrn_range(value: str, where: str) -> tuple[int, int]:
 def merge_flags(opts: DiskOptions, *, readonly: bool | None = None,
                 writeback: bool | None = None, sectorsize: str | None = None,
                 range_: str | None = None, serial: str | None = None,
-                nocache: bool | None = None, num_queues: int | None = None) -> DiskOptions:
+                nocache: bool | None = None, num_queues: int | None = None,
+                discard: bool | None = None, discard_limits: str | None = None) -> DiskOptions:
     """Lay CLI flags over ``opts``; None leaves a setting alone.
 
     Flags override the string, except that ``sectorsize`` and ``range`` may not be given
     both ways.  ``sectorsize`` is ``L`` or ``L/P``; ``range_`` is ``START/SIZE`` in bytes
     (K/M/G/T suffixes), each a whole number of logical sectors.  A ``range=S/N`` from the
     string keeps counting logical sectors, so a ``--sectorsize`` flag rescales it, just as
-    ACRN applies L after all options.
+    ACRN applies L after all options.  ``discard`` turns DISCARD on (keeping the string's
+    limits, if any) or off; ``discard_limits`` is ``A:B:C`` as in ACRN's ``discard=A:B:C``
+    and turns it on with those limits.
     """
     changes: dict = {}
+    if discard_limits is not None:
+        if discard is False:
+            raise ConfigError("--no-discard and --discard-limits contradict each other")
+        changes["discard"] = parse_discard(discard_limits, f"--discard-limits {discard_limits}")
+    elif discard is not None:
+        changes["discard"] = (opts.discard or DiscardOption()) if discard else None
     for name, value in (("readonly", readonly), ("writeback", writeback),
                         ("nocache", nocache), ("serial", serial)):
         if value is not None:

@@ -21,6 +21,12 @@ Layout of one slot (little-endian), declared once here:
     head: state u32, op u32, flags u32, niov u32, offset u64, length u64,
           generation u32, worker u32, status i32, errno i32          (48 bytes)
     iov[MAX_IOV]: offset u64 (into the region's mapping), length u32, region u32  (16 bytes each)
+
+For the ops that touch no guest memory (discard, write-zeroes) the iov records are byte
+ranges of the backing store instead: offset u64 = absolute byte offset, length u32 = number
+of 512-byte sectors, region u32 = RANGE_REGION; the head's offset is the first range's and its
+length the bytes all ranges cover. ``encode_ranges`` / ``decode_ranges`` are the only
+translations, and ``decode_ranges`` refuses any record that breaks the encoding.
 """
 from __future__ import annotations
 
@@ -36,6 +42,37 @@ SLOT_SIZE = (HEAD.size + IOV.size * MAX_IOV + 63) // 64 * 64
 INDEX = struct.Struct("<I")       # a slot number in a pipe
 
 FLAG_SYNC = 1                     # writethrough: the write is durable before it completes
+FLAG_UNMAP = 2                    # write-zeroes may deallocate (punch a hole)
+RANGE_REGION = 0xFFFF_FFFF        # region field of a range record (no guest memory region)
+RANGE_UNIT = 512                  # a range record's length counts 512-byte sectors
+
+
+def encode_ranges(ranges) -> list[tuple[int, int, int]]:
+    """[(absolute byte offset, bytes)] -> slot records as ``post`` takes them."""
+    out = []
+    for offset, nbytes in ranges:
+        if offset < 0 or nbytes <= 0 or offset % RANGE_UNIT or nbytes % RANGE_UNIT \
+                or nbytes // RANGE_UNIT > 0xFFFF_FFFF:
+            raise ValueError(f"range {offset}+{nbytes} cannot be encoded")
+        out.append((RANGE_REGION, offset, nbytes // RANGE_UNIT))
+    return out
+
+
+def decode_ranges(offset: int, length: int,
+                  iovs: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """Slot records (as ``take`` returns them) -> [(absolute byte offset, bytes)]; ValueError
+    unless they are 1..MAX_IOV range records, sector-aligned, starting at ``offset`` and
+    covering exactly ``length`` bytes."""
+    if not 1 <= len(iovs) <= MAX_IOV:
+        raise ValueError(f"{len(iovs)} range records")
+    ranges = []
+    for region, off, sectors in iovs:
+        if region != RANGE_REGION or sectors == 0 or off % RANGE_UNIT:
+            raise ValueError(f"bad range record ({off}, {sectors}, {region:#x})")
+        ranges.append((off, sectors * RANGE_UNIT))
+    if ranges[0][0] != offset or sum(n for _, n in ranges) != length:
+        raise ValueError("range records do not match the slot's offset and length")
+    return ranges
 
 
 def slot_budget(free: int, total: int, held: int, rings: int, others_waiting: bool) -> int:

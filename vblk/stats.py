@@ -5,7 +5,7 @@ Theory of operation
 The hot path is two calls per request, ``started(queue, rtype, nbytes)`` when a chain is
 admitted and ``finished(queue, rtype, status, latency_ns)`` when its status byte is written.
 Each touches only preallocated Python lists of ints: per queue, requests and bytes indexed by
-request kind (read, write, flush, get_id, other), a latency histogram per kind, a latency sum
+request kind (read, write, flush, get_id, discard, write_zeroes, other), a latency histogram per kind, a latency sum
 per kind, the in-flight count and the IOERR / UNSUPP counts. Nothing is allocated per request
 (small ints are cached; the rest are in-place list stores) and nothing is locked: one thread,
 the supervisor's event loop, writes them.
@@ -24,10 +24,11 @@ from __future__ import annotations
 import os
 import time
 
-KINDS = ("read", "write", "flush", "get_id", "other")
-READ, WRITE, FLUSH, GET_ID, OTHER = range(len(KINDS))
-# virtio_blk_outhdr.type -> kind (VIRTIO_BLK_T_IN 0, OUT 1, FLUSH 4, FLUSH_OUT 5, GET_ID 8)
-_KIND_OF = {0: READ, 1: WRITE, 4: FLUSH, 5: FLUSH, 8: GET_ID}
+KINDS = ("read", "write", "flush", "get_id", "discard", "write_zeroes", "other")
+READ, WRITE, FLUSH, GET_ID, DISCARD, WRITE_ZEROES, OTHER = range(len(KINDS))
+# virtio_blk_outhdr.type -> kind (VIRTIO_BLK_T_IN 0, OUT 1, FLUSH 4, FLUSH_OUT 5, GET_ID 8,
+# DISCARD 11, WRITE_ZEROES 13); a discard's or write-zeroes' bytes are the bytes it covers
+_KIND_OF = {0: READ, 1: WRITE, 4: FLUSH, 5: FLUSH, 8: GET_ID, 11: DISCARD, 13: WRITE_ZEROES}
 BUCKETS = 32                      # bucket 31 starts at 2**30 µs (18 minutes)
 _LAST = BUCKETS - 1
 STATUS_IOERR, STATUS_UNSUPP = 1, 2

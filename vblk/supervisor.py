@@ -49,7 +49,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from vblk.backing import BackingInfo, relock_window, resize_limit
-from vblk.device import OP_READ, OP_WRITE, BlkDevice, Completion, Geometry
+from vblk.device import OP_READ, OP_WRITE, U32_MAX, BlkDevice, Completion, DiscardLimits, Geometry
 from vblk.errors import ConfigError, FrontendProtocolError, GuestError, RingBroken
 from vblk.resize import check_new_size, parse_new_size
 from vblk.control import listener_path
@@ -57,11 +57,12 @@ from vblk.logs import RateLimitedLog
 from vblk.memory import GuestMemory
 from vblk.ratelimit import Limiter, Limits
 from vblk import sdnotify
-from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea, SlotState, slot_budget
+from vblk.slots import (FLAG_SYNC, FLAG_UNMAP, MAX_IOV, SlotArea, SlotState, encode_ranges,
+                        slot_budget)
 from vblk.stats import Stats
 from vblk.vhost_user import transport
 from vblk.vhost_user.session import DropConnection, MemSlot, Session, Vring
-from vblk.virtio.blk import parse_request
+from vblk.virtio.blk import parse_request, read_data_out
 from vblk.virtio.constants import BlkStatus, Feature
 from vblk.virtio.inflight import InflightQueue, queue_region_size
 from vblk.virtio.ring import SplitRing
@@ -110,7 +111,14 @@ class Supervisor:
         self._drain_from = 0                     # rotates which ring is drained first
         self._sync_worker: WorkerHandle | None = None   # takes this drain's durable writes
         self.inflight: dict[int, InFlight] = {}
-        self.pool = WorkerPool(workers, backing_fd, self.slots.fd, slots, log_level)
+        g = device.geometry
+        # The workers' own check on discard/write-zeroes ranges: the range window when there
+        # is one (a resize never goes past it), else everything after its start (the image
+        # may grow and be resized into).
+        ranged = backing is None or backing.ranged
+        end = g.file_offset + g.size_bytes if ranged else (1 << 63) - 1
+        self.pool = WorkerPool(workers, backing_fd, self.slots.fd, slots, log_level,
+                               window=(g.file_offset, end))
         self.memory = GuestMemory.empty()
         self.rings: dict[int, SplitRing] = {}
         self.kicks: dict[int, int] = {}          # queue -> kick fd (owned by the session)
@@ -585,9 +593,14 @@ class Supervisor:
             self.live.refused(q)
             ring.put_used(head, 0)
             return True
-        plan = self.device.plan(req)
+        try:
+            plan = self.device.plan(req, self._segment_bytes(req))
+        except GuestError as exc:
+            plan = Completion(BlkStatus.IOERR, reason=str(exc))
         pieces: list[tuple[int, int, int]] = []
-        if not isinstance(plan, Completion):
+        if not isinstance(plan, Completion) and plan.ranges:
+            pieces = encode_ranges(plan.ranges)    # discard / write-zeroes: store ranges
+        elif not isinstance(plan, Completion):
             try:
                 for addr, n in (req.data_in if plan.op == OP_READ else req.data_out):
                     pieces.extend(self.memory.translate(addr, n))
@@ -624,8 +637,8 @@ class Supervisor:
             return True
         slot = self.free.popleft()
         self.held[q] += 1
-        flags = 0 if self.device.writeback else FLAG_SYNC
-        if flags and plan.op == OP_WRITE:
+        flags = (0 if self.device.writeback else FLAG_SYNC) | (FLAG_UNMAP if plan.unmap else 0)
+        if flags & FLAG_SYNC and plan.op == OP_WRITE:
             # Durable writes taken together go to one worker: its batch shares one fdatasync.
             if self._sync_worker is None:
                 self._sync_worker = self.pool.least_busy()
@@ -639,6 +652,12 @@ class Supervisor:
         worker.outstanding.add(slot)
         batches.setdefault(worker.index, []).append(slot)
         return False
+
+    def _segment_bytes(self, req) -> bytes:
+        """The DISCARD / WRITE_ZEROES segments the device wants to see (b"" for other types);
+        GuestError if the guest's buffers cannot be read."""
+        want = self.device.segment_bytes_wanted(req)
+        return read_data_out(req, self.memory, want) if want else b""
 
     def _read_cached(self, plan, pieces: list[tuple[int, int, int]]) -> bool:
         """Try the whole read with RWF_NOWAIT; False (nothing promised) on any miss."""
@@ -869,17 +888,26 @@ def serve(config) -> int:
     geometry = Geometry(size_bytes=backing.size, logical_block_size=backing.logical_block_size,
                         physical_block_size=backing.physical_block_size,
                         readonly=backing.readonly, serial=backing.serial, file_offset=backing.start)
-    device = BlkDevice(geometry, writeback=backing.writeback, num_queues=config.disk.num_queues)
+    discard = None
+    if config.disk.discard is not None:
+        d = config.disk.discard
+        # ACRN's default max_discard_sectors: the whole disk, as far as the u32 field reaches.
+        max_sectors = d.max_sectors if d.max_sectors is not None else min(backing.size // 512, U32_MAX)
+        discard = DiscardLimits(max_sectors, d.max_segments, d.alignment)
+    device = BlkDevice(geometry, writeback=backing.writeback, num_queues=config.disk.num_queues,
+                       discard=discard)
     try:
         listener, created = open_listener(config.socket_path, config.listen_fd,
                                           config.socket_mode, config.socket_group)
     except BaseException:
         backing.close()
         raise
-    log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s socket=%s "
+    log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s discard=%s socket=%s "
              "iops_limit=%d bps_limit=%d",
              backing.path, backing.size, backing.logical_block_size, backing.physical_block_size,
              backing.readonly, "writeback" if backing.writeback else "writethrough",
+             (f"{device.discard.max_sectors}:{device.discard.max_segments}:"
+              f"{device.discard.alignment}" if device.discard else "off"),
              config.socket_path or f"fd:{config.listen_fd}", config.limits.iops, config.limits.bps)
     stats = Stats(device.num_queues, workers=config.workers,
                   info={"image": backing.path, "socket": listener_path(listener)})

@@ -53,8 +53,9 @@ class WorkerHandle:
 
 class WorkerPool:
     def __init__(self, count: int, backing_fd: int, slots_fd: int, slot_count: int,
-                 log_level: str = "WARNING") -> None:
+                 log_level: str = "WARNING", window: tuple[int, int] | None = None) -> None:
         self.count = count
+        self.window = window          # [start, end) of the backing store the guest may reach
         self.backing_fd = backing_fd
         self.slots_fd = slots_fd
         self.slot_count = slot_count
@@ -76,6 +77,8 @@ class WorkerPool:
                 "--slots", str(self.slot_count), "--submit-fd", str(submit_r),
                 "--complete-fd", str(self.complete_w), "--control-fd", str(child_end.fileno()),
                 "--parent", str(os.getpid()), "--log-level", self.log_level]
+        if self.window is not None:
+            args += ["--window", f"{self.window[0]}:{self.window[1]}"]
         try:
             proc = subprocess.Popen(args, pass_fds=(self.backing_fd, self.slots_fd, submit_r,
                                                     self.complete_w, child_end.fileno()),

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--parent", type=int, required=True)
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--window", default=None, metavar="START:END",
+                   help="bytes of the backing store discard / write-zeroes may touch")
     a = p.parse_args(argv)
     die_with_parent()
     if os.getppid() != a.parent:          # the supervisor died before prctl took effect
@@ -33,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(a.log_level)
     control = socket.socket(fileno=a.control_fd)
+    window = tuple(int(x) for x in a.window.split(":")) if a.window else None
     worker = Worker(a.index, a.backing_fd, SlotArea(a.slots_fd, a.slots), a.submit_fd,
-                    a.complete_fd, control)
+                    a.complete_fd, control, window)
     return worker.run()
 
 

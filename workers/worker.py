@@ -11,6 +11,10 @@ made first, then one ``fdatasync`` covers every one of them -- each finished bef
 fdatasync fails every write it was to cover. Durability is the same as one fdatasync per
 write; the cost is one per batch.
 
+Discard and write-zeroes slots carry byte ranges of the backing store instead of guest
+buffers (see vblk.slots); the worker checks them against the window it was started with
+before ``workers.zeroing`` touches anything.
+
 Errors never leave a slot hanging: an OSError (or a slot that refers to memory the worker does
 not have) becomes IOERR with the errno recorded for the supervisor's log.
 """
@@ -26,14 +30,16 @@ import os
 import select
 import signal
 import socket
+import stat
 
 import msgpack
 
 from vblk.memory import GuestMemory
-from vblk.slots import FLAG_SYNC, MAX_IOV, SlotArea
+from vblk.slots import FLAG_SYNC, FLAG_UNMAP, MAX_IOV, SlotArea, decode_ranges
 from vblk.vhost_user.messages import MemRegion
-from vblk.device import OP_FLUSH, OP_READ, OP_WRITE
+from vblk.device import OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES
 from vblk.virtio.constants import BlkStatus
+from workers import zeroing
 
 log = logging.getLogger("vblk.worker")
 
@@ -58,9 +64,12 @@ def recv_control(sock: socket.socket) -> tuple[dict | None, list[int]]:
 
 class Worker:
     def __init__(self, index: int, backing_fd: int, slots: SlotArea, submit_fd: int,
-                 complete_fd: int, control: socket.socket) -> None:
+                 complete_fd: int, control: socket.socket,
+                 window: tuple[int, int] | None = None) -> None:
         self.index = index
         self.fd = backing_fd
+        self.window = window              # [start, end) bytes discard/write-zeroes may touch
+        self.block_device = stat.S_ISBLK(os.fstat(backing_fd).st_mode)
         self.slots = slots
         self.submit_fd = submit_fd
         self.complete_fd = complete_fd
@@ -98,22 +107,11 @@ class Worker:
         op, flags, offset, length, gen, iovs = self.slots.take(i, self.index)
         status, err, needs_sync = BlkStatus.OK, 0, False
         try:
-            if gen != self.memory.generation and op != OP_FLUSH:
-                # The supervisor sends a new memory table before any slot that uses it.
-                if not self.wait_for_generation(gen) or gen != self.memory.generation:
-                    raise OSError(errno.ESTALE, f"slot for memory generation {gen}, "
-                                  f"worker has {self.memory.generation}")
-            if len(iovs) > MAX_IOV or sum(n for _, _, n in iovs) != length:
-                raise OSError(errno.EINVAL, "slot iovecs do not add up")
-            if op == OP_READ:
-                self._transfer(iovs, offset, write=False)
-            elif op == OP_WRITE:
-                self._transfer(iovs, offset, write=True)
-                needs_sync = bool(flags & FLAG_SYNC)
-            elif op == OP_FLUSH:
-                os.fdatasync(self.fd)
+            if op in (OP_DISCARD, OP_WRITE_ZEROES):        # no guest memory involved
+                status = self._zeroing(op, flags, offset, length, iovs)
+                needs_sync = status == BlkStatus.OK and bool(flags & FLAG_SYNC)
             else:
-                raise OSError(errno.EINVAL, f"unknown op {op}")
+                needs_sync = self._memory_io(op, flags, offset, length, gen, iovs)
         except (OSError, IndexError, ValueError) as exc:
             status = BlkStatus.IOERR
             err = getattr(exc, "errno", None) or errno.EIO
@@ -134,6 +132,53 @@ class Worker:
                            for status, e, needs_sync in results]
         for i, (status, err, _) in zip(batch, results):
             self.slots.finish(i, status, err)
+
+    def _memory_io(self, op: int, flags: int, offset: int, length: int, gen: int,
+                   iovs: list[tuple[int, int, int]]) -> bool:
+        """Read, write or flush; True for a write that waits for the batch's fdatasync."""
+        if gen != self.memory.generation and op != OP_FLUSH:
+            # The supervisor sends a new memory table before any slot that uses it.
+            if not self.wait_for_generation(gen) or gen != self.memory.generation:
+                raise OSError(errno.ESTALE, f"slot for memory generation {gen}, "
+                              f"worker has {self.memory.generation}")
+        if len(iovs) > MAX_IOV or sum(n for _, _, n in iovs) != length:
+            raise OSError(errno.EINVAL, "slot iovecs do not add up")
+        if op == OP_READ:
+            self._transfer(iovs, offset, write=False)
+        elif op == OP_WRITE:
+            self._transfer(iovs, offset, write=True)
+            return bool(flags & FLAG_SYNC)
+        elif op == OP_FLUSH:
+            os.fdatasync(self.fd)
+        else:
+            raise OSError(errno.EINVAL, f"unknown op {op}")
+        return False
+
+    def _zeroing(self, op: int, flags: int, offset: int, length: int,
+                 iovs: list[tuple[int, int, int]]) -> int:
+        """Discard or zero the slot's ranges; the status (UNSUPP when the store cannot
+        discard). Raises OSError (-> IOERR) for records that break the encoding or the window."""
+        try:
+            ranges = decode_ranges(offset, length, iovs)
+        except ValueError as exc:
+            raise OSError(errno.EINVAL, str(exc)) from None
+        if self.window is not None:
+            start, end = self.window
+            for off, n in ranges:
+                if off < start or off + n > end:
+                    raise OSError(errno.EINVAL, f"range {off}+{n} outside the window {start}..{end}")
+        try:
+            for off, n in ranges:
+                if op == OP_DISCARD:
+                    zeroing.discard(self.fd, self.block_device, off, n)
+                else:
+                    zeroing.write_zeroes(self.fd, self.block_device, off, n, bool(flags & FLAG_UNMAP))
+        except OSError as exc:
+            if op == OP_DISCARD and exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
+                log.warning("event=discard_unsupported worker=%d error=%r", self.index, exc)
+                return BlkStatus.UNSUPP
+            raise
+        return BlkStatus.OK            # with FLAG_SYNC the batch's fdatasync covers it
 
     def _transfer(self, iovs: list[tuple[int, int, int]], offset: int, write: bool) -> None:
         bufs = self.memory.iovecs(iovs)

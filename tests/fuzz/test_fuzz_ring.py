@@ -16,7 +16,9 @@ Invariants, for every case:
 * ``walk`` returns at most ``queue_size + MAX_INDIRECT`` segments;
 * every piece ``GuestMemory.translate`` returns lies inside its region's mapping, and the
   pieces cover exactly the bytes asked for;
-* every read/write ``IoPlan`` lies inside ``[file_offset, file_offset + size_bytes)``;
+* every read/write ``IoPlan`` lies inside ``[file_offset, file_offset + size_bytes)``, and so
+  does every range of a discard / write-zeroes plan (whole logical blocks, never on a
+  read-only disk);
   a flush plan moves no bytes;
 * walking, parsing and planning write nothing; pop/put_used/publish/kick suppression write
   only inside the used ring.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -42,13 +45,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vblk.device import OP_FLUSH, OP_READ, OP_WRITE, BlkDevice, Completion, Geometry, IoPlan
+from vblk.device import (OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES,
+                         WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG, BlkDevice, Completion,
+                         DiscardLimits, Geometry, IoPlan)
 from vblk.testing import fuzzstats
 from vblk.testing.fuzzstats import record
 from vblk.errors import GuestError, RingBroken
 from vblk.memory import GuestMemory
 from vblk.vhost_user.messages import MemRegion
-from vblk.virtio.blk import OUTHDR, parse_request
+from vblk.virtio.blk import OUTHDR, parse_request, read_data_out
 from vblk.virtio.constants import BLK_ID_BYTES, BLK_T_BARRIER, BlkStatus, BlkType
 from vblk.virtio.ring import (DESC, MAX_INDIRECT, U16, SplitRing, avail_ring_bytes,
                               desc_table_bytes, used_ring_bytes)
@@ -247,9 +252,23 @@ def request_segments(k: Knobs, rng: random.Random, regions, header_gpa, g: Geome
                              rng.randrange(1 << 64), rng.randint(0, cap)])
     header = OUTHDR.pack(int(rtype), rng.choice([0, 0xFFFFFFFF]), max(sector, 0) & U64_MAX)
     segs: list[tuple[int, int, int]] = []
+    base_type = int(rtype) & ~BLK_T_BARRIER
+    if (header_gpa is not None and base_type in (BlkType.DISCARD, BlkType.WRITE_ZEROES)
+            and rng.random() < 0.7):
+        # discard / write-zeroes segments right after the header, in the same descriptor
+        n = rng.choice([1, 1, 1, 2, 4, 5])
+        for _ in range(n):
+            count = rng.choice([per_block, 8 * per_block, 0, 1, rng.randint(1, 1 << 16), 2 ** 32 - 1])
+            start = (rng.randint(0, max(cap // per_block - 1, 0)) * per_block if rng.random() < 0.7
+                     else rng.choice([1, cap, cap - 1, U64_MAX, 2 ** 63]))
+            header += struct.pack("<QII", start & U64_MAX, count,
+                                  rng.choice([0, 0, 1, 2, 0x8000_0000]))
+        segs.append((header_gpa, len(header) - rng.choice([0, 0, 0, 0, 1, 8]), 0))
+        if rng.random() < 0.9:
+            segs.append((pointer(k, rng, regions), 1, WRITE))
+        return header, segs
     if header_gpa is not None:
         segs.append((header_gpa, rng.choice([16, 16, 16, 16, 0, 8, 24, 16 + 512]), 0))
-    base_type = int(rtype) & ~BLK_T_BARRIER
     writable = base_type != BlkType.OUT if rng.random() < 0.85 else rng.random() < 0.5
     total = nblocks * lbs if rng.random() < 0.8 else rng.choice(LENGTHS + [rng.randint(0, 1 << 17)])
     if base_type == BlkType.GET_ID and rng.random() < 0.7:
@@ -538,14 +557,55 @@ def expected_outcome(segs, ref: RefMemory, device: BlkDevice):
         plan = ("done", BlkStatus.OK) if g.readonly else ("io", OP_FLUSH, 0, 0)
     elif rtype == BlkType.GET_ID:
         plan = ("done", BlkStatus.IOERR) if data_out or not data_in else ("done", BlkStatus.OK)
+    elif rtype in (BlkType.DISCARD, BlkType.WRITE_ZEROES):
+        plan = expected_zeroing(rtype, data_out, data_in, ref, device)
     else:
         plan = ("done", BlkStatus.UNSUPP)
     return (rtype, sector, data_out, data_in, status, False, plan)
 
 
+def expected_zeroing(rtype, data_out, data_in, ref: RefMemory, device: BlkDevice):
+    """DISCARD / WRITE_ZEROES by the virtio spec and ACRN's checks, from the reference memory."""
+    g, discard = device.geometry, rtype == BlkType.DISCARD
+    if g.readonly:
+        return ("done", BlkStatus.IOERR)
+    if discard and device.discard is None:
+        return ("done", BlkStatus.UNSUPP)
+    if data_in:
+        return ("done", BlkStatus.IOERR)
+    out_len = sum(k for _, k in data_out)
+    max_seg = device.discard.max_segments if discard else WRITE_ZEROES_MAX_SEG
+    if out_len == 0 or out_len % 16 or out_len // 16 > max_seg:
+        return ("done", BlkStatus.IOERR)
+    payload = b""
+    for x, k in data_out:
+        got = ref.read(x, k)
+        if got is None:
+            return ("done", BlkStatus.IOERR)
+        payload += got
+    max_sectors = device.discard.max_sectors if discard else WRITE_ZEROES_MAX_SECTORS
+    align = device.discard.alignment if discard else 0
+    cap, lbs, ranges, unmap = g.size_bytes // 512, g.logical_block_size, [], True
+    for i in range(0, out_len, 16):
+        sector, count, flags = struct.unpack_from("<QII", payload, i)
+        if count == 0 or count > max_sectors or sector + count > cap:
+            return ("done", BlkStatus.IOERR)
+        if flags & ~(0 if discard else 1):
+            return ("done", BlkStatus.UNSUPP)
+        if (sector * 512) % lbs or (count * 512) % lbs or (align and sector % align):
+            return ("done", BlkStatus.IOERR)
+        ranges.append((g.file_offset + sector * 512, count * 512))
+        unmap = unmap and bool(flags & 1)
+    return ("io", OP_DISCARD if discard else OP_WRITE_ZEROES, ranges[0][0],
+            sum(n for _, n in ranges), tuple(ranges),
+            (not discard) and unmap and device.discard is not None)
+
+
 def plan_tuple(plan):
     if isinstance(plan, Completion):
         return ("done", plan.status)
+    if plan.op in (OP_DISCARD, OP_WRITE_ZEROES):
+        return ("io", plan.op, plan.offset, plan.length, plan.ranges, plan.unmap)
     return ("io", plan.op, plan.offset, plan.length)
 
 
@@ -570,6 +630,13 @@ def check_plan(plan, device: BlkDevice, req, stats: Counter) -> None:
     if isinstance(plan, IoPlan):
         if plan.op == OP_FLUSH:
             assert plan.length == 0
+        elif plan.op in (OP_DISCARD, OP_WRITE_ZEROES):
+            assert not g.readonly and plan.ranges and plan.offset == plan.ranges[0][0]
+            assert plan.length == sum(n for _, n in plan.ranges)
+            for off, n in plan.ranges:         # every range inside the window, whole blocks
+                assert n > 0 and off % g.logical_block_size == 0 and n % g.logical_block_size == 0
+                assert g.file_offset <= off and off + n <= g.file_offset + g.size_bytes, plan
+            assert not (plan.op == OP_DISCARD and device.discard is None)
         else:
             assert plan.op in (OP_READ, OP_WRITE)
             assert plan.length >= 0
@@ -591,7 +658,13 @@ def run_case(case: Case, stats: Counter) -> None:
     mem = build_memory(case)
     ring = None
     try:
-        device = BlkDevice(case.geometry, writeback=False)
+        g = case.geometry
+        # discard on for every other window offset, with a one-block alignment and 4 segments
+        discard = (DiscardLimits(min(max(g.capacity, g.logical_block_size // 512), 2 ** 32 - 8)
+                                 // (g.logical_block_size // 512) * (g.logical_block_size // 512),
+                                 4, g.logical_block_size // 512)
+                   if (g.file_offset // g.logical_block_size) % 2 == 0 else None)
+        device = BlkDevice(g, writeback=False, discard=discard)
         d, a, u = case.ring_qvas
         try:
             ring = SplitRing(mem, case.queue_size, d, a, u, last_avail_idx=case.last_avail,
@@ -693,7 +766,11 @@ def walk_one(ring, mem, device, head, chain, case, ref, stats) -> None:
         assert n > 0
         check_translation(mem, addr, n, stats)
     assert any(a <= req.status_addr < a + n for a, n, w in segs if w)
-    plan = device.plan(req)
+    want_bytes = device.segment_bytes_wanted(req)
+    try:                      # as the supervisor does: the segments read from guest memory
+        plan = device.plan(req, read_data_out(req, mem, want_bytes) if want_bytes else b"")
+    except GuestError:
+        plan = Completion(BlkStatus.IOERR, reason="segments unreadable")
     check_plan(plan, device, req, stats)
     if oracle:
         want = expected_outcome(segs, ref, device)

@@ -200,16 +200,18 @@ def serve_vblk(tmp_path: Path):
 
 @pytest.fixture
 def serve_qsd(tmp_path: Path):
-    """serve_qsd(image, *, readonly=False, logical_block_size=None, physical_block_size=None,
-    qmp=None, throttle=None) -> socket path, a qemu-storage-daemon vhost-user-blk export of a
-    raw image (node ``disk0``); ``qmp=PATH`` adds a QMP monitor on that Unix socket;
+    """serve_qsd(image, *, readonly=False, logical_block_size=None, num_queues=1, qmp=None,
+    throttle=None, discard=False) -> socket path, a qemu-storage-daemon vhost-user-blk export
+    of a raw image (node ``disk0``); ``qmp=PATH`` adds a QMP monitor on that Unix socket;
     ``throttle`` (e.g. ``"x-iops-total=200"``) puts a throttle node in a throttle group with
-    those limits between the export and the image."""
+    those limits between the export and the image; ``discard=True``: the guest's discards
+    reach the file."""
     servers = _Servers("qsd")
 
     def _serve(image: str | os.PathLike, *, readonly: bool = False,
                logical_block_size: int | None = None, num_queues: int = 1,
-               qmp: str | os.PathLike | None = None, throttle: str | None = None) -> Served:
+               qmp: str | os.PathLike | None = None, throttle: str | None = None,
+               discard: bool = False) -> Served:
         d = _short_dir()
         servers.dirs.append(d)
         sock = str(d / "qsd.sock")
@@ -219,11 +221,11 @@ def serve_qsd(tmp_path: Path):
                   f"writable={'off' if readonly else 'on'},num-queues={num_queues}")
         if logical_block_size:
             export += f",logical-block-size={logical_block_size}"
+        # discard=unmap on both nodes passes the guest's discards to the file
+        node_opts = (",read-only=on" if readonly else "") + (",discard=unmap" if discard else "")
         cmd = ["qemu-storage-daemon",
-               "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}"
-                             f"{',read-only=on' if readonly else ''}",
-               "--blockdev", f"driver=raw,node-name=disk0,file=file0"
-                             f"{',read-only=on' if readonly else ''}",
+               "--blockdev", f"driver=file,node-name=file0,filename={os.fspath(image)}{node_opts}",
+               "--blockdev", f"driver=raw,node-name=disk0,file=file0{node_opts}",
                "--export", export]
         if throttle:
             cmd[1:1] = ["--object", f"throttle-group,id=t0,{throttle}"]

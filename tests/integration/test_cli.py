@@ -71,7 +71,8 @@ def test_serve_a_missing_image_refuses_without_creating_the_socket(tmp_path, soc
 @pytest.mark.parametrize("spec, words", [
     ("disk.img,bogus", "unknown option 'bogus'"),
     ("disk.img,discardfoo", "unknown option 'discardfoo'"),
-    ("disk.img,discard", "option 'discard' is not supported yet"),
+    ("disk.img,discard=8:1", "discard=8:1: want A:B:C"),
+    ("disk.img,discard=0:1:0", "discard=0:1:0: discard max sectors 0 is outside"),
     ("mq=0,disk.img", "the number of queues must be 1..64"),
     ("disk.img,aio=io_uring", "aio= does not apply to vblk"),
     ("disk.img,sectorsize=1000", "not a power of two"),
@@ -131,6 +132,10 @@ def test_serve_needs_exactly_one_listener(tmp_path, sockdir):
     (("--log-level", "loud"), "log level 'LOUD'"),
     (("--sectorsize", "4096/512"), "smaller than the logical block size"),
     (("--serial", "x" * 21), "at most 20"),
+    (("--discard-limits", "8:1"), "--discard-limits 8:1: want A:B:C"),
+    (("--discard-limits", "8:300:0"), "max segments 300 is outside 1..256"),
+    (("--no-discard", "--discard-limits", "8:1:0"), "contradict"),
+    (("--sectorsize", "4096", "--discard-limits", "4:1:0"), "not a whole number of 4096-byte"),
 ])
 def test_serve_bad_flags_refuse(tmp_path, sockdir, args, words):
     make_image(tmp_path / "disk.img")
@@ -257,6 +262,21 @@ def test_info_with_flags(tmp_path):
              cwd=tmp_path)
     assert parse_info(r.stdout)["range"] == f"bytes 0..{MiB} of the image"
     assert parse_info(r.stdout)["physical block size"] == "4096"
+
+
+def test_info_shows_discard_and_write_zeroes(tmp_path):
+    make_image(tmp_path / "disk.img", 4 * MiB)
+    rows = parse_info(vblk("info", "disk.img,discard", cwd=tmp_path).stdout)
+    assert rows["discard"] == (f"on, up to {4 * MiB // 512} sectors x 1 segments per request, "
+                               f"alignment none")
+    assert rows["write-zeroes"] == "yes, up to 65536 sectors x 1 segment, may unmap"
+    rows = parse_info(vblk("info", "disk.img,discard", "--discard-limits", "64:4:8",
+                           cwd=tmp_path).stdout)
+    assert rows["discard"] == "on, up to 64 sectors x 4 segments per request, alignment 8"
+    rows = parse_info(vblk("info", "disk.img,discard", "--no-discard", cwd=tmp_path).stdout)
+    assert (rows["discard"], rows["write-zeroes"]) == ("off", "yes, up to 65536 sectors x 1 segment")
+    rows = parse_info(vblk("info", "disk.img,ro,discard", cwd=tmp_path).stdout)
+    assert (rows["discard"], rows["write-zeroes"]) == ("off (read-only)", "no (read-only)")
 
 
 def test_info_serial_is_stable(tmp_path):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,9 +39,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from vblk.slots import MAX_IOV
-from vblk.testing.frontend import STATUS_UNSET, BlkClient, VringError
+from vblk.testing.frontend import DEFAULT_FEATURES, STATUS_UNSET, BlkClient, VringError
 from vblk.virtio.blk import OUTHDR
-from vblk.virtio.constants import BLK_ID_BYTES, BLK_T_BARRIER, BlkStatus, BlkType
+from vblk.virtio.constants import BLK_ID_BYTES, BLK_T_BARRIER, BlkStatus, BlkType, Feature
 
 MiB = 1 << 20
 OPS = int(os.environ.get("VBLK_CANARY_OPS", "2000"))
@@ -52,8 +53,10 @@ BATCH = 16
 QUEUE = 128
 NEXT, WRITE, INDIRECT = 1, 2, 4
 OK, IOERR, UNSUPP = int(BlkStatus.OK), int(BlkStatus.IOERR), int(BlkStatus.UNSUPP)
-UNKNOWN_TYPES = [2, 3, 6, 7, 9, 10, int(BlkType.DISCARD), int(BlkType.WRITE_ZEROES), 0x7FFFFFFF,
-                 BLK_T_BARRIER | int(BlkType.DISCARD)]
+UNKNOWN_TYPES = [2, 3, 6, 7, 9, 10, 12, 14, 0x7FFFFFFF, BLK_T_BARRIER | 14]
+ZEROING = (int(BlkType.DISCARD), int(BlkType.WRITE_ZEROES))
+WRITE_ZEROES_MAX_SECTORS, UNMAP = 65536, 1
+FEATURES = DEFAULT_FEATURES | Feature.BLK_DISCARD.mask | Feature.BLK_WRITE_ZEROES.mask
 
 
 def canary(tag: bytes, n: int) -> bytes:
@@ -71,6 +74,8 @@ class Window:
     start: int              # bytes into the image
     size: int
     lbs: int
+    discard_sectors: int    # the discard limits vblk is started with
+    discard_segments: int
 
 
 @dataclass
@@ -85,7 +90,8 @@ class Run:
     stats: Counter = field(default_factory=Counter)
 
     def connect(self) -> BlkClient:
-        self.client = BlkClient.connect(self.server, timeout=TIMEOUT, queue_size=QUEUE, ram_mib=32)
+        self.client = BlkClient.connect(self.server, timeout=TIMEOUT, queue_size=QUEUE, ram_mib=32,
+                                        features=FEATURES)
         self.stats["connections"] += 1
         return self.client
 
@@ -127,11 +133,34 @@ class Request:
             if self.nsegs > MAX_IOV:
                 return IOERR
             return OK
+        if t in ZEROING:
+            return self._expected_zeroing(t, w)
         if t in (BlkType.FLUSH, BlkType.FLUSH_OUT):
             return OK
         if t == BlkType.GET_ID:
             return OK if self.data is None and self.nbytes else IOERR
         return UNSUPP
+
+    def _expected_zeroing(self, t: int, w: Window) -> int:
+        """DISCARD / WRITE_ZEROES: the virtio spec's and ACRN's checks, in vblk's order."""
+        if self.data is None or not self.data or len(self.data) % 16:
+            return IOERR                           # writable buffer, nothing, or a partial one
+        n = len(self.data) // 16
+        max_segments = w.discard_segments if t == BlkType.DISCARD else 1
+        max_sectors = w.discard_sectors if t == BlkType.DISCARD else WRITE_ZEROES_MAX_SECTORS
+        if n > max_segments:
+            return IOERR
+        for sector, count, flags in self.zeroing_segments():
+            if count == 0 or count > max_sectors or sector + count > w.size // 512:
+                return IOERR
+            if flags & ~(0 if t == BlkType.DISCARD else UNMAP):
+                return UNSUPP
+            if (sector * 512) % w.lbs or (count * 512) % w.lbs:
+                return IOERR
+        return OK
+
+    def zeroing_segments(self) -> list[tuple[int, int, int]]:
+        return [struct.unpack_from("<QII", self.data, i) for i in range(0, len(self.data) // 16 * 16, 16)]
 
     def byte_range(self, w: Window) -> tuple[int, int] | None:
         """The window bytes this request reads or writes if it succeeds."""
@@ -146,8 +175,8 @@ def random_request(run: Run) -> tuple[str, Request]:
     blocks = w.size // w.lbs
     per = w.lbs // 512
     kind = rng.choices(["read", "write", "read_bad", "write_bad", "flush", "get_id", "unknown",
-                        "wrong_direction", "many_buffers"],
-                       [28, 28, 10, 10, 4, 5, 5, 4, 1])[0]
+                        "wrong_direction", "many_buffers", "zeroing"],
+                       [28, 28, 10, 10, 4, 5, 5, 4, 1, 10])[0]
     segs = rng.choice([1, 1, 1, 2, 3, 4])
     indirect = rng.random() < 0.3
     if kind in ("read", "write"):
@@ -190,6 +219,8 @@ def random_request(run: Run) -> tuple[str, Request]:
         if choice < 0.25:
             return kind, Request(int(BlkType.GET_ID), 0, data=b"x" * 20)        # wrong way
         return kind, Request(int(BlkType.GET_ID), 0, nbytes=rng.choice([20, 20, 1, 7, 19, 64, 512]))
+    if kind == "zeroing":
+        return kind, zeroing_request(rng, w, blocks, per, segs, indirect)
     if kind == "unknown":
         rtype = rng.choice(UNKNOWN_TYPES + [rng.randrange(14, 1 << 31)])
         return kind, Request(rtype, rng.randrange(1 << 64), nbytes=rng.choice([0, 512]))
@@ -202,6 +233,39 @@ def random_request(run: Run) -> tuple[str, Request]:
     length = n * 512 if w.lbs == 512 else -(-n * 512 // w.lbs) * w.lbs
     sizes = [512] * (n - 1) + [length - 512 * (n - 1)]
     return kind, Request(int(BlkType.IN), 0, nbytes=length, segments=sizes, indirect=True)
+
+
+def zeroing_request(rng: random.Random, w: Window, blocks: int, per: int, segs: int,
+                    indirect: bool) -> Request:
+    """DISCARD / WRITE_ZEROES: mostly good segments, some hostile (past the end, wrapping,
+    zero or too many sectors, partial blocks, reserved flags), the data sometimes truncated,
+    split over descriptors or in a device-writable buffer."""
+    rtype = rng.choice([*ZEROING, BLK_T_BARRIER | int(BlkType.DISCARD)])
+    n = rng.choice([1, 1, 1, 2, w.discard_segments, w.discard_segments + 1])
+    triples = []
+    for _ in range(n):
+        count_blocks = rng.choice([1, 1, 2, 8, 64])
+        first = rng.randint(0, max(blocks - count_blocks, 0))
+        sector, count = first * per, min(count_blocks, blocks) * per
+        r = rng.random()
+        if r < 0.05:
+            sector = blocks * per                            # starts at the end
+        elif r < 0.10:
+            sector = 2 ** 64 - per                           # wraps around
+        elif r < 0.13:
+            count = 0
+        elif r < 0.16:
+            count = w.discard_sectors + per                  # above the limit
+        elif r < 0.20 and per > 1:
+            sector += 1                                      # not on a block boundary
+        flags = rng.choices([0, UNMAP, 2, 0x8000_0000], [85, 10, 3, 2])[0]
+        triples.append((sector, count, flags))
+    data = b"".join(struct.pack("<QII", *t) for t in triples)
+    if rng.random() < 0.05:
+        return Request(rtype, 0, nbytes=len(data))           # the wrong direction
+    if rng.random() < 0.05:
+        data = data[:rng.randrange(len(data))] or data[:1]   # not whole segments
+    return Request(rtype, 0, data=data, segments=min(segs, len(data)), indirect=indirect)
 
 
 def check_completion(run: Run, kind: str, req: Request, done) -> None:
@@ -223,6 +287,10 @@ def check_completion(run: Run, kind: str, req: Request, done) -> None:
     if want == OK and t == BlkType.OUT and req.length:
         lo, hi = req.byte_range(w)
         run.model[lo:hi] = req.data
+    if want == OK and t in ZEROING:             # a regular file: discarded bytes read as zeroes
+        for sector, count, _ in req.zeroing_segments():
+            run.model[sector * 512:(sector + count) * 512] = bytes(count * 512)
+        run.stats["zeroing_ok"] += 1
     run.stats[f"status_{want}"] += 1
 
 
@@ -420,6 +488,12 @@ def drive(run: Run, ops: int) -> None:
             run_raw(run)
             continue
         kind, req = random_request(run)
+        if kind == "zeroing":                      # may cover many ranges: run it alone
+            flush_batch()
+            batch.append((submit(run.client, req), kind, req))
+            run.stats[f"op_{kind}"] += 1
+            flush_batch()
+            continue
         rng_ = req.byte_range(run.window)
         is_write = (req.rtype & ~BLK_T_BARRIER) == BlkType.OUT
         if rng_ and any(rng_[0] < hi and lo < rng_[1] and (w or is_write) for lo, hi, w in busy):
@@ -444,12 +518,15 @@ def make_image(path, window: Window) -> tuple[bytes, bytes]:
 
 CONFIGS = {
     # START and SIZE deliberately not powers of two; 512-byte blocks; writethrough
-    "range_flag": (Window(MiB + 3 * 512, MiB + 5 * 512, 512),
-                   lambda img, w: (str(img), "--range", f"{w.start}/{w.size}")),
-    # ACRN's string: range in 4096-byte logical sectors; writeback (flushes do the syncing)
-    "acrn_range_4k": (Window(300 * 4096, 200 * 4096, 4096),
+    # discard: at most 64 sectors in each of up to 4 segments
+    "range_flag": (Window(MiB + 3 * 512, MiB + 5 * 512, 512, 64, 4),
+                   lambda img, w: (str(img), "--range", f"{w.start}/{w.size}",
+                                   "--discard-limits", f"{w.discard_sectors}:{w.discard_segments}:0")),
+    # ACRN's string: range in 4096-byte logical sectors; writeback (flushes do the syncing);
+    # discard with ACRN's defaults (the whole disk, one segment)
+    "acrn_range_4k": (Window(300 * 4096, 200 * 4096, 4096, 200 * 8, 1),
                       lambda img, w: (f"{img},range={w.start // 4096}/{w.size // 4096},"
-                                      f"sectorsize=4096,writeback",)),
+                                      f"sectorsize=4096,writeback,discard",)),
 }
 
 
@@ -495,7 +572,7 @@ def test_hostile_requests_never_touch_bytes_outside_the_window(tmp_path, vblk_se
         with open(STATS_FILE, "a") as f:
             f.write(json.dumps({"kind": "canary", **stats}) + "\n")
     if OPS >= 1000:
-        for key in ("status_0", "status_1", "status_2", "raw_chains"):
+        for key in ("status_0", "status_1", "status_2", "raw_chains", "zeroing_ok"):
             assert run.stats[key], (key, stats)
 
 

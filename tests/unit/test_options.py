@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vblk.errors import ConfigError
-from vblk.options import DiskOptions, ServeConfig, merge_flags, parse_acrn, parse_size
+from vblk.options import (DiscardOption, DiskOptions, ServeConfig, merge_flags, parse_acrn,
+                          parse_size)
 
 
 def refused(spec: str, *words: str) -> str:
@@ -164,10 +165,65 @@ def test_leading_tokens_after_the_path_must_move(token):
 
 # -- refused options ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("token, name", [("discard", "discard"), ("discard=8:1:0", "discard"),
-                                         ("no_bst_block", "no_bst_block")])
+@pytest.mark.parametrize("token, name", [("no_bst_block", "no_bst_block")])
 def test_unimplemented_acrn_options_are_refused_by_name(token, name):
     refused(f"d.img,{token}", f"option '{name}' is not supported yet")
+
+
+# -- discard ------------------------------------------------------------------------------------
+
+def test_bare_discard_takes_acrns_defaults_decided_at_open():
+    assert parse_acrn("d.img").discard is None
+    d = parse_acrn("d.img,discard").discard
+    assert d == DiscardOption(None, 1, 0)          # max sectors: the disk's size, at open
+
+
+@pytest.mark.parametrize("value, want", [
+    ("8:1:0", (8, 1, 0)), ("4294967295:256:4294967288", (2 ** 32 - 1, 256, 2 ** 32 - 8)),
+    ("65536:4:8", (65536, 4, 8)), ("007:1:0", (7, 1, 0)),
+])
+def test_discard_with_three_numbers(value, want):
+    d = parse_acrn(f"d.img,discard={value}").discard
+    assert (d.max_sectors, d.max_segments, d.alignment) == want
+
+
+@pytest.mark.parametrize("value, words", [
+    ("", "want A:B:C"), ("8", "want A:B:C"), ("8:1", "want A:B:C"), ("8:1:0:0", "want A:B:C"),
+    ("8:1:", "'' is not a decimal number"), ("a:1:0", "'a' is not a decimal number"),
+    ("-8:1:0", "not a decimal number"), ("8:+1:0", "not a decimal number"),
+    ("0x10:1:0", "not a decimal number"), ("8 :1:0", "not a decimal number"),
+    ("0:1:0", "max sectors 0 is outside"), ("4294967296:1:0", "max sectors 4294967296 is outside"),
+    ("8:0:0", "max segments 0 is outside"), ("8:257:0", "max segments 257 is outside"),
+    ("8:1:4294967296", "alignment 4294967296 is outside"),
+])
+def test_bad_discard_values_are_refused(value, words):
+    msg = refused(f"d.img,discard={value}", words)
+    assert msg.startswith(f"discard={value}: ")
+
+
+def test_discard_limits_must_be_whole_logical_blocks():
+    refused("d.img,discard=4:1:0,sectorsize=4096", "max sectors 4", "4096-byte logical blocks")
+    refused("d.img,sectorsize=4096,discard=8:1:4", "alignment 4", "4096-byte logical blocks")
+    assert parse_acrn("d.img,discard=8:2:8,sectorsize=4096").discard == DiscardOption(8, 2, 8)
+    with pytest.raises(ConfigError, match="alignment 1"):
+        merge_flags(parse_acrn("d.img,discard=8:1:1"), sectorsize="4096")
+
+
+def test_discard_given_twice_in_the_string_is_refused():
+    refused("d.img,discard,discard=8:1:0", "discard is given twice")
+
+
+def test_discard_flags_lay_over_the_string():
+    base = parse_acrn("d.img,discard=16:2:8")
+    assert merge_flags(base, discard=True).discard == DiscardOption(16, 2, 8)   # keeps limits
+    assert merge_flags(base, discard=False).discard is None
+    assert merge_flags(parse_acrn("d.img"), discard=True).discard == DiscardOption()
+    assert merge_flags(parse_acrn("d.img"), discard_limits="32:4:0").discard == DiscardOption(32, 4, 0)
+    assert merge_flags(base, discard_limits="32:4:0").discard == DiscardOption(32, 4, 0)
+    with pytest.raises(ConfigError, match="contradict"):
+        merge_flags(base, discard=False, discard_limits="32:4:0")
+    with pytest.raises(ConfigError, match="--discard-limits 1:2: want A:B:C"):
+        merge_flags(base, discard_limits="1:2")
 
 
 @pytest.mark.parametrize("token", ["aio=threads", "aio=io_uring"])

@@ -24,14 +24,16 @@ def kind_counts(stats: Stats, field: str = "requests") -> dict[str, int]:
 def test_request_types_map_to_kinds():
     s = Stats(1)
     for rtype, n in ((BlkType.IN, 4096), (BlkType.OUT, 512), (BlkType.FLUSH, 0),
-                     (BlkType.FLUSH_OUT, 0), (BlkType.GET_ID, 20), (BlkType.DISCARD, 0),
-                     (0x7777, 0)):
+                     (BlkType.FLUSH_OUT, 0), (BlkType.GET_ID, 20), (BlkType.DISCARD, 8192),
+                     (BlkType.WRITE_ZEROES, 1024), (BlkType.WRITE_ZEROES, 512), (0x7777, 0),
+                     (2, 0)):
         s.started(0, rtype, n)
-    assert kind_counts(s) == {"read": 1, "write": 1, "flush": 2, "get_id": 1, "other": 2}
+    assert kind_counts(s) == {"read": 1, "write": 1, "flush": 2, "get_id": 1, "discard": 1,
+                              "write_zeroes": 2, "other": 2}
     assert kind_counts(s, "bytes") == {"read": 4096, "write": 512, "flush": 0, "get_id": 20,
-                                       "other": 0}
+                                       "discard": 8192, "write_zeroes": 1536, "other": 0}
     q = s.snapshot()["queues"][0]
-    assert (q["requests"], q["bytes"], q["in_flight"]) == (7, 4628, 7)
+    assert (q["requests"], q["bytes"], q["in_flight"]) == (10, 4628 + 8192 + 1536, 10)
 
 
 def test_finished_counts_statuses_and_in_flight():
@@ -159,6 +161,9 @@ def test_prometheus_text_from_a_snapshot():
     s = Stats(1, workers=4, info={"image": "d.img"})
     s.started(0, BlkType.GET_ID, 20)
     s.finished(0, BlkType.GET_ID, 0, 3_000)
+    for rtype, nbytes in ((BlkType.DISCARD, 1 << 20), (BlkType.WRITE_ZEROES, 4096)):
+        s.started(0, rtype, nbytes)
+        s.finished(0, rtype, 0, 50_000)
     with ControlServer(s.snapshot) as server:
         text = server.metrics_text().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -168,6 +173,9 @@ def test_prometheus_text_from_a_snapshot():
     values = {(x.name, tuple(sorted(x.labels.items()))): x.value
               for f in families.values() for x in f.samples}
     assert values[("vblk_requests_total", (("queue", "0"), ("type", "get_id")))] == 1
+    assert values[("vblk_requests_total", (("queue", "0"), ("type", "discard")))] == 1
+    assert values[("vblk_requests_total", (("queue", "0"), ("type", "write_zeroes")))] == 1
+    assert values[("vblk_request_bytes_total", (("queue", "0"), ("type", "discard")))] == 1 << 20
     assert values[("vblk_info", (("image", "d.img"),))] == 1
     assert values[("vblk_request_duration_seconds_bucket",
                    (("le", "4e-06"), ("queue", "0"), ("type", "get_id")))] == 1

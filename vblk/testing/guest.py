@@ -85,10 +85,22 @@ QBOOT = Path("/usr/share/qemu/qboot.rom")
 # dependency of ext4/jbd2 ("crypto-crc32c"), so it is named explicitly.
 ROOT_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
 
-# Host binaries copied into the guest, with the names they get there.
+# Host binaries copied into the guest, with the names they get there.  util-linux's
+# blkdiscard and fstrim replace busybox's applets: busybox's blkdiscard has no -z
+# (BLKZEROOUT, which Linux sends as WRITE_ZEROES without UNMAP); util-linux's fallocate -p
+# on the disk sends WRITE_ZEROES with UNMAP.
 HOST_BINARIES: Mapping[str, tuple[str, ...]] = {
     "/usr/sbin/mke2fs": ("sbin/mke2fs", "sbin/mkfs.ext4", "sbin/mkfs.ext2"),
     "/usr/sbin/e2fsck": ("sbin/e2fsck", "sbin/fsck.ext4"),
+    "/usr/sbin/blkdiscard": ("sbin/blkdiscard",),
+    "/usr/sbin/fstrim": ("sbin/fstrim",),
+    "/usr/bin/fallocate": ("usr/bin/fallocate",),
+}
+# The Debian package each host binary comes from (named when one is missing).
+HOST_BINARY_PACKAGES: Mapping[str, str] = {
+    "/usr/sbin/mke2fs": "e2fsprogs", "/usr/sbin/e2fsck": "e2fsprogs",
+    "/usr/sbin/blkdiscard": "util-linux", "/usr/sbin/fstrim": "util-linux",
+    "/usr/bin/fallocate": "util-linux",
 }
 HOST_FILES: Mapping[str, str] = {"/etc/mke2fs.conf": "etc/mke2fs.conf"}
 BUSYBOX = "/bin/busybox"
@@ -575,7 +587,8 @@ def _build_into(out_dir: Path, package: str, log) -> GuestImage:
     libs: set[str] = set()
     for src, names in HOST_BINARIES.items():
         if not Path(src).exists():
-            raise GuestBuildError(f"{src} missing: apt-get install e2fsprogs")
+            raise GuestBuildError(f"{src} missing: apt-get install "
+                                  f"{HOST_BINARY_PACKAGES.get(src, 'e2fsprogs')}")
         shutil.copy2(src, tree / names[0])
         for alias in names[1:]:
             (tree / alias).symlink_to(Path(names[0]).name)

@@ -21,6 +21,9 @@ OUTHDR = struct.Struct("<IIQ")      # type, ioprio, sector
 CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 CONFIG_WRITEBACK_OFFSET = 32
 
+# DISCARD / WRITE_ZEROES data: n of these, device-readable, anywhere in the readable bytes.
+DISCARD_SEGMENT = struct.Struct("<QII")    # sector (512-byte units), num_sectors, flags
+
 
 @dataclass(frozen=True, slots=True)
 class BlkConfig:
@@ -34,12 +37,20 @@ class BlkConfig:
     opt_io_size: int = 0
     writeback: int = 0
     num_queues: int = 1
+    max_discard_sectors: int = 0
+    max_discard_seg: int = 0
+    discard_sector_alignment: int = 0      # in 512-byte sectors
+    max_write_zeroes_sectors: int = 0
+    max_write_zeroes_seg: int = 0
+    write_zeroes_may_unmap: int = 0
 
     def pack(self) -> bytes:
         return CONFIG.pack(self.capacity, self.size_max, self.seg_max, 0, 0, 0, self.blk_size,
                            self.physical_block_exp, self.alignment_offset, self.min_io_size,
                            self.opt_io_size, self.writeback, 0, self.num_queues,
-                           0, 0, 0, 0, 0, 0)
+                           self.max_discard_sectors, self.max_discard_seg,
+                           self.discard_sector_alignment, self.max_write_zeroes_sectors,
+                           self.max_write_zeroes_seg, self.write_zeroes_may_unmap)
 
     @classmethod
     def unpack(cls, buf: bytes) -> "BlkConfig":
@@ -47,7 +58,10 @@ class BlkConfig:
         f = CONFIG.unpack(buf)
         return cls(capacity=f[0], size_max=f[1], seg_max=f[2], blk_size=f[6],
                    physical_block_exp=f[7], alignment_offset=f[8], min_io_size=f[9],
-                   opt_io_size=f[10], writeback=f[11], num_queues=f[13])
+                   opt_io_size=f[10], writeback=f[11], num_queues=f[13],
+                   max_discard_sectors=f[14], max_discard_seg=f[15],
+                   discard_sector_alignment=f[16], max_write_zeroes_sectors=f[17],
+                   max_write_zeroes_seg=f[18], write_zeroes_may_unmap=f[19])
 
 
 @dataclass(slots=True)
@@ -102,3 +116,23 @@ def parse_request(segments: list[Segment], memory: GuestMemory) -> BlkRequest:
         return BlkRequest(-1, 0, [], [], status_addr, bad="request header shorter than 16 bytes")
     rtype, _ioprio, sector = OUTHDR.unpack(header)
     return BlkRequest(rtype & ~BLK_T_BARRIER, sector, data_out, data_in, status_addr)
+
+
+def parse_segments(payload: bytes) -> list[tuple[int, int, int]]:
+    """DISCARD / WRITE_ZEROES data -> [(sector, num_sectors, flags), ...] (whole segments
+    only; the caller checks that the length is a multiple of the segment size)."""
+    n = len(payload) // DISCARD_SEGMENT.size
+    return [DISCARD_SEGMENT.unpack_from(payload, i * DISCARD_SEGMENT.size) for i in range(n)]
+
+
+def read_data_out(req: BlkRequest, memory: GuestMemory, limit: int) -> bytes:
+    """The first ``limit`` device-readable data bytes of ``req`` (fewer if it has fewer),
+    gathered across descriptors. Raises GuestError if guest memory does not hold them."""
+    out = []
+    for addr, n in req.data_out:
+        if limit <= 0:
+            break
+        take = min(n, limit)
+        out.append(memory.read(addr, take))
+        limit -= take
+    return b"".join(out)

@@ -54,6 +54,9 @@ class BlkType(enum.IntEnum):
 
 
 BLK_T_BARRIER = 0x8000_0000    # legacy flag, stripped before dispatch
+# virtio_blk_discard_write_zeroes.flags: "the device may deallocate" (WRITE_ZEROES only;
+# the spec makes it UNSUPP on DISCARD); every other bit is reserved.
+BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 BLK_ID_BYTES = 20
 SECTOR_SIZE = 512              # virtio-blk sectors are always 512 bytes
 
