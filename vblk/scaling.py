@@ -100,7 +100,7 @@ def scaling(image: str | os.PathLike, workload: Workload, *, workers=WORKERS, qd
                     w = replace(workload, qd=qd)
                     sampler = None
                     if qd == max(qds):          # PSS while the deepest run is under way
-                        sampler = threading.Timer(max(0.5, (w.duration or 1) / 2),
+                        sampler = threading.Timer(max(0.2, (w.duration or 1) / 2),
                                                   lambda n=n, s=server: _sample(result, n, s))
                         sampler.start()
                     try:

@@ -15,7 +15,7 @@ def test_scaling_measures_every_point_and_the_memory(tmp_path):
     with open(image, "wb") as f:
         f.truncate(16 * MiB)
     out = subprocess.run([sys.executable, "-m", "vblk.scaling", str(image), "--workers", "1,2",
-                          "--qds", "1,4", "--duration", "0.5", "--json"],
+                          "--qds", "1,4", "--duration", "1", "--json"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
