@@ -1,4 +1,5 @@
-"""Multiqueue with a real guest: QEMU's vhost-user-blk-pci num-queues=4 on a 4-vCPU guest.
+"""Multiqueue (and EVENT_IDX) with a real guest: QEMU's vhost-user-blk-pci num-queues=4 on a
+4-vCPU guest.
 
 Linux gives each vCPU its own queue (blk-mq), so four writers pinned to the four vCPUs put
 their requests on four rings. The guest shows four hardware queues in /sys/block/vda/mq;
@@ -21,6 +22,7 @@ QUEUES = 4
 
 SCRIPT = r"""
 echo MQ=$(ls /sys/block/vda/mq | wc -l)
+echo FEATURES=$(cat /sys/block/vda/device/features)
 echo CPUS=$(grep -c ^processor /proc/cpuinfo)
 for c in 0 1 2 3; do
     head -c 1048576 /dev/urandom > /tmp/d$c
@@ -47,6 +49,8 @@ def test_four_vcpus_write_through_four_queues(backend, tmp_path, serve_vblk, ser
     v = res.values
     assert v["CPUS"] == str(QUEUES), res.describe()
     assert v["MQ"] == str(QUEUES), res.describe()
+    # the driver negotiated (bit i of the string is feature bit i) MQ and EVENT_IDX
+    assert v["FEATURES"][12] == "1" and v["FEATURES"][29] == "1", v["FEATURES"]
     for c in range(QUEUES):
         assert v[f"BACK_{c}"] == v[f"SHA_{c}"], res.describe()
     if backend == "vblk":
