@@ -191,13 +191,8 @@ def serve(
             check_listen_fd(config.listen_fd)
     except ConfigError as e:
         raise fail(str(e)) from None
-    configure_logging(config.log_level)
-    from vblk.supervisor import serve as run_supervisor
-    try:
-        status = run_supervisor(config)
-    except ConfigError as e:            # e.g. the lock was taken between the check and now
-        raise fail(str(e)) from None
-    raise typer.Exit(status or 0)
+    from vblk.daemon import exec_serve
+    exec_serve(config)                  # the same process, without the CLI's imports
 
 
 @app.command()

@@ -72,7 +72,8 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 60.0            # how long a ring stop waits for I/O in flight
 MESSAGE_TIMEOUT = 10.0         # a frontend must send a whole message within this
-POLL_US = 50                   # adaptive polling window (VBLK_POLL_US overrides; 0: off)
+POLL_US = 50                   # the longest adaptive polling window (VBLK_POLL_US; 0: off)
+POLL_MIN = 4e-6                # a window that shrinks below this closes
 NOTIFY_TIMEOUT = 0.25          # the longest a resize waits for room on the backend channel
 
 
@@ -99,8 +100,10 @@ class Supervisor:
         self.inline_reads = (hasattr(os, "RWF_NOWAIT") and os.environ.get("VBLK_INLINE_READS", "1") != "0"
                              and not fcntl.fcntl(backing_fd, fcntl.F_GETFL) & os.O_DIRECT)
         self.live = stats if stats is not None else Stats(device.num_queues, workers=workers)
-        # How long the loop keeps looking for new requests after activity before it sleeps.
-        self.poll_seconds = float(os.environ.get("VBLK_POLL_US", POLL_US)) / 1e6
+        # How long the loop keeps looking for new requests after activity before it sleeps:
+        # adapted between 0 and poll_max (see adapt_poll_window).
+        self.poll_max = float(os.environ.get("VBLK_POLL_US", POLL_US)) / 1e6
+        self.poll_window = 0.0
         self.control = control                   # a vblk.control.ControlServer, or None
         self.live.capacity_bytes = device.geometry.size_bytes
         if control is not None and backing is not None:
@@ -170,15 +173,19 @@ class Supervisor:
             sdnotify.ready("waiting for a frontend")
             while not self.stopping:
                 timeout = max(0.0, self.wake_at - time.monotonic()) if self.throttled else -1
+                slept = time.monotonic()
                 events = self.epoll.poll(timeout)
+                slept = time.monotonic() - slept
                 for fd, _ in events:
                     handler = self.handlers.get(fd)
                     if handler is not None:
                         self._call(handler)
                 if self.throttled and time.monotonic() >= self.wake_at:
                     self._call(self._unthrottle)
-                if events and self.poll_seconds and self.rings:
-                    self._call(self._poll_rings)
+                if self.poll_max:
+                    self.poll_window = adapt_poll_window(self.poll_window, slept, self.poll_max)
+                    if events and self.poll_window and self.rings:
+                        self._call(self._poll_rings)
             return 0
         finally:
             self._disconnect()
@@ -207,10 +214,10 @@ class Supervisor:
 
     def _poll_rings(self) -> None:
         """Adaptive polling: after activity, look at the rings (and, without sleeping, at the
-        other fds) for up to ``poll_seconds`` before going back to sleep in epoll. A request
-        the guest adds meanwhile is taken without the cost of waking this process up; the
-        window closes at the first quiet stretch of that length."""
-        deadline = time.monotonic() + self.poll_seconds
+        other fds) for up to ``poll_window`` seconds before going back to sleep in epoll. A
+        request the guest adds meanwhile is taken without the cost of waking this process
+        up; the window closes at the first quiet stretch of that length."""
+        deadline = time.monotonic() + self.poll_window
         while time.monotonic() < deadline and not self.stopping:
             found = False
             for q, ring in list(self.rings.items()):
@@ -229,7 +236,7 @@ class Supervisor:
                     handler()
                 found = True
             if found:
-                deadline = time.monotonic() + self.poll_seconds
+                deadline = time.monotonic() + self.poll_window
             if not self.rings:
                 return
 
@@ -823,6 +830,19 @@ def _send_bounded(fd: int, data: bytes, timeout: float) -> None:
                                    f"({len(view)} of {len(data)} bytes unsent)")
     finally:
         sock.detach()
+
+
+def adapt_poll_window(window: float, slept: float, poll_max: float) -> float:
+    """The next polling window after the loop slept ``slept`` seconds in epoll (QEMU's
+    adaptive polling rule). A short sleep means a longer poll would have caught the event
+    without sleeping: the window doubles (from POLL_MIN) up to ``poll_max``. A long sleep
+    means polling would only have burnt CPU -- which a guest under TCG needs more than vblk
+    does: the window halves, and closes below POLL_MIN. A guest that answers within the
+    window keeps it open; a slow one closes it after a few sleeps."""
+    if slept <= poll_max:
+        return min(max(window * 2, POLL_MIN), poll_max)
+    window /= 2
+    return window if window >= POLL_MIN else 0.0
 
 
 def open_listener(socket_path: str | None, listen_fd: int | None, mode: int = 0o600,

@@ -1,0 +1,25 @@
+"""Adaptive polling: the supervisor's polling window (vblk.supervisor.adapt_poll_window)."""
+from vblk.supervisor import POLL_MIN, adapt_poll_window
+
+MAX = 50e-6
+
+
+def test_short_sleeps_open_the_window_up_to_the_maximum():
+    w = 0.0
+    seen = []
+    for _ in range(10):
+        w = adapt_poll_window(w, 10e-6, MAX)
+        seen.append(w)
+    assert seen[0] == POLL_MIN
+    assert seen == sorted(seen) and seen[-1] == MAX
+
+
+def test_long_sleeps_close_it():
+    w = MAX
+    for _ in range(6):
+        w = adapt_poll_window(w, 300e-6, MAX)
+    assert w == 0.0
+
+
+def test_a_closed_window_stays_closed_while_the_guest_is_slow():
+    assert adapt_poll_window(0.0, 1e-3, MAX) == 0.0
