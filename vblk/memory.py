@@ -78,6 +78,7 @@ class GuestMemory:
     def __init__(self, regions: list[MappedRegion], generation: int = 0) -> None:
         self.regions = regions
         self.generation = generation
+        self._last = 0                 # the region the last translation found
 
     @classmethod
     def empty(cls) -> "GuestMemory":
@@ -110,9 +111,15 @@ class GuestMemory:
 
     def translate(self, gpa: int, length: int) -> list[tuple[int, int, int]]:
         """Split [gpa, gpa+length) into (region index, mapping offset, length) pieces."""
+        # The common case first: one region (the last one hit) holds the whole range.
+        last = self._last
+        if last < len(self.regions):
+            r = self.regions[last]
+            if r.gpa <= gpa and gpa + length <= r.gpa + r.size and length > 0:
+                return [(last, r.base + gpa - r.gpa, length)]
         pieces = []
         while length > 0:
-            i = self._find_gpa(gpa)
+            i = self._last = self._find_gpa(gpa)
             r = self.regions[i]
             n = min(length, r.gpa + r.size - gpa)
             pieces.append((i, r.base + gpa - r.gpa, n))

@@ -63,7 +63,7 @@ from vblk.stats import Stats
 from vblk.vhost_user import transport
 from vblk.vhost_user.session import DropConnection, MemSlot, Session, Vring
 from vblk.virtio.blk import parse_request, read_data_out
-from vblk.virtio.constants import BlkStatus, Feature
+from vblk.virtio.constants import BlkStatus, BlkType, Feature
 from vblk.virtio.inflight import InflightQueue, queue_region_size
 from vblk.virtio.ring import SplitRing
 from vblk.workerpool import WorkerHandle, WorkerPool
@@ -663,6 +663,8 @@ class Supervisor:
     def _segment_bytes(self, req) -> bytes:
         """The DISCARD / WRITE_ZEROES segments the device wants to see (b"" for other types);
         GuestError if the guest's buffers cannot be read."""
+        if req.type != BlkType.DISCARD and req.type != BlkType.WRITE_ZEROES:
+            return b""                  # the per-request common case: nothing to read
         want = self.device.segment_bytes_wanted(req)
         return read_data_out(req, self.memory, want) if want else b""
 
