@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from vblk.control import default_control_path, fetch_stats
 from vblk.testing.frontend import DEFAULT_FEATURES, BlkClient
+from vblk.testing.loopdev import loop_device as attach_loop
 from vblk.virtio.blk import DISCARD_SEGMENT
 from vblk.virtio.constants import BlkStatus, BlkType, Feature
 
@@ -256,12 +256,7 @@ def test_a_block_device_gets_blkdiscard_and_blkzeroout(tmp_path, vblk_server):
         f.truncate(16 * MiB)
         f.write(os.urandom(8 * MiB))
         os.fsync(f.fileno())
-    try:
-        dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
-                             capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot make a loop device: {e}")
-    try:
+    with attach_loop(backing) as dev:
         before_bytes = host_read(backing, 0, 8 * MiB)
         before = allocated(backing)
         sock = vblk_server(dev, "--discard", "--workers", "2")
@@ -280,5 +275,3 @@ def test_a_block_device_gets_blkdiscard_and_blkzeroout(tmp_path, vblk_server):
             expect[lo:hi] = bytes(hi - lo)
         assert after == bytes(expect)
         assert before - allocated(backing) >= 2 * MiB - SLACK       # at least the discard
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)

@@ -13,6 +13,7 @@ from vblk.backing import (Backing, BackingInfo, check_backing, compute_window, d
                           open_backing)
 from vblk.errors import ConfigError
 from vblk.options import DiskOptions, merge_flags, parse_acrn
+from vblk.testing.loopdev import loop_device as attach_loop
 
 MiB = 1 << 20
 
@@ -455,15 +456,8 @@ def test_a_given_serial_is_nul_padded(image):
 
 @pytest.fixture
 def loop_device(image):
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        pytest.skip("needs root and losetup")
-    p = image(2 * MiB)
-    made = subprocess.run(["losetup", "--find", "--show", str(p)], capture_output=True, text=True)
-    if made.returncode:
-        pytest.skip(f"cannot attach a loop device: {made.stderr.strip()}")
-    dev = made.stdout.strip()
-    yield dev
-    subprocess.run(["losetup", "-d", dev], check=False)
+    with attach_loop(image(2 * MiB)) as dev:
+        yield dev
 
 
 def test_a_block_device_uses_blkgetsize64_and_blkpbszget(loop_device, opened):

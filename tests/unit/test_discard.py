@@ -2,11 +2,10 @@
 and the worker's store operations on real sparse files (and a loop device when one can be made)."""
 from __future__ import annotations
 
-import errno
 import array
+import errno
 import os
 import stat
-import subprocess
 
 import pytest
 
@@ -15,6 +14,7 @@ from vblk.device import (OP_DISCARD, OP_WRITE_ZEROES, WRITE_ZEROES_MAX_SECTORS,
                          IoPlan)
 from vblk.slots import (FLAG_SYNC, FLAG_UNMAP, RANGE_REGION, SlotArea, SlotState, decode_ranges,
                         encode_ranges)
+from vblk.testing.loopdev import loop_device as attach_loop
 from vblk.virtio.blk import DISCARD_SEGMENT, BlkConfig, BlkRequest
 from vblk.virtio.constants import BlkStatus, BlkType, Feature
 from workers import zeroing
@@ -329,15 +329,8 @@ def test_worker_answers_unsupp_when_the_store_cannot_discard(tmp_path, monkeypat
 @pytest.fixture
 def loop_device(tmp_path):
     image = sparse_file(tmp_path, size=16 * MiB, data_mib=8)
-    try:
-        dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                             capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot make a loop device: {e}")
-    try:
+    with attach_loop(image) as dev:
         yield dev, image
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def test_block_device_discard_and_zeroout(loop_device):
