@@ -35,6 +35,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vblk.testing import fuzzstats
+from vblk.testing.processes import open_fds
 from vblk.testing.fuzzstats import record
 from vblk.errors import FrontendProtocolError
 from vblk.vhost_user import messages as m
@@ -46,18 +47,6 @@ SETTINGS = fuzzstats.hypothesis_settings(EXAMPLES)
 ALLOWED = (PeerClosed, FrontendProtocolError, TimeoutError, OSError)
 SILENT_TIMEOUT = 0.02            # the reader's timeout when the writer goes quiet
 U32_MAX = (1 << 32) - 1
-
-
-def open_fds() -> set[int]:
-    """The fds open in this process (not counting the one listdir used for the listing)."""
-    out = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            os.fstat(int(name))
-        except OSError:
-            continue
-        out.add(int(name))
-    return out
 
 
 def tagged_fd(tag: int) -> int:

@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 
 from vblk.device import BlkDevice, Geometry
 from vblk.testing import fuzzstats
+from vblk.testing.processes import open_fds
 from vblk.testing.fuzzstats import record
 from vblk.errors import FrontendProtocolError, GuestError
 from vblk.memory import GuestMemory
@@ -65,18 +66,6 @@ REPLY_BODY_SIZE = {R.GET_FEATURES: 8, R.GET_PROTOCOL_FEATURES: 8, R.GET_QUEUE_NU
                    R.GET_MAX_MEM_SLOTS: 8, R.GET_VRING_BASE: 8, R.GET_INFLIGHT_FD: 24}
 UNKNOWN_IDS = [0, 26, 31, 33, 35, 40, 41, 99, 1 << 16, U32_MAX]
 REQUESTS = [int(r) for r in R] + UNKNOWN_IDS
-
-
-def open_fds() -> set[int]:
-    """The fds open in this process (not counting the one listdir used for the listing)."""
-    out = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            os.fstat(int(name))
-        except OSError:
-            continue
-        out.add(int(name))
-    return out
 
 
 # -- the fake host ---------------------------------------------------------------------------

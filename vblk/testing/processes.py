@@ -1,4 +1,5 @@
-"""Stopping a server started in its own process group (vblk and its workers, or qsd)."""
+"""Stopping a server started in its own process group (vblk and its workers, or qsd), and
+the open fds of this process (for leak checks)."""
 from __future__ import annotations
 
 import os
@@ -24,3 +25,15 @@ def stop_group(proc: subprocess.Popen, timeout: float = 5.0) -> int:
             pass
     signal_group(proc.pid, signal.SIGKILL)
     return proc.wait()
+
+
+def open_fds() -> set[int]:
+    """The fds open in this process (not counting the one listdir used for the listing)."""
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+        except OSError:
+            continue
+        out.add(int(name))
+    return out
