@@ -926,6 +926,17 @@ class Comparison:
                 "vblk_source": self.source, "load": self.load, "notes": self.notes}
 
 
+def provenance_lines(source: str | None, loadavg: list[tuple[float, float, float]]) -> list[str]:
+    """The header lines saying which vblk code ran and how loaded the machine was."""
+    out = []
+    if source:
+        out.append(f"  vblk source: {source}")
+    if loadavg:
+        out.append("  load average (1/5/15 min) at start " + "/".join(f"{v:.2f}" for v in loadavg[0])
+                   + ", at end " + "/".join(f"{v:.2f}" for v in loadavg[-1]))
+    return out
+
+
 def format_comparison(c: Comparison) -> str:
     cache = "writethrough" if c.writethrough else "writeback"
     by = ", fio in the test guest" if c.load == "guest" else ""
@@ -934,11 +945,7 @@ def format_comparison(c: Comparison) -> str:
            f"  vblk: {shlex.join(c.commands['vblk'])}",
            f"  qsd:  {shlex.join(c.commands['qsd'])}"]
     out += [f"  {note}" for note in c.notes]
-    if c.source:
-        out.append(f"  vblk source: {c.source}")
-    if c.loadavg:
-        out.append("  load average (1/5/15 min) at start " + "/".join(f"{v:.2f}" for v in c.loadavg[0])
-                   + ", at end " + "/".join(f"{v:.2f}" for v in c.loadavg[-1]))
+    out += provenance_lines(c.source, c.loadavg)
     out.append("")
     head = (f"{'workload':<20} {'backend':<9} {'IOPS':>10} {'MB/s':>9} {'p50 µs':>9} "
             f"{'p99 µs':>9} {'p99.9 µs':>9} {'errors':>6} "

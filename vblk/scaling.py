@@ -17,12 +17,11 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vblk.bench import (BenchError, Server, Workload, copy_image, group_pids, run_workload,
-                        source_version, vblk_command)
+from vblk.bench import (BenchError, Server, Workload, copy_image, group_pids, provenance_lines,
+                        run_workload, source_version, vblk_command)
 
 WORKERS = (1, 2, 4, 8)
 QDS = (1, 2, 4, 8, 16, 32, 64)
@@ -137,11 +136,7 @@ def _sample(result: Scaling, n: int, server: Server) -> None:
 def format_scaling(s: Scaling) -> str:
     label = s.workload.label.split(" QD")[0]
     out = [f"vblk scaling: {label}, write-through, {s.workload.duration:g} s per point"]
-    if s.source:
-        out.append(f"  vblk source: {s.source}")
-    if s.loadavg:
-        out.append("  load average at start " + "/".join(f"{v:.2f}" for v in s.loadavg[0])
-                   + ", at end " + "/".join(f"{v:.2f}" for v in s.loadavg[-1]))
+    out += provenance_lines(s.source, s.loadavg)
     out.append("")
     head = f"{'workers':>7} " + " ".join(f"{'QD' + str(q):>8}" for q in s.qds)
     out += ["IOPS", head, "-" * len(head)]
