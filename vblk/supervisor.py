@@ -176,10 +176,7 @@ class Supervisor:
                 slept = time.monotonic()
                 events = self.epoll.poll(timeout)
                 slept = time.monotonic() - slept
-                for fd, _ in events:
-                    handler = self.handlers.get(fd)
-                    if handler is not None:
-                        self._call(handler)
+                self._dispatch(events)
                 if self.throttled and time.monotonic() >= self.wake_at:
                     self._call(self._unthrottle)
                 if self.poll_max:
@@ -199,6 +196,13 @@ class Supervisor:
             self.slots.close()
             self.epoll.close()
             log.info("event=stopped")
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        """Run the handler of each fd epoll reported (an fd unwatched meanwhile is skipped)."""
+        for fd, _ in events:
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                self._call(handler)
 
     def _call(self, handler) -> None:
         """Run one event handler; a bug in vblk costs the frontend its connection, not the
@@ -230,10 +234,9 @@ class Supervisor:
                 if pending and self.free:
                     self._drain(q)
                     found = True
-            for fd, _ in self.epoll.poll(0):
-                handler = self.handlers.get(fd)
-                if handler is not None:
-                    handler()
+            events = self.epoll.poll(0)
+            if events:
+                self._dispatch(events)
                 found = True
             if found:
                 deadline = time.monotonic() + self.poll_window
