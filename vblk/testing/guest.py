@@ -340,13 +340,14 @@ def scenario_archive(script: str, files: Mapping[str, bytes | str] | None = None
 # building the image
 
 
-def _cache_root(cache_dir: Path | None) -> Path:
+def cache_root(cache_dir: str | os.PathLike | None, leaf: str = "guest") -> Path:
+    """``cache_dir`` if given, else ``$VBLK_CACHE_DIR/LEAF``, else ``~/.cache/vblk/LEAF``."""
     if cache_dir is not None:
         return Path(cache_dir)
     env = os.environ.get("VBLK_CACHE_DIR")
     if env:
-        return Path(env) / "guest"
-    return Path.home() / ".cache" / "vblk" / "guest"
+        return Path(env) / leaf
+    return Path.home() / ".cache" / "vblk" / leaf
 
 
 def _builder_hash() -> str:
@@ -689,7 +690,7 @@ def build_guest(cache_dir: Path | None = None, *, rebuild: bool = False,
     Parallel callers (pytest-xdist workers) serialise on a file lock; the build
     goes into a temporary directory that is renamed into place when complete.
     """
-    root = _cache_root(cache_dir)
+    root = cache_root(cache_dir)
     bhash = _builder_hash()
     if not rebuild:
         img = _find_cached(root, bhash)

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vblk.testing.guest import (GuestBuildError, _dir, _Entry, _file, _ldd_libraries,
+from vblk.testing.guest import (GuestBuildError, _dir, _Entry, _file, _ldd_libraries, cache_root,
                                 newc_archive)
 
 __all__ = ["ADDON_BUILDER_VERSION", "FIO", "addon_cache_dir", "build_fio_addon",
@@ -40,12 +40,7 @@ FIO = "/usr/bin/fio"
 
 def addon_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where add-on archives live: ``cache_dir`` if given, else beside the guest cache."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("VBLK_CACHE_DIR")
-    if env:
-        return Path(env) / "guest-addons"
-    return Path.home() / ".cache" / "vblk" / "guest-addons"
+    return cache_root(cache_dir, "guest-addons")
 
 
 def fio_version(fio: str = FIO) -> str:
