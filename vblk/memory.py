@@ -127,6 +127,24 @@ class GuestMemory:
             length -= n
         return pieces
 
+    def locate(self, gpa: int, length: int) -> tuple[int, int] | None:
+        """(region index, mapping offset) of [gpa, gpa+length) when one region holds all of
+        it, else None (outside guest memory, across regions, or empty): the fast path's
+        question; anything it refuses goes through ``translate``, which says why."""
+        last = self._last
+        regions = self.regions
+        if last < len(regions):
+            r = regions[last]
+            lo = r.desc.guest_phys_addr
+            if lo <= gpa and gpa + length <= lo + r.desc.memory_size and length > 0:
+                return last, r.desc.mmap_offset + gpa - lo
+        for i, r in enumerate(regions):
+            lo = r.desc.guest_phys_addr
+            if lo <= gpa and gpa + length <= lo + r.desc.memory_size and length > 0:
+                self._last = i
+                return i, r.desc.mmap_offset + gpa - lo
+        return None
+
     def translate_qva(self, qva: int, length: int) -> tuple[int, int]:
         """A frontend-virtual range that must lie inside one region -> (region, offset)."""
         for i, r in enumerate(self.regions):

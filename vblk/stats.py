@@ -97,6 +97,15 @@ class Stats:
         q.latency[k][b if b < _LAST else _LAST] += 1
         q.latency_sum_ns[k] += latency_ns
 
+    def served(self, queue: int, count: int, nbytes: int) -> None:
+        """``count`` reads of ``nbytes`` in all were started and finished OK at once (page-cache
+        hits): ``started`` + ``finished`` with a latency of 0 for each, in one step."""
+        q = self.queues[queue]
+        k = READ
+        q.requests[k] += count
+        q.bytes[k] += nbytes
+        q.latency[k][0] += count
+
     def refused(self, queue: int) -> None:
         """A chain the device could not parse was returned without a status (no ``started``)."""
         self.queues[queue].refused += 1

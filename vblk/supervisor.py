@@ -64,6 +64,7 @@ from vblk.vhost_user import transport
 from vblk.vhost_user.session import DropConnection, MemSlot, Session, Vring
 from vblk.virtio.blk import parse_request, read_data_out
 from vblk.virtio.constants import BlkStatus, BlkType, Feature
+from vblk.virtio.fastpath import simple_rw
 from vblk.virtio.inflight import InflightQueue, queue_region_size
 from vblk.virtio.ring import SplitRing
 from vblk.workerpool import WorkerHandle, WorkerPool
@@ -509,6 +510,9 @@ class Supervisor:
         published = False
         limiter = None if self.limiter.unlimited else self.limiter
         stalled = False
+        memory, geometry, inline = self.memory, self.device.geometry, self.inline_reads
+        regions = memory.regions
+        served = served_bytes = 0           # reads served from the page cache in this drain
         try:
             while self.free:
                 budget = self._slot_budget(q) if len(self.rings) > 1 else len(self.free)
@@ -519,7 +523,24 @@ class Supervisor:
                     if limiter is not None and not limiter.ready(time.monotonic()):
                         stalled = True
                         break
-                    published |= self._admit(q, ring, ring.pop(), batches)
+                    head = ring.pop()
+                    simple = simple_rw(ring, memory, geometry, head)
+                    if simple is None:          # anything unusual: the general path decides
+                        published |= self._admit(q, ring, head, batches)
+                        continue
+                    op, offset, length, pieces, status_addr, status_region, status_off = simple
+                    if limiter is not None:
+                        limiter.charge(time.monotonic(), 1, length)
+                    if op == OP_READ and inline and self._read_cached(offset, length, pieces):
+                        regions[status_region].view[status_off] = 0
+                        ring.put_used(head, length + 1)
+                        served += 1
+                        served_bytes += length
+                        published = True
+                    else:
+                        self.live.started(q, BlkType.IN if op == OP_READ else BlkType.OUT, length)
+                        self._post(q, head, op, 0, offset, length, pieces, status_addr,
+                                   BlkType.IN if op == OP_READ else BlkType.OUT, batches)
                 ring.set_kicks_wanted(True)
                 if stalled or ring.pending() == 0:
                     break
@@ -528,6 +549,8 @@ class Supervisor:
             self._break_ring(q)
             stalled = False
         self._flush_batches(batches)
+        if served:
+            self.live.served(q, served, served_bytes)
         if published:
             self._publish(q, ring)
         if stalled:
@@ -639,29 +662,39 @@ class Supervisor:
         self.live.started(q, req.type, plan.length)
         if not self.limiter.unlimited:
             self.limiter.charge(time.monotonic(), 1, plan.length)
-        if plan.op == OP_READ and self.inline_reads and self._read_cached(plan, pieces):
+        if plan.op == OP_READ and self.inline_reads and self._read_cached(plan.offset, plan.length, pieces):
             # Served from the page cache without a trip to a worker (RWF_NOWAIT never blocks).
             self.memory.write(req.status_addr, b"\x00")
             ring.put_used(head, plan.length + 1)
             self.live.finished(q, req.type, BlkStatus.OK, 0)
             return True
+        flags = FLAG_UNMAP if plan.unmap else 0
+        self._post(q, head, plan.op, flags, plan.offset, plan.length, pieces, req.status_addr,
+                   req.type, batches)
+        return False
+
+    def _post(self, q: int, head: int, op: int, flags: int, offset: int, length: int,
+              pieces: list[tuple[int, int, int]], status_addr: int, rtype: int,
+              batches: dict[int, list[int]]) -> None:
+        """Hand a request to a worker through a free slot (its number goes out with the
+        drain's batch for that worker)."""
         slot = self.free.popleft()
         self.held[q] += 1
-        flags = (0 if self.device.writeback else FLAG_SYNC) | (FLAG_UNMAP if plan.unmap else 0)
-        if flags & FLAG_SYNC and plan.op == OP_WRITE:
+        if not self.device.writeback:
+            flags |= FLAG_SYNC
+        if flags & FLAG_SYNC and op == OP_WRITE:
             # Durable writes taken together go to one worker: its batch shares one fdatasync.
             if self._sync_worker is None:
                 self._sync_worker = self.pool.least_busy()
             worker = self._sync_worker
         else:
             worker = self.pool.least_busy()
-        self.slots.post(slot, plan.op, flags, plan.offset, plan.length, self.memory.generation, pieces)
-        used = plan.length + 1 if plan.op == OP_READ else 1
-        self.inflight[slot] = InFlight(q, head, req.status_addr, used, worker.index, req.type,
+        self.slots.post(slot, op, flags, offset, length, self.memory.generation, pieces)
+        used = length + 1 if op == OP_READ else 1
+        self.inflight[slot] = InFlight(q, head, status_addr, used, worker.index, rtype,
                                        time.monotonic_ns())
         worker.outstanding.add(slot)
         batches.setdefault(worker.index, []).append(slot)
-        return False
 
     def _segment_bytes(self, req) -> bytes:
         """The DISCARD / WRITE_ZEROES segments the device wants to see (b"" for other types);
@@ -671,11 +704,12 @@ class Supervisor:
         want = self.device.segment_bytes_wanted(req)
         return read_data_out(req, self.memory, want) if want else b""
 
-    def _read_cached(self, plan, pieces: list[tuple[int, int, int]]) -> bool:
+    def _read_cached(self, offset: int, length: int, pieces: list[tuple[int, int, int]]) -> bool:
         """Try the whole read with RWF_NOWAIT; False (nothing promised) on any miss."""
-        bufs = self.memory.iovecs(pieces)
+        regions = self.memory.regions
+        bufs = [regions[i].view[off:off + n] for i, off, n in pieces]
         try:
-            return os.preadv(self.backing_fd, bufs, plan.offset, os.RWF_NOWAIT) == plan.length
+            return os.preadv(self.backing_fd, bufs, offset, os.RWF_NOWAIT) == length
         except OSError:            # BlockingIOError: not all cached; anything else: let a worker tell
             return False
         finally:

@@ -128,6 +128,10 @@ class SplitRing:
             self._avail_event16[0] = self.last_avail_idx
         return head
 
+    def desc_table(self) -> tuple[memoryview, int]:
+        """The descriptor table: (view on its region's mapping, offset of entry 0)."""
+        return self._desc, self._desc_off
+
     def walk(self, head: int) -> list[Segment]:
         """Follow the chain at ``head``; GuestError if it breaks any rule."""
         if head >= self.size:
