@@ -536,7 +536,9 @@ class Supervisor:
                         ring.put_used(head, length + 1)
                         served += 1
                         served_bytes += length
-                        published = True
+                        # Published at once: the driver can take it (and queue the next
+                        # request) while this loop copies the rest of the batch.
+                        self._publish(q, ring)
                     else:
                         self.live.started(q, BlkType.IN if op == OP_READ else BlkType.OUT, length)
                         self._post(q, head, op, 0, offset, length, pieces, status_addr,
