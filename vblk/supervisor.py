@@ -6,12 +6,16 @@ One epoll loop watches: the listening socket (only while no frontend is connecte
 frontend's socket, each running ring's kick eventfd, the completion pipe from the workers,
 each worker's control socket (EOF = the worker died) and a signal wake-up pipe.
 
-A kick drains the ring: while a slot is free and a head is available, the chain is walked and
-parsed and the device decides. Requests that need no I/O (GET_ID, errors) complete at once;
-the rest go into a slot, and the slot numbers go to the least busy workers, one pipe write
-per worker per drain. Workers return finished slot numbers through one pipe; the supervisor
-writes each status byte and used element, publishes used.idx once per batch and signals the
-guest once per ring per batch. Only the supervisor writes the used ring.
+A kick drains the ring: while a slot is free and a head is available, the chain is taken.
+The common read or write (header, data, status; see vblk.virtio.fastpath) is recognised in
+one pass; any other chain is walked and parsed and the device decides. Requests that need no
+I/O (GET_ID, errors) complete at once, and so do reads the page cache holds (preadv with
+RWF_NOWAIT straight into guest memory), each published as soon as it is copied so that the
+driver can reap it and queue the next while the loop copies the rest. The rest go into a
+slot, and the slot numbers go to the least busy workers, one pipe write per worker per drain.
+Workers return finished slot numbers through one pipe; the supervisor writes each status byte
+and used element, publishes used.idx once per batch and signals the guest once per ring per
+batch. Only the supervisor writes the used ring.
 
 A resize (the control socket's "resize" op) is checked against what the image holds now,
 swaps the device's Geometry and sends CONFIG_CHANGE_MSG on the backend channel without
