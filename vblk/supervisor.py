@@ -544,9 +544,10 @@ class Supervisor:
                         # request) while this loop copies the rest of the batch.
                         self._publish(q, ring)
                     else:
-                        self.live.started(q, BlkType.IN if op == OP_READ else BlkType.OUT, length)
-                        self._post(q, head, op, 0, offset, length, pieces, status_addr,
-                                   BlkType.IN if op == OP_READ else BlkType.OUT, batches)
+                        rtype = BlkType.IN if op == OP_READ else BlkType.OUT
+                        self.live.started(q, rtype, length)
+                        self._post(q, head, op, 0, offset, length, pieces, status_addr, rtype,
+                                   batches)
                 ring.set_kicks_wanted(True)
                 if stalled or ring.pending() == 0:
                     break

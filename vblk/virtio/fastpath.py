@@ -17,23 +17,20 @@ path.
 """
 from __future__ import annotations
 
-import struct
-
-from vblk.device import OP_READ, OP_WRITE, Geometry
+from vblk.device import OP_READ, OP_WRITE, SECTOR_SIZE, Geometry
 from vblk.memory import GuestMemory
 from vblk.slots import MAX_IOV
 from vblk.virtio.blk import OUTHDR
 from vblk.virtio.constants import BlkType, DescFlag
-from vblk.virtio.ring import MAX_INDIRECT, SplitRing
+from vblk.virtio.ring import DESC, MAX_INDIRECT, SplitRing
 
-_DESC = struct.Struct("<QIHH").unpack_from     # addr, len, flags, next (ring.DESC)
+_DESC = DESC.unpack_from                       # addr, len, flags, next
 _HDR = OUTHDR.unpack_from
 _NEXT = int(DescFlag.NEXT)
 _WRITE = int(DescFlag.WRITE)
 _INDIRECT = int(DescFlag.INDIRECT)
 _IN = int(BlkType.IN)
 _OUT = int(BlkType.OUT)
-_SECTOR = 512
 
 # (op, byte offset in the backing store, length, pieces [(region, offset, length)],
 #  status byte's guest address, its region, its offset in that region's mapping)
@@ -101,7 +98,7 @@ def simple_rw(ring: SplitRing, memory: GuestMemory, geometry: Geometry,
     # What BlkDevice._plan_rw checks.
     if data_flag == 0 and geometry.readonly:
         return None
-    start = sector * _SECTOR
+    start = sector * SECTOR_SIZE
     lbs = geometry.logical_block_size
     if total % lbs or start % lbs or start + total > geometry.size_bytes:
         return None
