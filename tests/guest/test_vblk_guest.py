@@ -346,3 +346,36 @@ echo FSCK=$rc
         assert f.read(2) == b"\x53\xef", "no ext4 superblock at the window's start"
     fsck = host_fsck(image, offset=lo, size=size)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+# --------------------------------------------------------------------------
+# A guest whose RAM QEMU splits in two: q35 puts 2 GiB below the 4 GiB hole and the rest
+# above it, so the memory table has two regions and the driver's buffers (page cache and
+# user memory come from the zone above 4 GiB first) and rings lie in both.
+
+
+def test_guest_memory_in_two_regions(tmp_path, serve_vblk, boot):
+    image = make_image(tmp_path / "disk.img", 128 * MiB)
+    sock = serve_vblk(image, "--log-level", "info")
+    res = boot(sock, r"""
+echo MEMTOTAL_KB=$(awk '/MemTotal/ {print $2}' /proc/meminfo)
+dd if=/dev/urandom of=/tmp/data bs=1M count=48 2>/dev/null
+echo SHA=$(sha256sum /tmp/data | cut -d' ' -f1)
+dd if=/tmp/data of=/dev/vda bs=64k oflag=direct 2>/dev/null
+dd if=/tmp/data of=/dev/vda bs=1M seek=64 2>/dev/null
+sync
+echo 3 > /proc/sys/vm/drop_caches
+echo DIRECT_SHA=$(dd if=/dev/vda bs=128k count=384 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+echo CACHED_SHA=$(dd if=/dev/vda bs=1M skip=64 count=48 2>/dev/null | sha256sum | cut -d' ' -f1)
+""", memory="3G").check()
+    v = res.values
+    assert int(v["MEMTOTAL_KB"]) > 2 * 1024 * 1024, res.describe()
+    assert v["DIRECT_SHA"] == v["SHA"], res.describe()
+    assert v["CACHED_SHA"] == v["SHA"], res.describe()
+    sock.stop()
+    assert "event=memory_table regions=2" in sock.log(), sock.log()[-3000:]
+    with open(image, "rb") as f:
+        first = hashlib.sha256(f.read(48 * MiB)).hexdigest()
+        f.seek(64 * MiB)
+        second = hashlib.sha256(f.read(48 * MiB)).hexdigest()
+    assert first == second == v["SHA"]
