@@ -55,6 +55,8 @@ from vblk.memory import GuestMemory
 from vblk.vhost_user.messages import MemRegion
 from vblk.virtio.blk import OUTHDR, parse_request, read_data_out
 from vblk.virtio.constants import BLK_ID_BYTES, BLK_T_BARRIER, BlkStatus, BlkType
+from vblk.slots import MAX_IOV
+from vblk.virtio.fastpath import simple_rw
 from vblk.virtio.ring import (DESC, MAX_INDIRECT, U16, SplitRing, avail_ring_bytes,
                               desc_table_bytes, used_ring_bytes)
 
@@ -736,6 +738,23 @@ def used_span(mem: GuestMemory, ring: SplitRing) -> tuple[int, int, int]:
 
 
 def walk_one(ring, mem, device, head, chain, case, ref, stats) -> None:
+    # The fast path looks first, as in the supervisor; it may only accept what the general
+    # path below runs as a plain read or write, with the same answer.
+    fast = simple_rw(ring, mem, device.geometry, head)
+    general = walk_general(ring, mem, device, head, chain, case, ref, stats)
+    if fast is None:
+        return
+    stats["fast_accepted"] += 1
+    assert general is not None, f"the fast path accepted what the general path does not run: {fast}"
+    op, offset, length, pieces, status_addr, status_region, status_off = fast
+    assert (op, offset, length, pieces, status_addr) == general
+    assert mem.translate(status_addr, 1) == [(status_region, status_off, 1)]
+
+
+def walk_general(ring, mem, device, head, chain, case, ref, stats):
+    """Walk, parse and plan ``head`` and check every invariant; returns (op, offset, length,
+    pieces, status_addr) when the supervisor would hand it to I/O as a plain read or write
+    (what the fast path may accept), else None."""
     stats["walks"] += 1
     try:
         segs = ring.walk(head)
@@ -745,7 +764,7 @@ def walk_one(ring, mem, device, head, chain, case, ref, stats) -> None:
             assert expected_walk(chain, case.negotiated_indirect) is None, \
                 f"a well-formed chain was refused: {chain}"
             stats["oracle_walk"] += 1
-        return
+        return None
     assert 1 <= len(segs) <= ring.size + MAX_INDIRECT
     for addr, length, writable in segs:
         assert 0 <= addr <= U64_MAX and 0 <= length <= 0xFFFFFFFF
@@ -760,7 +779,7 @@ def walk_one(ring, mem, device, head, chain, case, ref, stats) -> None:
         stats["parse_refused"] += 1
         if oracle:
             assert expected_outcome(segs, ref, device) == "guest-error"
-        return
+        return None
     stats["parsed"] += 1
     for addr, n in req.data_in + req.data_out:
         assert n > 0
@@ -781,6 +800,17 @@ def walk_one(ring, mem, device, head, chain, case, ref, stats) -> None:
             assert (req.type, req.sector, req.data_out, req.data_in, req.status_addr) == want[:5]
         assert plan_tuple(plan) == want[6], (plan, want)
         stats["oracle_plan"] += 1
+    if isinstance(plan, Completion) or plan.op not in (OP_READ, OP_WRITE):
+        return None
+    try:                      # the supervisor's last checks before I/O
+        mem.translate(req.status_addr, 1)
+        pieces = [p for addr, n in (req.data_in if plan.op == OP_READ else req.data_out)
+                  for p in mem.translate(addr, n)]
+    except GuestError:
+        return None
+    if len(pieces) > MAX_IOV:
+        return None
+    return plan.op, plan.offset, plan.length, pieces, req.status_addr
 
 
 @pytest.mark.parametrize("shard", range(SHARDS))
@@ -806,5 +836,5 @@ def test_ring_walker_parser_and_plan_hold_their_invariants(shard):
     # the generator must reach every stage, or the invariants are checked on nothing
     if stats["cases"] >= 2000:
         for key in ("rings", "walks", "parsed", "oracle_plan", "ring_broken", "walk_refused",
-                    "plan_io_0", "plan_io_1"):
+                    "plan_io_0", "plan_io_1", "fast_accepted"):
             assert stats[key], (key, dict(stats))
