@@ -48,6 +48,23 @@ def test_finished_counts_statuses_and_in_flight():
     assert (q0["requests"], q0["in_flight"], q0["ioerr"]) == (0, 0, 0)
 
 
+def test_served_counts_as_reads_started_and_finished_at_once():
+    """Page-cache hits are counted per drain in one step; the snapshot is the same as for
+    each one started and finished OK with a latency of 0."""
+    one_by_one, bulk = Stats(1), Stats(1)
+    for _ in range(3):
+        one_by_one.started(0, BlkType.IN, 4096)
+        one_by_one.finished(0, BlkType.IN, BlkStatus.OK, 0)
+    bulk.served(0, 3, 3 * 4096)
+    a, b = one_by_one.snapshot(histograms=True), bulk.snapshot(histograms=True)
+    for snap in (a, b):
+        snap.pop("uptime_s", None)
+        snap.pop("started_at", None)
+    assert a["queues"] == b["queues"]
+    assert b["queues"][0]["types"]["read"]["requests"] == 3
+    assert b["queues"][0]["in_flight"] == 0
+
+
 @pytest.mark.parametrize("latency_ns, bucket", [
     (0, 0), (999, 0), (1000, 1), (1999, 1), (2000, 2), (3999, 2), (4000, 3),
     (1_000_000, 10),                     # 1000 µs: [512, 1024)
