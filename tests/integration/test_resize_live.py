@@ -16,7 +16,7 @@ from vblk.testing.frontend import (DEFAULT_PROTOCOL_FEATURES, BackendTimeout, Bl
 from vblk.testing.qmp import Qmp
 from vblk.vhost_user import messages as m
 from vblk.vhost_user.messages import ProtocolFeature as P
-from vblk.virtio.constants import BlkStatus
+from vblk.virtio.constants import BlkStatus, BlkType
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -256,3 +256,74 @@ def test_qsd_7_2_block_resize_bounds_io_but_tells_no_frontend(qsd_server, tmp_pa
         assert client.refresh_config().capacity == 16 * MiB // 512
         assert client.read(24 * MiB // 512, 4096).status == BlkStatus.OK  # past what it says
         assert os.path.getsize(image) == 32 * MiB
+
+
+def test_vblk_resize_with_requests_in_flight_loses_nothing_and_writes_nothing_refused(
+        vblk_server, tmp_path):
+    """A frontend keeps 16 tagged 4 KiB writes and reads in flight over the whole 16 MiB
+    while the disk is shrunk to 8 MiB and grown back, again and again. Every request
+    completes (OK, or IOERR for one past the end in force when it was taken), vblk never
+    stops serving, and a write that was refused never reached the image: every block above
+    8 MiB holds its original tag or the data of a write that completed OK."""
+    import random
+    import threading
+
+    size = 16 * MiB
+    image = make_image(tmp_path / "d.img", size)
+    original = image.read_bytes()
+    sock = vblk_server(image)
+    stop = threading.Event()
+    outcome: dict = {"ok": set(), "ioerr_past": 0, "ok_past": 0, "requests": 0, "error": None}
+
+    def load() -> None:
+        rng = random.Random(7)
+        serial = 0
+        try:
+            with BlkClient.connect(sock, timeout=20) as client:
+                tags: dict[int, tuple[int, bytes | None]] = {}
+                while not stop.is_set() or tags:
+                    while not stop.is_set() and client.in_flight < 16:
+                        sector = rng.randrange(size // 4096) * 8
+                        if rng.random() < 0.6:
+                            serial += 1
+                            data = serial.to_bytes(8, "little") + b"W" * 4088
+                            tags[client.submit(BlkType.OUT, sector, data=data)] = (sector, data)
+                        else:
+                            tags[client.submit(BlkType.IN, sector, nbytes=4096)] = (sector, None)
+                    for c in client.wait(1):
+                        sector, data = tags.pop(c.tag)
+                        outcome["requests"] += 1
+                        assert c.status in (BlkStatus.OK, BlkStatus.IOERR), c
+                        past = sector * 512 >= 8 * MiB
+                        if c.status == BlkStatus.IOERR:
+                            assert past, f"IOERR below the smallest size: {c}"
+                            outcome["ioerr_past"] += 1
+                        elif past:
+                            outcome["ok_past"] += 1
+                        if c.status == BlkStatus.OK and data is not None:
+                            outcome["ok"].add(data[:8])
+        except BaseException as exc:          # reported by the main thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        for _ in range(5):
+            resize_ok(sock, "8M")
+            resize_ok(sock, "16M")
+        resize_ok(sock, "8M")
+    finally:
+        stop.set()
+        worker.join(60)
+    assert not worker.is_alive(), "the load did not finish: requests hung"
+    assert outcome["error"] is None, repr(outcome["error"])
+    # both sides of the end were exercised while it moved
+    assert outcome["requests"] > 200 and outcome["ioerr_past"] > 0 and outcome["ok_past"] > 0, outcome
+    assert capacity_in_stats(sock) == 8 * MiB
+    data = image.read_bytes()
+    assert len(data) == size                                   # never grown or cut
+    for off in range(8 * MiB, size, 4096):
+        block = data[off:off + 4096]
+        if block != original[off:off + 4096]:
+            assert block[8:] == b"W" * 4088 and block[:8] in outcome["ok"], \
+                f"block at {off} holds data of a write that was not completed OK"
