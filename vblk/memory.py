@@ -111,12 +111,9 @@ class GuestMemory:
 
     def translate(self, gpa: int, length: int) -> list[tuple[int, int, int]]:
         """Split [gpa, gpa+length) into (region index, mapping offset, length) pieces."""
-        # The common case first: one region (the last one hit) holds the whole range.
-        last = self._last
-        if last < len(self.regions):
-            r = self.regions[last]
-            if r.gpa <= gpa and gpa + length <= r.gpa + r.size and length > 0:
-                return [(last, r.base + gpa - r.gpa, length)]
+        where = self.locate(gpa, length)          # the common case: one region holds it
+        if where is not None:
+            return [(where[0], where[1], length)]
         pieces = []
         while length > 0:
             i = self._last = self._find_gpa(gpa)
@@ -131,16 +128,18 @@ class GuestMemory:
         """(region index, mapping offset) of [gpa, gpa+length) when one region holds all of
         it, else None (outside guest memory, across regions, or empty): the fast path's
         question; anything it refuses goes through ``translate``, which says why."""
+        if length <= 0:
+            return None
         last = self._last
         regions = self.regions
-        if last < len(regions):
+        if last < len(regions):                   # the region the last lookup found
             r = regions[last]
             lo = r.desc.guest_phys_addr
-            if lo <= gpa and gpa + length <= lo + r.desc.memory_size and length > 0:
+            if lo <= gpa and gpa + length <= lo + r.desc.memory_size:
                 return last, r.desc.mmap_offset + gpa - lo
         for i, r in enumerate(regions):
             lo = r.desc.guest_phys_addr
-            if lo <= gpa and gpa + length <= lo + r.desc.memory_size and length > 0:
+            if lo <= gpa and gpa + length <= lo + r.desc.memory_size:
                 self._last = i
                 return i, r.desc.mmap_offset + gpa - lo
         return None

@@ -101,10 +101,9 @@ class Stats:
         """``count`` reads of ``nbytes`` in all were started and finished OK at once (page-cache
         hits): ``started`` + ``finished`` with a latency of 0 for each, in one step."""
         q = self.queues[queue]
-        k = READ
-        q.requests[k] += count
-        q.bytes[k] += nbytes
-        q.latency[k][0] += count
+        q.requests[READ] += count
+        q.bytes[READ] += nbytes
+        q.latency[READ][0] += count
 
     def refused(self, queue: int) -> None:
         """A chain the device could not parse was returned without a status (no ``started``)."""
