@@ -52,6 +52,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from vblk.admission import admit_chain
 from vblk.backing import BackingInfo, relock_window, resize_limit
 from vblk.device import OP_READ, OP_WRITE, U32_MAX, BlkDevice, Completion, DiscardLimits, Geometry
 from vblk.errors import ConfigError, FrontendProtocolError, GuestError, RingBroken
@@ -61,12 +62,10 @@ from vblk.logs import RateLimitedLog
 from vblk.memory import GuestMemory
 from vblk.ratelimit import Limiter, Limits
 from vblk import sdnotify
-from vblk.slots import (FLAG_SYNC, FLAG_UNMAP, MAX_IOV, SlotArea, SlotState, encode_ranges,
-                        slot_budget)
+from vblk.slots import FLAG_SYNC, FLAG_UNMAP, SlotArea, SlotState, slot_budget
 from vblk.stats import Stats
 from vblk.vhost_user import transport
 from vblk.vhost_user.session import DropConnection, MemSlot, Session, Vring
-from vblk.virtio.blk import parse_request, read_data_out
 from vblk.virtio.constants import BlkStatus, BlkType, Feature
 from vblk.virtio.fastpath import simple_rw
 from vblk.virtio.inflight import InflightQueue, queue_region_size
@@ -625,29 +624,13 @@ class Supervisor:
     def _admit(self, q: int, ring: SplitRing, head: int, batches: dict[int, list[int]]) -> bool:
         """Take one chain; returns True if it completed at once (used ring written)."""
         try:
-            req = parse_request(ring.walk(head), self.memory)
-            self.memory.translate(req.status_addr, 1)     # before any I/O is done for it
+            req, plan, pieces = admit_chain(ring, self.memory, self.device, head)
         except GuestError as exc:
             self.guest_log.warning("chain", "event=chain_refused queue=%d head=%d reason=%r",
                                    q, head, str(exc))
             self.live.refused(q)
             ring.put_used(head, 0)
             return True
-        try:
-            plan = self.device.plan(req, self._segment_bytes(req))
-        except GuestError as exc:
-            plan = Completion(BlkStatus.IOERR, reason=str(exc))
-        pieces: list[tuple[int, int, int]] = []
-        if not isinstance(plan, Completion) and plan.ranges:
-            pieces = encode_ranges(plan.ranges)    # discard / write-zeroes: store ranges
-        elif not isinstance(plan, Completion):
-            try:
-                for addr, n in (req.data_in if plan.op == OP_READ else req.data_out):
-                    pieces.extend(self.memory.translate(addr, n))
-                if len(pieces) > MAX_IOV:
-                    plan = Completion(BlkStatus.IOERR, reason=f"{len(pieces)} buffers exceed {MAX_IOV}")
-            except GuestError as exc:
-                plan = Completion(BlkStatus.IOERR, reason=str(exc))
         if isinstance(plan, Completion):
             if plan.reason:
                 self.guest_log.warning("request", "event=request_refused queue=%d head=%d status=%s reason=%r",
@@ -703,18 +686,9 @@ class Supervisor:
         worker.outstanding.add(slot)
         batches.setdefault(worker.index, []).append(slot)
 
-    def _segment_bytes(self, req) -> bytes:
-        """The DISCARD / WRITE_ZEROES segments the device wants to see (b"" for other types);
-        GuestError if the guest's buffers cannot be read."""
-        if req.type != BlkType.DISCARD and req.type != BlkType.WRITE_ZEROES:
-            return b""                  # the per-request common case: nothing to read
-        want = self.device.segment_bytes_wanted(req)
-        return read_data_out(req, self.memory, want) if want else b""
-
     def _read_cached(self, offset: int, length: int, pieces: list[tuple[int, int, int]]) -> bool:
         """Try the whole read with RWF_NOWAIT; False (nothing promised) on any miss."""
-        regions = self.memory.regions
-        bufs = [regions[i].view[off:off + n] for i, off, n in pieces]
+        bufs = self.memory.iovecs(pieces)
         try:
             return os.preadv(self.backing_fd, bufs, offset, os.RWF_NOWAIT) == length
         except OSError:            # BlockingIOError: not all cached; anything else: let a worker tell

@@ -55,7 +55,7 @@ from vblk.memory import GuestMemory
 from vblk.vhost_user.messages import MemRegion
 from vblk.virtio.blk import OUTHDR, parse_request, read_data_out
 from vblk.virtio.constants import BLK_ID_BYTES, BLK_T_BARRIER, BlkStatus, BlkType
-from vblk.slots import MAX_IOV
+from vblk.admission import admit_chain
 from vblk.virtio.fastpath import simple_rw
 from vblk.virtio.ring import (DESC, MAX_INDIRECT, U16, SplitRing, avail_ring_bytes,
                               desc_table_bytes, used_ring_bytes)
@@ -802,13 +802,11 @@ def walk_general(ring, mem, device, head, chain, case, ref, stats):
         stats["oracle_plan"] += 1
     if isinstance(plan, Completion) or plan.op not in (OP_READ, OP_WRITE):
         return None
-    try:                      # the supervisor's last checks before I/O
-        mem.translate(req.status_addr, 1)
-        pieces = [p for addr, n in (req.data_in if plan.op == OP_READ else req.data_out)
-                  for p in mem.translate(addr, n)]
+    try:                      # what the supervisor decides (its last checks before I/O)
+        req, plan, pieces = admit_chain(ring, mem, device, head)
     except GuestError:
         return None
-    if len(pieces) > MAX_IOV:
+    if isinstance(plan, Completion):
         return None
     return plan.op, plan.offset, plan.length, pieces, req.status_addr
 

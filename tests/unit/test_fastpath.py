@@ -2,7 +2,8 @@
 
 simple_rw may only accept chains the general path (walk -> parse_request -> plan -> translate)
 would run as they stand, and for those it must give the same operation, offset, length,
-buffers and status byte. Generated chains start from the common shapes and are then mutated
+buffers and status byte; the general path here is the supervisor's own
+(vblk.admission.admit_chain). Generated chains start from the common shapes and are then mutated
 (flags, lengths, addresses across a region boundary or out of memory, next indices, request
 type, sector, geometry), so both the accepted and the refused side are exercised; the test
 counts both and fails if either is rare.
@@ -12,12 +13,13 @@ import random
 
 import pytest
 
+from vblk.admission import admit_chain
 from vblk.device import OP_READ, OP_WRITE, BlkDevice, Completion, Geometry
 from vblk.errors import GuestError
 from vblk.memory import GuestMemory
 from vblk.slots import MAX_IOV
 from vblk.vhost_user.messages import MemRegion
-from vblk.virtio.blk import OUTHDR, parse_request
+from vblk.virtio.blk import OUTHDR
 from vblk.virtio.constants import BLK_T_BARRIER, BlkType, DescFlag
 from vblk.virtio.fastpath import simple_rw
 from vblk.virtio.ring import DESC, SplitRing
@@ -47,26 +49,14 @@ def memory():
 
 
 def general(ring, mem, device, head):
-    """What the supervisor's general path (_admit) does with the chain: None if it does not
-    run as a plain read or write, else (op, offset, length, pieces, status_addr)."""
+    """What the supervisor's general path (vblk.admission.admit_chain) makes of the chain:
+    None if it does not run as a plain read or write, else (op, offset, length, pieces,
+    status_addr)."""
     try:
-        req = parse_request(ring.walk(head), mem)
-        mem.translate(req.status_addr, 1)
-    except GuestError:
-        return None
-    try:
-        plan = device.plan(req)
+        req, plan, pieces = admit_chain(ring, mem, device, head)
     except GuestError:
         return None
     if isinstance(plan, Completion) or plan.op not in (OP_READ, OP_WRITE):
-        return None
-    pieces = []
-    try:
-        for addr, n in (req.data_in if plan.op == OP_READ else req.data_out):
-            pieces.extend(mem.translate(addr, n))
-    except GuestError:
-        return None
-    if len(pieces) > MAX_IOV:
         return None
     return plan.op, plan.offset, plan.length, pieces, req.status_addr
 

@@ -4,9 +4,9 @@ Nearly every request a Linux guest or a benchmark sends has one shape: a 16-byte
 descriptor, one or more data descriptors all going one way, and a 1-byte status descriptor,
 either chained in the ring or in one indirect table (Linux), every buffer inside one memory
 region. For that shape ``simple_rw`` returns what the general path would decide
-(``SplitRing.walk`` -> ``parse_request`` -> ``BlkDevice.plan`` -> ``GuestMemory.translate``)
-without building the segment lists, the BlkRequest and the IoPlan in between: the supervisor
-spends most of a cached 4k read on that Python.
+(``vblk.admission.admit_chain``: walk, parse, plan, translate) without building the segment
+lists, the BlkRequest and the IoPlan in between: the supervisor spends most of a cached 4k
+read on that Python.
 
 It only ever *accepts*. Any other request type, any other layout, a buffer across regions, any
 rule broken -- all return None, and the caller takes the general path for that chain, which
