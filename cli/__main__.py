@@ -1,5 +1,5 @@
-"""``python -m cli``: the same as the ``vblk`` console script."""
-from cli.app import main
+"""``python -m vblk.cli``: the same as the ``vblk`` console script."""
+from vblk.cli.app import main
 
 if __name__ == "__main__":
     main()

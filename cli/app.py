@@ -17,8 +17,8 @@ from typing import Optional
 
 import typer
 
-from cli import ops
-from cli.bench import bench_command
+from vblk.cli import ops
+from vblk.cli.bench import bench_command
 from vblk.control import check_unix_socket_path
 from vblk.errors import ConfigError
 from vblk.logs import configure_logging
@@ -286,5 +286,5 @@ app.command("bench")(bench_command)
 
 
 def main() -> None:
-    """Console-script entry point (``vblk``) and ``python -m cli``."""
+    """Console-script entry point (``vblk``) and ``python -m vblk.cli``."""
     app(prog_name="vblk")

@@ -99,7 +99,7 @@ class _Launcher:
 
 
 def vblk_command(image: str | os.PathLike, sock: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "cli", "serve", os.fspath(image), "--socket-path", sock,
+    return [sys.executable, "-m", "vblk.cli", "serve", os.fspath(image), "--socket-path", sock,
             *map(str, args)]
 
 
@@ -123,7 +123,7 @@ def qsd_server(request: pytest.FixtureRequest, tmp_path: Path):
 
 @pytest.fixture
 def vblk_server(request: pytest.FixtureRequest, tmp_path: Path):
-    """vblk_server(image, *args) -> socket path of ``python -m cli serve IMAGE ... ARGS``."""
+    """vblk_server(image, *args) -> socket path of ``python -m vblk.cli serve IMAGE ... ARGS``."""
     launcher = _Launcher(request, tmp_path)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))

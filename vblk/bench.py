@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, TextIO
 
 from vblk.errors import ConfigError
+from vblk.interpreter import python_command
 from vblk.testing.driver import RingLayout, SplitDriver
 from vblk.testing.frontend import (BackendClosed, BackendError, BackendTimeout, BadReply,
                                    GuestRam, VhostUserFrontend, VringError)
@@ -715,8 +716,8 @@ def qsd_command(image: str | os.PathLike, sock: str, *extra: str,
 
 def vblk_command(image: str | os.PathLike, sock: str, *, writethrough: bool,
                  extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "cli", "serve", os.fspath(image), "--socket-path", sock,
-            "--log-level", "warning", "--writethru" if writethrough else "--writeback", *extra]
+    return python_command("vblk.cli", "serve", os.fspath(image), "--socket-path", sock,
+            "--log-level", "warning", "--writethru" if writethrough else "--writeback", *extra)
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -1021,11 +1022,8 @@ def serve_pair(image: str | os.PathLike, *, vblk_args: str = "", cache: str | No
                     "qsd": qsd_command(images["qsd"], socks["qsd"], writethrough=writethrough,
                                        queues=queues)}
         repo = str(Path(__file__).resolve().parents[1])
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
         for b in BACKENDS:
-            servers[b] = Server(b, commands[b], socks[b], work / f"{b}.log",
-                                env=env if b == "vblk" else None)
+            servers[b] = Server(b, commands[b], socks[b], work / f"{b}.log")
         for server in servers.values():
             server.wait_listening()
         yield ServedPair(src, writethrough, commands, servers, source_version(repo), work)

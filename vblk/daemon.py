@@ -2,9 +2,11 @@
 
 ``vblk serve`` parses and checks everything with the CLI (typer, which brings pydantic and
 rich: ~10 MiB of heap a long-running disk server has no use for), then ``exec_serve`` replaces
-the process image with ``python -m vblk.daemon``, which imports only what serving needs. The
+the process image with ``python -I -m vblk.daemon`` (isolated: see vblk.interpreter), which
+imports only what serving needs. The
 PID stays the same (systemd's MainPID, sd_notify, LISTEN_PID and the workers' parent all
-hold), the checked ``ServeConfig`` travels pickled in a memfd whose number is in one
+hold), the directory the command's vblk came from and the checked ``ServeConfig`` travel
+(a line, then a pickle) in a memfd whose number is in one
 environment variable (the new image reads and closes it and drops the variable; the
 command line keeps ``vblk serve``'s arguments, for ``ps``, and they are not read again),
 and a listening fd (``--fd`` or socket activation) is kept open across the
@@ -17,6 +19,8 @@ import os
 import pickle
 import sys
 
+from vblk.interpreter import origin, python_command, same_origin
+
 CONFIG_ENV = "VBLK_SERVE_CONFIG_FD"
 EXIT_CONFIG = 2
 
@@ -26,7 +30,7 @@ def exec_serve(config) -> None:
     returns."""
     blob = os.memfd_create("vblk-serve-config", 0)       # no MFD_CLOEXEC: it must survive exec
     os.set_inheritable(blob, True)
-    os.write(blob, pickle.dumps(config))
+    os.write(blob, origin().encode() + b"\n" + pickle.dumps(config))
     os.lseek(blob, 0, os.SEEK_SET)
     env = dict(os.environ)
     env[CONFIG_ENV] = str(blob)
@@ -36,7 +40,7 @@ def exec_serve(config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     # The arguments after the module are only for ps/top: which disk, which socket.
-    os.execve(sys.executable, [sys.executable, "-m", "vblk.daemon", *sys.argv[1:]], env)
+    os.execve(sys.executable, python_command("vblk.daemon", *sys.argv[1:]), env)
 
 
 def main() -> int:
@@ -48,6 +52,10 @@ def main() -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     with os.fdopen(int(fd), "rb") as f:
+        mismatch = same_origin(f.readline().rstrip(b"\n").decode())
+        if mismatch is not None:
+            print(f"vblk: error: {mismatch}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
         config = pickle.load(f)
     if config.listen_fd is not None:
         flags = fcntl.fcntl(config.listen_fd, fcntl.F_GETFD)

@@ -12,10 +12,11 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass, field
 
 import msgpack
+
+from vblk.interpreter import python_command
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,11 @@ class WorkerPool:
     def _spawn(self, index: int) -> WorkerHandle:
         submit_r, submit_w = os.pipe2(os.O_CLOEXEC)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        args = [sys.executable, "-m", "workers", "--index", str(index),
+        args = python_command("vblk.workers", "--index", str(index),
                 "--backing-fd", str(self.backing_fd), "--slots-fd", str(self.slots_fd),
                 "--slots", str(self.slot_count), "--submit-fd", str(submit_r),
                 "--complete-fd", str(self.complete_w), "--control-fd", str(child_end.fileno()),
-                "--parent", str(os.getpid()), "--log-level", self.log_level]
+                "--parent", str(os.getpid()), "--log-level", self.log_level)
         if self.window is not None:
             args += ["--window", f"{self.window[0]}:{self.window[1]}"]
         try:

@@ -1,4 +1,4 @@
-"""``python -m workers``: one vblk I/O worker, started by the supervisor (never by hand)."""
+"""``python -m vblk.workers``: one vblk I/O worker, started by the supervisor (never by hand)."""
 from __future__ import annotations
 
 import argparse
@@ -9,11 +9,11 @@ import sys
 
 from vblk.logs import configure_logging
 from vblk.slots import SlotArea
-from workers.worker import Worker, die_with_parent
+from vblk.workers.worker import Worker, die_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workers")
+    p = argparse.ArgumentParser(prog="python -m vblk.workers")
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--backing-fd", type=int, required=True)
     p.add_argument("--slots-fd", type=int, required=True)

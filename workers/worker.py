@@ -39,7 +39,7 @@ from vblk.slots import FLAG_SYNC, FLAG_UNMAP, MAX_IOV, SlotArea, decode_ranges
 from vblk.vhost_user.messages import MemRegion
 from vblk.device import OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES
 from vblk.virtio.constants import BlkStatus
-from workers import zeroing
+from vblk.workers import zeroing
 
 log = logging.getLogger("vblk.worker")
 

@@ -170,7 +170,7 @@ class _Servers:
 def serve_vblk(tmp_path: Path):
     """serve_vblk(spec, *args, strace=False) -> socket path (a ``Served`` str).
 
-    Runs ``python -m cli serve SPEC --socket-path SOCK ARGS...`` (SPEC is an image path
+    Runs ``python -m vblk.cli serve SPEC --socket-path SOCK ARGS...`` (SPEC is an image path
     or an ACRN option string such as ``disk.img,writeback,range=256/32768``), waits until
     the socket accepts a connection, and stops it at teardown.  With ``strace=True`` the
     server runs under ``strace -f -ttt -e trace=fdatasync,fsync`` and ``served.strace_path``
@@ -187,7 +187,7 @@ def serve_vblk(tmp_path: Path):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        cmd = [sys.executable, "-m", "cli", "serve", os.fspath(spec), "--socket-path", sock,
+        cmd = [sys.executable, "-m", "vblk.cli", "serve", os.fspath(spec), "--socket-path", sock,
                *map(str, args)]
         served = _start(cmd, sock, log, "vblk serve", cwd=REPO, env=env,
                         strace_path=(tmp_path / f"vblk-serve-{n}.strace") if strace else None)

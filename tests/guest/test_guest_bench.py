@@ -40,7 +40,7 @@ def test_guest_mode_runs_fio_against_both_backends(tmp_path, guest_image):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "cli", "bench", "--compare", str(image), "--guest", "--rounds", "1",
+        [sys.executable, "-m", "vblk.cli", "bench", "--compare", str(image), "--guest", "--rounds", "1",
          "--duration", "1", "--ramp", "0", "--workload", "randread:4k:32",
          "--workload", "randwrite:4k:32", "--vblk-args", "--workers 2", "--workdir", str(work),
          "--keep"],

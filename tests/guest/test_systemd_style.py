@@ -31,7 +31,7 @@ os.dup2(fd, 3)
 os.close(fd)
 os.environ["LISTEN_FDS"] = "1"
 os.environ["LISTEN_PID"] = str(os.getpid())          # exec keeps the pid
-os.execv(sys.executable, [sys.executable, "-m", "cli", "serve", *sys.argv[2:]])
+os.execv(sys.executable, [sys.executable, "-m", "vblk.cli", "serve", *sys.argv[2:]])
 """
 
 SCRIPT = r"""

@@ -1,4 +1,4 @@
-"""``vblk bench`` run for real (``python -m cli bench``) against vblk and qemu-storage-daemon.
+"""``vblk bench`` run for real (``python -m vblk.cli bench``) against vblk and qemu-storage-daemon.
 
 Short and bounded: every load is ``--ops N`` or a fraction of a second; every subprocess has
 a timeout.
@@ -26,7 +26,7 @@ CHUNK = 128 * 1024
 def bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "cli", "bench", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "vblk.cli", "bench", *map(str, args)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 

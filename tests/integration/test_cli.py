@@ -1,4 +1,4 @@
-"""The ``vblk`` command run for real (``python -m cli``): refusals, ``info``, and a short serve."""
+"""The ``vblk`` command run for real (``python -m vblk.cli``): refusals, ``info``, and a short serve."""
 from __future__ import annotations
 
 import os
@@ -23,7 +23,7 @@ MiB = 1 << 20
 def vblk(*args: str, cwd: Path, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
                                                                      os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "vblk.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                           **kw)
 
@@ -307,7 +307,7 @@ def test_serve_listens_logs_key_value_lines_and_stops_on_sigterm(tmp_path, sockd
     img = make_image(tmp_path / "disk.img", MiB, b"data")
     sock = sockdir / "vblk.sock"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "disk.img,writeback",
+    proc = subprocess.Popen([sys.executable, "-m", "vblk.cli", "serve", "disk.img,writeback",
                              "--socket-path", str(sock), "--workers", "2"], cwd=tmp_path,
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -332,7 +332,7 @@ def test_serve_listens_logs_key_value_lines_and_stops_on_sigterm(tmp_path, sockd
 
 
 def test_shell_completion_script_is_offered():
-    out = subprocess.run([sys.executable, "-m", "cli", "--show-completion", "bash"],
+    out = subprocess.run([sys.executable, "-m", "vblk.cli", "--show-completion", "bash"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "complete" in out.stdout and "_VBLK_COMPLETE" in out.stdout.upper()

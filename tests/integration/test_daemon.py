@@ -20,7 +20,7 @@ def test_serve_execs_into_the_lean_daemon(tmp_path):
     with open(image, "wb") as f:
         f.truncate(1 << 20)
     sock = tmp_path / "d.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", str(image), "--socket-path",
+    proc = subprocess.Popen([sys.executable, "-m", "vblk.cli", "serve", str(image), "--socket-path",
                              str(sock), "--workers", "1"], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

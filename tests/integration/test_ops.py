@@ -34,7 +34,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1",
        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 for _name in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
     ENV.pop(_name, None)
-VBLK = [sys.executable, "-m", "cli"]
+VBLK = [sys.executable, "-m", "vblk.cli"]
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ if fd >= 3 + n:
     os.close(fd)
 os.environ["LISTEN_FDS"] = str(n)
 os.environ["LISTEN_PID"] = str(os.getpid()) if pid == "self" else pid
-os.execv(sys.executable, [sys.executable, "-m", "cli", "serve", *sys.argv[4:]])
+os.execv(sys.executable, [sys.executable, "-m", "vblk.cli", "serve", *sys.argv[4:]])
 """
 
 
@@ -297,7 +297,7 @@ def test_listen_fds_naming_a_closed_fd_is_refused(tmp_path, sockdir, procs):
     image = make_image(tmp_path / "disk.img")
     proc = procs([sys.executable, "-c", "import os, sys; os.environ.update(LISTEN_FDS='1', "
                   "LISTEN_PID=str(os.getpid())); os.execv(sys.executable, [sys.executable, '-m', "
-                  "'cli', 'serve', sys.argv[1]])", image], stderr=subprocess.PIPE, text=True)
+                  "'vblk.cli', 'serve', sys.argv[1]])", image], stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 2
     assert err.strip() == "vblk: error: LISTEN_FDS=1 but fd 3 is not open"
@@ -567,7 +567,7 @@ def unit_dir(tmp_path):
     d.mkdir()
     fake = tmp_path / "bin" / "vblk"
     fake.parent.mkdir()
-    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -m cli \"$@\"\n")
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -m vblk.cli \"$@\"\n")
     fake.chmod(0o755)
     for name in ("vblk@.service", "vblk@.socket"):
         text = (UNITS / name).read_text().replace("/usr/local/bin/vblk", str(fake))
@@ -644,8 +644,9 @@ def test_libvirt_example_is_a_valid_domain_with_a_vhostuser_disk(tmp_path):
 # -- the units under a real systemd (252, as PID 1 of a systemd-nspawn container) -----------------
 #
 # The container's root is a tmpfs with the host's /usr (read-only): --volatile=yes. The
-# shipped units go to /etc/systemd/system with ExecStart pointed at a wrapper that runs this
-# checkout with this interpreter (both bind-mounted read-only under /opt/vblk); the image is
+# shipped units go to /etc/systemd/system with ExecStart pointed at a wrapper that runs vblk,
+# installed from a wheel of this checkout into a venv over this interpreter (both bind-mounted
+# read-only under /opt/vblk: see container_python); the image is
 # in /var/lib/vblk. A oneshot runner inside does the checks below, writes result.json and
 # powers the container off.
 
@@ -777,34 +778,47 @@ NSPAWN = shutil.which("systemd-nspawn")
 CONTAINER_TIMEOUT = 240
 
 
-def container_python(binds: list[str]) -> tuple[str, dict[str, str]]:
-    """This interpreter as the container sees it (adding bind mounts if it lives outside /usr)."""
-    env = {"PYTHONPATH": "/opt/vblk/src"}
+def container_python(binds: list[str], work: Path) -> tuple[str, dict[str, str]]:
+    """An interpreter for the container with vblk installed in it as a user's pip would (a
+    wheel of this checkout, nothing from the checkout itself): vblk's children run isolated
+    (``python -I``), so only the interpreter's own site-packages can hold it. That is a venv
+    made here under ``work`` and bound at /opt/vblk/venv, over this interpreter (bound at
+    /opt/vblk/python when it lives outside /usr: the units' ProtectHome hides /root), with this
+    interpreter's site-packages for vblk's dependencies."""
     base = os.path.realpath(sys.base_prefix)
     exe = os.path.realpath(sys.executable)
+    env = {}
     if base.startswith("/usr/"):
-        return exe, env
-    binds.append(f"--bind-ro={base}:/opt/vblk/python")
-    env["LD_LIBRARY_PATH"] = "/opt/vblk/python/lib"     # pyenv builds have an absolute RUNPATH
-    if sys.prefix != sys.base_prefix:                    # a venv: its packages by PYTHONPATH
-        import site
-        for i, d in enumerate(p for p in site.getsitepackages() if os.path.isdir(p)):
-            binds.append(f"--bind-ro={d}:/opt/vblk/site{i}")
-            env["PYTHONPATH"] += f":/opt/vblk/site{i}"
-    return "/opt/vblk/python/" + os.path.relpath(exe, base), env
+        home, python = os.path.dirname(exe), exe
+    else:
+        binds.append(f"--bind-ro={base}:/opt/vblk/python")
+        env["LD_LIBRARY_PATH"] = "/opt/vblk/python/lib"     # pyenv builds have an absolute RUNPATH
+        home = "/opt/vblk/python/bin"
+        python = "/opt/vblk/python/" + os.path.relpath(exe, base)
+    venv = work / "venv"
+    site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python3").symlink_to(python)
+    (venv / "pyvenv.cfg").write_text(f"home = {home}\ninclude-system-site-packages = true\n")
+    built = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps",
+                            "--no-build-isolation", "-q", "--target", str(site), str(REPO)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    binds.append(f"--bind-ro={venv}:/opt/vblk/venv")
+    return "/opt/vblk/venv/bin/python3", env
 
 
 def test_units_under_systemd(tmp_path):
     """Socket activation, Type=notify, the sandbox, Restart=on-failure, exit 2, the drop-in."""
     assert NSPAWN, "systemd-nspawn is missing: apt-get install systemd-container"
-    binds = [f"--bind-ro={REPO}:/opt/vblk/src"]
-    python, env = container_python(binds)
+    binds: list[str] = []
+    python, env = container_python(binds, tmp_path)
     d = {name: tmp_path / name for name in ("units", "conf", "state", "img", "out", "bin")}
     for p in d.values():
         p.mkdir()
     exports = "".join(f"export {k}={v}\n" for k, v in env.items())
     wrapper = d["bin"] / "vblk"
-    wrapper.write_text(f"#!/bin/sh\n{exports}exec {python} -m cli \"$@\"\n")
+    wrapper.write_text(f"#!/bin/sh\n{exports}exec {python} -m vblk.cli \"$@\"\n")
     wrapper.chmod(0o755)
     for name in ("vblk@.service", "vblk@.socket"):
         text = (UNITS / name).read_text().replace("/usr/local/bin/vblk", "/opt/vblk/bin/vblk")

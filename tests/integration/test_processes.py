@@ -41,7 +41,7 @@ def image(tmp_path):
 
 
 def start(image, sock, *args):
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", str(image), "--socket-path",
+    proc = subprocess.Popen([sys.executable, "-m", "vblk.cli", "serve", str(image), "--socket-path",
                              str(sock), *args], stderr=subprocess.PIPE, text=True)
 
     def listening():

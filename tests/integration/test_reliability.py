@@ -35,7 +35,7 @@ def image(tmp_path, size=16 * MiB):
 
 def serve(img, *args, prefix=(), log=None):
     sock = os.path.join(tempfile.mkdtemp(prefix="vblk-rel-", dir="/tmp"), "vblk.sock")
-    proc = subprocess.Popen([*prefix, sys.executable, "-m", "cli", "serve", str(img),
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "vblk.cli", "serve", str(img),
                              "--socket-path", sock, "--log-level", "info", *args],
                             cwd=REPO, stdin=subprocess.DEVNULL, stdout=log or subprocess.DEVNULL,
                             stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
@@ -92,7 +92,7 @@ def worker_fds(trace: str) -> dict[int, tuple[int, int]]:
     """pid -> (backing fd, completion fd), from the workers' execve lines."""
     fds = {}
     for line in trace.splitlines():
-        if "execve(" in line and '"workers"' in line:
+        if "execve(" in line and '"vblk.workers"' in line:
             pid = int(line.split()[0])
             backing = int(re.search(r'"--backing-fd", "(\d+)"', line).group(1))
             complete = int(re.search(r'"--complete-fd", "(\d+)"', line).group(1))

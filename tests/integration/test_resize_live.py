@@ -36,7 +36,7 @@ def make_image(path: Path, size: int) -> Path:
 
 
 def vblk(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO, env=ENV,
+    return subprocess.run([sys.executable, "-m", "vblk.cli", *map(str, args)], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 

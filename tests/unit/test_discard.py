@@ -17,8 +17,8 @@ from vblk.slots import (FLAG_SYNC, FLAG_UNMAP, RANGE_REGION, SlotArea, SlotState
 from vblk.testing.loopdev import loop_device as attach_loop
 from vblk.virtio.blk import DISCARD_SEGMENT, BlkConfig, BlkRequest
 from vblk.virtio.constants import BlkStatus, BlkType, Feature
-from workers import zeroing
-from workers.worker import Worker
+from vblk.workers import zeroing
+from vblk.workers.worker import Worker
 
 MiB = 1 << 20
 SERIAL = b"VBLK-0123456789abcde"

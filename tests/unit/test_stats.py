@@ -9,7 +9,7 @@ import tracemalloc
 import msgpack
 import pytest
 
-from cli.ops import duration, micros, render, size
+from vblk.cli.ops import duration, micros, render, size
 from vblk.control import ControlServer, parse_listen_address
 from vblk.errors import ConfigError
 from vblk.stats import BUCKETS, KINDS, Stats, percentiles

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from vblk.interpreter import python_command
 from vblk.testing.guest import GuestBuildError, build_guest, default_accel, run_guest
 from vblk.testing.processes import stop_group
 
@@ -47,11 +48,6 @@ umount /mnt
 rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
 echo FSCK=$rc
 """.replace("@MIB@", str(DEMO_FILE_MIB))
-
-
-def _repo_root() -> Path:
-    # vblk/testing/demo.py -> the directory holding the vblk and cli packages
-    return Path(__file__).resolve().parents[2]
 
 
 def _wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -> str | None:
@@ -114,14 +110,11 @@ def run_demo(image: Path | None = None, keep: bool = False, *,
     try:
         say("vblk demo")
         say(f"  image      {image} ({_human(GiB)} sparse)")
-        env = dict(os.environ)
-        root = str(_repo_root())
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         cmd = (server_argv(image, sock) if server_argv else
-               [sys.executable, "-m", "cli", "serve", str(image), "--socket-path", sock])
+               python_command("vblk.cli", "serve", str(image), "--socket-path", sock))
         with open(server_log, "wb") as logf:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT, env=env, cwd=root,
+                                    stderr=subprocess.STDOUT,
                                     start_new_session=True)
         why = _wait_for_socket(sock, proc)
         if why:

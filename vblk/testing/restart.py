@@ -35,7 +35,7 @@ class RestartingVblk:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli", "serve", str(self.image), "--socket-path",
+                [sys.executable, "-m", "vblk.cli", "serve", str(self.image), "--socket-path",
                  self.sock, "--log-level", "info", *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         deadline = time.monotonic() + 10

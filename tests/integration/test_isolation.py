@@ -1,0 +1,124 @@
+"""Nothing vblk runs or imports comes from the caller's directory, and vblk installs as one
+package.
+
+vblk runs as root; an operator may start it from /tmp or any directory others can write.
+Here ``vblk serve`` (the console script, as a user types it) runs from a directory full of
+decoy modules, each of which would leave a mark if Python ever imported it, and serves a
+verified workload; no mark may appear.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import zipfile
+from pathlib import Path
+
+from vblk.testing.frontend import BlkClient
+from vblk.testing.processes import stop_group
+from vblk.virtio.constants import BlkStatus
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+# Top-level names a child interpreter of vblk would import if the current directory were on
+# its path: vblk's own packages, the old top-level names, its dependencies, the stdlib
+# modules the daemon and the workers import.
+DECOY_MODULES = ("workers", "cli", "msgpack", "typer", "select", "mmap", "socket", "struct",
+                 "array", "signal", "fcntl", "errno", "pickle", "argparse", "logging",
+                 "ctypes", "hashlib", "subprocess", "selectors", "prometheus_client")
+DECOY_PACKAGES = ("vblk", "workers_pkg")
+
+
+def vblk_script() -> str:
+    """The ``vblk`` console script that pip installed for this interpreter."""
+    found = os.path.join(sysconfig.get_path("scripts"), "vblk")
+    if not os.path.exists(found):
+        found = shutil.which("vblk") or found
+    assert os.path.exists(found), "the vblk console script is not installed (pip install -e .)"
+    return found
+
+
+def plant_decoys(where: Path, marks: Path) -> None:
+    body = ("import os as _os\n"
+            f"open(_os.path.join({str(marks)!r}, __name__ + '.' + str(_os.getpid())), 'w').close()\n")
+    for name in DECOY_MODULES:
+        (where / f"{name}.py").write_text(body)
+    for name in DECOY_PACKAGES:
+        (where / name).mkdir()
+        (where / name / "__init__.py").write_text(body)
+        (where / name / "__main__.py").write_text(body)
+    (where / "vblk" / "cli.py").write_text(body)
+    (where / "vblk" / "daemon.py").write_text(body)
+
+
+def worker_cmdlines(pid: int) -> list[list[str]]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = [int(x) for x in f.read().split()]
+    out = []
+    for kid in kids:
+        with open(f"/proc/{kid}/cmdline", "rb") as f:
+            out.append([a.decode() for a in f.read().split(b"\0") if a])
+    return out
+
+
+def test_vblk_serve_from_a_directory_of_decoys_runs_none_of_them(tmp_path):
+    decoys, marks = tmp_path / "cwd", tmp_path / "marks"
+    decoys.mkdir()
+    marks.mkdir()
+    plant_decoys(decoys, marks)
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(16 * MiB))
+    sock = str(tmp_path / "vblk.sock")
+    proc = subprocess.Popen([vblk_script(), "serve", str(image), "--socket-path", sock,
+                             "--workers", "2"], cwd=decoys, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "vblk did not listen within 20 s"
+            time.sleep(0.05)
+        payload = os.urandom(64 * 1024)
+        with BlkClient.connect(sock) as c:
+            for i in range(16):
+                assert c.write(i * 256, payload).status == BlkStatus.OK
+            assert c.flush().status == BlkStatus.OK
+            for i in range(16):
+                got = c.read(i * 256, len(payload))
+                assert got.status == BlkStatus.OK and got.data == payload
+        # The daemon (same PID after its exec) and both workers run isolated.
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[1:4] == [b"-I", b"-m", b"vblk.daemon"]
+        kids = worker_cmdlines(proc.pid)
+        assert len(kids) == 2 and all(k[1:4] == ["-I", "-m", "vblk.workers"] for k in kids)
+    finally:
+        status = stop_group(proc)
+    assert status == 0, proc.stderr.read().decode()
+    with open(image, "rb") as f:
+        for i in range(16):
+            f.seek(i * 256 * 512)
+            assert f.read(len(payload)) == payload
+    assert sorted(os.listdir(marks)) == [], "decoys from the current directory ran"
+
+
+def test_the_wheel_installs_one_top_level_package_holding_every_module(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                          "-q", "-w", str(tmp_path), str(REPO)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("vblk-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"vblk"}
+    top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top_level).split() == [b"vblk"]
+    # Every source module of the three folders is in it, under vblk/.
+    expected = set()
+    for folder, prefix in (("vblk", "vblk"), ("workers", "vblk/workers"), ("cli", "vblk/cli")):
+        for path in (REPO / folder).rglob("*.py"):
+            expected.add(f"{prefix}/{path.relative_to(REPO / folder).as_posix()}")
+    assert expected - set(names) == set()
