@@ -22,8 +22,10 @@ from vblk.cli.bench import bench_command
 from vblk.control import check_unix_socket_path
 from vblk.errors import ConfigError
 from vblk.logs import configure_logging
-from vblk.device import U32_MAX, WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG
-from vblk.options import (DiskOptions, ServeConfig, merge_flags, parse_acrn, parse_limits,
+from vblk.device import WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG
+from vblk.listening import check_listen_fd
+from vblk.options import (DiskOptions, ServeConfig, default_max_discard_sectors, merge_flags,
+                          parse_acrn, parse_limits,
                           parse_socket_mode)
 
 EXIT_CONFIG = 2
@@ -89,24 +91,6 @@ def check_group(name: str | None) -> str | None:
         except KeyError:
             raise ConfigError(f"--socket-group {name!r}: no such group") from None
     return name
-
-
-def check_listen_fd(fd: int) -> None:
-    """``--fd N`` must be an inherited, listening Unix stream socket."""
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        raise ConfigError(f"--fd {fd} is not an open file descriptor") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"--fd {fd} is not a socket")
-    sock = socket.socket(fileno=fd)
-    try:
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            raise ConfigError(f"--fd {fd} is not a Unix stream socket")
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise ConfigError(f"--fd {fd} is a socket that is not listening")
-    finally:
-        sock.detach()
 
 
 @app.command()
@@ -253,7 +237,7 @@ def discard_text(disk: DiskOptions, b) -> str:
         return "off"
     if b.readonly:
         return "off (read-only)"
-    max_sectors = d.max_sectors if d.max_sectors is not None else min(b.size // 512, U32_MAX)
+    max_sectors = d.max_sectors if d.max_sectors is not None else default_max_discard_sectors(b.size)
     return (f"on, up to {max_sectors} sectors x {d.max_segments} segments per request, "
             f"alignment {d.alignment or 'none'}")
 

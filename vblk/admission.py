@@ -9,15 +9,13 @@ tests compare the two through this same function.
 """
 from __future__ import annotations
 
-from vblk.device import OP_READ, BlkDevice, Completion, IoPlan
+from vblk.device import BlkDevice, Completion, IoPlan
 from vblk.errors import GuestError
+from vblk.ipc import MAX_IOV, Op, Pieces, encode_ranges
 from vblk.memory import GuestMemory
-from vblk.slots import MAX_IOV, encode_ranges
 from vblk.virtio.blk import BlkRequest, parse_request, read_data_out
 from vblk.virtio.constants import BlkStatus, BlkType
 from vblk.virtio.ring import SplitRing
-
-Pieces = list[tuple[int, int, int]]     # (region, offset in its mapping, length)
 
 
 def admit_chain(ring: SplitRing, memory: GuestMemory, device: BlkDevice,
@@ -38,7 +36,7 @@ def admit_chain(ring: SplitRing, memory: GuestMemory, device: BlkDevice,
         pieces = encode_ranges(plan.ranges)       # discard / write-zeroes: store ranges
     elif not isinstance(plan, Completion):
         try:
-            for addr, n in (req.data_in if plan.op == OP_READ else req.data_out):
+            for addr, n in (req.data_in if plan.op == Op.READ else req.data_out):
                 pieces.extend(memory.translate(addr, n))
             if len(pieces) > MAX_IOV:
                 plan = Completion(BlkStatus.IOERR, reason=f"{len(pieces)} buffers exceed {MAX_IOV}")

@@ -22,6 +22,7 @@ import sys
 from vblk.interpreter import origin, python_command, same_origin
 
 CONFIG_ENV = "VBLK_SERVE_CONFIG_FD"
+EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
 
@@ -61,12 +62,16 @@ def main() -> int:
         flags = fcntl.fcntl(config.listen_fd, fcntl.F_GETFD)
         fcntl.fcntl(config.listen_fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
     configure_logging(config.log_level)
-    from vblk.supervisor import serve
+    from vblk.supervisor.pool import WorkerStartError
+    from vblk.supervisor.serve import serve
     try:
         return serve(config) or 0
     except ConfigError as e:            # e.g. the lock was taken between the check and now
         print(f"vblk: error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    except WorkerStartError as e:       # before anything listened
+        print(f"vblk: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

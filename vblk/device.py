@@ -1,8 +1,8 @@
 """The virtio-blk device after ACRN: features, config space, and what each request becomes.
 
 No I/O here. ``BlkDevice.plan`` turns a parsed request into either an immediate completion
-(GET_ID, errors, unsupported types) or an ``IoPlan`` for a worker (read, write, flush,
-discard, write-zeroes). For DISCARD and WRITE_ZEROES the caller first reads the segment
+(GET_ID, errors, unsupported types) or an ``IoPlan`` for the I/O engine (read, write, flush,
+discard, write-zeroes; offsets in bytes from the disk's first byte). For DISCARD and WRITE_ZEROES the caller first reads the segment
 bytes from guest memory (``segment_bytes_wanted`` says how many) and passes them to ``plan``.
 ACRN's rules: sector offsets are always in 512-byte units; a read or write must be a whole
 number of logical blocks, start on a logical block and end inside the disk, else IOERR;
@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from vblk.ipc import Op
 from vblk.virtio.blk import (CONFIG_WRITEBACK_OFFSET, DISCARD_SEGMENT, BlkConfig, BlkRequest,
                              parse_segments)
 from vblk.virtio.constants import (BLK_ID_BYTES, BLK_WRITE_ZEROES_FLAG_UNMAP, SECTOR_SIZE,
                                    BlkStatus, BlkType, Feature)
 
 SEG_MAX = 256                           # ACRN's BLOCKIF_IOV_MAX
-
-# What a worker is asked to do (the slot's op field).
-OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = 0, 1, 2, 3, 4
 
 U32_MAX = 0xFFFF_FFFF
 # WRITE_ZEROES limits (not in ACRN): 32 MiB per request bounds how long a worker may have
@@ -47,7 +45,6 @@ class Geometry:
     physical_block_size: int = 512
     readonly: bool = False
     serial: bytes = b"\0" * BLK_ID_BYTES
-    file_offset: int = 0                # where the guest's byte 0 lies in the backing store
 
     @property
     def capacity(self) -> int:
@@ -64,10 +61,10 @@ class Completion:
 
 @dataclass(frozen=True, slots=True)
 class IoPlan:
-    op: int
-    offset: int                         # absolute byte offset in the backing store
+    op: Op
+    offset: int                         # byte offset in the disk (the backing adds its window's start)
     length: int                         # bytes moved (discard / write-zeroes: bytes covered)
-    ranges: tuple[tuple[int, int], ...] = ()   # discard / write-zeroes: (absolute offset, bytes)
+    ranges: tuple[tuple[int, int], ...] = ()   # discard / write-zeroes: (byte offset, bytes)
     unmap: bool = False                 # write-zeroes may deallocate (guest asked, discard on)
 
 
@@ -155,7 +152,7 @@ class BlkDevice:
         if t == BlkType.FLUSH or t == BlkType.FLUSH_OUT:
             if self.geometry.readonly:
                 return Completion(BlkStatus.OK)
-            return IoPlan(OP_FLUSH, 0, 0)
+            return IoPlan(Op.FLUSH, 0, 0)
         if t == BlkType.GET_ID:
             if req.data_out or not req.data_in:
                 return Completion(BlkStatus.IOERR, reason="GET_ID without a writable buffer")
@@ -182,7 +179,7 @@ class BlkDevice:
         if start + length > g.size_bytes:
             return Completion(BlkStatus.IOERR,
                               reason=f"sector {req.sector} length {length} past the end ({g.size_bytes} bytes)")
-        return IoPlan(OP_WRITE if write else OP_READ, g.file_offset + start, length)
+        return IoPlan(Op.WRITE if write else Op.READ, start, length)
 
     def _segment_limit(self, rtype: int) -> int | None:
         """Segments allowed per request of ``rtype``, None if the type is not offered."""
@@ -237,7 +234,7 @@ class BlkDevice:
                 return Completion(BlkStatus.IOERR,
                                   reason=f"{where}: not aligned to {alignment} sectors")
             unmap &= bool(flags & BLK_WRITE_ZEROES_FLAG_UNMAP)
-            ranges.append((g.file_offset + start, length))
-        return IoPlan(OP_DISCARD if discard else OP_WRITE_ZEROES, ranges[0][0],
+            ranges.append((start, length))
+        return IoPlan(Op.DISCARD if discard else Op.WRITE_ZEROES, ranges[0][0],
                       sum(n for _, n in ranges), tuple(ranges),
                       unmap=not discard and unmap and self.discard is not None)

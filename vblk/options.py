@@ -56,6 +56,11 @@ _COUNT_SUFFIX = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3}
 _COUNT_RE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)
 
 
+def default_max_discard_sectors(size_bytes: int) -> int:
+    """ACRN's default max_discard_sectors: the whole disk, as far as the u32 field reaches."""
+    return min(size_bytes // 512, U32_MAX)
+
+
 @dataclass(frozen=True, slots=True)
 class DiscardOption:
     """ACRN's ``discard[=A:B:C]``: max sectors per segment (None: the disk's size in sectors,

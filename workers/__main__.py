@@ -1,31 +1,32 @@
-"""``python -m vblk.workers``: one vblk I/O worker, started by the supervisor (never by hand)."""
+"""``python -I -m vblk.workers``: one vblk I/O worker, started by the supervisor (never by
+hand) with the arguments of ``vblk.ipc.WorkerArgs``."""
 from __future__ import annotations
 
-import argparse
+import ctypes
 import os
 import signal
 import socket
 import sys
 
+from vblk.backing import attach
+from vblk.ipc import SlotArea, WorkerArgs
 from vblk.logs import configure_logging
-from vblk.slots import SlotArea
-from vblk.workers.worker import Worker, die_with_parent
+from vblk.workers.loop import Worker
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for SIGKILL when the supervisor goes, so no worker is ever orphaned."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vblk.workers")
-    p.add_argument("--index", type=int, required=True)
-    p.add_argument("--backing-fd", type=int, required=True)
-    p.add_argument("--slots-fd", type=int, required=True)
-    p.add_argument("--slots", type=int, required=True)
-    p.add_argument("--submit-fd", type=int, required=True)
-    p.add_argument("--complete-fd", type=int, required=True)
-    p.add_argument("--control-fd", type=int, required=True)
-    p.add_argument("--parent", type=int, required=True)
-    p.add_argument("--log-level", default="WARNING")
-    p.add_argument("--window", default=None, metavar="START:END",
-                   help="bytes of the backing store discard / write-zeroes may touch")
-    a = p.parse_args(argv)
+    try:
+        a = WorkerArgs.parse(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        print(f"vblk: error: {exc} (workers are started by vblk serve)", file=sys.stderr)
+        return 2
     die_with_parent()
     if os.getppid() != a.parent:          # the supervisor died before prctl took effect
         return 1
@@ -35,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(a.log_level)
     control = socket.socket(fileno=a.control_fd)
-    window = tuple(int(x) for x in a.window.split(":")) if a.window else None
-    worker = Worker(a.index, a.backing_fd, SlotArea(a.slots_fd, a.slots), a.submit_fd,
-                    a.complete_fd, control, window)
+    backing = attach(a.backing)
+    worker = Worker(a.index, backing, SlotArea(a.slots_fd, a.slot_count), a.submit_fd,
+                    a.complete_fd, control)
     return worker.run()
 
 

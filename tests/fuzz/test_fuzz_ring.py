@@ -16,7 +16,7 @@ Invariants, for every case:
 * ``walk`` returns at most ``queue_size + MAX_INDIRECT`` segments;
 * every piece ``GuestMemory.translate`` returns lies inside its region's mapping, and the
   pieces cover exactly the bytes asked for;
-* every read/write ``IoPlan`` lies inside ``[file_offset, file_offset + size_bytes)``, and so
+* every read/write ``IoPlan`` lies inside ``[0, size_bytes)`` of the disk, and so
   does every range of a discard / write-zeroes plan (whole logical blocks, never on a
   read-only disk);
   a flush plan moves no bytes;
@@ -45,9 +45,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vblk.device import (OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES,
-                         WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG, BlkDevice, Completion,
+from vblk.device import (WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG, BlkDevice, Completion,
                          DiscardLimits, Geometry, IoPlan)
+from vblk.ipc import Op
 from vblk.testing import fuzzstats
 from vblk.testing.fuzzstats import record
 from vblk.errors import GuestError, RingBroken
@@ -203,10 +203,9 @@ def knobs() -> st.SearchStrategy[Knobs]:
 
 def make_geometry(k: Knobs, rng: random.Random) -> Geometry:
     blocks = rng.choice([1, 2, 8, 2048, 1 << 20, rng.randint(1, 1 << 30)])
-    offset = k.lbs * rng.choice([0, 0, 1, 2048, rng.randint(0, 1 << 30)])
     return Geometry(size_bytes=k.lbs * blocks, logical_block_size=k.lbs,
                     physical_block_size=k.lbs, readonly=k.readonly,
-                    serial=b"FUZZ-SERIAL-01234567", file_offset=offset)
+                    serial=b"FUZZ-SERIAL-01234567")
 
 
 def make_regions(k: Knobs, rng: random.Random, ring_need: int) -> list[Region]:
@@ -554,9 +553,9 @@ def expected_outcome(segs, ref: RefMemory, device: BlkDevice):
         elif start + length > g.size_bytes:
             plan = ("done", BlkStatus.IOERR)
         else:
-            plan = ("io", OP_WRITE if write else OP_READ, g.file_offset + start, length)
+            plan = ("io", Op.WRITE if write else Op.READ, start, length)
     elif rtype in (BlkType.FLUSH, BlkType.FLUSH_OUT):
-        plan = ("done", BlkStatus.OK) if g.readonly else ("io", OP_FLUSH, 0, 0)
+        plan = ("done", BlkStatus.OK) if g.readonly else ("io", Op.FLUSH, 0, 0)
     elif rtype == BlkType.GET_ID:
         plan = ("done", BlkStatus.IOERR) if data_out or not data_in else ("done", BlkStatus.OK)
     elif rtype in (BlkType.DISCARD, BlkType.WRITE_ZEROES):
@@ -596,9 +595,9 @@ def expected_zeroing(rtype, data_out, data_in, ref: RefMemory, device: BlkDevice
             return ("done", BlkStatus.UNSUPP)
         if (sector * 512) % lbs or (count * 512) % lbs or (align and sector % align):
             return ("done", BlkStatus.IOERR)
-        ranges.append((g.file_offset + sector * 512, count * 512))
+        ranges.append((sector * 512, count * 512))
         unmap = unmap and bool(flags & 1)
-    return ("io", OP_DISCARD if discard else OP_WRITE_ZEROES, ranges[0][0],
+    return ("io", Op.DISCARD if discard else Op.WRITE_ZEROES, ranges[0][0],
             sum(n for _, n in ranges), tuple(ranges),
             (not discard) and unmap and device.discard is not None)
 
@@ -606,7 +605,7 @@ def expected_zeroing(rtype, data_out, data_in, ref: RefMemory, device: BlkDevice
 def plan_tuple(plan):
     if isinstance(plan, Completion):
         return ("done", plan.status)
-    if plan.op in (OP_DISCARD, OP_WRITE_ZEROES):
+    if plan.op in (Op.DISCARD, Op.WRITE_ZEROES):
         return ("io", plan.op, plan.offset, plan.length, plan.ranges, plan.unmap)
     return ("io", plan.op, plan.offset, plan.length)
 
@@ -630,23 +629,23 @@ def check_translation(mem: GuestMemory, gpa: int, length: int, stats: Counter) -
 def check_plan(plan, device: BlkDevice, req, stats: Counter) -> None:
     g = device.geometry
     if isinstance(plan, IoPlan):
-        if plan.op == OP_FLUSH:
+        if plan.op == Op.FLUSH:
             assert plan.length == 0
-        elif plan.op in (OP_DISCARD, OP_WRITE_ZEROES):
+        elif plan.op in (Op.DISCARD, Op.WRITE_ZEROES):
             assert not g.readonly and plan.ranges and plan.offset == plan.ranges[0][0]
             assert plan.length == sum(n for _, n in plan.ranges)
             for off, n in plan.ranges:         # every range inside the window, whole blocks
                 assert n > 0 and off % g.logical_block_size == 0 and n % g.logical_block_size == 0
-                assert g.file_offset <= off and off + n <= g.file_offset + g.size_bytes, plan
-            assert not (plan.op == OP_DISCARD and device.discard is None)
+                assert 0 <= off and off + n <= g.size_bytes, plan
+            assert not (plan.op == Op.DISCARD and device.discard is None)
         else:
-            assert plan.op in (OP_READ, OP_WRITE)
+            assert plan.op in (Op.READ, Op.WRITE)
             assert plan.length >= 0
-            assert plan.offset >= g.file_offset, plan
-            assert plan.offset + plan.length <= g.file_offset + g.size_bytes, plan
-            expect = req.in_len if plan.op == OP_READ else req.out_len
+            assert plan.offset >= 0, plan
+            assert plan.offset + plan.length <= g.size_bytes, plan
+            expect = req.in_len if plan.op == Op.READ else req.out_len
             assert plan.length == expect
-            assert not (plan.op == OP_WRITE and g.readonly)
+            assert not (plan.op == Op.WRITE and g.readonly)
         stats[f"plan_io_{plan.op}"] += 1
     else:
         assert isinstance(plan, Completion)
@@ -661,11 +660,11 @@ def run_case(case: Case, stats: Counter) -> None:
     ring = None
     try:
         g = case.geometry
-        # discard on for every other window offset, with a one-block alignment and 4 segments
+        # discard on for every other disk size, with a one-block alignment and 4 segments
         discard = (DiscardLimits(min(max(g.capacity, g.logical_block_size // 512), 2 ** 32 - 8)
                                  // (g.logical_block_size // 512) * (g.logical_block_size // 512),
                                  4, g.logical_block_size // 512)
-                   if (g.file_offset // g.logical_block_size) % 2 == 0 else None)
+                   if (g.size_bytes // g.logical_block_size) % 2 == 0 else None)
         device = BlkDevice(g, writeback=False, discard=discard)
         d, a, u = case.ring_qvas
         try:
@@ -800,7 +799,7 @@ def walk_general(ring, mem, device, head, chain, case, ref, stats):
             assert (req.type, req.sector, req.data_out, req.data_in, req.status_addr) == want[:5]
         assert plan_tuple(plan) == want[6], (plan, want)
         stats["oracle_plan"] += 1
-    if isinstance(plan, Completion) or plan.op not in (OP_READ, OP_WRITE):
+    if isinstance(plan, Completion) or plan.op not in (Op.READ, Op.WRITE):
         return None
     try:                      # what the supervisor decides (its last checks before I/O)
         req, plan, pieces = admit_chain(ring, mem, device, head)

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 from vblk.testing.frontend import BlkClient
+from vblk.testing.install import build_wheel
 from vblk.testing.processes import stop_group
 from vblk.virtio.constants import BlkStatus
 
@@ -106,19 +107,17 @@ def test_vblk_serve_from_a_directory_of_decoys_runs_none_of_them(tmp_path):
 
 
 def test_the_wheel_installs_one_top_level_package_holding_every_module(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                          "-q", "-w", str(tmp_path), str(REPO)], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    (wheel,) = tmp_path.glob("vblk-*.whl")
+    wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"vblk"}
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).split() == [b"vblk"]
-    # Every source module of the three folders is in it, under vblk/.
+    # Every source module of the three folders is in it, under vblk/, and nothing else.
     expected = set()
+    src = tmp_path / "src"
     for folder, prefix in (("vblk", "vblk"), ("workers", "vblk/workers"), ("cli", "vblk/cli")):
-        for path in (REPO / folder).rglob("*.py"):
-            expected.add(f"{prefix}/{path.relative_to(REPO / folder).as_posix()}")
+        for path in (src / folder).rglob("*.py"):
+            expected.add(f"{prefix}/{path.relative_to(src / folder).as_posix()}")
     assert expected - set(names) == set()
+    assert {n for n in names if not n.split("/")[0].endswith(".dist-info")} == expected

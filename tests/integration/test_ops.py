@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from vblk.testing.install import install_into
 from vblk.control import ControlServer, fetch_stats, request
 from vblk.errors import ConfigError
 from vblk.sdnotify import notify
@@ -800,10 +801,7 @@ def container_python(binds: list[str], work: Path) -> tuple[str, dict[str, str]]
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python3").symlink_to(python)
     (venv / "pyvenv.cfg").write_text(f"home = {home}\ninclude-system-site-packages = true\n")
-    built = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps",
-                            "--no-build-isolation", "-q", "--target", str(site), str(REPO)],
-                           capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr
+    install_into(site, work / "build")
     binds.append(f"--bind-ro={venv}:/opt/vblk/venv")
     return "/opt/vblk/venv/bin/python3", env
 

@@ -5,8 +5,11 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+
+from vblk.testing.install import install_into
 
 
 def children(pid):
@@ -96,3 +99,36 @@ def test_a_killed_worker_is_replaced(image, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+# -- a pool that cannot start ---------------------------------------------------------------------
+
+def broken_install(tmp_path: Path) -> str:
+    """A venv whose vblk (a wheel of this checkout) has workers that exit at once with status
+    3, the way a broken install or a bad dependency makes them: the daemon itself is fine."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
+                    str(venv)], check=True, timeout=60)
+    site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    install_into(site, tmp_path / "build")
+    (site / "vblk" / "workers" / "loop.py").write_text("raise SystemExit(3)\n")
+    return str(venv / "bin" / "python")
+
+
+def test_workers_that_keep_dying_at_start_end_serve_with_one_line(image, tmp_path):
+    python = broken_install(tmp_path)
+    sock = tmp_path / "s.sock"
+    started = time.monotonic()
+    proc = subprocess.run([python, "-m", "vblk.cli", "serve", str(image), "--socket-path",
+                           str(sock), "--workers", "2", "--log-level", "error"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vblk: error:")]
+    assert proc.returncode == 1, proc.stderr
+    assert errors == ["vblk: error: worker 0 exited with status 3 before it was ready, "
+                      "5 times in a row"], proc.stderr
+    assert proc.stderr.splitlines()[-1] == errors[0]
+    assert not sock.exists() and not Path(f"{sock}.ctl").exists()   # never listened
+    assert "event=listening" not in proc.stderr
+    # 5 tries of worker 0 with backoffs of 50, 100, 200 and 400 ms, not a respawn loop
+    assert 0.7 < elapsed < 30, elapsed

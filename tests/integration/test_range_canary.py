@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from vblk.slots import MAX_IOV
+from vblk.ipc import MAX_IOV
 from vblk.testing.frontend import DEFAULT_FEATURES, STATUS_UNSET, BlkClient, VringError
 from vblk.virtio.blk import OUTHDR
 from vblk.virtio.constants import BLK_ID_BYTES, BLK_T_BARRIER, BlkStatus, BlkType, Feature

@@ -94,7 +94,9 @@ def worker_fds(trace: str) -> dict[int, tuple[int, int]]:
     for line in trace.splitlines():
         if "execve(" in line and '"vblk.workers"' in line:
             pid = int(line.split()[0])
-            backing = int(re.search(r'"--backing-fd", "(\d+)"', line).group(1))
+            # --backing is JSON (vblk.ipc.WorkerArgs) whose first key is the fd; strace
+            # escapes its quotes
+            backing = int(re.search(r'"--backing", "\{\\"fd\\": (\d+)', line).group(1))
             complete = int(re.search(r'"--complete-fd", "(\d+)"', line).group(1))
             fds[pid] = (backing, complete)
     return fds

@@ -86,4 +86,8 @@ def test_hundred_worker_kills_lose_nothing(vblk_server, tmp_path, mode, monkeypa
     assert killer.kills == kills
     assert not problems, problems[:10]
     assert sock.proc.poll() is None
+    # A worker killed before it was ready is started again after a backoff (up to 2 s).
+    deadline = time.monotonic() + 15
+    while len(worker_pids(sock.proc.pid)) != 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert len(worker_pids(sock.proc.pid)) == 4

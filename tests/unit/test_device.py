@@ -1,15 +1,16 @@
 """BlkDevice: features, config space and what each request becomes (ACRN's rules)."""
 import pytest
 
-from vblk.device import OP_FLUSH, OP_READ, OP_WRITE, BlkDevice, Completion, Geometry, IoPlan
+from vblk.device import BlkDevice, Completion, Geometry, IoPlan
+from vblk.ipc import Op
 from vblk.virtio.blk import BlkRequest
 from vblk.virtio.constants import BlkStatus, BlkType, Feature
 
 SERIAL = b"VBLK-0123456789abcde"
 
 
-def device(size=1 << 20, lbs=512, pbs=4096, ro=False, wb=False, offset=0):
-    return BlkDevice(Geometry(size, lbs, pbs, ro, SERIAL, offset), writeback=wb)
+def device(size=1 << 20, lbs=512, pbs=4096, ro=False, wb=False):
+    return BlkDevice(Geometry(size, lbs, pbs, ro, SERIAL), writeback=wb)
 
 
 def req(t, sector=0, out=(), inn=((0x1000, 512),)):
@@ -49,13 +50,13 @@ def test_guest_can_switch_the_cache_mode_and_nothing_else():
     assert d.write_config(32, b"\x01\x00") is not None
 
 
-def test_read_and_write_become_io_plans_at_the_window_offset():
-    d = device(offset=1 << 20)
+def test_read_and_write_become_io_plans_at_disk_offsets():
+    d = device()
     p = d.plan(req(BlkType.IN, sector=2, inn=[(0x1000, 1024)]))
-    assert p == IoPlan(OP_READ, (1 << 20) + 1024, 1024)
+    assert p == IoPlan(Op.READ, 1024, 1024)
     p = d.plan(req(BlkType.OUT, sector=0, out=[(0x1000, 512)], inn=()))
-    assert p == IoPlan(OP_WRITE, 1 << 20, 512)
-    assert d.plan(req(BlkType.FLUSH, inn=())) == IoPlan(OP_FLUSH, 0, 0)
+    assert p == IoPlan(Op.WRITE, 0, 512)
+    assert d.plan(req(BlkType.FLUSH, inn=())) == IoPlan(Op.FLUSH, 0, 0)
 
 
 @pytest.mark.parametrize("sector,length", [
@@ -71,7 +72,7 @@ def test_out_of_range_or_partial_reads_get_ioerr(sector, length):
 
 def test_logical_block_alignment_is_enforced_for_4k_disks():
     d = device(lbs=4096, pbs=4096)
-    assert d.plan(req(BlkType.IN, sector=8, inn=[(0, 4096)])) == IoPlan(OP_READ, 4096, 4096)
+    assert d.plan(req(BlkType.IN, sector=8, inn=[(0, 4096)])) == IoPlan(Op.READ, 4096, 4096)
     for sector, length in ((1, 4096), (8, 512)):
         p = d.plan(req(BlkType.IN, sector=sector, inn=[(0, length)]))
         assert p.status == BlkStatus.IOERR

@@ -9,25 +9,25 @@ import stat
 
 import pytest
 
-from vblk.device import (OP_DISCARD, OP_WRITE_ZEROES, WRITE_ZEROES_MAX_SECTORS,
-                         WRITE_ZEROES_MAX_SEG, BlkDevice, Completion, DiscardLimits, Geometry,
-                         IoPlan)
-from vblk.slots import (FLAG_SYNC, FLAG_UNMAP, RANGE_REGION, SlotArea, SlotState, decode_ranges,
-                        encode_ranges)
+from vblk.backing import BackingInfo, syscalls
+from vblk.backing.file import BlockDeviceBacking, FileBacking
+from vblk.device import (WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG, BlkDevice, Completion,
+                         DiscardLimits, Geometry, IoPlan)
+from vblk.ipc import (FLAG_SYNC, FLAG_UNMAP, RANGE_REGION, Op, SlotArea, SlotState,
+                      decode_ranges, encode_ranges)
 from vblk.testing.loopdev import loop_device as attach_loop
 from vblk.virtio.blk import DISCARD_SEGMENT, BlkConfig, BlkRequest
 from vblk.virtio.constants import BlkStatus, BlkType, Feature
-from vblk.workers import zeroing
-from vblk.workers.worker import Worker
+from vblk.workers.execute import execute
+from vblk.workers.loop import Worker
 
 MiB = 1 << 20
 SERIAL = b"VBLK-0123456789abcde"
 UNMAP = 1
 
 
-def device(size=MiB, lbs=512, ro=False, offset=0, discard=DiscardLimits(2048, 4, 0)):
-    return BlkDevice(Geometry(size, lbs, 4096, ro, SERIAL, offset), writeback=False,
-                     discard=discard)
+def device(size=MiB, lbs=512, ro=False, discard=DiscardLimits(2048, 4, 0)):
+    return BlkDevice(Geometry(size, lbs, 4096, ro, SERIAL), writeback=False, discard=discard)
 
 
 def segs(*triples) -> bytes:
@@ -67,11 +67,10 @@ def test_write_zeroes_is_offered_on_every_writable_disk_and_may_unmap_only_with_
 
 # -- planning ------------------------------------------------------------------------------
 
-def test_discard_segments_become_absolute_ranges_in_the_window():
-    d = device(offset=4 * MiB)
+def test_discard_segments_become_byte_ranges_of_the_disk():
+    d = device()
     p = plan(d, BlkType.DISCARD, (0, 8, 0), (100, 16, 0), (2040, 8, 0))
-    assert p == IoPlan(OP_DISCARD, 4 * MiB, 32 * 512,
-                       ((4 * MiB, 4096), (4 * MiB + 51200, 8192), (4 * MiB + 2040 * 512, 4096)))
+    assert p == IoPlan(Op.DISCARD, 0, 32 * 512, ((0, 4096), (51200, 8192), (2040 * 512, 4096)))
     assert not p.unmap
 
 
@@ -79,7 +78,7 @@ def test_write_zeroes_unmap_is_honoured_only_when_discard_is_on():
     assert plan(device(), BlkType.WRITE_ZEROES, (8, 8, UNMAP)).unmap
     assert not plan(device(), BlkType.WRITE_ZEROES, (8, 8, 0)).unmap
     p = plan(device(discard=None), BlkType.WRITE_ZEROES, (8, 8, UNMAP))
-    assert p == IoPlan(OP_WRITE_ZEROES, 4096, 4096, ((4096, 4096),), unmap=False)
+    assert p == IoPlan(Op.WRITE_ZEROES, 4096, 4096, ((4096, 4096),), unmap=False)
 
 
 @pytest.mark.parametrize("t, triples, payload, status", [
@@ -161,12 +160,12 @@ def test_ranges_round_trip_through_a_slot():
     area = SlotArea.create(2)
     try:
         ranges = ((4096, 512), (1 << 40, (2 ** 32 - 1) * 512), (8192, 4096))
-        area.post(1, OP_DISCARD, FLAG_SYNC | FLAG_UNMAP, 4096, sum(n for _, n in ranges), 7,
+        area.post(1, Op.DISCARD, FLAG_SYNC | FLAG_UNMAP, 4096, sum(n for _, n in ranges), 7,
                   encode_ranges(ranges))
         op, flags, offset, length, gen, iovs = area.take(1, 3)
-        assert (op, flags, gen) == (OP_DISCARD, FLAG_SYNC | FLAG_UNMAP, 7)
+        assert (op, flags, gen) == (Op.DISCARD, FLAG_SYNC | FLAG_UNMAP, 7)
         assert decode_ranges(offset, length, iovs) == list(ranges)
-        assert area.state(1) == SlotState.BUSY
+        assert area.result(1)[0] == SlotState.BUSY
     finally:
         area.close()
 
@@ -205,17 +204,26 @@ def allocated(path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def file_backing(path, *, start=0, size=None, ranged=False, block=False):
+    """The backing a worker would hold for ``path`` (no lock: the supervisor's job)."""
+    fd = os.open(path, os.O_RDWR)
+    whole = os.fstat(fd).st_size if not block else 16 * MiB
+    info = BackingInfo(path=str(path), kind="block device" if block else "regular file",
+                       readonly=False, writeback=False, nocache=False, logical_block_size=512,
+                       physical_block_size=512, start=start,
+                       size=whole - start if size is None else size, image_size=whole,
+                       serial=bytes(20), ranged=ranged)
+    return (BlockDeviceBacking if block else FileBacking)(info, fd)
+
+
 def test_punch_hole_frees_blocks_and_reads_back_zeroes(tmp_path):
     path = sparse_file(tmp_path)
     before = allocated(path)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        zeroing.discard(fd, False, MiB, 2 * MiB)
-        os.fdatasync(fd)
-        assert os.pread(fd, 2 * MiB, MiB) == bytes(2 * MiB)
-        assert os.fstat(fd).st_size == 8 * MiB            # KEEP_SIZE
-    finally:
-        os.close(fd)
+    with file_backing(path) as b:
+        b.discard(MiB, 2 * MiB)
+        b.flush()
+        assert os.pread(b.fd, 2 * MiB, MiB) == bytes(2 * MiB)
+        assert os.fstat(b.fd).st_size == 8 * MiB          # KEEP_SIZE
     assert before - allocated(path) >= 2 * MiB - 64 * 1024
 
 
@@ -223,15 +231,12 @@ def test_punch_hole_frees_blocks_and_reads_back_zeroes(tmp_path):
 def test_write_zeroes_zeroes_and_unmaps_only_when_asked(tmp_path, unmap):
     path = sparse_file(tmp_path)
     before = allocated(path)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        edge = os.pread(fd, 512, MiB - 512)
-        zeroing.write_zeroes(fd, False, MiB, 2 * MiB, unmap)
-        os.fdatasync(fd)
-        assert os.pread(fd, 2 * MiB, MiB) == bytes(2 * MiB)
-        assert os.pread(fd, 512, MiB - 512) == edge         # nothing outside the range
-    finally:
-        os.close(fd)
+    with file_backing(path) as b:
+        edge = os.pread(b.fd, 512, MiB - 512)
+        b.write_zeroes(MiB, 2 * MiB, unmap)
+        b.flush()
+        assert os.pread(b.fd, 2 * MiB, MiB) == bytes(2 * MiB)
+        assert os.pread(b.fd, 512, MiB - 512) == edge       # nothing outside the range
     if unmap:
         assert before - allocated(path) >= 2 * MiB - 64 * 1024
     else:
@@ -244,20 +249,17 @@ def test_write_zeroes_falls_back_to_writing_when_the_filesystem_cannot(tmp_path,
 
     def no_zero_range(fd, mode, offset, length):
         calls.append(mode)
-        if mode & zeroing.FALLOC_FL_ZERO_RANGE:
+        if mode & syscalls.FALLOC_FL_ZERO_RANGE:
             raise OSError(errno.EOPNOTSUPP, "no ZERO_RANGE here (like tmpfs)")
         raise AssertionError("only ZERO_RANGE expected")
 
-    monkeypatch.setattr(zeroing, "fallocate", no_zero_range)
-    monkeypatch.setattr(zeroing, "ZERO_CHUNK", 64 * 1024)    # several writes
-    fd = os.open(path, os.O_RDWR)
-    try:
-        zeroing.write_zeroes(fd, False, 512, 300 * 1024, unmap=False)
-        assert os.pread(fd, 300 * 1024, 512) == bytes(300 * 1024)
-        assert os.pread(fd, 512, 0) != bytes(512)
-    finally:
-        os.close(fd)
-    assert calls == [zeroing.FALLOC_FL_ZERO_RANGE | zeroing.FALLOC_FL_KEEP_SIZE]
+    monkeypatch.setattr(syscalls, "fallocate", no_zero_range)
+    monkeypatch.setattr(syscalls, "ZERO_CHUNK", 64 * 1024)    # several writes
+    with file_backing(path) as b:
+        b.write_zeroes(512, 300 * 1024, unmap=False)
+        assert os.pread(b.fd, 300 * 1024, 512) == bytes(300 * 1024)
+        assert os.pread(b.fd, 512, 0) != bytes(512)
+    assert calls == [syscalls.FALLOC_FL_ZERO_RANGE | syscalls.FALLOC_FL_KEEP_SIZE]
 
 
 def test_tmpfs_write_zeroes_works_whatever_it_supports(tmp_path):
@@ -268,46 +270,49 @@ def test_tmpfs_write_zeroes_works_whatever_it_supports(tmp_path):
     with open(path, "wb") as f:
         f.write(os.urandom(MiB))
     try:
-        fd = os.open(path, os.O_RDWR)
-        try:
-            zeroing.write_zeroes(fd, False, 4096, 8192, unmap=False)
-            zeroing.discard(fd, False, 65536, 65536)
-            assert os.pread(fd, 8192, 4096) == bytes(8192)
-            assert os.pread(fd, 65536, 65536) == bytes(65536)
-            assert os.fstat(fd).st_size == MiB
-        finally:
-            os.close(fd)
+        with file_backing(path) as b:
+            b.write_zeroes(4096, 8192, unmap=False)
+            b.discard(65536, 65536)
+            assert os.pread(b.fd, 8192, 4096) == bytes(8192)
+            assert os.pread(b.fd, 65536, 65536) == bytes(65536)
+            assert os.fstat(b.fd).st_size == MiB
     finally:
         os.unlink(path)
 
 
 # -- the worker's checks ------------------------------------------------------------------------
 
-def worker_for(path, window):
-    """A Worker with only what ``_zeroing`` uses (no slots, pipes or guest memory)."""
-    fd = os.open(path, os.O_RDWR)
-    w = Worker.__new__(Worker)
-    w.index, w.fd, w.window, w.block_device = 0, fd, window, False
-    return w
+def run_slot(backing, op, flags, ranges, offset=None, length=None):
+    """Execute one discard / write-zeroes slot as a worker does; (status, errno)."""
+    area = SlotArea.create(1)
+    try:
+        area.post(0, op, flags, ranges[0][0] if offset is None else offset,
+                  sum(n for _, n in ranges) if length is None else length, 0, encode_ranges(ranges))
+        status, err, _ = execute(area, 0, 0, backing, lambda gen: None)
+        return status, err
+    finally:
+        area.close()
 
 
 def test_worker_refuses_ranges_outside_its_window_and_touches_nothing(tmp_path):
     path = sparse_file(tmp_path, size=4 * MiB, data_mib=4)
     before = open(path, "rb").read()
-    w = worker_for(path, (MiB, 2 * MiB))
-    try:
-        for ranges in ([(0, 4096)], [(2 * MiB - 512, 1024)], [(MiB, 4096), (3 * MiB, 512)]):
-            with pytest.raises(OSError):
-                w._zeroing(OP_DISCARD, 0, ranges[0][0], sum(n for _, n in ranges),
-                           encode_ranges(ranges))
+    with file_backing(path, start=MiB, size=MiB, ranged=True) as b:
+        for ranges in ([(MiB, 4096)], [(MiB - 512, 1024)], [(0, 4096), (2 * MiB, 512)]):
+            assert run_slot(b, Op.DISCARD, 0, ranges) == (BlkStatus.IOERR, errno.EINVAL)
         assert open(path, "rb").read() == before
-        assert w._zeroing(OP_WRITE_ZEROES, FLAG_SYNC, MiB, 4096,
-                          encode_ranges([(MiB, 4096)])) == BlkStatus.OK
-        after = open(path, "rb").read()
-        assert after[MiB:MiB + 4096] == bytes(4096)
-        assert after[:MiB] == before[:MiB] and after[MiB + 4096:] == before[MiB + 4096:]
-    finally:
-        os.close(w.fd)
+        assert run_slot(b, Op.WRITE_ZEROES, FLAG_SYNC, [(0, 4096)]) == (BlkStatus.OK, 0)
+    after = open(path, "rb").read()
+    assert after[MiB:MiB + 4096] == bytes(4096)
+    assert after[:MiB] == before[:MiB] and after[MiB + 4096:] == before[MiB + 4096:]
+
+
+def test_worker_refuses_records_that_break_the_encoding(tmp_path):
+    path = sparse_file(tmp_path, size=MiB, data_mib=1)
+    before = open(path, "rb").read()
+    with file_backing(path) as b:
+        assert run_slot(b, Op.DISCARD, 0, [(0, 4096)], length=8192) == (BlkStatus.IOERR, errno.EINVAL)
+    assert open(path, "rb").read() == before
 
 
 def test_worker_answers_unsupp_when_the_store_cannot_discard(tmp_path, monkeypatch):
@@ -316,12 +321,13 @@ def test_worker_answers_unsupp_when_the_store_cannot_discard(tmp_path, monkeypat
     def refuse(*_):
         raise OSError(errno.EOPNOTSUPP, "no punch")
 
-    monkeypatch.setattr(zeroing, "discard", refuse)
-    w = worker_for(path, (0, MiB))
-    try:
-        assert w._zeroing(OP_DISCARD, 0, 0, 512, encode_ranges([(0, 512)])) == BlkStatus.UNSUPP
-    finally:
-        os.close(w.fd)
+    monkeypatch.setattr(syscalls, "punch_hole", refuse)
+    with file_backing(path) as b:
+        assert run_slot(b, Op.DISCARD, 0, [(0, 512)]) == (BlkStatus.UNSUPP, errno.EOPNOTSUPP)
+        # write-zeroes has no UNSUPP: a store that cannot zero fails the request
+        monkeypatch.setattr(syscalls, "zero_range", refuse)
+        monkeypatch.setattr(syscalls, "write_zeroes_slowly", refuse)
+        assert run_slot(b, Op.WRITE_ZEROES, 0, [(0, 512)])[0] == BlkStatus.IOERR
 
 
 # -- a real block device (loop) -------------------------------------------------------------------
@@ -335,19 +341,16 @@ def loop_device(tmp_path):
 
 def test_block_device_discard_and_zeroout(loop_device):
     dev, image = loop_device
-    fd = os.open(dev, os.O_RDWR)
-    try:
-        assert stat.S_ISBLK(os.fstat(fd).st_mode)
+    with file_backing(dev, block=True) as b:
+        assert stat.S_ISBLK(os.fstat(b.fd).st_mode)
         before = allocated(image)
-        zeroing.discard(fd, True, MiB, 2 * MiB)
-        zeroing.write_zeroes(fd, True, 4 * MiB, MiB, unmap=False)
-        zeroing.write_zeroes(fd, True, 6 * MiB, MiB, unmap=True)
-        os.fsync(fd)
-        assert os.pread(fd, MiB, 4 * MiB) == bytes(MiB)
-        assert os.pread(fd, MiB, 6 * MiB) == bytes(MiB)
-        assert os.pread(fd, 4096, 5 * MiB) != bytes(4096)       # untouched
-    finally:
-        os.close(fd)
+        b.discard(MiB, 2 * MiB)
+        b.write_zeroes(4 * MiB, MiB, unmap=False)
+        b.write_zeroes(6 * MiB, MiB, unmap=True)
+        os.fsync(b.fd)
+        assert os.pread(b.fd, MiB, 4 * MiB) == bytes(MiB)
+        assert os.pread(b.fd, MiB, 6 * MiB) == bytes(MiB)
+        assert os.pread(b.fd, 4096, 5 * MiB) != bytes(4096)     # untouched
     # a loop device discards by punching its backing file
     with open(image, "rb") as f:
         f.seek(MiB)
@@ -363,21 +366,21 @@ def test_writethrough_syncs_after_discard_and_write_zeroes(tmp_path, monkeypatch
     calls = []
     real = os.fdatasync
     area = SlotArea.create(2)
-    w = worker_for(path, (0, MiB))
-    w.slots = area
+    backing = file_backing(path)
+    w = Worker(0, backing, area, -1, -1, None)
 
     def fdatasync(fd):
-        calls.append([area.state(i) for i in (0, 1)])    # nothing DONE before the sync
+        calls.append([area.result(i)[0] for i in (0, 1)])    # nothing DONE before the sync
         real(fd)
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     try:
-        for i, op in enumerate((OP_DISCARD, OP_WRITE_ZEROES)):
+        for i, op in enumerate((Op.DISCARD, Op.WRITE_ZEROES)):
             area.post(i, op, flags, 0, 4096, 0, encode_ranges([(0, 4096)]))
         w.run_batch(array.array("I", [0, 1]))
         assert len(calls) == syncs
         assert all(SlotState.DONE not in states for states in calls)
         assert [area.result(i)[:2] for i in (0, 1)] == [(SlotState.DONE, BlkStatus.OK)] * 2
     finally:
-        os.close(w.fd)
+        backing.close()
         area.close()

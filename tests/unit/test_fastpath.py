@@ -14,10 +14,10 @@ import random
 import pytest
 
 from vblk.admission import admit_chain
-from vblk.device import OP_READ, OP_WRITE, BlkDevice, Completion, Geometry
+from vblk.device import BlkDevice, Completion, Geometry
 from vblk.errors import GuestError
 from vblk.memory import GuestMemory
-from vblk.slots import MAX_IOV
+from vblk.ipc import MAX_IOV, Op
 from vblk.vhost_user.messages import MemRegion
 from vblk.virtio.blk import OUTHDR
 from vblk.virtio.constants import BLK_T_BARRIER, BlkType, DescFlag
@@ -56,7 +56,7 @@ def general(ring, mem, device, head):
         req, plan, pieces = admit_chain(ring, mem, device, head)
     except GuestError:
         return None
-    if isinstance(plan, Completion) or plan.op not in (OP_READ, OP_WRITE):
+    if isinstance(plan, Completion) or plan.op not in (Op.READ, Op.WRITE):
         return None
     return plan.op, plan.offset, plan.length, pieces, req.status_addr
 
@@ -129,7 +129,7 @@ def test_whatever_the_fast_path_accepts_the_general_path_runs_the_same(memory):
         head, offered = lay_out(memory, indirect, descs, rtype, sector, mutations)
         ring = SplitRing(memory, Q, UVA + DESC_GPA, UVA + AVAIL_GPA, UVA + USED_GPA,
                          last_avail_idx=0, indirect=offered)
-        device = BlkDevice(Geometry(DISK, lbs, 4096, ro, file_offset=4096), writeback=False)
+        device = BlkDevice(Geometry(DISK, lbs, 4096, ro), writeback=False)
         fast = simple_rw(ring, memory, device.geometry, head)
         expect = general(ring, memory, device, head)
         if fast is None:
@@ -147,7 +147,7 @@ def test_whatever_the_fast_path_accepts_the_general_path_runs_the_same(memory):
 def test_the_common_shapes_are_taken(memory):
     """Linux's layout (one indirect table), a benchmark's (three chained descriptors), a
     multi-segment read and a write: all accepted, with the right answer."""
-    device = BlkDevice(Geometry(DISK, 512, 4096, False, file_offset=4096), writeback=False)
+    device = BlkDevice(Geometry(DISK, 512, 4096, False), writeback=False)
     ring = SplitRing(memory, Q, UVA + DESC_GPA, UVA + AVAIL_GPA, UVA + USED_GPA,
                      last_avail_idx=0, indirect=True)
     shapes = [
@@ -162,7 +162,7 @@ def test_the_common_shapes_are_taken(memory):
         fast = simple_rw(ring, memory, device.geometry, head)
         assert fast is not None, descs
         length = sum(n for _, n, _ in descs[1:-1])
-        assert fast[:3] == (OP_WRITE if rtype else OP_READ, 4096 + 8 * 512, length)
+        assert fast[:3] == (Op.WRITE if rtype else Op.READ, 8 * 512, length)
         assert fast[4] == STATUS_GPA
         assert fast[:5] == general(ring, memory, device, head)
 

@@ -1,5 +1,5 @@
-"""Adaptive polling: the supervisor's polling window (vblk.supervisor.adapt_poll_window)."""
-from vblk.supervisor import POLL_MIN, adapt_poll_window
+"""Adaptive polling: the supervisor's polling window (vblk.supervisor.loop.adapt_poll_window)."""
+from vblk.supervisor.loop import POLL_MIN, adapt_poll_window
 
 MAX = 50e-6
 

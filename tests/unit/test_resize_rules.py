@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from vblk.backing import BackingInfo, relock_window, resize_limit
+from vblk.backing import BackingInfo
+from vblk.backing.file import FileBacking
+from vblk.backing.locks import F_OFD_SETLK, _FLOCK
 from vblk.device import BlkDevice, Completion, Geometry, IoPlan
 from vblk.errors import ResizeRefused
 from vblk.resize import MAX_SIZE_BYTES, check_new_size, describe, parse_new_size
@@ -51,21 +53,21 @@ def read(sector, nbytes):
 
 
 def test_device_resize_checks_new_requests_against_the_new_end():
-    dev = BlkDevice(Geometry(4 * MiB, file_offset=MiB), writeback=False)
+    dev = BlkDevice(Geometry(4 * MiB), writeback=False)
     last = 4 * MiB // 512 - 8
     assert isinstance(dev.plan(read(last, 4096)), IoPlan)
     assert dev.resize(2 * MiB) == 4 * MiB
-    assert dev.geometry.size_bytes == 2 * MiB and dev.geometry.file_offset == MiB
+    assert dev.geometry.size_bytes == 2 * MiB
     assert dev.config().capacity == 2 * MiB // 512
     past = dev.plan(read(last, 4096))
     assert isinstance(past, Completion) and past.status == BlkStatus.IOERR
-    assert dev.plan(read(2 * MiB // 512 - 8, 4096)) == IoPlan(0, MiB + 2 * MiB - 4096, 4096)
+    assert dev.plan(read(2 * MiB // 512 - 8, 4096)) == IoPlan(0, 2 * MiB - 4096, 4096)
     dev.resize(8 * MiB)
-    assert dev.plan(read(8 * MiB // 512 - 8, 4096)) == IoPlan(0, MiB + 8 * MiB - 4096, 4096)
+    assert dev.plan(read(8 * MiB // 512 - 8, 4096)) == IoPlan(0, 8 * MiB - 4096, 4096)
 
 
 def info(path, *, size, start=0, ranged=False, readonly=False, lbs=512):
-    return BackingInfo(path=str(path), is_block_device=False, readonly=readonly, writeback=False,
+    return BackingInfo(path=str(path), kind="regular file", readonly=readonly, writeback=False,
                        nocache=False, logical_block_size=lbs, physical_block_size=lbs,
                        start=start, size=size, image_size=os.path.getsize(path),
                        serial=b"S" * 20, ranged=ranged)
@@ -75,41 +77,39 @@ def test_limit_is_the_file_now_less_the_start_in_whole_blocks(tmp_path):
     img = tmp_path / "d.img"
     img.write_bytes(b"")
     os.truncate(img, 4 * MiB)
-    with open(img, "rb") as f:
-        inf = info(img, size=4 * MiB, lbs=4096)
-        assert resize_limit(inf, f.fileno())[0] == 4 * MiB
+    with FileBacking(info(img, size=4 * MiB, lbs=4096), os.open(img, os.O_RDONLY)) as b:
+        assert b.resize_limit()[0] == 4 * MiB
         os.truncate(img, 6 * MiB + 1000)                    # grown behind vblk's back
-        limit, what = resize_limit(inf, f.fileno())
+        limit, what = b.resize_limit()
         assert limit == 6 * MiB and str(img) in what
-        assert resize_limit(info(img, size=MiB, start=MiB, lbs=4096), f.fileno())[0] == 5 * MiB
+    with FileBacking(info(img, size=MiB, start=MiB, lbs=4096), os.open(img, os.O_RDONLY)) as b:
+        assert b.resize_limit()[0] == 5 * MiB
 
 
 def test_limit_with_a_range_is_the_range(tmp_path):
     img = tmp_path / "d.img"
     img.write_bytes(bytes(8 * MiB))
-    with open(img, "rb") as f:
-        limit, what = resize_limit(info(img, size=2 * MiB, start=MiB, ranged=True), f.fileno())
+    with FileBacking(info(img, size=2 * MiB, start=MiB, ranged=True), os.open(img, os.O_RDONLY)) as b:
+        limit, what = b.resize_limit()
     assert limit == 2 * MiB and "range" in what
 
 
 def test_relock_takes_the_new_bytes_and_refuses_when_another_process_holds_them(tmp_path):
-    from vblk.backing import F_OFD_SETLK, _FLOCK
     img = tmp_path / "d.img"
     img.write_bytes(bytes(8 * MiB))
-    ours = os.open(img, os.O_RDWR)
+    ours = FileBacking(info(img, size=2 * MiB), os.open(img, os.O_RDWR))
     other = os.open(img, os.O_RDWR)        # a second open file description: another owner
     try:
-        inf = info(img, size=2 * MiB)
-        fcntl.fcntl(ours, F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 2 * MiB, 0))
-        relock_window(inf, ours, 2 * MiB, 4 * MiB)
+        fcntl.fcntl(ours.fd, F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 2 * MiB, 0))
+        ours.resize_window(2 * MiB, 4 * MiB)
         with pytest.raises(OSError):        # now ours
             fcntl.fcntl(other, F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 3 * MiB, MiB, 0))
-        relock_window(inf, ours, 4 * MiB, MiB)                # shrink releases the tail
+        ours.resize_window(4 * MiB, MiB)                      # shrink releases the tail
         fcntl.fcntl(other, F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 3 * MiB, MiB, 0))
         with pytest.raises(ResizeRefused, match="in use by another process"):
-            relock_window(inf, ours, MiB, 4 * MiB)
+            ours.resize_window(MiB, 4 * MiB)
     finally:
-        os.close(ours)
+        ours.close()
         os.close(other)
 
 
@@ -122,7 +122,7 @@ def test_describe_says_old_new_and_whether_the_guest_was_told():
 def test_notification_send_is_bounded_when_the_frontend_does_not_read():
     import socket
     import time
-    from vblk.supervisor import _send_bounded
+    from vblk.supervisor.connection import send_bounded
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     try:
@@ -132,21 +132,21 @@ def test_notification_send_is_bounded_when_the_frontend_does_not_read():
         pass
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match="no room on the backend channel"):
-        _send_bounded(ours.fileno(), b"\0" * 12, 0.2)
+        send_bounded(ours.fileno(), b"\0" * 12, 0.2)
     assert time.monotonic() - t0 < 1.0
     theirs.close()
     with pytest.raises(OSError):                     # a dead channel: EPIPE, no SIGPIPE
-        _send_bounded(ours.fileno(), b"\0" * 12, 0.2)
+        send_bounded(ours.fileno(), b"\0" * 12, 0.2)
     assert ours.fileno() >= 0                        # still ours to close (not detached twice)
     ours.close()
 
 
 def test_a_backend_channel_that_is_no_socket_fails_cleanly_and_stays_ours():
-    from vblk.supervisor import _send_bounded
+    from vblk.supervisor.connection import send_bounded
     fd = os.eventfd(0, os.EFD_CLOEXEC)               # a hostile frontend's "channel"
     try:
         with pytest.raises(OSError):
-            _send_bounded(fd, b"\0" * 12, 0.1)
+            send_bounded(fd, b"\0" * 12, 0.1)
         os.fstat(fd)                                 # not closed behind the session's back
     finally:
         os.close(fd)

@@ -2,7 +2,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vblk.slots import slot_budget
+from vblk.supervisor.datapath import slot_budget
 
 
 def test_a_lone_ring_takes_every_free_slot():

@@ -1,5 +1,5 @@
 """The sizes the specs fix for every wire structure, pinned once."""
-from vblk import slots
+from vblk import ipc as slots
 from vblk.vhost_user import messages as m
 from vblk.virtio import blk, ring
 

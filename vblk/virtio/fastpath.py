@@ -17,9 +17,9 @@ path.
 """
 from __future__ import annotations
 
-from vblk.device import OP_READ, OP_WRITE, SECTOR_SIZE, Geometry
+from vblk.device import SECTOR_SIZE, Geometry
+from vblk.ipc import MAX_IOV, Op
 from vblk.memory import GuestMemory
-from vblk.slots import MAX_IOV
 from vblk.virtio.blk import OUTHDR
 from vblk.virtio.constants import BlkType, DescFlag
 from vblk.virtio.ring import DESC, MAX_INDIRECT, SplitRing
@@ -31,8 +31,10 @@ _WRITE = int(DescFlag.WRITE)
 _INDIRECT = int(DescFlag.INDIRECT)
 _IN = int(BlkType.IN)
 _OUT = int(BlkType.OUT)
+_READ = int(Op.READ)                           # plain ints: an enum member costs a lookup
+_WRITE_OP = int(Op.WRITE)
 
-# (op, byte offset in the backing store, length, pieces [(region, offset, length)],
+# (op, byte offset in the disk, length, pieces [(region, offset, length)],
 #  status byte's guest address, its region, its offset in that region's mapping)
 SimpleRequest = tuple[int, int, int, list[tuple[int, int, int]], int, int, int]
 
@@ -102,5 +104,5 @@ def simple_rw(ring: SplitRing, memory: GuestMemory, geometry: Geometry,
     lbs = geometry.logical_block_size
     if total % lbs or start % lbs or start + total > geometry.size_bytes:
         return None
-    return (OP_WRITE if data_flag == 0 else OP_READ, geometry.file_offset + start, total, pieces,
+    return (_WRITE_OP if data_flag == 0 else _READ, start, total, pieces,
             addr, status[0], status[1])

@@ -1,4 +1,6 @@
-"""vblk.backing on real temporary files: geometry, ranges, open modes, locks and serials."""
+"""Opening local images (vblk.backing.local) on real temporary files and a loop device:
+geometry, ranges, open modes, locks and serials. What the opened backing then does is the
+conformance suite's (test_backing_conformance.py)."""
 import fcntl
 import os
 import shutil
@@ -9,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vblk.backing import (Backing, BackingInfo, check_backing, compute_window, derive_physical,
-                          open_backing)
+from vblk.backing import Backing, BackingInfo, check_backing, open_backing
+from vblk.backing.local import compute_window, derive_physical
 from vblk.errors import ConfigError
 from vblk.options import DiskOptions, merge_flags, parse_acrn
 from vblk.testing.loopdev import loop_device as attach_loop
@@ -53,18 +55,18 @@ def acrn(path, options=""):
 def test_a_whole_file(image, opened):
     p = image(MiB)
     b = opened(acrn(p))
-    assert (b.start, b.size, b.image_size) == (0, MiB, MiB)
-    assert b.capacity_sectors == MiB // 512
-    assert not b.is_block_device and b.path == str(p)
-    assert (b.logical_block_size, b.readonly, b.writeback, b.nocache) == (512, False, False, False)
+    assert (b.info.start, b.info.size, b.info.image_size) == (0, MiB, MiB)
+    assert b.info.capacity_sectors == MiB // 512
+    assert not b.info.is_block_device and b.info.path == str(p)
+    assert (b.info.logical_block_size, b.info.readonly, b.info.writeback, b.info.nocache) == (512, False, False, False)
 
 
 def test_physical_block_size_is_st_blksize_at_least_the_logical_size(image, opened):
     p = image()
     blksize = os.stat(p).st_blksize
-    assert opened(acrn(p, "ro")).physical_block_size == derive_physical(512, blksize)
-    assert opened(acrn(p, "ro,sectorsize=4096")).physical_block_size == 4096
-    assert opened(acrn(p, "ro,sectorsize=512/1024")).physical_block_size == 1024
+    assert opened(acrn(p, "ro")).info.physical_block_size == derive_physical(512, blksize)
+    assert opened(acrn(p, "ro,sectorsize=4096")).info.physical_block_size == 4096
+    assert opened(acrn(p, "ro,sectorsize=512/1024")).info.physical_block_size == 1024
 
 
 def test_derive_physical():
@@ -78,8 +80,8 @@ def test_derive_physical():
 
 def test_a_size_that_is_not_whole_blocks_is_rounded_down(image, opened):
     p = image(MiB + 1000)
-    assert opened(acrn(p, "ro")).size == MiB + 512
-    assert opened(acrn(p, "ro,sectorsize=4096")).size == MiB
+    assert opened(acrn(p, "ro")).info.size == MiB + 512
+    assert opened(acrn(p, "ro,sectorsize=4096")).info.size == MiB
 
 
 @pytest.mark.parametrize("size, options", [(0, ""), (511, ""), (4095, "sectorsize=4096")])
@@ -94,15 +96,15 @@ def test_less_than_one_logical_block_is_an_error(image, size, options):
 def test_range_in_sectors(image, opened):
     p = image(MiB)
     b = opened(acrn(p, "range=256/1024"))
-    assert (b.start, b.size, b.capacity_sectors) == (256 * 512, 1024 * 512, 1024)
+    assert (b.info.start, b.info.size, b.info.capacity_sectors) == (256 * 512, 1024 * 512, 1024)
     b4 = opened(acrn(p, "sectorsize=4096,range=160/32"))
-    assert (b4.start, b4.size, b4.capacity_sectors) == (160 * 4096, 32 * 4096, 32 * 8)
+    assert (b4.info.start, b4.info.size, b4.info.capacity_sectors) == (160 * 4096, 32 * 4096, 32 * 8)
 
 
 def test_a_range_ending_exactly_at_the_end_is_fine(image, opened):
     p = image(MiB)
     b = opened(acrn(p, f"range=1024/{MiB // 512 - 1024}"))
-    assert b.end == MiB
+    assert b.info.end == MiB
 
 
 def test_a_range_past_the_end_is_an_error_naming_where(image):
@@ -120,7 +122,7 @@ def test_a_range_past_the_end_is_an_error_naming_where(image):
 def test_a_start_without_a_size_runs_to_the_end(image, opened):
     p = image(MiB + 700)
     b = opened(DiskOptions(str(p), range_start=4096))
-    assert (b.start, b.size) == (4096, MiB - 4096 + 512)
+    assert (b.info.start, b.info.size) == (4096, MiB - 4096 + 512)
 
 
 def test_compute_window_edges():
@@ -143,9 +145,9 @@ def access_mode(fd):
 def test_ro_opens_read_only_and_rw_read_write(image, opened):
     p = image()
     with open_backing(acrn(p, "ro")) as ro:
-        assert ro.readonly and access_mode(ro.fd) == os.O_RDONLY
+        assert ro.info.readonly and access_mode(ro.fd) == os.O_RDONLY
     rw = opened(acrn(p))
-    assert not rw.readonly and access_mode(rw.fd) == os.O_RDWR
+    assert not rw.info.readonly and access_mode(rw.fd) == os.O_RDWR
 
 
 def test_fds_are_cloexec_blocking_and_direct_only_with_nocache(image, opened):
@@ -159,11 +161,11 @@ def test_fds_are_cloexec_blocking_and_direct_only_with_nocache(image, opened):
     except ConfigError as e:                      # a filesystem without O_DIRECT says so
         assert "does not support O_DIRECT" in str(e)
     else:
-        assert fcntl.fcntl(d.fd, fcntl.F_GETFL) & os.O_DIRECT and d.nocache
+        assert fcntl.fcntl(d.fd, fcntl.F_GETFL) & os.O_DIRECT and d.info.nocache
 
 
 def test_writeback_is_carried(image, opened):
-    assert opened(acrn(image(), "writeback")).writeback
+    assert opened(acrn(image(), "writeback")).info.writeback
 
 
 def test_a_missing_image_is_named_and_not_created(tmp_path):
@@ -197,7 +199,7 @@ def test_a_symlink_to_an_image_is_followed(image, opened, tmp_path):
     p = image()
     link = tmp_path / "link.img"
     link.symlink_to(p)
-    assert opened(acrn(link, "ro")).size == MiB
+    assert opened(acrn(link, "ro")).info.size == MiB
 
 
 def test_close_is_idempotent(image):
@@ -223,7 +225,7 @@ def test_check_backing_returns_the_same_geometry_as_open_backing(image, opened):
     b = opened(opts)
     assert isinstance(info, BackingInfo) and not isinstance(info, Backing)
     for name in BackingInfo.__dataclass_fields__:
-        assert getattr(info, name) == getattr(b, name), name
+        assert getattr(info, name) == getattr(b.info, name), name
 
 
 def test_check_backing_leaves_the_image_untouched(image):
@@ -280,7 +282,7 @@ def test_an_unwritable_image_without_ro_says_to_pass_ro():
                 except ConfigError as e:
                     lines.append(f"{f.__name__} {e}")
             with open_backing(acrn(p, "ro")) as b:
-                lines.append(f"ro {b.readonly} {b.size} {access_mode(b.fd) == os.O_RDONLY}")
+                lines.append(f"ro {b.info.readonly} {b.info.size} {access_mode(b.fd) == os.O_RDONLY}")
             return "\n".join(lines)
 
         lines = as_nobody(probe).splitlines()
@@ -340,7 +342,7 @@ def test_an_image_on_a_read_only_filesystem_says_to_pass_ro(readonly_mount, open
         with pytest.raises(ConfigError) as e:
             f(acrn(p))
         assert str(e.value) == want
-    assert opened(acrn(p, "ro")).readonly
+    assert opened(acrn(p, "ro")).info.readonly
 
 
 # -- locks ------------------------------------------------------------------------------------
@@ -376,7 +378,7 @@ def test_disjoint_ranges_can_both_be_written(image, opened):
     p = image()
     a = opened(acrn(p, "range=0/1024"))
     b = opened(acrn(p, "range=1024/1024"))
-    assert a.end == b.start
+    assert a.info.end == b.info.start
 
 
 def test_closing_releases_the_lock(image):
@@ -414,7 +416,7 @@ def test_the_derived_serial_is_20_bytes_and_stable(image, opened):
     p = image()
     a = check_backing(acrn(p, "ro"))
     b = opened(acrn(p, "ro"))
-    assert a.serial == b.serial and len(a.serial) == 20
+    assert a.serial == b.info.serial and len(a.serial) == 20
     assert a.serial.startswith(b"VBLK-") and all(c in b"0123456789abcdef" for c in a.serial[5:])
     assert a.serial_text == a.serial.decode()
 
@@ -462,9 +464,9 @@ def loop_device(image):
 
 def test_a_block_device_uses_blkgetsize64_and_blkpbszget(loop_device, opened):
     with open_backing(acrn(loop_device, "ro")) as b:
-        assert b.is_block_device and b.image_size == b.size == 2 * MiB
-        assert b.physical_block_size >= 512 and access_mode(b.fd) == os.O_RDONLY
+        assert b.info.is_block_device and b.info.image_size == b.info.size == 2 * MiB
+        assert b.info.physical_block_size >= 512 and access_mode(b.fd) == os.O_RDONLY
     b2 = opened(acrn(loop_device, "range=8/8"))
-    assert (b2.start, b2.size, access_mode(b2.fd)) == (4096, 4096, os.O_RDWR)
+    assert (b2.info.start, b2.info.size, access_mode(b2.fd)) == (4096, 4096, os.O_RDWR)
     with pytest.raises(ConfigError, match=f"{loop_device} bytes 0..{2 * MiB} are in use"):
         check_backing(acrn(loop_device))

@@ -1,25 +1,25 @@
-"""The backing store: open the image, work out what the guest will see, and lock our window.
+"""Opening a local image -- a regular file or a block device -- and working out what the
+guest will see.
 
 Two entry points share every rule:
 
-* ``check_backing(opts) -> BackingInfo`` looks without touching: it opens the image read-only,
+* ``check_local(opts) -> BackingInfo`` looks without touching: it opens the image read-only,
   asks whether it could be written (``access``), asks whether the lock could be taken
-  (``F_OFD_GETLK``) and closes again.  ``vblk info`` and ``vblk serve`` call it before anything
+  (``F_OFD_GETLK``) and closes again. ``vblk info`` and ``vblk serve`` call it before anything
   is created, so bad input is refused while the image is untouched.
-* ``open_backing(opts) -> Backing`` opens for real (``O_RDWR`` unless read-only, ``O_DIRECT``
-  for nocache, always ``O_CLOEXEC``, never ``O_CREAT``) and takes an open-file-description
-  lock on the window: shared if read-only, exclusive otherwise.  The lock lives as long as
-  the open file description, i.e. until the supervisor and every worker have closed the fd.
+* ``open_local(opts) -> FileBacking`` opens for real (``O_RDWR`` unless read-only,
+  ``O_DIRECT`` for nocache, always ``O_CLOEXEC``, never ``O_CREAT``) and locks the window
+  (vblk.backing.locks): shared if read-only, exclusive otherwise.
 
 Geometry, after ACRN's ``blockif_open``: a regular file's size comes from ``fstat``, a block
-device's from ``BLKGETSIZE64``.  The physical block size, unless given, is ``st_blksize`` for
+device's from ``BLKGETSIZE64``. The physical block size, unless given, is ``st_blksize`` for
 a file and ``BLKPBSZGET`` for a device, never below the logical size (and, unlike ACRN, never
-above 4096 or anything but a power of two).  The window is ``[range_start, range_start +
+above 4096 or anything but a power of two). The window is ``[range_start, range_start +
 range_size)``, or the whole image rounded down to whole logical blocks.
 
 Discard on a block device needs a device that discards: ACRN probes ``BLKDISCARD {0, 0}`` and
 quietly drops the feature; vblk reads the device's ``queue/discard_max_bytes`` in sysfs (no
-write access needed, so ``check_backing`` sees it too) and refuses the option when it is 0.
+write access needed, so ``check_local`` sees it too) and refuses the option when it is 0.
 
 Where ACRN is lenient and vblk is not: an image that cannot be opened for writing is an error
 that says to pass ``ro`` (ACRN silently serves it read-only); a range past the end of the
@@ -33,12 +33,13 @@ import hashlib
 import os
 import stat
 import struct
-import time
-from dataclasses import dataclass, fields
 
+from vblk.backing import locks
+from vblk.backing.base import BackingInfo
+from vblk.backing.file import BlockDeviceBacking, FileBacking
 from vblk.errors import ConfigError
 from vblk.options import DiskOptions
-from vblk.virtio.constants import BLK_ID_BYTES, SECTOR_SIZE
+from vblk.virtio.constants import BLK_ID_BYTES
 
 # <linux/fs.h> ioctls
 BLKROGET = 0x125E                  # _IO(0x12, 94): read-only flag, int
@@ -46,60 +47,7 @@ BLKSSZGET = 0x1268                 # _IO(0x12, 104): logical sector size, int
 BLKPBSZGET = 0x127B                # _IO(0x12, 123): physical sector size, unsigned int
 BLKGETSIZE64 = 0x80081272          # _IOR(0x12, 114, size_t): size in bytes, u64
 
-# <fcntl.h> open-file-description locks (Linux 3.15+); the stdlib has no names for them.
-F_OFD_GETLK = 36
-F_OFD_SETLK = 37
-_FLOCK = struct.Struct("hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
-
 MAX_DERIVED_PHYSICAL = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class BackingInfo:
-    """What the guest will see, and where it lies in the image."""
-    path: str
-    is_block_device: bool
-    readonly: bool
-    writeback: bool                # the initial cache mode; the guest may toggle it
-    nocache: bool
-    logical_block_size: int
-    physical_block_size: int
-    start: int                     # byte offset of the guest's byte 0 in the image
-    size: int                      # bytes the guest sees, whole logical blocks
-    image_size: int                # bytes in the whole image
-    serial: bytes                  # exactly 20 bytes, NUL-padded
-    ranged: bool                   # a range was given: its size is the most a resize may reach
-
-    @property
-    def capacity_sectors(self) -> int:
-        """virtio-blk capacity: always in 512-byte sectors."""
-        return self.size // SECTOR_SIZE
-
-    @property
-    def serial_text(self) -> str:
-        return self.serial.rstrip(b"\0").decode("ascii")
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
-
-
-@dataclass(frozen=True, slots=True)
-class Backing(BackingInfo):
-    """An open image: ``BackingInfo`` plus the fd (``-1`` once closed) holding the lock."""
-    fd: int
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd = self.fd
-            object.__setattr__(self, "fd", -1)   # frozen, but the fd must not be closed twice
-            os.close(fd)
-
-    def __enter__(self) -> Backing:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # -- pure helpers ---------------------------------------------------------------------------
@@ -241,10 +189,10 @@ def _inspect(opts: DiskOptions, fd: int) -> BackingInfo:
         serial = pad_serial(opts.serial)
     else:
         serial = derive_serial(os.path.realpath(opts.path), st, opts.range_start, opts.range_size)
-    return BackingInfo(path=opts.path, is_block_device=is_blk, readonly=opts.readonly,
-                       writeback=opts.writeback, nocache=opts.nocache, logical_block_size=lbs,
-                       physical_block_size=physical, start=start, size=size,
-                       image_size=image_size, serial=serial,
+    return BackingInfo(path=opts.path, kind="block device" if is_blk else "regular file",
+                       readonly=opts.readonly, writeback=opts.writeback, nocache=opts.nocache,
+                       logical_block_size=lbs, physical_block_size=physical, start=start,
+                       size=size, image_size=image_size, serial=serial,
                        ranged=opts.range_size is not None)
 
 
@@ -267,116 +215,30 @@ def _ioctl(fd: int, request: int, fmt: str) -> int:
     return struct.unpack(fmt, buf)[0]
 
 
-# -- the lock -------------------------------------------------------------------------------
-
-def _lock_args(info: BackingInfo) -> bytes:
-    kind = fcntl.F_RDLCK if info.readonly else fcntl.F_WRLCK
-    return _FLOCK.pack(kind, os.SEEK_SET, info.start, info.size, 0)
-
-
-def _in_use(info: BackingInfo) -> ConfigError:
-    return ConfigError(f"{info.path} bytes {info.start}..{info.end} are in use by another process")
-
-
-# A vblk that was just killed leaves its workers holding the lock for a moment (they die
-# with it, by PDEATHSIG, but not at the same instant); its restart waits that long for them.
-LOCK_WAIT_SECONDS = 1.0
-
-
-def _test_lock(fd: int, info: BackingInfo) -> None:
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
-    while True:
-        answer = fcntl.fcntl(fd, F_OFD_GETLK, _lock_args(info))
-        if _FLOCK.unpack(answer)[0] == fcntl.F_UNLCK:
-            return
-        if time.monotonic() >= deadline:
-            raise _in_use(info)
-        time.sleep(0.05)
-
-
-def _take_lock(fd: int, info: BackingInfo) -> None:
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
-    while True:
-        try:
-            fcntl.fcntl(fd, F_OFD_SETLK, _lock_args(info))
-            return
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"cannot lock {info.path} bytes {info.start}..{info.end}: "
-                                  f"{e.strerror}") from None
-            if time.monotonic() >= deadline:
-                raise _in_use(info) from None
-            time.sleep(0.05)
-
-
 # -- entry points ---------------------------------------------------------------------------
 
-def check_backing(opts: DiskOptions) -> BackingInfo:
-    """Every check ``open_backing`` makes, with the image opened read-only and closed again."""
+def check_local(opts: DiskOptions) -> BackingInfo:
+    """Every check ``open_local`` makes, with the image opened read-only and closed again."""
     _stat(opts.path)
     fd = _open(opts.path, opts, writable=False)
     try:
         info = _inspect(opts, fd)
         if not opts.readonly:
             _check_writable(opts.path, fd, info.is_block_device)
-        _test_lock(fd, info)
+        locks.test_lock(fd, info.path, info.start, info.size, info.readonly)
     finally:
         os.close(fd)
     return info
 
 
-def open_backing(opts: DiskOptions) -> Backing:
+def open_local(opts: DiskOptions) -> FileBacking:
     """Open the image for serving and lock the window; the caller closes the result."""
     _stat(opts.path)
     fd = _open(opts.path, opts, writable=not opts.readonly)
     try:
         info = _inspect(opts, fd)
-        _take_lock(fd, info)
+        locks.take_lock(fd, info.path, info.start, info.size, info.readonly)
     except BaseException:
         os.close(fd)
         raise
-    return Backing(fd=fd, **{f.name: getattr(info, f.name) for f in fields(BackingInfo)})
-
-
-# -- live resize ----------------------------------------------------------------------------
-
-def resize_limit(info: BackingInfo, fd: int) -> tuple[int, str]:
-    """The most bytes a resize of this window may reach now, and what sets that bound.
-
-    With a range: the range's size (the operator's window never widens). Otherwise the image
-    as it is now -- a regular file is re-stat'ed (so ``truncate -s`` / ``qemu-img resize``
-    then ``vblk resize`` works), a block device asked again -- less the window's start,
-    rounded down to whole logical blocks. vblk never grows the image itself."""
-    if info.ranged:
-        return info.size, f"the range's size ({info.size} bytes)"
-    st = os.fstat(fd)
-    if stat.S_ISBLK(st.st_mode):
-        image_size, what = _ioctl(fd, BLKGETSIZE64, "Q"), "block device"
-    else:
-        image_size, what = st.st_size, "file"
-    lbs = info.logical_block_size
-    limit = max(0, image_size - info.start) // lbs * lbs
-    where = f" after byte {info.start}" if info.start else ""
-    return limit, f"what the {what} {info.path} holds{where} now ({limit} bytes)"
-
-
-def relock_window(info: BackingInfo, fd: int, old_size: int, new_size: int) -> None:
-    """Move the window's lock from ``old_size`` to ``new_size`` bytes (same start, same kind).
-
-    Growing takes the lock on the new bytes first (ResizeRefused if another process holds
-    them; nothing changes); shrinking releases the bytes no longer served."""
-    from vblk.errors import ResizeRefused
-    kind = fcntl.F_RDLCK if info.readonly else fcntl.F_WRLCK
-    if new_size > old_size:
-        grow = _FLOCK.pack(kind, os.SEEK_SET, info.start + old_size, new_size - old_size, 0)
-        try:
-            fcntl.fcntl(fd, F_OFD_SETLK, grow)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise ResizeRefused(f"{info.path} bytes {info.start + old_size}.."
-                                    f"{info.start + new_size} are in use by another process") from None
-            raise ResizeRefused(f"cannot lock {info.path} bytes {info.start + old_size}.."
-                                f"{info.start + new_size}: {e.strerror}") from None
-    elif new_size < old_size:
-        tail = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, info.start + new_size, old_size - new_size, 0)
-        fcntl.fcntl(fd, F_OFD_SETLK, tail)
+    return (BlockDeviceBacking if info.is_block_device else FileBacking)(info, fd)

@@ -1,0 +1,166 @@
+"""The data path in-process (vblk.testing.inprocess): kick -> drain -> slot -> in-process
+engine over a memory backing -> completion -> used ring. No socket, no worker process."""
+from __future__ import annotations
+
+import os
+import time
+
+from vblk.backing.memory import MemoryBacking, drop_store, memory_store
+from vblk.device import DiscardLimits
+from vblk.memory import GuestMemory
+from vblk.ratelimit import Limits
+from vblk.testing.inprocess import InProcessDisk
+from vblk.virtio.blk import DISCARD_SEGMENT
+from vblk.virtio.constants import BLK_ID_BYTES, BlkStatus, BlkType
+
+MiB = 1 << 20
+
+
+def store_bytes(disk: InProcessDisk, offset: int, n: int) -> bytes:
+    return bytes(disk.backing.store.data[offset:offset + n])
+
+
+def test_writes_and_reads_go_through_slots_and_come_back_on_the_used_ring():
+    with InProcessDisk() as disk:
+        data = os.urandom(8192)
+        w = disk.write(16, data)
+        assert (w.status, w.used_len) == (BlkStatus.OK, 1)
+        assert store_bytes(disk, 16 * 512, 8192) == data
+        r = disk.read(16, 8192)
+        assert (r.status, r.used_len, r.data) == (BlkStatus.OK, 8193, data)
+        assert len(disk.data.free) == disk.slots.count and not disk.data.inflight
+        snap = disk.stats.snapshot()
+        assert snap["queues"][0]["types"]["write"]["requests"] == 1
+        assert snap["queues"][0]["types"]["read"]["requests"] == 1
+
+
+def test_more_requests_than_slots_all_complete_in_turn():
+    with InProcessDisk(slots=4, queue_size=64) as disk:
+        blocks = {i: os.urandom(4096) for i in range(40)}
+        tags = [disk.submit(BlkType.OUT, i * 8, data=b) for i, b in blocks.items()]
+        assert all(a.status == BlkStatus.OK for a in disk.run(*tags))
+        tags = [disk.submit(BlkType.IN, i * 8, nbytes=4096) for i in blocks]
+        answers = disk.run(*tags)
+        assert [a.data for a in answers] == list(blocks.values())
+        assert len(disk.data.free) == 4
+
+
+def test_write_through_flushes_before_each_write_completes_and_write_back_does_not():
+    with InProcessDisk() as disk:
+        disk.write(0, b"a" * 4096)
+        disk.write(8, b"b" * 4096)
+        assert disk.backing.store.flushes == 2
+    with InProcessDisk(writeback=True) as disk:
+        disk.write(0, b"a" * 4096)
+        disk.write(8, b"b" * 4096)
+        assert disk.backing.store.flushes == 0
+        assert disk.run(disk.submit(BlkType.FLUSH))[0].status == BlkStatus.OK
+        assert disk.backing.store.flushes == 1
+
+
+def test_requests_past_the_end_fail_without_touching_the_store():
+    with InProcessDisk(size=MiB) as disk:
+        before = store_bytes(disk, 0, MiB)
+        a = disk.write(MiB // 512 - 4, b"x" * 4096)
+        assert a.status == BlkStatus.IOERR
+        assert disk.read(MiB // 512, 512).status == BlkStatus.IOERR
+        assert store_bytes(disk, 0, MiB) == before
+
+
+def test_get_id_completes_without_the_engine():
+    with InProcessDisk() as disk:
+        a = disk.run(disk.submit(BlkType.GET_ID, nbytes=BLK_ID_BYTES))[0]
+        assert a.status == BlkStatus.OK and a.data == disk.backing.info.serial
+
+
+def test_discard_and_write_zeroes_reach_the_store():
+    with InProcessDisk(discard=DiscardLimits(2048, 2, 0)) as disk:
+        disk.write(0, os.urandom(64 * 1024))
+        seg = DISCARD_SEGMENT.pack(8, 16, 0) + DISCARD_SEGMENT.pack(64, 8, 0)
+        assert disk.run(disk.submit(BlkType.DISCARD, data=seg))[0].status == BlkStatus.OK
+        zero = DISCARD_SEGMENT.pack(100, 4, 0)
+        assert disk.run(disk.submit(BlkType.WRITE_ZEROES, data=zero))[0].status == BlkStatus.OK
+        assert store_bytes(disk, 8 * 512, 16 * 512) == bytes(16 * 512)
+        assert store_bytes(disk, 64 * 512, 8 * 512) == bytes(8 * 512)
+        assert store_bytes(disk, 100 * 512, 4 * 512) == bytes(4 * 512)
+        assert store_bytes(disk, 0, 512) != bytes(512)
+
+
+def test_a_failing_store_gives_ioerr_and_frees_the_slot(monkeypatch):
+    with InProcessDisk() as disk:
+        def broken(offset, bufs):
+            raise OSError(5, "medium error")
+        monkeypatch.setattr(disk.backing, "_readv", broken)
+        assert disk.read(0, 4096).status == BlkStatus.IOERR
+        assert len(disk.data.free) == disk.slots.count
+        monkeypatch.undo()
+        assert disk.read(0, 4096).status == BlkStatus.OK
+
+
+def test_a_flooding_queue_leaves_slots_for_the_other():
+    with InProcessDisk(queues=2, slots=8, queue_size=64) as disk:
+        alone = [disk.submit(BlkType.IN, i, nbytes=4096, queue=0) for i in range(16)]
+        disk.kick(0)
+        assert disk.data.held[0] == 8        # alone, a queue may take every slot
+        disk.serve()
+        flood = [disk.submit(BlkType.IN, i, nbytes=4096, queue=0) for i in range(48)]
+        other = disk.submit(BlkType.IN, 0, nbytes=512, queue=1)
+        disk.kick(0)
+        assert disk.data.held[0] == 4        # while queue 1 waits: its share, no more
+        disk.kick(1)
+        assert disk.data.held[1] == 1
+        disk.serve()
+        answers = [disk.answers.pop(t) for t in alone + flood + [other]]
+        assert all(a.status == BlkStatus.OK for a in answers)
+
+
+def test_a_rate_limit_leaves_requests_on_the_ring_until_tokens_are_due():
+    with InProcessDisk(limits=Limits(iops=50, iops_burst=5)) as disk:
+        tags = [disk.submit(BlkType.IN, i, nbytes=512) for i in range(12)]
+        disk.kick()
+        assert 0 in disk.data.throttled and disk.data.timeout() > 0
+        disk.serve()
+        assert len(disk.answers) == 5 or len(disk.answers) == 6
+        deadline = time.monotonic() + 5
+        while len(disk.answers) < 12:
+            assert time.monotonic() < deadline
+            time.sleep(max(0.0, disk.data.timeout()))
+            disk.data.tick()
+            disk.serve()
+        assert all(disk.answers.pop(t).status == BlkStatus.OK for t in tags)
+        assert not disk.data.throttled
+
+
+def test_a_ring_whose_avail_index_runs_ahead_is_reported_broken():
+    with InProcessDisk(queue_size=64) as disk:
+        disk.drivers[0].set_avail_idx(1000)
+        disk.kick()
+        assert disk.broken == [0] and 0 in disk.data.broken
+
+
+def test_inline_reads_are_served_from_the_backings_cache():
+    name = "inline-cache"
+    memory_store(name, 4 * MiB).data[4096:8192] = b"c" * 4096
+    try:
+        backing = MemoryBacking.open(name, caches=True)
+        with InProcessDisk(backing=backing, inline_reads=True) as disk:
+            tag = disk.submit(BlkType.IN, 8, nbytes=4096)
+            disk.kick()
+            assert not disk.data.inflight           # done in the drain, no slot taken
+            disk.serve()
+            assert disk.answers.pop(tag).data == b"c" * 4096
+            assert disk.stats.snapshot()["queues"][0]["types"]["read"]["requests"] == 1
+    finally:
+        drop_store(name)
+
+
+def test_a_slot_for_a_memory_table_the_engine_does_not_have_fails_cleanly():
+    with InProcessDisk() as disk:
+        disk.write(0, b"m" * 4096)
+        current = disk.engine.memory
+        disk.engine.memory = GuestMemory.empty()        # the engine is a table behind
+        try:
+            assert disk.read(0, 4096).status == BlkStatus.IOERR
+        finally:
+            disk.engine.memory = current
+        assert disk.read(0, 4096).data == b"m" * 4096

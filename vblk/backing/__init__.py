@@ -1,0 +1,38 @@
+"""The disk behind the device: one interface (``Backing``, vblk.backing.base), its kinds and
+the entry points that pick one.
+
+==================  =============================  ============================================
+kind                module                         opened from
+==================  =============================  ============================================
+regular file        vblk.backing.file + .local     a path (the ACRN option string's PATH)
+block device        vblk.backing.file + .local     a path to a block device
+memory              vblk.backing.memory            tests only (``MemoryBacking.open``)
+==================  =============================  ============================================
+
+Every kind passes one conformance suite (tests/unit/test_backing_conformance.py).
+"""
+from __future__ import annotations
+
+from vblk.backing.base import (Backing, BackingInfo, info_from_dict, info_to_dict,  # noqa: F401
+                               status_for)
+from vblk.options import DiskOptions
+
+
+def check_backing(opts: DiskOptions) -> BackingInfo:
+    """Everything ``open_backing`` would check, touching nothing (ConfigError if refused)."""
+    from vblk.backing.local import check_local
+    return check_local(opts)
+
+
+def open_backing(opts: DiskOptions) -> Backing:
+    """Open and lock the disk's window for serving (ConfigError if refused)."""
+    from vblk.backing.local import open_local
+    return open_local(opts)
+
+
+def attach(desc: dict) -> Backing:
+    """In a worker: the backing the supervisor described with ``Backing.handoff``."""
+    from vblk.backing.file import attach_fd
+    if desc.get("kind") in ("regular file", "block device"):
+        return attach_fd(desc)
+    raise ValueError(f"a worker cannot attach a {desc.get('kind')!r} backing")

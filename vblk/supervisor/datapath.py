@@ -1,0 +1,404 @@
+"""The data path: from a kick to the used ring.
+
+Theory of operation
+-------------------
+A kick drains its ring (``drain``): while a slot is free and a head is available, the chain
+is taken. The common read or write (header, data, status; see vblk.virtio.fastpath) is
+recognised in one pass; any other chain goes the general way (vblk.admission: walk, parse,
+plan) and the device decides. Requests that need no I/O (GET_ID, errors) complete at once,
+and so do reads the backing's cache holds (``Backing.read_cached``: preadv with RWF_NOWAIT
+straight into guest memory for a file), each published as soon as it is copied so that the
+driver can reap it and queue the next while the loop copies the rest. The rest go into a
+slot (vblk.ipc), and the slot goes to the I/O engine (the worker pool, or the in-process
+engine of a backing whose I/O completes on an eventfd); the engine sends each drain's slots
+out in one go (``flush``).
+
+Completions: when the engine's completion fd is readable, ``on_completions`` reaps the
+finished slots, writes each status byte and used element, publishes used.idx once per ring
+per batch and signals the guest once per ring per batch. Only this module writes the used
+ring.
+
+Budgets (multiqueue): while another ring waits, no ring holds more than an equal share of
+the slots (``slot_budget``), and the ring drained first after completions rotates, so a
+queue that floods the device cannot starve the others.
+
+Rate limits (``--iops-limit``/``--bps-limit``, ``vblk limit``): before a chain is popped the
+drain asks the ``Limiter`` whether it may admit one more; once parsed, a request that does
+I/O (read, write, flush; cache hits too) is charged one request and its data bytes. A request
+may overdraw the buckets (see vblk.ratelimit), so nothing is ever popped and then held: when
+the limiter says no, the rest stays in the avail ring, the ring is remembered as throttled,
+and the loop's timeout (``timeout``/``tick``) drains it again when tokens are due. Every stop
+path is therefore the unlimited one: the avail index never passed a request not admitted.
+
+``drain`` is the one long function here (~70 lines): it is the per-request hot path, and the
+locals it binds once per drain (memory, geometry, limiter) are what make it fast.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from vblk.admission import admit_chain
+from vblk.backing import Backing
+from vblk.device import BlkDevice, Completion
+from vblk.errors import GuestError, RingBroken
+from vblk.ipc import FLAG_SYNC, FLAG_UNMAP, Op, Pieces, SlotArea
+from vblk.logs import RateLimitedLog
+from vblk.memory import GuestMemory
+from vblk.ratelimit import Limiter
+from vblk.stats import Stats
+from vblk.virtio.constants import BlkStatus, BlkType
+from vblk.virtio.fastpath import simple_rw
+from vblk.virtio.ring import SplitRing
+
+log = logging.getLogger("vblk.supervisor")
+
+_READ = int(Op.READ)               # plain ints for the hot path (an enum member costs a lookup)
+_WRITE = int(Op.WRITE)
+_IN = int(BlkType.IN)
+_OUT = int(BlkType.OUT)
+
+
+class Engine(Protocol):
+    """Where the slots' I/O runs: vblk.supervisor.pool (worker processes) or
+    vblk.supervisor.inprocess (a backing's submitted operations)."""
+    completion_fd: int
+
+    def post(self, slot: int, durable_write: bool) -> None:
+        """Take a filled slot; it goes out at the next ``flush``."""
+
+    def flush(self) -> None:
+        """Send every slot posted since the last flush."""
+
+    def reap(self) -> list[int]:
+        """The slots finished since the last call (their results are in the slot area)."""
+
+    def set_memory(self, memory: GuestMemory, regions: list[list[int]], fds: list[int]) -> None:
+        """A new memory table (the fds stay the caller's)."""
+
+
+@dataclass(slots=True)
+class InFlight:
+    queue: int
+    head: int
+    status_addr: int
+    used_len: int
+    rtype: int = 0
+    t0: int = 0                  # time.monotonic_ns() at admission
+
+
+def slot_budget(free: int, total: int, held: int, rings: int, others_waiting: bool) -> int:
+    """How many more slots one ring may take now (multiqueue fairness, work-conserving).
+
+    A ring alone, or one whose siblings have nothing waiting, may take every free slot. While
+    another ring waits, no ring grows past an equal share of all slots (at least one), so a
+    queue that floods the device cannot starve the others: the slots its completions free go
+    to the waiting rings first."""
+    if rings <= 1 or not others_waiting:
+        return free
+    share = max(1, total // rings)
+    return max(0, min(free, share - held))
+
+
+class DataPath:
+    def __init__(self, device: BlkDevice, backing: Backing, slots: SlotArea, stats: Stats,
+                 limiter: Limiter, inline_reads: bool) -> None:
+        self.device = device
+        self.backing = backing
+        self.slots = slots
+        self.live = stats
+        self.limiter = limiter
+        self.inline_reads = inline_reads       # try Backing.read_cached before a worker
+        self.engine: Engine | None = None      # set by the composition root
+        self.memory = GuestMemory.empty()
+        self.rings: dict[int, SplitRing] = {}
+        self.calls: dict[int, int | None] = {}   # queue -> call fd (owned by the session)
+        self.broken: set[int] = set()            # rings stopped because the guest broke them
+        self.free: deque[int] = deque(range(slots.count))
+        self.held = [0] * device.num_queues      # slots each queue's requests hold
+        self.inflight: dict[int, InFlight] = {}
+        self.throttled: set[int] = set()         # rings with requests left waiting for tokens
+        self.wake_at = 0.0                       # monotonic time tokens are due for them
+        self._drain_from = 0                     # rotates which ring is drained first
+        self.guest_log = RateLimitedLog(logger=log)
+        self.on_broken: Callable[[int], None] = lambda q: None   # the queue lifecycle's
+
+    # -- the loop's timer --------------------------------------------------------------------
+    def timeout(self) -> float:
+        """How long the loop may sleep: until tokens are due for a throttled ring, else -1."""
+        return max(0.0, self.wake_at - time.monotonic()) if self.throttled else -1
+
+    def tick(self) -> None:
+        if self.throttled and time.monotonic() >= self.wake_at:
+            self._unthrottle()
+
+    def poll(self) -> bool:
+        """One look at every running ring (adaptive polling); True if it found requests."""
+        found = False
+        for q, ring in list(self.rings.items()):
+            if q in self.broken or q in self.throttled:
+                continue
+            try:
+                pending = ring.pending()
+            except RingBroken:
+                pending = 1                   # drain reports and stops it
+            if pending and self.free:
+                self.drain(q)
+                found = True
+        return found
+
+    # -- taking requests -----------------------------------------------------------------------
+    def on_kick(self, q: int, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        self.drain(q)
+
+    def drain(self, q: int) -> None:
+        """Take what the ring offers while slots are free, within this ring's fair share of
+        them (multiqueue) and within the rate limit; what is left stays in the avail ring.
+        A ring the limit stopped is remembered, and the loop comes back when tokens are due."""
+        ring = self.rings.get(q)
+        if ring is None or q in self.broken:
+            return
+        published = False
+        limiter = None if self.limiter.unlimited else self.limiter
+        stalled = False
+        memory, geometry, inline = self.memory, self.device.geometry, self.inline_reads
+        regions = memory.regions
+        read_cached = self.backing.read_cached
+        served = served_bytes = 0           # reads served from the cache in this drain
+        try:
+            while self.free:
+                budget = self._slot_budget(q) if len(self.rings) > 1 else len(self.free)
+                if budget <= 0:
+                    break           # other rings wait: this one goes on as its slots return
+                ring.set_kicks_wanted(False)
+                for _ in range(min(ring.pending(), budget)):
+                    if limiter is not None and not limiter.ready(time.monotonic()):
+                        stalled = True
+                        break
+                    head = ring.pop()
+                    simple = simple_rw(ring, memory, geometry, head)
+                    if simple is None:          # anything unusual: the general path decides
+                        published |= self._admit(q, ring, head)
+                        continue
+                    op, offset, length, pieces, status_addr, status_region, status_off = simple
+                    if limiter is not None:
+                        limiter.charge(time.monotonic(), 1, length)
+                    if op == _READ and inline and self._read_cached(read_cached, offset, pieces):
+                        regions[status_region].view[status_off] = 0
+                        ring.put_used(head, length + 1)
+                        served += 1
+                        served_bytes += length
+                        # Published at once: the driver can take it (and queue the next
+                        # request) while this loop copies the rest of the batch.
+                        self.publish(q, ring)
+                    else:
+                        rtype = _IN if op == _READ else _OUT
+                        self.live.started(q, rtype, length)
+                        self._post(q, head, op, 0, offset, length, pieces, status_addr, rtype)
+                ring.set_kicks_wanted(True)
+                if stalled or ring.pending() == 0:
+                    break
+        except RingBroken as exc:
+            self.guest_log.warning("ring", "event=ring_broken queue=%d reason=%r", q, str(exc))
+            self.broken.add(q)
+            self.on_broken(q)
+            stalled = False
+        self.engine.flush()
+        if served:
+            self.live.served(q, served, served_bytes)
+        if published:
+            self.publish(q, ring)
+        if stalled:
+            now = time.monotonic()
+            self.throttled.add(q)
+            limiter.throttled(now)
+            self.wake_at = now + limiter.delay(now)
+        elif self.throttled:
+            self.not_throttled(q)
+
+    def resubmit(self, q: int, ring: SplitRing, heads: list[int],
+                 wait_for_slot: Callable[[], None]) -> None:
+        """Run again what a previous backend process had taken but not completed (the
+        inflight region's heads); ``wait_for_slot`` serves completions until one is free."""
+        published = False
+        for head in heads:
+            while not self.free:        # more in flight than slots: let some finish first
+                self.engine.flush()
+                wait_for_slot()
+            ring.inflight.begin(head)
+            published |= self._admit(q, ring, head)
+        self.engine.flush()
+        if published:
+            self.publish(q, ring)
+
+    def _admit(self, q: int, ring: SplitRing, head: int) -> bool:
+        """Take one chain the general way; True if it completed at once (used ring written)."""
+        try:
+            req, plan, pieces = admit_chain(ring, self.memory, self.device, head)
+        except GuestError as exc:
+            self.guest_log.warning("chain", "event=chain_refused queue=%d head=%d reason=%r",
+                                   q, head, str(exc))
+            self.live.refused(q)
+            ring.put_used(head, 0)
+            return True
+        if isinstance(plan, Completion):
+            self._complete_now(q, ring, head, req, plan)
+            return True
+        self.live.started(q, req.type, plan.length)
+        if not self.limiter.unlimited:
+            self.limiter.charge(time.monotonic(), 1, plan.length)
+        if plan.op == Op.READ and self.inline_reads and \
+                self._read_cached(self.backing.read_cached, plan.offset, pieces):
+            self.memory.write(req.status_addr, b"\x00")
+            ring.put_used(head, plan.length + 1)
+            self.live.finished(q, req.type, BlkStatus.OK, 0)
+            return True
+        flags = FLAG_UNMAP if plan.unmap else 0
+        self._post(q, head, plan.op, flags, plan.offset, plan.length, pieces, req.status_addr,
+                   req.type)
+        return False
+
+    def _complete_now(self, q: int, ring: SplitRing, head: int, req, plan: Completion) -> None:
+        """A request that ends without I/O: its data (GET_ID), its status, its used element."""
+        if plan.reason:
+            self.guest_log.warning("request", "event=request_refused queue=%d head=%d status=%s "
+                                   "reason=%r", q, head, BlkStatus(plan.status).name, plan.reason)
+        used = 1
+        try:
+            if plan.fill:
+                self._fill(req.data_in, plan.fill)
+                used += len(plan.fill)
+            self.memory.write(req.status_addr, bytes((plan.status,)))
+        except GuestError as exc:
+            self.guest_log.warning("chain", "event=status_unwritable queue=%d head=%d reason=%r",
+                                   q, head, str(exc))
+            used = 0
+        ring.put_used(head, used)
+        self.live.started(q, req.type, len(plan.fill))
+        self.live.finished(q, req.type, plan.status, 0)
+
+    def _post(self, q: int, head: int, op: int, flags: int, offset: int, length: int,
+              pieces: Pieces, status_addr: int, rtype: int) -> None:
+        """Hand a request to the engine through a free slot."""
+        slot = self.free.popleft()
+        self.held[q] += 1
+        if not self.device.writeback:
+            flags |= FLAG_SYNC
+        self.slots.post(slot, op, flags, offset, length, self.memory.generation, pieces)
+        used = length + 1 if op == _READ else 1
+        self.inflight[slot] = InFlight(q, head, status_addr, used, rtype, time.monotonic_ns())
+        self.engine.post(slot, op == _WRITE and bool(flags & FLAG_SYNC))
+
+    def _read_cached(self, read_cached, offset: int, pieces: Pieces) -> bool:
+        bufs = self.memory.iovecs(pieces)
+        try:
+            return read_cached(offset, bufs)
+        finally:
+            for b in bufs:
+                b.release()
+
+    def _fill(self, data_in: list[tuple[int, int]], data: bytes) -> None:
+        pos = 0
+        for addr, n in data_in:
+            if pos >= len(data):
+                break
+            chunk = data[pos:pos + n]
+            self.memory.write(addr, chunk)
+            pos += len(chunk)
+
+    # -- completions -----------------------------------------------------------------------------
+    def on_completions(self) -> None:
+        """The engine finished some slots: complete them, then give the freed slots out."""
+        self.collect()
+        order = list(self.rings)
+        if len(order) > 1:          # the ring drained first gets the freed slots: take turns
+            k = self._drain_from % len(order)
+            self._drain_from += 1
+            order = order[k:] + order[:k]
+        for q in order:
+            self.drain(q)
+
+    def collect(self) -> None:
+        """Complete (and publish) what the engine finished, taking no new requests."""
+        touched = set()
+        for slot in self.engine.reap():
+            q = self._complete(slot)
+            if q is not None:
+                touched.add(q)
+        for q in touched:
+            self.publish(q, self.rings[q])
+
+    def _complete(self, slot: int) -> int | None:
+        info = self.inflight.pop(slot, None)
+        if info is None:                # a re-issued slot finished twice: already done
+            return None
+        _, status, err = self.slots.result(slot)
+        if status != BlkStatus.OK:
+            log.warning("event=io_failed queue=%d head=%d errno=%s", info.queue, info.head,
+                        errno.errorcode.get(err, err))
+        self.free.append(slot)
+        self.held[info.queue] -= 1
+        self.live.finished(info.queue, info.rtype, status, time.monotonic_ns() - info.t0)
+        ring = self.rings.get(info.queue)
+        if ring is None:
+            return None
+        try:
+            self.memory.write(info.status_addr, bytes((status,)))
+            used = info.used_len if status == BlkStatus.OK else 1
+        except GuestError:
+            used = 0
+        ring.put_used(info.head, used)
+        return info.queue
+
+    def publish(self, q: int, ring: SplitRing) -> None:
+        ring.publish_used()
+        fd = self.calls.get(q)
+        if fd is not None and ring.needs_notify():
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError as exc:
+                log.warning("event=call_failed queue=%d error=%r", q, exc)
+
+    def busy(self, q: int | None = None) -> bool:
+        """Requests in flight (of queue ``q``, or of any)."""
+        if q is None:
+            return bool(self.inflight)
+        return self.held[q] > 0
+
+    # -- budgets and throttling ------------------------------------------------------------------
+    def _slot_budget(self, q: int) -> int:
+        others_waiting = False
+        for other, ring in self.rings.items():
+            if other != q and other not in self.broken:
+                try:
+                    if ring.pending():
+                        others_waiting = True
+                        break
+                except RingBroken:
+                    pass            # found broken when that ring is drained
+        return slot_budget(len(self.free), self.slots.count, self.held[q], len(self.rings),
+                           others_waiting)
+
+    def not_throttled(self, q: int) -> None:
+        if q in self.throttled:
+            self.throttled.discard(q)
+            if not self.throttled:
+                self.limiter.flowing(time.monotonic())
+
+    def _unthrottle(self) -> None:
+        """Tokens are due: drain the rings that were left waiting (they may stall again)."""
+        waiting = sorted(self.throttled)
+        self.throttled.clear()
+        for q in waiting:
+            self.drain(q)                # adds q back if it stalls again
+        if not self.throttled:
+            self.limiter.flowing(time.monotonic())

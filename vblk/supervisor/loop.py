@@ -1,0 +1,194 @@
+"""The supervisor's one event loop: epoll, signals, adaptive polling.
+
+Theory of operation
+-------------------
+Every fd the supervisor waits on is watched here with a handler and a group: ``"frontend"``
+(the listening socket, the frontend's socket, the control socket), ``"rings"`` (kick
+eventfds) and ``"engine"`` (the completion fd of the I/O engine and, with worker processes,
+each worker's control socket, whose EOF means the worker died). ``run`` sleeps in epoll and
+calls the handler of each fd that is ready; a handler that raises costs the frontend its
+connection (``on_error``), never the process.
+
+``serve_until(done, "engine")`` is the one nested loop: it runs only the engine's handlers
+until ``done()`` or a timeout. The queue lifecycle uses it to wait for requests in flight
+while it is itself inside a frontend message's handler (GET_VRING_BASE, a new memory table):
+the frontend's socket is not read again until that message is answered, kicks wait, and the
+control socket waits (a resize would re-enter the session).
+
+Adaptive polling (QEMU's rule, ``adapt_poll_window``): after activity, ``poll`` -- the data
+path's look at every ring -- runs in a loop, with epoll asked without sleeping, for up to the
+polling window, so a request the guest adds meanwhile costs no wake-up; the window grows
+while the sleeps it replaces are short and closes when they are long (a slow TCG guest).
+
+Signals: SIGTERM and SIGINT only set ``stopping`` (through a wake-up pipe); the loop ends and
+its owner shuts down in order.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import select
+import signal
+import time
+from contextlib import contextmanager
+from typing import Callable
+
+log = logging.getLogger("vblk.supervisor")
+
+POLL_US = 50                   # the longest adaptive polling window (VBLK_POLL_US; 0: off)
+POLL_MIN = 4e-6                # a window that shrinks below this closes
+
+Handler = Callable[[], None]
+
+
+def adapt_poll_window(window: float, slept: float, poll_max: float) -> float:
+    """The next polling window after the loop slept ``slept`` seconds in epoll (QEMU's
+    adaptive polling rule). A short sleep means a longer poll would have caught the event
+    without sleeping: the window doubles (from POLL_MIN) up to ``poll_max``. A long sleep
+    means polling would only have burnt CPU -- which a guest under TCG needs more than vblk
+    does: the window halves, and closes below POLL_MIN. A guest that answers within the
+    window keeps it open; a slow one closes it after a few sleeps."""
+    if slept <= poll_max:
+        return min(max(window * 2, POLL_MIN), poll_max)
+    window /= 2
+    return window if window >= POLL_MIN else 0.0
+
+
+class EventLoop:
+    def __init__(self, on_error: Callable[[], None]) -> None:
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Handler] = {}
+        self.groups: dict[int, str] = {}
+        self.on_error = on_error                 # after a handler raised: drop the frontend
+        self.stopping = False
+        self.poll_max = float(os.environ.get("VBLK_POLL_US", POLL_US)) / 1e6
+        self.poll_window = 0.0
+        self.timers: list[tuple[float, int, Handler]] = []
+        self._seq = itertools.count()
+
+    def watch(self, fd: int, handler: Handler, group: str) -> None:
+        self.epoll.register(fd, select.EPOLLIN)
+        self.handlers[fd] = handler
+        self.groups[fd] = group
+
+    def unwatch(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            del self.groups[fd]
+            if not self.epoll.closed:
+                self.epoll.unregister(fd)
+
+    def watching(self, fd: int) -> bool:
+        return fd in self.handlers
+
+    def call_later(self, delay: float, handler: Handler) -> None:
+        """Run ``handler`` from the loop once ``delay`` seconds have passed."""
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), handler))
+
+    def _sleep_for(self, timeout: float) -> float:
+        if not self.timers:
+            return timeout
+        due = max(0.0, self.timers[0][0] - time.monotonic())
+        return due if timeout < 0 else min(timeout, due)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            self.call(heapq.heappop(self.timers)[2])
+
+    def close(self) -> None:
+        self.epoll.close()
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self, *, timeout: Callable[[], float], tick: Handler,
+            poll: Callable[[], bool] | None) -> None:
+        """Serve events until ``stopping``. ``timeout()``: how long epoll may sleep (-1: until
+        an event); ``tick``: after every wake-up (the data path's timer); ``poll``: one look at the rings,
+        True if it found work (the adaptive polling body; None: no polling)."""
+        while not self.stopping:
+            slept = time.monotonic()
+            events = self.epoll.poll(self._sleep_for(timeout()))
+            slept = time.monotonic() - slept
+            self.dispatch(events)
+            self.call(tick)
+            if self.timers:
+                self._run_timers()
+            if self.poll_max and poll is not None:
+                self.poll_window = adapt_poll_window(self.poll_window, slept, self.poll_max)
+                if events and self.poll_window:
+                    self.call(lambda: self._poll(poll))
+
+    def dispatch(self, events: list[tuple[int, int]]) -> None:
+        """Run the handler of each fd epoll reported (an fd unwatched meanwhile is skipped)."""
+        for fd, _ in events:
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                self.call(handler)
+
+    def call(self, handler: Handler) -> None:
+        """Run one handler; a bug in vblk costs the frontend its connection, not the process
+        (the next frontend is served)."""
+        try:
+            handler()
+        except Exception:
+            log.exception("event=internal_error action=drop_frontend")
+            try:
+                self.on_error()
+            except Exception:
+                log.exception("event=internal_error action=disconnect")
+
+    def _poll(self, poll: Callable[[], bool]) -> None:
+        """Look at the rings (and, without sleeping, at every fd) until nothing turned up for
+        ``poll_window`` seconds."""
+        deadline = time.monotonic() + self.poll_window
+        while time.monotonic() < deadline and not self.stopping:
+            found = poll()
+            events = self.epoll.poll(0)
+            if events:
+                self.dispatch(events)
+                found = True
+            if found:
+                deadline = time.monotonic() + self.poll_window
+
+    def serve_until(self, done: Callable[[], bool], group: str, timeout: float) -> bool:
+        """Run only ``group``'s handlers until ``done()`` (True) or ``timeout`` seconds pass
+        (False). See the module doc for why only one group."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            fds = [fd for fd, g in self.groups.items() if g == group]
+            ready, _, _ = select.select(fds, [], [], min(left, 1.0))
+            for fd in ready:
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler()
+        return True
+
+    # -- signals -----------------------------------------------------------------------------
+    @contextmanager
+    def signals(self):
+        """SIGTERM and SIGINT set ``stopping`` while inside (previous handlers restored)."""
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.watch(wake_r, lambda: self._on_signal(wake_r), "frontend")
+        try:
+            yield
+        finally:
+            self.unwatch(wake_r)
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in previous.items():
+                signal.signal(s, h)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _on_signal(self, wake_r: int) -> None:
+        try:
+            sigs = os.read(wake_r, 64)
+        except BlockingIOError:
+            return
+        log.info("event=shutdown signals=%s", list(sigs))
+        self.stopping = True
