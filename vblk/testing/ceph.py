@@ -96,7 +96,7 @@ PACKAGES = ("ceph-mon", "ceph-osd", "ceph-common", "librbd1", "python3-rbd", "py
             "qemu-block-extra", "uuid-runtime")
 BINARIES = ("ceph-mon", "ceph-osd", "ceph", "rbd", "monmaptool", "ceph-authtool", "setpriv")
 INSTALL_HINT = ("apt-get install -y --no-install-recommends " + " ".join(PACKAGES)
-                + "  (scripts/setup and .ci/run install them)")
+                + " util-linux  (scripts/setup and .ci/run install them)")
 STORES = ("memstore", "bluestore")
 
 START_TIMEOUT = 60.0        # the whole of start(); each step gets what is left
