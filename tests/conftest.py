@@ -165,7 +165,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 # is untested). VBLK_CEPH_KEEP=1 keeps the clusters' directories (logs) after the tests.
 
 def _start_ceph_cluster(store: str, what: str):
-    from vblk.testing.ceph import CephCluster, CephError, missing_binaries, INSTALL_HINT
+    from vblk.testing.ceph import INSTALL_HINT, CephCluster, CephError, missing_binaries
     missing = missing_binaries()
     if missing:
         pytest.fail(f"{what}: Ceph is not installed (missing {', '.join(missing)}); "
@@ -199,6 +199,7 @@ def rbd_image(ceph_cluster, request: pytest.FixtureRequest):
     import re
     import uuid
     import warnings
+
     from vblk.testing.ceph import CephError
     made: list[str] = []
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:40]
