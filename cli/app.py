@@ -269,7 +269,7 @@ def demo(
     """Boot a small Linux guest under QEMU against vblk and show it using the disk."""
     configure_logging("WARNING")
     try:
-        from vblk.testing.demo import run_demo
+        from vblk.lab.demo import run_demo
     except ImportError as e:
         raise fail(f"the demo is not available: {e}") from None
     try:

@@ -113,7 +113,7 @@ def bench_command(
     guest_memory: Optional[str] = typer.Option(None, "--guest-memory", metavar="SIZE",
                                                help="--guest: the guest's RAM (default 512M)."),
 ) -> None:
-    from vblk import bench as b
+    from vblk.lab import bench as b
     from vblk.testing.frontend import BackendError
 
     show = progress if progress is not None else sys.stderr.isatty()
@@ -182,7 +182,7 @@ def bench_command(
 
     try:
         if guest:
-            from vblk import guestbench
+            from vblk.lab import guestbench
             comparison = guestbench.guest_compare(
                 compare_image, workloads, rounds=3 if rounds is None else rounds,
                 ramp=guestbench.DEFAULT_RAMP if ramp is None else ramp,

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import pytest
 
-from vblk.testing.guest import GuestBuildError, GuestImage, GuestResult, build_guest, run_guest
+from vblk.lab.guest import GuestBuildError, GuestImage, GuestResult, build_guest, run_guest
 from vblk.testing.processes import stop_group
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,9 +20,9 @@ Public API::
               bios=None, accel=None, files=None, cmdline_extra="", smp=1,
               archives=()) -> GuestResult
 
-Command line: ``python -m vblk.testing.guest build [--fio]`` builds (or finds) the cached
-image (and the fio add-on of ``vblk.testing.guestaddon``) and prints their paths;
-``python -m vblk.testing.guest run SOCK SCRIPT [--fio] [--archive CPIO]`` boots it once
+Command line: ``python -m vblk.lab.guest build [--fio]`` builds (or finds) the cached
+image (and the fio add-on of ``vblk.lab.guestaddon``) and prints their paths;
+``python -m vblk.lab.guest run SOCK SCRIPT [--fio] [--archive CPIO]`` boots it once
 against a running backend.
 """
 from __future__ import annotations
@@ -1027,7 +1027,7 @@ def debugfs_cat(image: Path, path: str) -> bytes:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vblk.testing.guest",
+    ap = argparse.ArgumentParser(prog="python -m vblk.lab.guest",
                                  description="Build or boot vblk's test guest.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build (or find) the cached guest and print its paths")
@@ -1057,7 +1057,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"kernel={img.kernel}")
         print(f"initrd={img.initrd}")
         if args.fio:
-            from vblk.testing.guestaddon import build_fio_addon
+            from vblk.lab.guestaddon import build_fio_addon
             try:
                 print(f"fio_addon={build_fio_addon()}")
             except GuestBuildError as e:
@@ -1068,7 +1068,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     script = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
     archives = list(args.archive)
     if args.fio:
-        from vblk.testing.guestaddon import build_fio_addon
+        from vblk.lab.guestaddon import build_fio_addon
         archives.append(build_fio_addon())
     res = run_guest(args.socket, script, timeout=args.timeout, bios=args.bios,
                     queue_size=args.queue_size, archives=archives)

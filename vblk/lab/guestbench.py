@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 ``bench.serve_pair`` serves two copies of IMAGE, one with ``vblk serve`` and one with
 qemu-storage-daemon, in the same cache mode (write-through by default). Each round boots the
-test guest (``vblk.testing.guest``: Debian's kernel under QEMU, TCG unless real KVM is there)
-once per backend, with the fio add-on archive (``vblk.testing.guestaddon``) appended to its
+test guest (``vblk.lab.guest``: Debian's kernel under QEMU, TCG unless real KVM is there)
+once per backend, with the fio add-on archive (``vblk.lab.guestaddon``) appended to its
 initramfs; the order of the two boots alternates from round to round (vblk first in odd
 rounds, qsd first in even ones) so that a drift of the shared machine hits both alike.
 
@@ -41,12 +41,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from vblk.bench import (BACKENDS, MiB, BenchError, Comparison, Result, Server, Workload,
+from vblk.lab.bench import (BACKENDS, MiB, BenchError, Comparison, Result, Server, Workload,
                         parse_size, serve_pair, split_cache_mode)
 from vblk.testing.frontend import BackendError
-from vblk.testing.guest import (GuestBuildError, GuestResult, build_guest, default_accel,
+from vblk.lab.guest import (GuestBuildError, GuestResult, build_guest, default_accel,
                                 run_guest)
-from vblk.testing.guestaddon import build_fio_addon, fio_version
+from vblk.lab.guestaddon import build_fio_addon, fio_version
 
 DEFAULT_RAMP = 1.0
 DEFAULT_MEMORY = "512M"

@@ -1021,7 +1021,7 @@ def serve_pair(image: str | os.PathLike, *, vblk_args: str = "", cache: str | No
                                          extra=extra),
                     "qsd": qsd_command(images["qsd"], socks["qsd"], writethrough=writethrough,
                                        queues=queues)}
-        repo = str(Path(__file__).resolve().parents[1])
+        repo = str(Path(__file__).resolve().parents[2])
         for b in BACKENDS:
             servers[b] = Server(b, commands[b], socks[b], work / f"{b}.log")
         for server in servers.values():

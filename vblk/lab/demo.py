@@ -1,7 +1,7 @@
 """``vblk demo``: serve a fresh sparse image to a real Linux guest and show what it saw.
 
 The demo creates a 1 GiB sparse image, starts ``vblk serve`` on it as a subprocess,
-boots the test guest (see ``vblk.testing.guest``) against it, and in the guest makes
+boots the test guest (see ``vblk.lab.guest``) against it, and in the guest makes
 ext4, mounts it, writes a file, reads it back after dropping caches, and reports the
 disk's size, block sizes and cache mode, the mkfs time, a df line and whether the
 checksum matched.  It prints a short report and returns 0 on success.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from vblk.interpreter import python_command
-from vblk.testing.guest import GuestBuildError, build_guest, default_accel, run_guest
+from vblk.lab.guest import GuestBuildError, build_guest, default_accel, run_guest
 from vblk.testing.processes import stop_group
 
 GiB = 1 << 30
