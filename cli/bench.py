@@ -113,7 +113,12 @@ def bench_command(
     guest_memory: Optional[str] = typer.Option(None, "--guest-memory", metavar="SIZE",
                                                help="--guest: the guest's RAM (default 512M)."),
 ) -> None:
-    from vblk.lab import bench as b
+    from vblk.lab.client import backend_limits, run_workload
+    from vblk.lab.compare import compare
+    from vblk.lab.plot import check_plot_support, plot_sweep
+    from vblk.lab.report import ProgressLine, format_comparison, format_result
+    from vblk.lab.workload import (DEFAULT_DURATION, DEFAULT_WORKLOADS, BenchError, Workload,
+                                   parse_size)
     from vblk.testing.frontend import BackendError
 
     show = progress if progress is not None else sys.stderr.isatty()
@@ -123,61 +128,61 @@ def bench_command(
     guest_only = {"--ramp": ramp, "--smp": smp, "--guest-memory": guest_memory}
     try:
         if (socket_path is None) == (compare_image is None):
-            raise b.BenchError("give exactly one of --socket PATH and --compare IMAGE")
+            raise BenchError("give exactly one of --socket PATH and --compare IMAGE")
         if guest and compare_image is None:
-            raise b.BenchError("--guest goes with --compare IMAGE")
+            raise BenchError("--guest goes with --compare IMAGE")
         if not guest:
             given = [name for name, value in guest_only.items() if value is not None]
             if given:
-                raise b.BenchError(f"{given[0]} goes with --guest")
+                raise BenchError(f"{given[0]} goes with --guest")
         else:
             frontend_only = {"--ops": ops, "--busy-poll": busy_poll or None, "--plot": plot,
                              "--plot-workload": plot_workload,
                              "--queues": queues if queues != 1 else None}
             given = [name for name, value in frontend_only.items() if value is not None]
             if given:
-                raise b.BenchError(f"{given[0]} does not go with --guest (fio runs each "
+                raise BenchError(f"{given[0]} does not go with --guest (fio runs each "
                                    "workload for --duration seconds on one queue)")
         if socket_path is not None:
             given = [name for name, value in compare_only.items() if value is not None]
             if given:
-                raise b.BenchError(f"{given[0]} goes with --compare, not --socket")
+                raise BenchError(f"{given[0]} goes with --compare, not --socket")
         elif limit_iops is not None or limit_bps is not None:
-            raise b.BenchError("--limit-iops/--limit-bps go with --socket, not --compare")
+            raise BenchError("--limit-iops/--limit-bps go with --socket, not --compare")
         from vblk.errors import ConfigError
         from vblk.options import parse_limits
         try:
             expected = parse_limits(iops=limit_iops, bps=limit_bps, suffix="", prefix="--limit-")
         except ConfigError as exc:
-            raise b.BenchError(str(exc)) from None
+            raise BenchError(str(exc)) from None
         if duration is not None and ops is not None:
-            raise b.BenchError("give --duration or --ops, not both")
+            raise BenchError("give --duration or --ops, not both")
         common = dict(rwmix=rwmix, queues=queues,
-                      duration=None if ops is not None else (duration or b.DEFAULT_DURATION),
-                      ops=ops, offset=b.parse_size(offset, "--offset"), seed=seed,
-                      size=None if size is None else b.parse_size(size, "--size"))
+                      duration=None if ops is not None else (duration or DEFAULT_DURATION),
+                      ops=ops, offset=parse_size(offset, "--offset"), seed=seed,
+                      size=None if size is None else parse_size(size, "--size"))
         if not 0 < timeout <= 3600:
-            raise b.BenchError(f"--timeout {timeout:g}: more than 0, at most 3600 seconds")
-        single = b.Workload(pattern=pattern or "randread",
-                            bs=b.parse_size(bs, "--bs") if bs is not None else 4096,
+            raise BenchError(f"--timeout {timeout:g}: more than 0, at most 3600 seconds")
+        single = Workload(pattern=pattern or "randread",
+                            bs=parse_size(bs, "--bs") if bs is not None else 4096,
                             qd=1 if qd is None else qd, **common).checked()
         if socket_path is not None:
             if not os.path.exists(socket_path):
-                raise b.BenchError(f"--socket {socket_path}: no such socket")
+                raise BenchError(f"--socket {socket_path}: no such socket")
         else:
             explicit = pattern is not None or bs is not None or qd is not None
             if explicit and workload:
-                raise b.BenchError("give --workload, or --pattern/--bs/--qd, not both")
-            specs = workload or ([] if explicit else list(b.DEFAULT_WORKLOADS))
-            workloads = [b.Workload.parse(s, **common) for s in specs] or [single]
+                raise BenchError("give --workload, or --pattern/--bs/--qd, not both")
+            specs = workload or ([] if explicit else list(DEFAULT_WORKLOADS))
+            workloads = [Workload.parse(s, **common) for s in specs] or [single]
             sweep = None
             if plot is not None:
-                b.check_plot_support()
+                check_plot_support()
                 spec = (plot_workload or "randread:4k") + ":1"
-                sweep = b.Workload.parse(spec, **common)
+                sweep = Workload.parse(spec, **common)
             elif plot_workload is not None:
-                raise b.BenchError("--plot-workload goes with --plot")
-    except b.BenchError as exc:
+                raise BenchError("--plot-workload goes with --plot")
+    except BenchError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
 
     try:
@@ -192,12 +197,12 @@ def bench_command(
             if as_json:
                 typer.echo(json.dumps(comparison.to_dict(), indent=2))
             else:
-                typer.echo(b.format_comparison(comparison))
+                typer.echo(format_comparison(comparison))
             errors = comparison.errors
         elif socket_path is not None:
-            line = b.ProgressLine(sys.stderr, single.label, single) if show else None
+            line = ProgressLine(sys.stderr, single.label, single) if show else None
             try:
-                result = b.run_workload(socket_path, single, timeout=timeout, busy_poll=busy_poll,
+                result = run_workload(socket_path, single, timeout=timeout, busy_poll=busy_poll,
                                         progress=line, backend=socket_path)
             finally:
                 if line:
@@ -206,33 +211,33 @@ def bench_command(
                 result.limit_iops, result.limit_bps = expected.iops, expected.bps
                 result.limit_source = "--limit-iops/--limit-bps"
             else:
-                known = b.backend_limits(socket_path)
+                known = backend_limits(socket_path)
                 if known is not None and any(known):
                     result.limit_iops, result.limit_bps = known
                     result.limit_source = "vblk control socket"
             if as_json:
                 typer.echo(json.dumps(result.to_dict(), indent=2))
             else:
-                typer.echo(b.format_result(result))
+                typer.echo(format_result(result))
             errors = result.errors
         else:
-            comparison = b.compare(compare_image, workloads, rounds=3 if rounds is None else rounds,
+            comparison = compare(compare_image, workloads, rounds=3 if rounds is None else rounds,
                                    vblk_args=vblk_args or "", cache=cache, workdir=workdir,
                                    keep=keep, sweep=sweep, timeout=timeout, busy_poll=busy_poll,
                                    progress=sys.stderr if show else None,
                                    log=sys.stderr if show else None)
             if plot is not None:
-                b.plot_sweep(comparison, plot)
+                plot_sweep(comparison, plot)
             if as_json:
                 data = comparison.to_dict()
                 data["plot"] = plot
                 typer.echo(json.dumps(data, indent=2))
             else:
-                typer.echo(b.format_comparison(comparison))
+                typer.echo(format_comparison(comparison))
                 if plot is not None:
                     typer.echo(f"plot: {plot}")
             errors = comparison.errors
-    except b.BenchError as exc:
+    except BenchError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     except BackendError as exc:
         raise _fail(f"backend: {exc}", EXIT_FAILED) from None

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import pytest
 
-from vblk.lab.bench import qsd_command
+from vblk.lab.servers import qsd_command
 from vblk.testing.processes import stop_group
 
 REPO = Path(__file__).resolve().parents[1]

@@ -172,8 +172,8 @@ def test_compare_json_and_plot(image, tmp_path):
 
 # -- the pure parts, in process ------------------------------------------------------------------
 def test_sizes_workloads_and_percentiles():
-    from vblk.lab.bench import (BenchError, Workload, format_size, latency_summary, parse_size,
-                            split_cache_mode)
+    from vblk.lab.compare import split_cache_mode
+    from vblk.lab.workload import BenchError, Workload, format_size, latency_summary, parse_size
     assert [parse_size(s) for s in ("4k", "128K", "1M", "1GiB", "512")] == \
         [4096, 131072, MiB, 1 << 30, 512]
     assert [format_size(n) for n in (4096, 131072, MiB, 1536)] == ["4k", "128k", "1M", "1536"]

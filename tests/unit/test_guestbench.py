@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from vblk.lab.bench import BACKENDS, Result, Workload, format_comparison
+from vblk.lab.report import format_comparison
+from vblk.lab.servers import BACKENDS
+from vblk.lab.workload import Result, Workload
 from vblk.lab.guestbench import (BEGIN, END, IO_ERRORS, JSON_BEGIN, JSON_END, CpuSampler,
                              GuestComparison, GuestRun, fio_args, fio_reports, guest_script,
                              parse_fio_json)

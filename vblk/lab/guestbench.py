@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-``bench.serve_pair`` serves two copies of IMAGE, one with ``vblk serve`` and one with
+``compare.serve_pair`` serves two copies of IMAGE, one with ``vblk serve`` and one with
 qemu-storage-daemon, in the same cache mode (write-through by default). Each round boots the
 test guest (``vblk.lab.guest``: Debian's kernel under QEMU, TCG unless real KVM is there)
 once per backend, with the fio add-on archive (``vblk.lab.guestaddon``) appended to its
@@ -14,8 +14,8 @@ In the guest one scenario runs every workload in turn on ``/dev/vda`` with
 workload's pattern, block size and queue depth; the round's seed, identical for both
 backends) and prints, per workload, a begin and an end marker and then fio's JSON between two
 more markers on the serial console. The host parses the JSON (``parse_fio_json``) into the
-same ``bench.Result`` the frontend benchmark produces, so ``bench.Comparison`` gives the
-medians and the vblk/qsd ratios and ``bench.format_comparison`` prints the table:
+same ``workload.Result`` the frontend benchmark produces, so ``compare.Comparison`` gives
+the medians and the vblk/qsd ratios and ``report.format_comparison`` prints the table:
 
 * IOPS and MB/s are fio's I/O count and bytes over its measured runtime (the ramp excluded);
 * latency percentiles are fio's completion latency (clat: submit to reap, in the guest);
@@ -41,8 +41,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from vblk.lab.bench import (BACKENDS, MiB, BenchError, Comparison, Result, Server, Workload,
-                        parse_size, serve_pair, split_cache_mode)
+from vblk.lab.compare import Comparison, serve_pair, split_cache_mode
+from vblk.lab.servers import BACKENDS, Server
+from vblk.lab.workload import MiB, BenchError, Result, Workload, parse_size
 from vblk.testing.frontend import BackendError
 from vblk.lab.guest import (GuestBuildError, GuestResult, build_guest, default_accel,
                                 run_guest)
