@@ -223,7 +223,7 @@ def _plan(*, pattern: str | None, bs: str | None, qd: int | None, rwmix: int, qu
     from vblk.errors import ConfigError
     from vblk.lab.plot import check_plot_support
     from vblk.lab.workload import (DEFAULT_DURATION, DEFAULT_WORKLOADS, BenchError, Workload,
-                                   parse_size)
+                                   size_option)
     from vblk.options import parse_limits
     try:
         expected = parse_limits(iops=limit_iops, bps=limit_bps, suffix="", prefix="--limit-")
@@ -233,12 +233,12 @@ def _plan(*, pattern: str | None, bs: str | None, qd: int | None, rwmix: int, qu
         raise BenchError("give --duration or --ops, not both")
     common = dict(rwmix=rwmix, queues=queues,
                   duration=None if ops is not None else (duration or DEFAULT_DURATION),
-                  ops=ops, offset=parse_size(offset, "--offset"), seed=seed,
-                  size=None if size is None else parse_size(size, "--size"))
+                  ops=ops, offset=size_option(offset, "--offset"), seed=seed,
+                  size=None if size is None else size_option(size, "--size"))
     if not 0 < timeout <= 3600:
         raise BenchError(f"--timeout {timeout:g}: more than 0, at most 3600 seconds")
     single = Workload(pattern=pattern or "randread",
-                      bs=parse_size(bs, "--bs") if bs is not None else 4096,
+                      bs=size_option(bs, "--bs") if bs is not None else 4096,
                       qd=1 if qd is None else qd, **common).checked()
     if not listed:
         return _Plan(single, [single], None, expected)

@@ -21,6 +21,7 @@ import typer
 
 from vblk.control import ControlError, SUFFIX, default_control_path, fetch_stats, request
 from vblk.stats import KINDS
+from vblk.units import format_size
 
 EXIT_UNREACHABLE = 1
 EXIT_USAGE = 2
@@ -227,7 +228,8 @@ def render_limits(limits: dict | None) -> str:
         return "limits: unknown"
     iops = (f"iops limit: {limits['iops']}/s (burst {limits['iops_burst']:g})" if limits["iops"]
             else "iops limit: unlimited")
-    bps = (f"bps limit: {size(limits['bps'])}/s (burst {size(limits['bps_burst'])})"
+    bps = (f"bps limit: {format_size(limits['bps'])}/s "
+           f"(burst {format_size(limits['bps_burst'])})"
            if limits["bps"] else "bps limit: unlimited")
     state = " (now)" if limits.get("throttled_now") else ""
     return (f"{iops} | {bps} | throttled {limits['throttle_events']} times, "
@@ -254,7 +256,7 @@ def render(snap: dict, previous: dict | None = None) -> str:
     disk = snap.get("disk") or {}
     if disk.get("capacity_bytes") is not None:
         n = disk["capacity_bytes"]
-        lines.append(f"disk: {n} bytes ({size(n)}, {n // 512} sectors), "
+        lines.append(f"disk: {n} bytes ({format_size(n)}, {n // 512} sectors), "
                      f"{disk['resizes']} resizes since start")
     if "limits" in snap:
         lines.append(render_limits(snap["limits"]))
@@ -293,12 +295,14 @@ def _queue(snap: dict | None, index: int) -> dict | None:
 
 def _row(name: str, requests: int, nbytes: int, latency: dict, old: dict | None,
          dt: float | None) -> list[str]:
-    row = [name, str(requests), size(nbytes)] + [micros(latency[k]) for k in ("p50", "p99", "p99_9")]
+    row = [name, str(requests), format_size(nbytes)]
+    row += [micros(latency[k]) for k in ("p50", "p99", "p99_9")]
     if dt is not None:
         if old is None:
             row += ["-", "-"]
         else:
-            row += [f"{(requests - old['requests']) / dt:.1f}", size((nbytes - old["bytes"]) / dt)]
+            row += [f"{(requests - old['requests']) / dt:.1f}",
+                    format_size((nbytes - old["bytes"]) / dt)]
     return row
 
 
@@ -309,15 +313,6 @@ def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
         cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
         out.append("  ".join(cells).rstrip())
     return out
-
-
-def size(n: float) -> str:
-    """Bytes in binary units: 512 B, 4.0 KiB, 1.5 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def micros(us: float | None) -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from vblk.errors import ConfigError
 from vblk.ratelimit import Limits
+from vblk.units import parse_size
 
 BLOCK_SIZES = (512, 1024, 2048, 4096)      # allowed logical and physical block sizes
 SERIAL_MAX_BYTES = 20                      # virtio-blk GET_ID answer
@@ -50,8 +51,6 @@ _NOT_YET = {
 U32_MAX = 0xFFFF_FFFF
 MAX_DISCARD_SEGMENTS = 256                 # Linux's MAX_DISCARD_SEGMENTS
 _AIO = "aio= does not apply to vblk: workers use synchronous I/O"
-_SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)", re.IGNORECASE)
 _COUNT_SUFFIX = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3}
 _COUNT_RE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)
 
@@ -226,16 +225,12 @@ def parse_discard(value: str, where: str) -> DiscardOption:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def parse_size(text: str, what: str) -> int:
-    """Bytes with an optional K/M/G/T suffix (powers of 1024): ``4096``, ``64K``, ``1G``."""
-    m = _SIZE_RE.fullmatch(text)
-    if not m:
-        raise ConfigError(f"{what}: {text!r} is not a size (bytes, optionally with K/M/G/T)")
-    return int(m.group(1)) * _SIZE_SUFFIX[m.group(2).upper()]
-
-
 def parse_count(text: str, what: str) -> int:
-    """A whole number with an optional K/M/G suffix (powers of 1000): ``2000``, ``2k``."""
+    """A whole number with an optional K/M/G suffix (powers of 1000): ``2000``, ``2k``.
+
+    Not ``parse_size``: a count of requests per second is decimal, as IOPS figures (and
+    QEMU's ``x-iops-total``) are, while every byte size vblk takes is binary (K = 1024).
+    So ``--iops-limit 2k`` is 2000 requests and ``--bps-limit 2K`` is 2048 bytes."""
     m = _COUNT_RE.fullmatch(text.strip())
     if not m:
         raise ConfigError(f"{what}: {text!r} is not a whole number (optionally with k/M/G)")

@@ -43,7 +43,8 @@ from array import array
 from dataclasses import dataclass
 from typing import Callable
 
-from vblk.lab.workload import MiB, BenchError, Result, Workload, format_size, latency_summary
+from vblk.lab.workload import BenchError, Result, Workload, latency_summary
+from vblk.units import MiB, spell_size
 from vblk.testing.driver import RingLayout, SplitDriver
 from vblk.testing.frontend import (BackendClosed, BackendTimeout, BadReply, GuestRam,
                                    VhostUserFrontend, VringError)
@@ -185,7 +186,7 @@ class Runner:
         piece = cfg.size_max if feats & Feature.BLK_SIZE_MAX.mask and cfg.size_max else w.bs
         pieces = -(-w.bs // piece)
         if feats & Feature.BLK_SEG_MAX.mask and cfg.seg_max and pieces > cfg.seg_max:
-            raise BenchError(f"--bs {format_size(w.bs)} needs {pieces} segments of at most "
+            raise BenchError(f"--bs {spell_size(w.bs)} needs {pieces} segments of at most "
                              f"{piece} bytes; the backend takes {cfg.seg_max}")
         descs = pieces + 2
         indirect = w.qd * descs > MAX_RING
@@ -193,7 +194,7 @@ class Runner:
             raise BenchError(f"--qd {w.qd} needs more than {MAX_RING} descriptors and the "
                              "backend has no indirect descriptors")
         if indirect and descs > MAX_INDIRECT:
-            raise BenchError(f"--bs {format_size(w.bs)}: {descs} descriptors per request")
+            raise BenchError(f"--bs {spell_size(w.bs)}: {descs} descriptors per request")
         return _Shape(capacity, size, piece, pieces, descs, indirect,
                       _pow2(w.qd if indirect else w.qd * descs))
 
@@ -210,7 +211,7 @@ class Runner:
         tables, cursor = cursor, _align(cursor + tables_bytes, PAGE)
         data, cursor = cursor, cursor + _align(w.bs, PAGE) * nslots
         if cursor > MAX_RAM:
-            raise BenchError(f"--qd {w.qd} x --queues {w.queues} x --bs {format_size(w.bs)} "
+            raise BenchError(f"--qd {w.qd} x --queues {w.queues} x --bs {spell_size(w.bs)} "
                              f"needs {cursor // MiB} MiB of buffers; at most {MAX_RAM // MiB}")
         return _Areas(layouts, headers, tables, data, cursor)
 

@@ -21,8 +21,9 @@ from vblk.lab.client import run_workload
 from vblk.lab.report import ProgressLine
 from vblk.lab.servers import (BACKENDS, Server, copy_image, qsd_command, source_version,
                               vblk_command)
-from vblk.lab.workload import MiB, BenchError, Result, Workload, format_size
+from vblk.lab.workload import BenchError, Result, Workload
 from vblk.testing.frontend import BackendError
+from vblk.units import MiB, spell_size
 
 SWEEP_QDS = (1, 2, 4, 8, 16, 32)
 
@@ -200,7 +201,7 @@ def compare(image: str | os.PathLike, workloads: Sequence[Workload], *, rounds: 
                 for b in BACKENDS:
                     group[b].append(one(f"[{r + 1}/{rounds}]", wr, b))
         if sweep is not None:
-            result.sweep_label = f"{format_size(sweep.bs)} {sweep.pattern}, QD {SWEEP_QDS}"
+            result.sweep_label = f"{spell_size(sweep.bs)} {sweep.pattern}, QD {SWEEP_QDS}"
             for r in range(rounds):
                 for qd in SWEEP_QDS:
                     wr = replace(sweep, qd=qd, seed=sweep.seed + r)

@@ -21,8 +21,8 @@ from typing import Callable, TextIO
 from vblk.interpreter import python_command
 from vblk.lab.guest import GuestBuildError, build_guest, default_accel, run_guest
 from vblk.testing.processes import stop_group
+from vblk.units import GiB, format_size
 
-GiB = 1 << 30
 DEMO_FILE_MIB = 8
 
 DEMO_SCRIPT = r"""
@@ -69,13 +69,6 @@ def _wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -
     return f"vblk serve did not listen on {path} within {timeout:.0f} s"
 
 
-def _human(n: int) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 def run_demo(image: Path | None = None, keep: bool = False, *,
              out: TextIO | None = None, timeout: float = 300,
              server_argv: Callable[[Path, str], list[str]] | None = None) -> int:
@@ -109,7 +102,7 @@ def run_demo(image: Path | None = None, keep: bool = False, *,
     ok = False
     try:
         say("vblk demo")
-        say(f"  image      {image} ({_human(GiB)} sparse)")
+        say(f"  image      {image} ({format_size(GiB)} sparse)")
         cmd = (server_argv(image, sock) if server_argv else
                python_command("vblk.cli", "serve", str(image), "--socket-path", sock))
         with open(server_log, "wb") as logf:
@@ -141,7 +134,7 @@ def run_demo(image: Path | None = None, keep: bool = False, *,
             say(_tail(server_log))
             return 1
         size = int(v.get("SIZE", "0"))
-        say(f"  disk       /dev/vda {_human(size)} ({size} bytes), logical {v.get('LBS')} B, "
+        say(f"  disk       /dev/vda {format_size(size)} ({size} bytes), logical {v.get('LBS')} B, "
             f"physical {v.get('PBS')} B, {v.get('CACHE')}, "
             f"{'read-only' if v.get('RO') == '1' else 'read-write'}")
         say(f"  mkfs.ext4  {v.get('MKFS_SECONDS')} s")

@@ -43,11 +43,12 @@ from typing import Callable, Sequence, TextIO
 
 from vblk.lab.compare import Comparison, serve_pair, split_cache_mode
 from vblk.lab.servers import BACKENDS, Server
-from vblk.lab.workload import MiB, BenchError, Result, Workload, parse_size
+from vblk.lab.workload import BenchError, Result, Workload, size_option
 from vblk.testing.frontend import BackendError
 from vblk.lab.guest import (GuestBuildError, GuestResult, build_guest, default_accel,
                                 run_guest)
 from vblk.lab.guestaddon import build_fio_addon, fio_version
+from vblk.units import MiB
 
 DEFAULT_RAMP = 1.0
 DEFAULT_MEMORY = "512M"
@@ -328,7 +329,7 @@ def guest_compare(image: str | os.PathLike, workloads: Sequence[Workload], *, ro
         raise BenchError(f"--smp {smp}: 1..64")
     if not 0 <= ramp <= 3600:
         raise BenchError(f"--ramp {ramp:g}: 0..3600 seconds")
-    mem_bytes = parse_size(memory, "--guest-memory")
+    mem_bytes = size_option(memory, "--guest-memory")
     if not 256 * MiB <= mem_bytes <= 64 * 1024 * MiB or mem_bytes % MiB:
         raise BenchError(f"--guest-memory {memory}: whole MiB, 256M..64G")
     memory = f"{mem_bytes // MiB}M"
@@ -384,7 +385,7 @@ def guest_compare(image: str | os.PathLike, workloads: Sequence[Workload], *, ro
         f"{ramp:g} s ramp; latency is fio's clat",
         "boot to scenario (median): " + ", ".join(
             f"{b} {boot[b]:.1f} s" if boot[b] is not None else f"{b} -" for b in BACKENDS)
-        + f"; add-on {addon.stat().st_size / (1 << 20):.0f} MiB"
+        + f"; add-on {addon.stat().st_size / MiB:.0f} MiB"
         + (f"; {io_errors} block-layer errors in the guest kernel log" if io_errors else ""),
     ]
     return result

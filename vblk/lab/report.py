@@ -9,7 +9,8 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 from vblk.lab.servers import BACKENDS
-from vblk.lab.workload import Result, Workload, format_size
+from vblk.lab.workload import Result, Workload
+from vblk.units import spell_size
 
 if TYPE_CHECKING:
     from vblk.lab.compare import Comparison
@@ -61,7 +62,7 @@ def format_result(r: Result) -> str:
     span = (f"{w.duration:g} s" if w.duration is not None else f"{w.ops:,} ops")
     lines = [
         f"{r.backend}: {w.label}, {w.queues} queue{'s' * (w.queues > 1)}, region "
-        f"{format_size(w.offset)}+{format_size(w.size) if w.size else 'end'}, {span}, seed {w.seed}",
+        f"{spell_size(w.offset)}+{spell_size(w.size) if w.size else 'end'}, {span}, seed {w.seed}",
         f"  ops         {r.ops:,} (reads {r.reads:,}, writes {r.writes:,}) in {r.seconds:.3f} s",
         f"  errors      {r.errors}" + ("   <-- requests failed" if r.errors else ""),
         f"  IOPS        {r.iops:,.0f}",

@@ -24,10 +24,10 @@ from vblk.lab.client import run_workload
 from vblk.lab.report import provenance_lines
 from vblk.lab.servers import REPO, Server, copy_image, group_pids, source_version, vblk_command
 from vblk.lab.workload import BenchError, Workload
+from vblk.units import MiB
 
 WORKERS = (1, 2, 4, 8)
 QDS = (1, 2, 4, 8, 16, 32, 64)
-MiB = 1 << 20
 
 
 def pss_bytes(pid: int, *, without_guest_ram: bool = False) -> int:

@@ -8,14 +8,13 @@ one error a bad workload or option raises (exit status 2).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from vblk.errors import ConfigError
+from vblk.units import KiB, MiB, parse_size, spell_size
 from vblk.virtio.constants import SECTOR_SIZE
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PATTERNS = ("randread", "randwrite", "read", "write", "randrw")
 MAX_QD = 1024
 DEFAULT_DURATION = 5.0
@@ -27,25 +26,13 @@ class BenchError(ConfigError):
     """A workload or option that cannot run against this backend (exit status 2)."""
 
 
-# -- sizes ----------------------------------------------------------------------------------
-_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
-_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40}
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """``4k``, ``128K``, ``1M``, ``1GiB``, ``4096`` -> bytes (binary units)."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise BenchError(f"{what} {text!r} is not a size (a number with an optional K/M/G/T suffix)")
-    return int(match[1]) * _UNITS[match[2].lower()]
-
-
-def format_size(n: int) -> str:
-    """The shortest exact ``4k`` / ``128k`` / ``1M`` spelling of ``n`` bytes."""
-    for suffix, unit in (("G", GiB), ("M", MiB), ("k", KiB)):
-        if n >= unit and n % unit == 0:
-            return f"{n // unit}{suffix}"
-    return str(n)
+def size_option(text: str, what: str) -> int:
+    """A size option (``--bs 4k``) read by vblk's one size grammar (``vblk.units``), its
+    refusal as a BenchError like every other bad bench option."""
+    try:
+        return parse_size(text, what)
+    except ConfigError as exc:
+        raise BenchError(str(exc)) from None
 
 
 # -- what to run ----------------------------------------------------------------------------
@@ -69,7 +56,7 @@ class Workload:
         parts = spec.split(":")
         if len(parts) != 3 or not parts[2].strip().isdigit():
             raise BenchError(f"workload {spec!r} is not PATTERN:BS:QD (e.g. randread:4k:32)")
-        return cls(pattern=parts[0].strip(), bs=parse_size(parts[1], "block size"),
+        return cls(pattern=parts[0].strip(), bs=size_option(parts[1], "block size"),
                    qd=int(parts[2]), **kw).checked()
 
     def checked(self) -> "Workload":
@@ -79,7 +66,7 @@ class Workload:
         if self.bs <= 0 or self.bs % SECTOR_SIZE:
             raise BenchError(f"--bs {self.bs}: a block size is a positive multiple of 512 bytes")
         if self.bs > 64 * MiB:
-            raise BenchError(f"--bs {format_size(self.bs)}: at most 64M")
+            raise BenchError(f"--bs {spell_size(self.bs)}: at most 64M")
         if not 1 <= self.qd <= MAX_QD:
             raise BenchError(f"--qd {self.qd}: the queue depth is 1..{MAX_QD}")
         if not 0 <= self.rwmix <= 100:
@@ -110,7 +97,7 @@ class Workload:
     def label(self) -> str:
         mix = f"{self.rwmix}" if self.pattern == "randrw" else ""
         queues = f" x{self.queues}q" if self.queues > 1 else ""
-        return f"{format_size(self.bs)} {self.pattern}{mix} QD{self.qd}{queues}"
+        return f"{spell_size(self.bs)} {self.pattern}{mix} QD{self.qd}{queues}"
 
 
 # -- what came out --------------------------------------------------------------------------
