@@ -12,20 +12,18 @@ import grp
 import os
 import socket
 import stat
-import sys
 from typing import Optional
 
 import typer
 
 from vblk.cli import ops
+from vblk.cli.errors import fail
 from vblk.cli.lab import bench_command, demo_command
 from vblk.control import check_unix_socket_path
 from vblk.errors import ConfigError
 from vblk.device import U32_MAX, WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG
 from vblk.options import (DiskOptions, ServeConfig, merge_flags, parse_acrn, parse_limits,
                           parse_socket_mode)
-
-EXIT_CONFIG = 2
 
 app = typer.Typer(name="vblk", add_completion=True, no_args_is_help=True,
                   rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -62,12 +60,6 @@ DiscardLimits = typer.Option(None, "--discard-limits", metavar="A:B:C",
                                   "sector alignment (0: none).")
 Serial = typer.Option(None, "--serial", metavar="S", help="Serial number the guest reads (≤ 20 ASCII chars; "
                                              "default derived from the image).")
-
-
-def fail(message: str) -> typer.Exit:
-    """Print the one-line error and return the Exit to raise."""
-    print(f"vblk: error: {message}", file=sys.stderr, flush=True)
-    return typer.Exit(EXIT_CONFIG)
 
 
 def disk_options(spec: str, *, readonly: Optional[bool], writeback: Optional[bool],

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, List, Optional, TextIO
 
 import typer
 
+from vblk.cli.errors import fail
+from vblk.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+
 if TYPE_CHECKING:
     from vblk.lab.workload import Workload
     from vblk.ratelimit import Limits
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 HELP = """Measure a vhost-user-blk backend (--socket), or compare vblk with qemu-storage-daemon
 on copies of one image (--compare).
@@ -48,11 +48,6 @@ prints medians and the ratio vblk/qsd. --plot FILE.png adds a queue-depth sweep 
 vblk's test guest (QEMU, TCG without real KVM): one boot per backend per round, order
 alternating, every workload for --duration seconds after a --ramp; --smp and --guest-memory size
 the guest. Needs fio on the host (apt-get install fio): it is copied into a cached add-on."""
-
-
-def _fail(message: str, status: int) -> typer.Exit:
-    print(f"vblk: error: {message}", file=sys.stderr, flush=True)
-    return typer.Exit(status)
 
 
 def bench_command(
@@ -145,7 +140,7 @@ def bench_command(
         if socket_path is not None and not os.path.exists(socket_path):
             raise BenchError(f"--socket {socket_path}: no such socket")
     except BenchError as exc:
-        raise _fail(str(exc), EXIT_USAGE) from None
+        raise fail(str(exc), EXIT_USAGE) from None
 
     log = sys.stderr if show else None
     rounds = 3 if rounds is None else rounds
@@ -162,16 +157,15 @@ def bench_command(
                                   cache=cache, workdir=workdir, keep=keep, timeout=timeout,
                                   busy_poll=busy_poll, plot=plot, as_json=as_json, log=log)
     except BenchError as exc:
-        raise _fail(str(exc), EXIT_USAGE) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     except BackendError as exc:
-        raise _fail(f"backend: {exc}", EXIT_FAILED) from None
+        raise fail(f"backend: {exc}", EXIT_FAILED) from None
     except OSError as exc:
-        raise _fail(str(exc), EXIT_FAILED) from None
+        raise fail(str(exc), EXIT_FAILED) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted", EXIT_INTERRUPTED) from None
+        raise fail("interrupted", EXIT_INTERRUPTED) from None
     if errors:
-        print(f"vblk: error: {errors} requests failed", file=sys.stderr, flush=True)
-        raise typer.Exit(EXIT_FAILED)
+        raise fail(f"{errors} requests failed", EXIT_FAILED)
 
 
 bench_command.__doc__ = HELP
@@ -334,9 +328,9 @@ def demo_command(
     try:
         from vblk.lab.demo import run_demo
     except ImportError as e:
-        raise _fail(f"the demo is not available: {e}", EXIT_USAGE) from None
+        raise fail(f"the demo is not available: {e}", EXIT_USAGE) from None
     try:
         status = run_demo(Path(image) if image is not None else None, keep)
     except ConfigError as e:
-        raise _fail(str(e), EXIT_USAGE) from None
-    raise typer.Exit(status or 0)
+        raise fail(str(e), EXIT_USAGE) from None
+    raise typer.Exit(status or EXIT_OK)

@@ -19,12 +19,12 @@ from typing import Optional
 
 import typer
 
+from vblk.cli.errors import fail
 from vblk.control import ControlError, SUFFIX, default_control_path, fetch_stats, request
+from vblk.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vblk.stats import KINDS
 from vblk.units import format_size
 
-EXIT_UNREACHABLE = 1
-EXIT_USAGE = 2
 DEFAULT_WATCH_SECONDS = 2.0
 
 # vhost-user.rst "Backend program conventions", vhost-user.json VHostUserBackendCapabilities:
@@ -37,7 +37,7 @@ def print_capabilities(value: bool) -> None:
     other option or argument is looked at."""
     if value:
         typer.echo(json.dumps(CAPABILITIES))
-        raise typer.Exit(0)
+        raise typer.Exit(EXIT_OK)
 
 
 def check_ops_flags(control_socket: Optional[str], metrics_listen: Optional[str],
@@ -66,11 +66,6 @@ def activated_socket() -> Optional[int]:
     return fds[0] if fds else None
 
 
-def _fail(message: str, status: int) -> typer.Exit:
-    print(f"vblk: error: {message}", file=sys.stderr, flush=True)
-    return typer.Exit(status)
-
-
 def stats(
     seconds: Optional[float] = typer.Argument(
         None, metavar="SECONDS", show_default=False,
@@ -88,18 +83,18 @@ def stats(
     """Show a running vblk's requests, bytes, latency, frontend, workers and rate limits."""
     _control_path(control_socket, socket_path)
     if seconds is not None and not watch:
-        raise _fail(f"{seconds:g} seconds means nothing without --watch", EXIT_USAGE)
+        raise fail(f"{seconds:g} seconds means nothing without --watch", EXIT_USAGE)
     interval = DEFAULT_WATCH_SECONDS if seconds is None else seconds
     if not 0 < interval <= 3600:
-        raise _fail(f"--watch {seconds:g} must be more than 0 and at most 3600 seconds", EXIT_USAGE)
+        raise fail(f"--watch {seconds:g} must be more than 0 and at most 3600 seconds", EXIT_USAGE)
     if not 0 < timeout <= 600:
-        raise _fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
+        raise fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
     path = control_socket if control_socket is not None else default_control_path(socket_path)
     if not watch:
         try:
             snap = fetch_stats(path, timeout=timeout)
         except ControlError as exc:
-            raise _fail(str(exc), EXIT_UNREACHABLE) from None
+            raise fail(str(exc), EXIT_FAILED) from None
         typer.echo(json.dumps(snap, sort_keys=True) if as_json else render(snap))
         return
     try:
@@ -128,16 +123,16 @@ def resize(
     try:
         size_bytes = parse_new_size(new_size)
     except ResizeRefused as exc:
-        raise _fail(str(exc), EXIT_USAGE) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     if not 0 < timeout <= 600:
-        raise _fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
+        raise fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
     path = control_path(instance)
     try:
         answer = request(path, {"op": "resize", "size": size_bytes}, timeout=timeout)
     except ControlError as exc:
-        raise _fail(str(exc), EXIT_UNREACHABLE) from None
+        raise fail(str(exc), EXIT_FAILED) from None
     if not answer.get("ok"):
-        raise _fail(f"resize refused: {answer.get('error', 'no reason given')}", EXIT_USAGE)
+        raise fail(f"resize refused: {answer.get('error', 'no reason given')}", EXIT_USAGE)
     typer.echo(describe(answer["old_bytes"], answer["new_bytes"], answer["notified"],
                         answer.get("reason", "")))
 
@@ -172,7 +167,7 @@ def _watch(path: str, interval: float, timeout: float, as_json: bool) -> None:
 
 def _control_path(control_socket: Optional[str], socket_path: Optional[str]) -> str:
     if (control_socket is None) == (socket_path is None):
-        raise _fail("give exactly one of --control-socket and --socket", EXIT_USAGE)
+        raise fail("give exactly one of --control-socket and --socket", EXIT_USAGE)
     return control_socket if control_socket is not None else default_control_path(socket_path)
 
 
@@ -208,16 +203,16 @@ def limit(
         changes = parse_limits(iops=iops, bps=bps, iops_burst=iops_burst, bps_burst=bps_burst,
                                suffix="", burst_needs_rate=False)
     except ConfigError as exc:
-        raise _fail(str(exc), EXIT_USAGE) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     message = {"op": "limit", **changes}
     if not 0 < timeout <= 600:
-        raise _fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
+        raise fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
     try:
         answer = request(path, message, timeout=timeout)
     except ControlError as exc:
-        raise _fail(str(exc), EXIT_UNREACHABLE) from None
+        raise fail(str(exc), EXIT_FAILED) from None
     if not answer.get("ok"):
-        raise _fail(f"{path}: {answer.get('error', 'request failed')}", EXIT_UNREACHABLE)
+        raise fail(f"{path}: {answer.get('error', 'request failed')}", EXIT_FAILED)
     limits = answer["limits"]
     typer.echo(json.dumps(limits, sort_keys=True) if as_json else render_limits(limits))
 

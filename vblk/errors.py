@@ -33,3 +33,10 @@ class RequestError(VblkError):
 class ResizeRefused(VblkError):
     """An operator's resize was refused (bad size, past what the image holds, lock taken);
     nothing was changed."""
+
+
+# Exit statuses, the same for every vblk command and for ``python -m vblk.daemon``.
+EXIT_OK = 0
+EXIT_FAILED = 1         # the work failed: a request failed, vblk could not be reached, ...
+EXIT_USAGE = 2          # bad usage, option, image or range (ConfigError): click's usage status
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)

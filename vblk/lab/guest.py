@@ -49,6 +49,8 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from vblk.errors import EXIT_FAILED, EXIT_OK
+
 __all__ = [
     "GEOMETRY_SCRIPT",
     "GuestBuildError",
@@ -1052,7 +1054,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             img = build_guest(args.cache_dir, rebuild=args.rebuild, verbose=True)
         except GuestBuildError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
         print(f"kernel_version={img.kernel_version}")
         print(f"kernel={img.kernel}")
         print(f"initrd={img.initrd}")
@@ -1062,9 +1064,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
                 print(f"fio_addon={build_fio_addon()}")
             except GuestBuildError as e:
                 print(f"error: {e}", file=sys.stderr)
-                return 1
+                return EXIT_FAILED
         print(f"seconds={time.monotonic() - t0:.1f}")
-        return 0
+        return EXIT_OK
     script = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
     archives = list(args.archive)
     if args.fio:
@@ -1077,7 +1079,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(res.stderr, file=sys.stderr)
     print(f"[exit_status={res.exit_status} seconds={res.seconds:.1f} "
           f"boot={res.boot_seconds}]", file=sys.stderr)
-    return 0 if res.ok else 1
+    return EXIT_OK if res.ok else EXIT_FAILED
 
 
 if __name__ == "__main__":

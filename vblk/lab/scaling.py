@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from vblk.errors import EXIT_OK, EXIT_USAGE
 from vblk.lab.client import run_workload
 from vblk.lab.report import provenance_lines
 from vblk.lab.servers import REPO, Server, copy_image, group_pids, source_version, vblk_command
@@ -172,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         s = scaling(a.image, w, workers=workers, qds=qds, log=sys.stderr)
     except (BenchError, ValueError) as exc:
         print(f"vblk scaling: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(json.dumps(s.to_dict(), indent=2) if a.json else format_scaling(s))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
