@@ -21,9 +21,9 @@ from vblk.cli.errors import fail
 from vblk.cli.lab import bench_command, demo_command
 from vblk.control import check_unix_socket_path
 from vblk.errors import ConfigError
-from vblk.device import U32_MAX, WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG
-from vblk.options import (DiskOptions, ServeConfig, merge_flags, parse_acrn, parse_limits,
-                          parse_socket_mode)
+from vblk.device import WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG
+from vblk.options import (DiskOptions, ServeConfig, default_max_discard_sectors, merge_flags,
+                          parse_acrn, parse_limits, parse_socket_mode)
 
 app = typer.Typer(name="vblk", add_completion=True, no_args_is_help=True,
                   rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -244,7 +244,8 @@ def discard_text(disk: DiskOptions, b) -> str:
         return "off"
     if b.readonly:
         return "off (read-only)"
-    max_sectors = d.max_sectors if d.max_sectors is not None else min(b.size // 512, U32_MAX)
+    max_sectors = (d.max_sectors if d.max_sectors is not None
+                   else default_max_discard_sectors(b.size))
     return (f"on, up to {max_sectors} sectors x {d.max_segments} segments per request, "
             f"alignment {d.alignment or 'none'}")
 

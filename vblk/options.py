@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from vblk.errors import ConfigError
 from vblk.ratelimit import Limits
 from vblk.units import parse_size
+from vblk.virtio.constants import SECTOR_SIZE
 
 BLOCK_SIZES = (512, 1024, 2048, 4096)      # allowed logical and physical block sizes
 SERIAL_MAX_BYTES = 20                      # virtio-blk GET_ID answer
@@ -72,6 +73,12 @@ class DiscardOption:
                               f"1..{MAX_DISCARD_SEGMENTS}")
         if not 0 <= self.alignment <= U32_MAX:
             raise ConfigError(f"discard alignment {self.alignment} is outside 0..{U32_MAX}")
+
+
+def default_max_discard_sectors(size_bytes: int) -> int:
+    """``discard`` without limits, as ACRN has it: a segment may cover the whole disk
+    (``size_bytes`` in 512-byte sectors), as far as the config space's u32 field reaches."""
+    return min(size_bytes // SECTOR_SIZE, U32_MAX)
 
 
 @dataclass(frozen=True, slots=True)

@@ -178,6 +178,14 @@ def test_bare_discard_takes_acrns_defaults_decided_at_open():
     assert d == DiscardOption(None, 1, 0)          # max sectors: the disk's size, at open
 
 
+def test_the_default_discard_limit_is_the_disk_as_far_as_the_u32_reaches():
+    from vblk.options import U32_MAX, default_max_discard_sectors
+    assert default_max_discard_sectors(4 << 20) == 8192
+    assert default_max_discard_sectors(4096 + 100) == 8               # whole sectors only
+    assert default_max_discard_sectors(U32_MAX * 512) == U32_MAX
+    assert default_max_discard_sectors(3 << 40) == U32_MAX            # 3 TiB: clamped
+
+
 @pytest.mark.parametrize("value, want", [
     ("8:1:0", (8, 1, 0)), ("4294967295:256:4294967288", (2 ** 32 - 1, 256, 2 ** 32 - 8)),
     ("65536:4:8", (65536, 4, 8)), ("007:1:0", (7, 1, 0)),
