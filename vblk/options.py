@@ -38,7 +38,7 @@ from vblk.virtio.constants import SECTOR_SIZE
 BLOCK_SIZES = (512, 1024, 2048, 4096)      # allowed logical and physical block sizes
 SERIAL_MAX_BYTES = 20                      # virtio-blk GET_ID answer
 MAX_WORKERS = 64
-MAX_QUEUE_SIZE = 32768
+MAX_SLOTS = 32768                          # --queue-size: request slots shared by all rings
 MAX_QUEUES = 64                            # virtqueues (mq=N, --num-queues)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -164,9 +164,9 @@ class ServeConfig:
             raise ConfigError(f"--fd {self.listen_fd} is not a file descriptor")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"--workers {self.workers} is out of range 1..{MAX_WORKERS}")
-        if not (1 <= self.queue_size <= MAX_QUEUE_SIZE and _is_power_of_two(self.queue_size)):
+        if not (1 <= self.queue_size <= MAX_SLOTS and _is_power_of_two(self.queue_size)):
             raise ConfigError(f"--queue-size {self.queue_size} must be a power of two "
-                              f"in 1..{MAX_QUEUE_SIZE}")
+                              f"in 1..{MAX_SLOTS}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log level {self.log_level!r} is not one of "
                               f"{', '.join(LOG_LEVELS).lower()}")
