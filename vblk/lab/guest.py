@@ -49,7 +49,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from vblk.errors import EXIT_FAILED, EXIT_OK
+from vblk.errors import EXIT_FAILED, EXIT_OK, VblkError
 
 __all__ = [
     "GEOMETRY_SCRIPT",
@@ -156,7 +156,7 @@ echo o > /proc/sysrq-trigger
 """
 
 
-class GuestBuildError(RuntimeError):
+class GuestBuildError(VblkError):
     """The guest image could not be built (missing tool, package or kernel)."""
 
 

@@ -33,6 +33,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Sequence
 
+from vblk.errors import VblkError
 from vblk.virtio.constants import AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE, USED_F_NO_NOTIFY, DescFlag
 from vblk.virtio.ring import (DESC, U16, USED_ELEM, avail_ring_bytes, desc_table_bytes,
                               used_ring_bytes)
@@ -45,7 +46,7 @@ _WRITE = int(DescFlag.WRITE)
 _INDIRECT = int(DescFlag.INDIRECT)
 
 
-class DeviceError(Exception):
+class DeviceError(VblkError):
     """The device broke the split-ring protocol, as seen from the driver."""
 
 
