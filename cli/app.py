@@ -244,8 +244,7 @@ def discard_text(disk: DiskOptions, b) -> str:
         return "off"
     if b.readonly:
         return "off (read-only)"
-    max_sectors = (d.max_sectors if d.max_sectors is not None
-                   else default_max_discard_sectors(b.size))
+    max_sectors = d.max_sectors if d.max_sectors is not None else default_max_discard_sectors(b.size)
     return (f"on, up to {max_sectors} sectors x {d.max_segments} segments per request, "
             f"alignment {d.alignment or 'none'}")
 

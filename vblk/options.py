@@ -33,7 +33,6 @@ from dataclasses import dataclass, field, replace
 from vblk.errors import ConfigError
 from vblk.ratelimit import Limits
 from vblk.units import parse_size
-from vblk.virtio.constants import SECTOR_SIZE
 
 BLOCK_SIZES = (512, 1024, 2048, 4096)      # allowed logical and physical block sizes
 SERIAL_MAX_BYTES = 20                      # virtio-blk GET_ID answer
@@ -56,6 +55,11 @@ _COUNT_SUFFIX = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3}
 _COUNT_RE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)
 
 
+def default_max_discard_sectors(size_bytes: int) -> int:
+    """ACRN's default max_discard_sectors: the whole disk, as far as the u32 field reaches."""
+    return min(size_bytes // 512, U32_MAX)
+
+
 @dataclass(frozen=True, slots=True)
 class DiscardOption:
     """ACRN's ``discard[=A:B:C]``: max sectors per segment (None: the disk's size in sectors,
@@ -73,12 +77,6 @@ class DiscardOption:
                               f"1..{MAX_DISCARD_SEGMENTS}")
         if not 0 <= self.alignment <= U32_MAX:
             raise ConfigError(f"discard alignment {self.alignment} is outside 0..{U32_MAX}")
-
-
-def default_max_discard_sectors(size_bytes: int) -> int:
-    """``discard`` without limits, as ACRN has it: a segment may cover the whole disk
-    (``size_bytes`` in 512-byte sectors), as far as the config space's u32 field reaches."""
-    return min(size_bytes // SECTOR_SIZE, U32_MAX)
 
 
 @dataclass(frozen=True, slots=True)
