@@ -1,4 +1,5 @@
-"""``vblk``: the command line (typer).  ``serve`` a disk, show its ``info``, or run the ``demo``.
+"""``vblk``: the command line (typer).  ``serve`` a disk or show its ``info`` (here); the
+operator's ``stats``, ``resize`` and ``limit`` (``ops``); ``bench`` and ``demo`` (``lab``).
 
 Every command validates everything first (the option string, the flags, the image, its range
 and lock, the socket path) and only then creates or opens anything for writing.  A bad input
@@ -11,24 +12,19 @@ import grp
 import os
 import socket
 import stat
-import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from vblk.cli import ops
-from vblk.cli.bench import bench_command
+from vblk.cli.errors import fail
+from vblk.cli.lab import bench_command, demo_command
 from vblk.control import check_unix_socket_path
 from vblk.errors import ConfigError
-from vblk.logs import configure_logging
 from vblk.device import WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG
 from vblk.listening import check_listen_fd
 from vblk.options import (DiskOptions, ServeConfig, default_max_discard_sectors, merge_flags,
-                          parse_acrn, parse_limits,
-                          parse_socket_mode)
-
-EXIT_CONFIG = 2
+                          parse_acrn, parse_limits, parse_socket_mode)
 
 app = typer.Typer(name="vblk", add_completion=True, no_args_is_help=True,
                   rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -65,12 +61,6 @@ DiscardLimits = typer.Option(None, "--discard-limits", metavar="A:B:C",
                                   "sector alignment (0: none).")
 Serial = typer.Option(None, "--serial", metavar="S", help="Serial number the guest reads (≤ 20 ASCII chars; "
                                              "default derived from the image).")
-
-
-def fail(message: str) -> typer.Exit:
-    """Print the one-line error and return the Exit to raise."""
-    print(f"vblk: error: {message}", file=sys.stderr, flush=True)
-    return typer.Exit(EXIT_CONFIG)
 
 
 def disk_options(spec: str, *, readonly: Optional[bool], writeback: Optional[bool],
@@ -242,27 +232,7 @@ def discard_text(disk: DiskOptions, b) -> str:
             f"alignment {d.alignment or 'none'}")
 
 
-@app.command()
-def demo(
-    image: Optional[str] = typer.Option(None, "--image", metavar="PATH",
-                                        help="Create the demo's 1 GiB image here (a new path; "
-                                             "default: a temporary directory)."),
-    keep: bool = typer.Option(False, "--keep",
-                              help="Keep the temporary directory (image and logs) afterwards."),
-) -> None:
-    """Boot a small Linux guest under QEMU against vblk and show it using the disk."""
-    configure_logging("WARNING")
-    try:
-        from vblk.testing.demo import run_demo
-    except ImportError as e:
-        raise fail(f"the demo is not available: {e}") from None
-    try:
-        status = run_demo(Path(image) if image is not None else None, keep)
-    except ConfigError as e:
-        raise fail(str(e)) from None
-    raise typer.Exit(status or 0)
-
-
+app.command("demo")(demo_command)
 app.command()(ops.stats)
 app.command()(ops.resize)
 app.command()(ops.limit)

@@ -19,11 +19,12 @@ from typing import Optional
 
 import typer
 
+from vblk.cli.errors import fail
 from vblk.control import ControlError, SUFFIX, default_control_path, fetch_stats, request
+from vblk.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vblk.stats import KINDS
+from vblk.units import format_size
 
-EXIT_UNREACHABLE = 1
-EXIT_USAGE = 2
 DEFAULT_WATCH_SECONDS = 2.0
 
 # vhost-user.rst "Backend program conventions", vhost-user.json VHostUserBackendCapabilities:
@@ -36,7 +37,7 @@ def print_capabilities(value: bool) -> None:
     other option or argument is looked at."""
     if value:
         typer.echo(json.dumps(CAPABILITIES))
-        raise typer.Exit(0)
+        raise typer.Exit(EXIT_OK)
 
 
 def check_ops_flags(control_socket: Optional[str], metrics_listen: Optional[str],
@@ -65,11 +66,6 @@ def activated_socket() -> Optional[int]:
     return fds[0] if fds else None
 
 
-def _fail(message: str, status: int) -> typer.Exit:
-    print(f"vblk: error: {message}", file=sys.stderr, flush=True)
-    return typer.Exit(status)
-
-
 def stats(
     seconds: Optional[float] = typer.Argument(
         None, metavar="SECONDS", show_default=False,
@@ -87,18 +83,18 @@ def stats(
     """Show a running vblk's requests, bytes, latency, frontend, workers and rate limits."""
     _control_path(control_socket, socket_path)
     if seconds is not None and not watch:
-        raise _fail(f"{seconds:g} seconds means nothing without --watch", EXIT_USAGE)
+        raise fail(f"{seconds:g} seconds means nothing without --watch", EXIT_USAGE)
     interval = DEFAULT_WATCH_SECONDS if seconds is None else seconds
     if not 0 < interval <= 3600:
-        raise _fail(f"--watch {seconds:g} must be more than 0 and at most 3600 seconds", EXIT_USAGE)
+        raise fail(f"--watch {seconds:g} must be more than 0 and at most 3600 seconds", EXIT_USAGE)
     if not 0 < timeout <= 600:
-        raise _fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
+        raise fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
     path = control_socket if control_socket is not None else default_control_path(socket_path)
     if not watch:
         try:
             snap = fetch_stats(path, timeout=timeout)
         except ControlError as exc:
-            raise _fail(str(exc), EXIT_UNREACHABLE) from None
+            raise fail(str(exc), EXIT_FAILED) from None
         typer.echo(json.dumps(snap, sort_keys=True) if as_json else render(snap))
         return
     try:
@@ -127,16 +123,16 @@ def resize(
     try:
         size_bytes = parse_new_size(new_size)
     except ResizeRefused as exc:
-        raise _fail(str(exc), EXIT_USAGE) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     if not 0 < timeout <= 600:
-        raise _fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
+        raise fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
     path = control_path(instance)
     try:
         answer = request(path, {"op": "resize", "size": size_bytes}, timeout=timeout)
     except ControlError as exc:
-        raise _fail(str(exc), EXIT_UNREACHABLE) from None
+        raise fail(str(exc), EXIT_FAILED) from None
     if not answer.get("ok"):
-        raise _fail(f"resize refused: {answer.get('error', 'no reason given')}", EXIT_USAGE)
+        raise fail(f"resize refused: {answer.get('error', 'no reason given')}", EXIT_USAGE)
     typer.echo(describe(answer["old_bytes"], answer["new_bytes"], answer["notified"],
                         answer.get("reason", "")))
 
@@ -171,7 +167,7 @@ def _watch(path: str, interval: float, timeout: float, as_json: bool) -> None:
 
 def _control_path(control_socket: Optional[str], socket_path: Optional[str]) -> str:
     if (control_socket is None) == (socket_path is None):
-        raise _fail("give exactly one of --control-socket and --socket", EXIT_USAGE)
+        raise fail("give exactly one of --control-socket and --socket", EXIT_USAGE)
     return control_socket if control_socket is not None else default_control_path(socket_path)
 
 
@@ -207,16 +203,16 @@ def limit(
         changes = parse_limits(iops=iops, bps=bps, iops_burst=iops_burst, bps_burst=bps_burst,
                                suffix="", burst_needs_rate=False)
     except ConfigError as exc:
-        raise _fail(str(exc), EXIT_USAGE) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     message = {"op": "limit", **changes}
     if not 0 < timeout <= 600:
-        raise _fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
+        raise fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
     try:
         answer = request(path, message, timeout=timeout)
     except ControlError as exc:
-        raise _fail(str(exc), EXIT_UNREACHABLE) from None
+        raise fail(str(exc), EXIT_FAILED) from None
     if not answer.get("ok"):
-        raise _fail(f"{path}: {answer.get('error', 'request failed')}", EXIT_UNREACHABLE)
+        raise fail(f"{path}: {answer.get('error', 'request failed')}", EXIT_FAILED)
     limits = answer["limits"]
     typer.echo(json.dumps(limits, sort_keys=True) if as_json else render_limits(limits))
 
@@ -227,7 +223,8 @@ def render_limits(limits: dict | None) -> str:
         return "limits: unknown"
     iops = (f"iops limit: {limits['iops']}/s (burst {limits['iops_burst']:g})" if limits["iops"]
             else "iops limit: unlimited")
-    bps = (f"bps limit: {size(limits['bps'])}/s (burst {size(limits['bps_burst'])})"
+    bps = (f"bps limit: {format_size(limits['bps'])}/s "
+           f"(burst {format_size(limits['bps_burst'])})"
            if limits["bps"] else "bps limit: unlimited")
     state = " (now)" if limits.get("throttled_now") else ""
     return (f"{iops} | {bps} | throttled {limits['throttle_events']} times, "
@@ -254,7 +251,7 @@ def render(snap: dict, previous: dict | None = None) -> str:
     disk = snap.get("disk") or {}
     if disk.get("capacity_bytes") is not None:
         n = disk["capacity_bytes"]
-        lines.append(f"disk: {n} bytes ({size(n)}, {n // 512} sectors), "
+        lines.append(f"disk: {n} bytes ({format_size(n)}, {n // 512} sectors), "
                      f"{disk['resizes']} resizes since start")
     if "limits" in snap:
         lines.append(render_limits(snap["limits"]))
@@ -293,12 +290,14 @@ def _queue(snap: dict | None, index: int) -> dict | None:
 
 def _row(name: str, requests: int, nbytes: int, latency: dict, old: dict | None,
          dt: float | None) -> list[str]:
-    row = [name, str(requests), size(nbytes)] + [micros(latency[k]) for k in ("p50", "p99", "p99_9")]
+    row = [name, str(requests), format_size(nbytes)]
+    row += [micros(latency[k]) for k in ("p50", "p99", "p99_9")]
     if dt is not None:
         if old is None:
             row += ["-", "-"]
         else:
-            row += [f"{(requests - old['requests']) / dt:.1f}", size((nbytes - old["bytes"]) / dt)]
+            row += [f"{(requests - old['requests']) / dt:.1f}",
+                    format_size((nbytes - old["bytes"]) / dt)]
     return row
 
 
@@ -309,15 +308,6 @@ def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
         cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
         out.append("  ".join(cells).rstrip())
     return out
-
-
-def size(n: float) -> str:
-    """Bytes in binary units: 512 B, 4.0 KiB, 1.5 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def micros(us: float | None) -> str:

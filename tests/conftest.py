@@ -1,8 +1,9 @@
 """Backends to test the Python frontend against: qemu-storage-daemon (the reference) and vblk.
 
 ``qsd_server(image)`` and ``vblk_server(image, *args)`` start a server on a fresh Unix socket,
-wait until it accepts a connection (failing with its log if it dies first) and stop it at
-teardown. ``backend_server`` is the same thing parametrized over ``BACKENDS``, so a test that
+wait until it accepts a connection (qsd: until it listens, without connecting; see
+``vblk.testing.processes.unix_listening``), failing with its log if it dies first, and stop it
+at teardown. ``backend_server`` is the same thing parametrized over ``BACKENDS``, so a test that
 uses it runs once per backend (select with ``-k qsd`` / ``-k vblk``). When a test fails, the
 log of every server it started is attached to the report.
 """
@@ -20,8 +21,8 @@ from typing import Callable, Sequence
 
 import pytest
 
-from vblk.bench import qsd_command
-from vblk.testing.processes import stop_group
+from vblk.lab.servers import qsd_command
+from vblk.testing.processes import stop_group, unix_listening
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ("qsd", "vblk")
@@ -47,14 +48,21 @@ class Server(str):
         return stop_group(self.proc)
 
 
-def _wait_until_listening(server: Server, timeout: float = START_TIMEOUT) -> None:
+def _wait_until_listening(server: Server, timeout: float = START_TIMEOUT, *,
+                          connect: bool = True) -> None:
+    """Until ``server`` accepts a connection, or with ``connect`` False until it listens (seen
+    in /proc/net/unix, no connection made: what qsd needs, see ``unix_listening``)."""
     deadline = time.monotonic() + timeout
     last = "socket not created"
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             pytest.fail(f"{server.what} exited with status {server.proc.returncode} before "
                         f"listening on {server}:\n{server.log()}", pytrace=False)
-        if os.path.exists(server):
+        if not connect:
+            if unix_listening(server):
+                return
+            last = "not listening"
+        elif os.path.exists(server):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.settimeout(1.0)
                 try:
@@ -76,7 +84,7 @@ class _Launcher:
         self.dirs: list[str] = []
 
     def start(self, what: str, make_cmd: Callable[[str], Sequence[str]], *,
-              cwd: Path | None = None, env: dict | None = None) -> Server:
+              cwd: Path | None = None, env: dict | None = None, connect: bool = True) -> Server:
         d = tempfile.mkdtemp(prefix="vblk-t-", dir="/tmp")     # sun_path holds 107 bytes
         self.dirs.append(d)
         sock = os.path.join(d, f"{what}.sock")
@@ -88,7 +96,7 @@ class _Launcher:
         server = Server(sock)
         server.proc, server.log_path, server.what = proc, log_path, what
         self.servers.append(server)
-        _wait_until_listening(server)
+        _wait_until_listening(server, connect=connect)
         return server
 
     def stop_all(self) -> None:
@@ -114,10 +122,12 @@ def qsd_server(request: pytest.FixtureRequest, tmp_path: Path):
     """qsd_server(image, *extra, num_queues=1, discard=False) -> socket path of a
     qemu-storage-daemon export of the raw image (node ``disk0``); ``extra`` goes on qsd's
     command line (e.g. ``qmp_args(path)``); ``discard=True`` passes the guest's discards to
-    the file (without it qsd still offers DISCARD but completes it without touching the file)."""
+    the file (without it qsd still offers DISCARD but completes it without touching the file).
+    Ready once the socket listens: no probe connection (``unix_listening`` says why)."""
     launcher = _Launcher(request, tmp_path)
     yield lambda image, *extra, num_queues=1, discard=False: launcher.start(
-        "qsd", lambda sock: qsd_command(image, sock, *extra, queues=num_queues, discard=discard))
+        "qsd", lambda sock: qsd_command(image, sock, *extra, queues=num_queues, discard=discard),
+        connect=False)
     launcher.stop_all()
 
 

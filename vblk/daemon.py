@@ -19,11 +19,10 @@ import os
 import pickle
 import sys
 
+from vblk.errors import EXIT_FAILED, EXIT_USAGE
 from vblk.interpreter import origin, python_command, same_origin
 
 CONFIG_ENV = "VBLK_SERVE_CONFIG_FD"
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
 
 
 def exec_serve(config) -> None:
@@ -51,12 +50,12 @@ def main() -> int:
     if fd is None:
         print("vblk: error: python -m vblk.daemon is started by `vblk serve`, not by hand",
               file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     with os.fdopen(int(fd), "rb") as f:
         mismatch = same_origin(f.readline().rstrip(b"\n").decode())
         if mismatch is not None:
             print(f"vblk: error: {mismatch}", file=sys.stderr, flush=True)
-            return EXIT_CONFIG
+            return EXIT_USAGE
         config = pickle.load(f)
     if config.listen_fd is not None:
         flags = fcntl.fcntl(config.listen_fd, fcntl.F_GETFD)
@@ -68,7 +67,7 @@ def main() -> int:
         return serve(config) or 0
     except ConfigError as e:            # e.g. the lock was taken between the check and now
         print(f"vblk: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     except WorkerStartError as e:       # before anything listened
         print(f"vblk: error: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED

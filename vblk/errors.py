@@ -1,4 +1,12 @@
-"""vblk's exceptions, sorted by who broke the rules; each class says what the caller should do."""
+"""vblk's exceptions, sorted by who broke the rules; each class says what the caller should do.
+
+Every error a caller of vblk's modules is meant to catch derives from ``VblkError``: these
+here, and the ones defined beside the code that raises them (``vblk.control.ControlError``,
+the test frontend's ``BackendError`` and its kin, ``vblk.testing.driver.DeviceError``,
+``vblk.testing.qmp.QmpError``, the lab's ``BenchError`` (a ConfigError), ``GuestBenchError``
+(a BackendError) and ``GuestBuildError``). Not in the tree: the vhost-user layer's
+``PeerClosed`` and ``DropConnection``, which are how the transport and the session end a
+connection, and the test driver's ``RingFull`` / ``OutOfGuestMemory`` (wait, then retry)."""
 from __future__ import annotations
 
 
@@ -33,3 +41,10 @@ class RequestError(VblkError):
 class ResizeRefused(VblkError):
     """An operator's resize was refused (bad size, past what the image holds, lock taken);
     nothing was changed."""
+
+
+# Exit statuses, the same for every vblk command and for ``python -m vblk.daemon``.
+EXIT_OK = 0
+EXIT_FAILED = 1         # the work failed: a request failed, vblk could not be reached, ...
+EXIT_USAGE = 2          # bad usage, option, image or range (ConfigError): click's usage status
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)

@@ -32,11 +32,12 @@ from dataclasses import dataclass, field, replace
 
 from vblk.errors import ConfigError
 from vblk.ratelimit import Limits
+from vblk.units import parse_size
 
 BLOCK_SIZES = (512, 1024, 2048, 4096)      # allowed logical and physical block sizes
 SERIAL_MAX_BYTES = 20                      # virtio-blk GET_ID answer
 MAX_WORKERS = 64
-MAX_QUEUE_SIZE = 32768
+MAX_SLOTS = 32768                          # --queue-size: request slots shared by all rings
 MAX_QUEUES = 64                            # virtqueues (mq=N, --num-queues)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -50,8 +51,6 @@ _NOT_YET = {
 U32_MAX = 0xFFFF_FFFF
 MAX_DISCARD_SEGMENTS = 256                 # Linux's MAX_DISCARD_SEGMENTS
 _AIO = "aio= does not apply to vblk: workers use synchronous I/O"
-_SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)", re.IGNORECASE)
 _COUNT_SUFFIX = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3}
 _COUNT_RE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)
 
@@ -163,9 +162,9 @@ class ServeConfig:
             raise ConfigError(f"--fd {self.listen_fd} is not a file descriptor")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"--workers {self.workers} is out of range 1..{MAX_WORKERS}")
-        if not (1 <= self.queue_size <= MAX_QUEUE_SIZE and _is_power_of_two(self.queue_size)):
+        if not (1 <= self.queue_size <= MAX_SLOTS and _is_power_of_two(self.queue_size)):
             raise ConfigError(f"--queue-size {self.queue_size} must be a power of two "
-                              f"in 1..{MAX_QUEUE_SIZE}")
+                              f"in 1..{MAX_SLOTS}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log level {self.log_level!r} is not one of "
                               f"{', '.join(LOG_LEVELS).lower()}")
@@ -231,16 +230,12 @@ def parse_discard(value: str, where: str) -> DiscardOption:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def parse_size(text: str, what: str) -> int:
-    """Bytes with an optional K/M/G/T suffix (powers of 1024): ``4096``, ``64K``, ``1G``."""
-    m = _SIZE_RE.fullmatch(text)
-    if not m:
-        raise ConfigError(f"{what}: {text!r} is not a size (bytes, optionally with K/M/G/T)")
-    return int(m.group(1)) * _SIZE_SUFFIX[m.group(2).upper()]
-
-
 def parse_count(text: str, what: str) -> int:
-    """A whole number with an optional K/M/G suffix (powers of 1000): ``2000``, ``2k``."""
+    """A whole number with an optional K/M/G suffix (powers of 1000): ``2000``, ``2k``.
+
+    Not ``parse_size``: a count of requests per second is decimal, as IOPS figures (and
+    QEMU's ``x-iops-total``) are, while every byte size vblk takes is binary (K = 1024).
+    So ``--iops-limit 2k`` is 2000 requests and ``--bps-limit 2K`` is 2048 bytes."""
     m = _COUNT_RE.fullmatch(text.strip())
     if not m:
         raise ConfigError(f"{what}: {text!r} is not a whole number (optionally with k/M/G)")

@@ -18,7 +18,7 @@ Rules, as a careful operator expects them:
 from __future__ import annotations
 
 from vblk.errors import ConfigError, ResizeRefused
-from vblk.options import parse_size
+from vblk.units import parse_size
 
 MAX_SIZE_BYTES = (1 << 64) - 512       # the capacity field counts 512-byte sectors in a u64
 

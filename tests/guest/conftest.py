@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 
 import pytest
 
-from vblk.testing.guest import GuestBuildError, GuestImage, GuestResult, build_guest, run_guest
-from vblk.testing.processes import stop_group
+from vblk.lab.guest import GuestBuildError, GuestImage, GuestResult, build_guest, run_guest
+from vblk.testing.processes import stop_group, unix_listening
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,14 +86,19 @@ def _short_dir() -> Path:
 
 
 def _wait_for_socket(path: str, proc: subprocess.Popen, log: Path, what: str,
-                     timeout: float = 10.0) -> None:
+                     timeout: float = 10.0, *, connect: bool = True) -> None:
+    """Until ``path`` accepts a connection, or with ``connect`` False until it listens (no
+    connection made: what qsd needs, see ``vblk.testing.processes.unix_listening``)."""
     deadline = time.monotonic() + timeout
     last_err: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"{what} exited with status {proc.returncode} before listening on "
                         f"{path}:\n{_tail(log)}", pytrace=False)
-        if os.path.exists(path):
+        if not connect:
+            if unix_listening(path):
+                return
+        elif os.path.exists(path):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.settimeout(1.0)
@@ -132,7 +137,8 @@ class Served(str):
 
 
 def _start(cmd: Sequence[str], sock: str, log: Path, what: str, *, cwd: Path | None = None,
-           env: dict | None = None, strace_path: Path | None = None) -> Served:
+           env: dict | None = None, strace_path: Path | None = None,
+           connect: bool = True) -> Served:
     cmd = list(cmd)
     if strace_path is not None:
         cmd = ["strace", "-f", "-qq", "--seccomp-bpf", "-ttt", "-e", "trace=fdatasync,fsync",
@@ -146,7 +152,7 @@ def _start(cmd: Sequence[str], sock: str, log: Path, what: str, *, cwd: Path | N
     served = Served(sock)
     served.proc, served.log_path, served.strace_path, served.command = proc, log, strace_path, cmd
     try:
-        _wait_for_socket(sock, proc, log, what)
+        _wait_for_socket(sock, proc, log, what, connect=connect)
     except BaseException:
         served.stop()
         raise
@@ -233,7 +239,7 @@ def serve_qsd(tmp_path: Path):
         if qmp is not None:
             cmd += ["--chardev", f"socket,id=qmp0,path={os.fspath(qmp)},server=on,wait=off",
                     "--monitor", "chardev=qmp0"]
-        served = _start(cmd, sock, log, "qemu-storage-daemon")
+        served = _start(cmd, sock, log, "qemu-storage-daemon", connect=False)
         servers.started.append(served)
         return served
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from vblk.testing.guest import host_fsck, make_image
+from vblk.lab.guest import host_fsck, make_image
 from vblk.testing.restart import RestartingVblk
 
 pytestmark = pytest.mark.guest

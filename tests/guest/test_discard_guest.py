@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from vblk.control import default_control_path, fetch_stats
-from vblk.testing.guest import host_fsck, make_image
+from vblk.lab.guest import host_fsck, make_image
 
 pytestmark = pytest.mark.guest
 

@@ -13,7 +13,7 @@ import hashlib
 import pytest
 
 from vblk.control import fetch_stats
-from vblk.testing.guest import make_image
+from vblk.lab.guest import make_image
 
 pytestmark = pytest.mark.guest
 

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from vblk.testing.guest import make_image
+from vblk.lab.guest import make_image
 
 pytestmark = pytest.mark.guest
 

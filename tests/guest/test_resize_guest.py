@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vblk.testing.guest import make_image
+from vblk.lab.guest import make_image
 from vblk.testing.qmp import Qmp
 
 pytestmark = pytest.mark.guest

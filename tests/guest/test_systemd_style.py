@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vblk.testing.guest import make_image
+from vblk.lab.guest import make_image
 
 pytestmark = pytest.mark.guest
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vblk.testing.guest import (GEOMETRY_SCRIPT, assert_geometry, debugfs_cat, default_pbs,
+from vblk.lab.guest import (GEOMETRY_SCRIPT, assert_geometry, debugfs_cat, default_pbs,
                                 host_fsck, make_image, sha256_file, sync_calls)
 
 pytestmark = pytest.mark.guest

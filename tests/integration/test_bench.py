@@ -172,11 +172,14 @@ def test_compare_json_and_plot(image, tmp_path):
 
 # -- the pure parts, in process ------------------------------------------------------------------
 def test_sizes_workloads_and_percentiles():
-    from vblk.bench import (BenchError, Workload, format_size, latency_summary, parse_size,
-                            split_cache_mode)
-    assert [parse_size(s) for s in ("4k", "128K", "1M", "1GiB", "512")] == \
+    from vblk.lab.compare import split_cache_mode
+    from vblk.lab.workload import BenchError, Workload, latency_summary, size_option
+    from vblk.units import spell_size
+    assert [size_option(s, "--bs") for s in ("4k", "128K", "1M", "1GiB", "512")] == \
         [4096, 131072, MiB, 1 << 30, 512]
-    assert [format_size(n) for n in (4096, 131072, MiB, 1536)] == ["4k", "128k", "1M", "1536"]
+    with pytest.raises(BenchError, match="--bs: '4x' is not a size"):
+        size_option("4x", "--bs")
+    assert [spell_size(n) for n in (4096, 131072, MiB, 1536)] == ["4k", "128k", "1M", "1536"]
     w = Workload.parse("randwrite:128k:8", duration=1.0)
     assert (w.pattern, w.bs, w.qd, w.label) == ("randwrite", 131072, 8, "128k randwrite QD8")
     for bad in ("randread:4k", "randread:4x:1", "randread:4k:0", "scan:4k:1"):

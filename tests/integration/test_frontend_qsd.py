@@ -17,6 +17,7 @@ import pytest
 from vblk.testing.driver import RingLayout
 from vblk.testing.frontend import (DEFAULT_FEATURES, BackendClosed, BackendError, BackendTimeout,
                                    BlkClient, GuestRam, VhostUserFrontend)
+from vblk.testing.processes import unix_listening
 from vblk.vhost_user.messages import ProtocolFeature as P
 from vblk.virtio.blk import BlkConfig
 from vblk.virtio.constants import BlkStatus, BlkType, Feature
@@ -45,6 +46,22 @@ def served(backend_server, image: Path) -> str:
 def host_read(image: Path, offset: int, length: int) -> bytes:
     with open(image, "rb") as f:
         return os.pread(f.fileno(), length, offset)
+
+
+def test_readiness_without_a_connection(qsd_server, image, tmp_path):
+    """qsd_server waits until qsd listens, seen in /proc/net/unix, instead of connecting and
+    hanging up (which, followed by a QMP client, races qsd 7.2's double close of the ended
+    connection's fd: see ``unix_listening``). A bound socket that does not listen yet, and
+    one that is closed, are not ready."""
+    sock = qsd_server(image)
+    assert unix_listening(sock) and unix_listening(os.path.relpath(sock))
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(path)
+        assert not unix_listening(path)
+        s.listen()
+        assert unix_listening(path)
+    assert not unix_listening(path)
 
 
 def test_handshake_reports_the_image_geometry(served):

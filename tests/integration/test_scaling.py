@@ -1,4 +1,4 @@
-"""``python -m vblk.scaling``: IOPS against --workers and queue depth, and PSS, from a real vblk."""
+"""``python -m vblk.lab.scaling``: IOPS against --workers and queue depth, and PSS, from a real vblk."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ def test_scaling_measures_every_point_and_the_memory(tmp_path):
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(16 * MiB)
-    out = subprocess.run([sys.executable, "-m", "vblk.scaling", str(image), "--workers", "1,2",
+    out = subprocess.run([sys.executable, "-m", "vblk.lab.scaling", str(image), "--workers", "1,2",
                           "--qds", "1,4", "--duration", "1", "--json"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -30,7 +30,7 @@ def test_scaling_measures_every_point_and_the_memory(tmp_path):
 
 
 def test_scaling_refuses_a_missing_image(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "vblk.scaling", str(tmp_path / "nope.img")],
+    out = subprocess.run([sys.executable, "-m", "vblk.lab.scaling", str(tmp_path / "nope.img")],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "not a regular file" in out.stderr

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from vblk.bench import BACKENDS, Result, Workload, format_comparison
-from vblk.guestbench import (BEGIN, END, IO_ERRORS, JSON_BEGIN, JSON_END, CpuSampler,
+from vblk.lab.report import format_comparison
+from vblk.lab.servers import BACKENDS
+from vblk.lab.workload import Result, Workload
+from vblk.lab.guestbench import (BEGIN, END, IO_ERRORS, JSON_BEGIN, JSON_END, CpuSampler,
                              GuestComparison, GuestRun, fio_args, fio_reports, guest_script,
                              parse_fio_json)
 
@@ -159,8 +161,8 @@ def _guest_output(reports: list[str], statuses: list[int], io_errors: str = "0")
 
 
 def _collect(output: str, n: int, exit_status: int | None = 0):
-    from vblk.guestbench import _collect as collect
-    from vblk.testing.guest import GuestResult
+    from vblk.lab.guestbench import _collect as collect
+    from vblk.lab.guest import GuestResult
     res = GuestResult(exit_status=exit_status, output=output, seconds=9.0,
                       timed_lines=[(0.1 * i, line) for i, line in enumerate(output.splitlines())],
                       started_at=1000.0)
@@ -182,7 +184,7 @@ def test_collect_turns_reports_into_results_and_counts_failed_fio_runs():
 
 
 def test_collect_fails_loudly_when_the_guest_did_not_deliver():
-    from vblk.guestbench import GuestBenchError
+    from vblk.lab.guestbench import GuestBenchError
     good = (DATA / "fio-randread-4k-qd4.json").read_text()
     with pytest.raises(GuestBenchError, match="no fio output for 4k randread QD4"):
         _collect(_guest_output([good], [0]), 2)

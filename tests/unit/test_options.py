@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vblk.errors import ConfigError
-from vblk.options import (DiscardOption, DiskOptions, ServeConfig, merge_flags, parse_acrn,
-                          parse_size)
+from vblk.options import DiscardOption, DiskOptions, ServeConfig, merge_flags, parse_acrn
+from vblk.units import format_size, parse_size, spell_size
 
 
 def refused(spec: str, *words: str) -> str:
@@ -176,6 +176,14 @@ def test_bare_discard_takes_acrns_defaults_decided_at_open():
     assert parse_acrn("d.img").discard is None
     d = parse_acrn("d.img,discard").discard
     assert d == DiscardOption(None, 1, 0)          # max sectors: the disk's size, at open
+
+
+def test_the_default_discard_limit_is_the_disk_as_far_as_the_u32_reaches():
+    from vblk.options import U32_MAX, default_max_discard_sectors
+    assert default_max_discard_sectors(4 << 20) == 8192
+    assert default_max_discard_sectors(4096 + 100) == 8               # whole sectors only
+    assert default_max_discard_sectors(U32_MAX * 512) == U32_MAX
+    assert default_max_discard_sectors(3 << 40) == U32_MAX            # 3 TiB: clamped
 
 
 @pytest.mark.parametrize("value, want", [
@@ -357,16 +365,38 @@ def test_a_bad_serial_flag_is_refused():
 
 # -- sizes ------------------------------------------------------------------------------------
 
+# One grammar for every size vblk takes (--range, --bps-limit, vblk resize, vblk bench --bs):
+# what --range took before (4K, 2M) and what vblk bench took (128k, 1GiB, 512b) both read.
 @pytest.mark.parametrize("text, n", [("0", 0), ("512", 512), ("4K", 4096), ("4k", 4096),
-                                     ("2M", 2 << 20), ("3G", 3 << 30), ("1T", 1 << 40)])
+                                     ("2M", 2 << 20), ("3G", 3 << 30), ("1T", 1 << 40),
+                                     ("128k", 128 << 10), ("1GiB", 1 << 30), ("4MiB", 4 << 20),
+                                     ("4mib", 4 << 20), ("64KB", 64 << 10), ("64Ki", 64 << 10),
+                                     ("512B", 512), ("512b", 512), (" 16M ", 16 << 20)])
 def test_parse_size(text, n):
     assert parse_size(text, "x") == n
 
 
-@pytest.mark.parametrize("text", ["", "K", "1.5M", "1KB", "1 K", "0x10", "1P"])
+@pytest.mark.parametrize("text", ["", "K", "B", "1.5M", "1 K", "0x10", "1P", "-1", "1KiBB",
+                                  "1KBi", "512iB", "4 KiB", "١٢"])
 def test_parse_size_refuses(text):
     with pytest.raises(ConfigError, match="not a size"):
         parse_size(text, "x")
+
+
+def test_a_flag_range_takes_every_size_spelling():
+    m = merge_flags(parse_acrn("d.img"), range_="0/4MiB")
+    assert (m.range_start, m.range_size) == (0, 4 << 20)
+    assert merge_flags(parse_acrn("d.img"), range_="1KiB/2m").range_start == 1024
+
+
+@pytest.mark.parametrize("n", [512, 1536, 4096, 128 << 10, 3 << 20, 1 << 30, 5 << 40, 7])
+def test_spell_size_is_exact_and_read_back(n):
+    assert parse_size(spell_size(n), "x") == n
+
+
+def test_sizes_for_reading():
+    assert [format_size(n) for n in (0, 512, 1023, 4096, 1536 * 1024, 3 << 30, 2 << 40)] == \
+        ["0 B", "512 B", "1023 B", "4.0 KiB", "1.5 MiB", "3.0 GiB", "2.0 TiB"]
 
 
 # -- ServeConfig ------------------------------------------------------------------------------

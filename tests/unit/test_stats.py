@@ -9,10 +9,11 @@ import tracemalloc
 import msgpack
 import pytest
 
-from vblk.cli.ops import duration, micros, render, size
+from vblk.cli.ops import duration, micros, render
 from vblk.control import ControlServer, parse_listen_address
 from vblk.errors import ConfigError
 from vblk.stats import BUCKETS, KINDS, Stats, percentiles
+from vblk.units import format_size
 from vblk.virtio.constants import BlkStatus, BlkType
 
 
@@ -215,7 +216,7 @@ def test_bad_metrics_listen_addresses(text):
 # -- vblk stats's table --------------------------------------------------------------------------
 
 def test_units_as_an_operator_reads_them():
-    assert [size(n) for n in (0, 512, 4096, 1536 * 1024, 3 << 30)] == \
+    assert [format_size(n) for n in (0, 512, 4096, 1536 * 1024, 3 << 30)] == \
         ["0 B", "512 B", "4.0 KiB", "1.5 MiB", "3.0 GiB"]
     assert [micros(x) for x in (None, 0.4, 48, 1536, 2_500_000)] == \
         ["-", "0µs", "48µs", "1.54ms", "2.50s"]

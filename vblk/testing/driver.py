@@ -33,7 +33,8 @@ import bisect
 from dataclasses import dataclass
 from typing import Sequence
 
-from vblk.virtio.constants import AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY, DescFlag
+from vblk.errors import VblkError
+from vblk.virtio.constants import AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE, USED_F_NO_NOTIFY, DescFlag
 from vblk.virtio.ring import (DESC, U16, USED_ELEM, avail_ring_bytes, desc_table_bytes,
                               used_ring_bytes)
 
@@ -45,7 +46,7 @@ _WRITE = int(DescFlag.WRITE)
 _INDIRECT = int(DescFlag.INDIRECT)
 
 
-class DeviceError(Exception):
+class DeviceError(VblkError):
     """The device broke the split-ring protocol, as seen from the driver."""
 
 
@@ -77,8 +78,8 @@ class RingLayout:
     @classmethod
     def at(cls, gpa: int, size: int) -> "RingLayout":
         """Desc table, avail and used rings packed one after the other from ``gpa``."""
-        if size <= 0 or size & (size - 1) or size > 32768:
-            raise ValueError(f"queue size {size} is not a power of two up to 32768")
+        if size <= 0 or size & (size - 1) or size > MAX_QUEUE_SIZE:
+            raise ValueError(f"queue size {size} is not a power of two up to {MAX_QUEUE_SIZE}")
         desc = _align(gpa, 16)
         avail = desc + desc_table_bytes(size)
         used = _align(avail + avail_ring_bytes(size), 4)

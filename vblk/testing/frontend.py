@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from vblk.errors import FrontendProtocolError
+from vblk.errors import FrontendProtocolError, VblkError
 from vblk.testing.driver import Allocator, RawDesc, RingFull, RingLayout, SplitDriver
 from vblk.vhost_user import messages as m
 from vblk.vhost_user.messages import FrontendReq as R
@@ -75,7 +75,7 @@ DEFAULT_PROTOCOL_FEATURES = (P.MQ.mask | P.REPLY_ACK.mask | P.CONFIG.mask
                              | P.CONFIGURE_MEM_SLOTS.mask)
 
 
-class BackendError(Exception):
+class BackendError(VblkError):
     """The backend under test misbehaved; the message says how."""
 
 

@@ -10,8 +10,10 @@ import json
 import socket
 import time
 
+from vblk.errors import VblkError
 
-class QmpError(Exception):
+
+class QmpError(VblkError):
     """The monitor answered with an error, or not at all."""
 
 

@@ -67,4 +67,4 @@ class BlkStatus(enum.IntEnum):
     UNSUPP = 2
 
 
-MAX_QUEUE_SIZE = 32768
+MAX_QUEUE_SIZE = 32768          # virtio: a split virtqueue has at most 32768 entries

@@ -29,7 +29,7 @@ import struct
 
 from vblk.errors import GuestError, RingBroken
 from vblk.memory import GuestMemory
-from vblk.virtio.constants import AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY, DescFlag
+from vblk.virtio.constants import AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE, USED_F_NO_NOTIFY, DescFlag
 
 DESC = struct.Struct("<QIHH")          # addr, len, flags, next
 USED_ELEM = struct.Struct("<II")       # id, len
@@ -61,8 +61,8 @@ class SplitRing:
     def __init__(self, memory: GuestMemory, size: int, desc_addr: int, avail_addr: int,
                  used_addr: int, *, last_avail_idx: int, indirect: bool,
                  event_idx: bool = False) -> None:
-        if size <= 0 or size & (size - 1) or size > 32768:
-            raise GuestError(f"queue size {size} is not a power of two up to 32768")
+        if size <= 0 or size & (size - 1) or size > MAX_QUEUE_SIZE:
+            raise GuestError(f"queue size {size} is not a power of two up to {MAX_QUEUE_SIZE}")
         self.size = size
         self.memory = memory
         self.indirect = indirect

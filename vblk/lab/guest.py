@@ -20,9 +20,9 @@ Public API::
               bios=None, accel=None, files=None, cmdline_extra="", smp=1,
               archives=()) -> GuestResult
 
-Command line: ``python -m vblk.testing.guest build [--fio]`` builds (or finds) the cached
-image (and the fio add-on of ``vblk.testing.guestaddon``) and prints their paths;
-``python -m vblk.testing.guest run SOCK SCRIPT [--fio] [--archive CPIO]`` boots it once
+Command line: ``python -m vblk.lab.guest build [--fio]`` builds (or finds) the cached
+image (and the fio add-on of ``vblk.lab.guestaddon``) and prints their paths;
+``python -m vblk.lab.guest run SOCK SCRIPT [--fio] [--archive CPIO]`` boots it once
 against a running backend.
 """
 from __future__ import annotations
@@ -48,6 +48,8 @@ import time
 import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
+
+from vblk.errors import EXIT_FAILED, EXIT_OK, VblkError
 
 __all__ = [
     "GEOMETRY_SCRIPT",
@@ -154,7 +156,7 @@ echo o > /proc/sysrq-trigger
 """
 
 
-class GuestBuildError(RuntimeError):
+class GuestBuildError(VblkError):
     """The guest image could not be built (missing tool, package or kernel)."""
 
 
@@ -1027,7 +1029,7 @@ def debugfs_cat(image: Path, path: str) -> bytes:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vblk.testing.guest",
+    ap = argparse.ArgumentParser(prog="python -m vblk.lab.guest",
                                  description="Build or boot vblk's test guest.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build (or find) the cached guest and print its paths")
@@ -1052,23 +1054,23 @@ def _main(argv: Sequence[str] | None = None) -> int:
             img = build_guest(args.cache_dir, rebuild=args.rebuild, verbose=True)
         except GuestBuildError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
         print(f"kernel_version={img.kernel_version}")
         print(f"kernel={img.kernel}")
         print(f"initrd={img.initrd}")
         if args.fio:
-            from vblk.testing.guestaddon import build_fio_addon
+            from vblk.lab.guestaddon import build_fio_addon
             try:
                 print(f"fio_addon={build_fio_addon()}")
             except GuestBuildError as e:
                 print(f"error: {e}", file=sys.stderr)
-                return 1
+                return EXIT_FAILED
         print(f"seconds={time.monotonic() - t0:.1f}")
-        return 0
+        return EXIT_OK
     script = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
     archives = list(args.archive)
     if args.fio:
-        from vblk.testing.guestaddon import build_fio_addon
+        from vblk.lab.guestaddon import build_fio_addon
         archives.append(build_fio_addon())
     res = run_guest(args.socket, script, timeout=args.timeout, bios=args.bios,
                     queue_size=args.queue_size, archives=archives)
@@ -1077,7 +1079,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(res.stderr, file=sys.stderr)
     print(f"[exit_status={res.exit_status} seconds={res.seconds:.1f} "
           f"boot={res.boot_seconds}]", file=sys.stderr)
-    return 0 if res.ok else 1
+    return EXIT_OK if res.ok else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``vblk demo``: serve a fresh sparse image to a real Linux guest and show what it saw.
 
 The demo creates a 1 GiB sparse image, starts ``vblk serve`` on it as a subprocess,
-boots the test guest (see ``vblk.testing.guest``) against it, and in the guest makes
+boots the test guest (see ``vblk.lab.guest``) against it, and in the guest makes
 ext4, mounts it, writes a file, reads it back after dropping caches, and reports the
 disk's size, block sizes and cache mode, the mkfs time, a df line and whether the
 checksum matched.  It prints a short report and returns 0 on success.
@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from vblk.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vblk.interpreter import python_command
-from vblk.testing.guest import GuestBuildError, build_guest, default_accel, run_guest
+from vblk.lab.guest import GuestBuildError, build_guest, default_accel, run_guest
 from vblk.testing.processes import stop_group
+from vblk.units import GiB, format_size
 
-GiB = 1 << 30
 DEMO_FILE_MIB = 8
 
 DEMO_SCRIPT = r"""
@@ -69,17 +70,11 @@ def _wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -
     return f"vblk serve did not listen on {path} within {timeout:.0f} s"
 
 
-def _human(n: int) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 def run_demo(image: Path | None = None, keep: bool = False, *,
              out: TextIO | None = None, timeout: float = 300,
              server_argv: Callable[[Path, str], list[str]] | None = None) -> int:
-    """Run the demo; returns 0 on success, 1 on failure (with the evidence printed).
+    """Run the demo; returns 0 on success, 1 on failure (with the evidence printed), 2 if
+    ``image`` exists.
 
     ``image``: where to create the 1 GiB sparse image (must not exist yet; default: a
     temporary directory).  ``keep``: keep the temporary directory (image, server and
@@ -98,7 +93,7 @@ def run_demo(image: Path | None = None, keep: bool = False, *,
     if image.exists():
         say(f"vblk demo: {image} already exists; the demo formats its image, so give a new path")
         shutil.rmtree(work, ignore_errors=True)
-        return 2
+        return EXIT_USAGE
     image.parent.mkdir(parents=True, exist_ok=True)
     with open(image, "wb") as f:
         f.truncate(GiB)
@@ -109,7 +104,7 @@ def run_demo(image: Path | None = None, keep: bool = False, *,
     ok = False
     try:
         say("vblk demo")
-        say(f"  image      {image} ({_human(GiB)} sparse)")
+        say(f"  image      {image} ({format_size(GiB)} sparse)")
         cmd = (server_argv(image, sock) if server_argv else
                python_command("vblk.cli", "serve", str(image), "--socket-path", sock))
         with open(server_log, "wb") as logf:
@@ -120,7 +115,7 @@ def run_demo(image: Path | None = None, keep: bool = False, *,
         if why:
             say(f"  FAILED     {why}")
             say(_tail(server_log))
-            return 1
+            return EXIT_FAILED
         say(f"  server     {'vblk serve' if not server_argv else Path(cmd[0]).name} "
             f"(pid {proc.pid}) on {sock}")
         t_build = time.monotonic()
@@ -128,7 +123,7 @@ def run_demo(image: Path | None = None, keep: bool = False, *,
             guest = build_guest()
         except GuestBuildError as e:
             say(f"  FAILED     cannot build the test guest: {e}")
-            return 1
+            return EXIT_FAILED
         built = time.monotonic() - t_build
         say(f"  guest      Linux {guest.kernel_version} under QEMU ({default_accel()})"
             + (f", guest built in {built:.0f} s" if built > 1 else ""))
@@ -139,9 +134,9 @@ def run_demo(image: Path | None = None, keep: bool = False, *,
             say(res.describe(40))
             say("--- vblk serve log ---")
             say(_tail(server_log))
-            return 1
+            return EXIT_FAILED
         size = int(v.get("SIZE", "0"))
-        say(f"  disk       /dev/vda {_human(size)} ({size} bytes), logical {v.get('LBS')} B, "
+        say(f"  disk       /dev/vda {format_size(size)} ({size} bytes), logical {v.get('LBS')} B, "
             f"physical {v.get('PBS')} B, {v.get('CACHE')}, "
             f"{'read-only' if v.get('RO') == '1' else 'read-write'}")
         say(f"  mkfs.ext4  {v.get('MKFS_SECONDS')} s")
@@ -160,7 +155,7 @@ def run_demo(image: Path | None = None, keep: bool = False, *,
         if size != GiB:
             say(f"  FAILED     the guest saw {size} bytes, not {GiB}")
         say(f"  result     {'OK' if ok else 'FAILED'} (QEMU ran {res.seconds:.1f} s)")
-        return 0 if ok else 1
+        return EXIT_OK if ok else EXIT_FAILED
     finally:
         if proc is not None:
             stop_group(proc)

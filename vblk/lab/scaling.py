@@ -2,11 +2,11 @@
 
 ``scaling(image, ...)`` serves a copy of ``image`` with vblk once per worker count, runs one
 workload (4 KiB random reads by default) at each queue depth against it with the package's
-bench client (``vblk.bench.run_workload``), and reads the proportional set size (PSS, from
+bench client (``vblk.lab.client.run_workload``), and reads the proportional set size (PSS, from
 ``/proc/PID/smaps_rollup``) of the supervisor and its workers while the deepest run is under
 way -- once counting everything, once without the guest RAM they map from the frontend
 (the frontend's memory, shared with it). ``format_scaling`` prints the table;
-``python -m vblk.scaling IMAGE`` runs it (``vblk bench --scaling IMAGE`` does the same).
+``python -m vblk.lab.scaling IMAGE`` runs it.
 """
 from __future__ import annotations
 
@@ -20,12 +20,15 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vblk.bench import (BenchError, Server, Workload, copy_image, group_pids, provenance_lines,
-                        run_workload, source_version, vblk_command)
+from vblk.errors import EXIT_OK, EXIT_USAGE
+from vblk.lab.client import run_workload
+from vblk.lab.report import provenance_lines
+from vblk.lab.servers import REPO, Server, copy_image, group_pids, source_version, vblk_command
+from vblk.lab.workload import BenchError, Workload
+from vblk.units import MiB
 
 WORKERS = (1, 2, 4, 8)
 QDS = (1, 2, 4, 8, 16, 32, 64)
-MiB = 1 << 20
 
 
 def pss_bytes(pid: int, *, without_guest_ram: bool = False) -> int:
@@ -79,10 +82,9 @@ def scaling(image: str | os.PathLike, workload: Workload, *, workers=WORKERS, qd
     say = (lambda msg: print(msg, file=log, flush=True)) if log else (lambda msg: None)
     work = Path(tempfile.mkdtemp(prefix="vblk-scaling-"))
     sockdir = tempfile.mkdtemp(prefix="vblk-scaling-", dir="/tmp")
-    repo = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
-    result = Scaling(str(src), workload, tuple(workers), tuple(qds), source=source_version(repo))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    result = Scaling(str(src), workload, tuple(workers), tuple(qds), source=source_version())
     result.loadavg.append(os.getloadavg())
     try:
         copy = work / "vblk.img"
@@ -156,7 +158,7 @@ def format_scaling(s: Scaling) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vblk.scaling", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vblk.lab.scaling", description=__doc__.split("\n")[0])
     ap.add_argument("image")
     ap.add_argument("--workload", default="randread:4k", help="PATTERN:BS (default randread:4k)")
     ap.add_argument("--duration", type=float, default=3.0)
@@ -171,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         s = scaling(a.image, w, workers=workers, qds=qds, log=sys.stderr)
     except (BenchError, ValueError) as exc:
         print(f"vblk scaling: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(json.dumps(s.to_dict(), indent=2) if a.json else format_scaling(s))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 Theory of operation
 -------------------
-``bench.serve_pair`` serves two copies of IMAGE, one with ``vblk serve`` and one with
+``compare.serve_pair`` serves two copies of IMAGE, one with ``vblk serve`` and one with
 qemu-storage-daemon, in the same cache mode (write-through by default). Each round boots the
-test guest (``vblk.testing.guest``: Debian's kernel under QEMU, TCG unless real KVM is there)
-once per backend, with the fio add-on archive (``vblk.testing.guestaddon``) appended to its
+test guest (``vblk.lab.guest``: Debian's kernel under QEMU, TCG unless real KVM is there)
+once per backend, with the fio add-on archive (``vblk.lab.guestaddon``) appended to its
 initramfs; the order of the two boots alternates from round to round (vblk first in odd
 rounds, qsd first in even ones) so that a drift of the shared machine hits both alike.
 
@@ -14,8 +14,8 @@ In the guest one scenario runs every workload in turn on ``/dev/vda`` with
 workload's pattern, block size and queue depth; the round's seed, identical for both
 backends) and prints, per workload, a begin and an end marker and then fio's JSON between two
 more markers on the serial console. The host parses the JSON (``parse_fio_json``) into the
-same ``bench.Result`` the frontend benchmark produces, so ``bench.Comparison`` gives the
-medians and the vblk/qsd ratios and ``bench.format_comparison`` prints the table:
+same ``workload.Result`` the frontend benchmark produces, so ``compare.Comparison`` gives
+the medians and the vblk/qsd ratios and ``report.format_comparison`` prints the table:
 
 * IOPS and MB/s are fio's I/O count and bytes over its measured runtime (the ramp excluded);
 * latency percentiles are fio's completion latency (clat: submit to reap, in the guest);
@@ -41,12 +41,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from vblk.bench import (BACKENDS, MiB, BenchError, Comparison, Result, Server, Workload,
-                        parse_size, serve_pair, split_cache_mode)
+from vblk.lab.compare import Comparison, serve_pair, split_cache_mode
+from vblk.lab.servers import BACKENDS, Server
+from vblk.lab.workload import BenchError, Result, Workload, size_option
 from vblk.testing.frontend import BackendError
-from vblk.testing.guest import (GuestBuildError, GuestResult, build_guest, default_accel,
+from vblk.lab.guest import (GuestBuildError, GuestResult, build_guest, default_accel,
                                 run_guest)
-from vblk.testing.guestaddon import build_fio_addon, fio_version
+from vblk.lab.guestaddon import build_fio_addon, fio_version
+from vblk.units import MiB
 
 DEFAULT_RAMP = 1.0
 DEFAULT_MEMORY = "512M"
@@ -327,7 +329,7 @@ def guest_compare(image: str | os.PathLike, workloads: Sequence[Workload], *, ro
         raise BenchError(f"--smp {smp}: 1..64")
     if not 0 <= ramp <= 3600:
         raise BenchError(f"--ramp {ramp:g}: 0..3600 seconds")
-    mem_bytes = parse_size(memory, "--guest-memory")
+    mem_bytes = size_option(memory, "--guest-memory")
     if not 256 * MiB <= mem_bytes <= 64 * 1024 * MiB or mem_bytes % MiB:
         raise BenchError(f"--guest-memory {memory}: whole MiB, 256M..64G")
     memory = f"{mem_bytes // MiB}M"
@@ -383,7 +385,7 @@ def guest_compare(image: str | os.PathLike, workloads: Sequence[Workload], *, ro
         f"{ramp:g} s ramp; latency is fio's clat",
         "boot to scenario (median): " + ", ".join(
             f"{b} {boot[b]:.1f} s" if boot[b] is not None else f"{b} -" for b in BACKENDS)
-        + f"; add-on {addon.stat().st_size / (1 << 20):.0f} MiB"
+        + f"; add-on {addon.stat().st_size / MiB:.0f} MiB"
         + (f"; {io_errors} block-layer errors in the guest kernel log" if io_errors else ""),
     ]
     return result

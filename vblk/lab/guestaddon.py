@@ -1,6 +1,6 @@
 """Add-on archives for the test guest: extra host programs, built once and cached.
 
-The base initramfs (``vblk.testing.guest``) stays small because every guest test boots it.
+The base initramfs (``vblk.lab.guest``) stays small because every guest test boots it.
 A program that only some runs need -- fio for ``vblk bench --guest`` -- goes into its own
 newc cpio archive, which ``run_guest(..., archives=[path])`` appends after the base archive
 (the kernel unpacks concatenated archives in turn, later files over earlier ones).
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vblk.testing.guest import (GuestBuildError, _dir, _Entry, _file, _ldd_libraries, cache_root,
+from vblk.lab.guest import (GuestBuildError, _dir, _Entry, _file, _ldd_libraries, cache_root,
                                 newc_archive)
 
 __all__ = ["ADDON_BUILDER_VERSION", "FIO", "addon_cache_dir", "build_fio_addon",

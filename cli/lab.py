@@ -1,0 +1,336 @@
+"""The lab's commands: ``vblk bench`` (measure a vhost-user-blk backend, or compare vblk with
+qemu-storage-daemon) and ``vblk demo`` (boot the test guest on vblk). Both drive ``vblk.lab``,
+imported only when the command runs.
+
+``bench --socket PATH`` runs one workload against whatever listens there (vblk,
+qemu-storage-daemon, any vhost-user-blk backend) with the package's own frontend and prints
+IOPS, MB/s, latency percentiles and the client's CPU share (``--json`` for a machine).
+``bench --compare IMAGE`` serves two copies of IMAGE with both backends and runs a list of
+workloads against each, alternately.
+
+Exit status: 0; 1 if a request failed or the backend misbehaved; 2 for a bad option (one line
+``vblk: error: ...`` on stderr, as every vblk command does); 130 on Ctrl-C.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional, TextIO
+
+import typer
+
+from vblk.cli.errors import fail
+from vblk.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from vblk.lab.workload import Workload
+    from vblk.ratelimit import Limits
+
+
+HELP = """Measure a vhost-user-blk backend (--socket), or compare vblk with qemu-storage-daemon
+on copies of one image (--compare).
+
+Patterns: randread, randwrite, read, write, randrw (--rwmix: percent reads). --qd is the
+number of requests in flight per queue. Latency runs from the publish of a request to the
+reap that sees it done. MB/s are 10^6 bytes.
+
+--compare starts `vblk serve` and qemu-storage-daemon in the same cache mode (--cache, or
+--writeback/--writethru inside --vblk-args; default writethrough, vblk's default) and runs
+each workload (--workload PATTERN:BS:QD, repeatable; default 4k randread QD1 and QD32, 128k
+read and write QD8, 4k randwrite QD32) against both, alternately, for --rounds rounds, then
+prints medians and the ratio vblk/qsd. --plot FILE.png adds a queue-depth sweep (QD 1..32 of
+--plot-workload) and draws it (needs matplotlib).
+
+--compare IMAGE --guest runs the same comparison with fio (libaio, O_DIRECT, JSON output) inside
+vblk's test guest (QEMU, TCG without real KVM): one boot per backend per round, order
+alternating, every workload for --duration seconds after a --ramp; --smp and --guest-memory size
+the guest. Needs fio on the host (apt-get install fio): it is copied into a cached add-on."""
+
+
+def bench_command(
+    socket_path: Optional[str] = typer.Option(None, "--socket", metavar="PATH",
+                                              help="The vhost-user-blk socket to load."),
+    compare_image: Optional[str] = typer.Option(None, "--compare", metavar="IMAGE",
+                                                help="Compare vblk with qemu-storage-daemon "
+                                                     "on two copies of IMAGE."),
+    pattern: Optional[str] = typer.Option(None, "--pattern", metavar="PATTERN",
+                                          help="randread|randwrite|read|write|randrw "
+                                               "(default randread)."),
+    rwmix: int = typer.Option(50, "--rwmix", metavar="PCT", help="randrw: percent of reads."),
+    bs: Optional[str] = typer.Option(None, "--bs", metavar="SIZE",
+                                     help="Block size, K/M suffixes (default 4k)."),
+    qd: Optional[int] = typer.Option(None, "--qd", metavar="N",
+                                     help="Requests in flight per queue (default 1)."),
+    duration: Optional[float] = typer.Option(None, "--duration", metavar="SECONDS",
+                                             help="Run this long (default 5) ..."),
+    ops: Optional[int] = typer.Option(None, "--ops", metavar="N", help="... or this many requests."),
+    queues: int = typer.Option(1, "--queues", metavar="N",
+                               help="Virtqueues to use (no more than the backend offers)."),
+    size: Optional[str] = typer.Option(None, "--size", metavar="SIZE",
+                                       help="Bytes of the region tested (default: to the end "
+                                            "of the disk)."),
+    offset: str = typer.Option("0", "--offset", metavar="SIZE", help="Start of the region."),
+    seed: int = typer.Option(1, "--seed", metavar="N", help="Seed of offsets and data."),
+    timeout: float = typer.Option(10.0, "--timeout", metavar="SECONDS",
+                                  help="Fail when nothing completes for this long."),
+    busy_poll: bool = typer.Option(False, "--busy-poll",
+                                   help="Spin on the used ring instead of sleeping on the "
+                                        "call eventfd (burns a core)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                            help="Progress on stderr (default: on a terminal)."),
+    workload: Optional[List[str]] = typer.Option(None, "--workload", metavar="PATTERN:BS:QD",
+                                                 help="--compare: a workload, repeatable."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", metavar="N",
+                                         help="--compare: rounds, A B A B (default 3)."),
+    vblk_args: Optional[str] = typer.Option(None, "--vblk-args", metavar="ARGS",
+                                            help="--compare: more `vblk serve` options, e.g. "
+                                                 "'--workers 2 --writeback'."),
+    cache: Optional[str] = typer.Option(None, "--cache", metavar="MODE",
+                                        help="--compare: writethrough or writeback, for both."),
+    plot: Optional[str] = typer.Option(None, "--plot", metavar="FILE.png",
+                                       help="--compare: add a QD sweep and draw it here."),
+    plot_workload: Optional[str] = typer.Option(None, "--plot-workload", metavar="PATTERN:BS",
+                                                help="--compare: the sweep's workload "
+                                                     "(default randread:4k)."),
+    workdir: Optional[str] = typer.Option(None, "--workdir", metavar="DIR",
+                                          help="--compare: where the image copies go "
+                                               "(default $TMPDIR)."),
+    keep: bool = typer.Option(False, "--keep", help="--compare: keep the copies and logs."),
+    limit_iops: Optional[str] = typer.Option(None, "--limit-iops", metavar="N",
+                                             help="--socket: the IOPS limit the backend should "
+                                                  "hold; prints achieved/limit (default: asked "
+                                                  "of a vblk's control socket, SOCKET.ctl)."),
+    limit_bps: Optional[str] = typer.Option(None, "--limit-bps", metavar="SIZE",
+                                            help="--socket: the bytes/s limit, likewise."),
+    guest: bool = typer.Option(False, "--guest",
+                               help="--compare: run fio inside the test guest (QEMU) against "
+                                    "each backend instead of the Python frontend."),
+    ramp: Optional[float] = typer.Option(None, "--ramp", metavar="SECONDS",
+                                         help="--guest: fio's ramp before each workload "
+                                              "(default 1)."),
+    smp: Optional[int] = typer.Option(None, "--smp", metavar="N",
+                                      help="--guest: the guest's vCPUs (default 1)."),
+    guest_memory: Optional[str] = typer.Option(None, "--guest-memory", metavar="SIZE",
+                                               help="--guest: the guest's RAM (default 512M)."),
+) -> None:
+    from vblk.lab.workload import BenchError
+    from vblk.testing.frontend import BackendError
+
+    show = progress if progress is not None else sys.stderr.isatty()
+    limits_given = limit_iops is not None or limit_bps is not None
+    try:
+        _check_modes(socket_path, compare_image, guest, limits_given=limits_given,
+                     compare_only={"--workload": workload, "--rounds": rounds,
+                                   "--vblk-args": vblk_args, "--cache": cache, "--plot": plot,
+                                   "--plot-workload": plot_workload, "--workdir": workdir,
+                                   "--keep": keep or None},
+                     guest_only={"--ramp": ramp, "--smp": smp, "--guest-memory": guest_memory},
+                     frontend_only={"--ops": ops, "--busy-poll": busy_poll or None,
+                                    "--plot": plot, "--plot-workload": plot_workload,
+                                    "--queues": queues if queues != 1 else None})
+        plan = _plan(pattern=pattern, bs=bs, qd=qd, rwmix=rwmix, queues=queues,
+                     duration=duration, ops=ops, size=size, offset=offset, seed=seed,
+                     timeout=timeout, specs=workload, plot=plot, plot_workload=plot_workload,
+                     limit_iops=limit_iops, limit_bps=limit_bps,
+                     listed=compare_image is not None)
+        if socket_path is not None and not os.path.exists(socket_path):
+            raise BenchError(f"--socket {socket_path}: no such socket")
+    except BenchError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+
+    log = sys.stderr if show else None
+    rounds = 3 if rounds is None else rounds
+    try:
+        if guest:
+            errors = _run_guest(compare_image, plan, rounds=rounds, ramp=ramp, smp=smp,
+                                memory=guest_memory, vblk_args=vblk_args or "", cache=cache,
+                                workdir=workdir, keep=keep, as_json=as_json, log=log)
+        elif socket_path is not None:
+            errors = _run_socket(socket_path, plan, timeout=timeout, busy_poll=busy_poll,
+                                 limits_given=limits_given, as_json=as_json, log=log)
+        else:
+            errors = _run_compare(compare_image, plan, rounds=rounds, vblk_args=vblk_args or "",
+                                  cache=cache, workdir=workdir, keep=keep, timeout=timeout,
+                                  busy_poll=busy_poll, plot=plot, as_json=as_json, log=log)
+    except BenchError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+    except BackendError as exc:
+        raise fail(f"backend: {exc}", EXIT_FAILED) from None
+    except OSError as exc:
+        raise fail(str(exc), EXIT_FAILED) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", EXIT_INTERRUPTED) from None
+    if errors:
+        raise fail(f"{errors} requests failed", EXIT_FAILED)
+
+
+bench_command.__doc__ = HELP
+
+
+def _first_given(options: dict[str, object]) -> str | None:
+    """The first option name whose value was given (is not None)."""
+    return next((name for name, value in options.items() if value is not None), None)
+
+
+def _check_modes(socket_path: str | None, compare_image: str | None, guest: bool, *,
+                 limits_given: bool, compare_only: dict, guest_only: dict,
+                 frontend_only: dict) -> None:
+    """BenchError unless the options given belong to the mode chosen: --socket, --compare,
+    or --compare --guest."""
+    from vblk.lab.workload import BenchError
+    if (socket_path is None) == (compare_image is None):
+        raise BenchError("give exactly one of --socket PATH and --compare IMAGE")
+    if guest and compare_image is None:
+        raise BenchError("--guest goes with --compare IMAGE")
+    if not guest and (name := _first_given(guest_only)):
+        raise BenchError(f"{name} goes with --guest")
+    if guest and (name := _first_given(frontend_only)):
+        raise BenchError(f"{name} does not go with --guest (fio runs each "
+                         "workload for --duration seconds on one queue)")
+    if socket_path is not None and (name := _first_given(compare_only)):
+        raise BenchError(f"{name} goes with --compare, not --socket")
+    if socket_path is None and limits_given:
+        raise BenchError("--limit-iops/--limit-bps go with --socket, not --compare")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What bench runs: the one workload (--socket), the list (--compare), the sweep (--plot)
+    and the limits the backend should hold (--limit-iops/--limit-bps)."""
+    single: Workload
+    workloads: list[Workload]
+    sweep: Workload | None
+    expected: Limits
+
+
+def _plan(*, pattern: str | None, bs: str | None, qd: int | None, rwmix: int, queues: int,
+          duration: float | None, ops: int | None, size: str | None, offset: str, seed: int,
+          timeout: float, specs: list[str] | None, plot: str | None,
+          plot_workload: str | None, limit_iops: str | None, limit_bps: str | None,
+          listed: bool) -> _Plan:
+    """The workloads from the options, every check that needs no backend done (BenchError);
+    ``listed``: --compare's list and sweep too (--socket runs only the single workload)."""
+    from vblk.errors import ConfigError
+    from vblk.lab.plot import check_plot_support
+    from vblk.lab.workload import (DEFAULT_DURATION, DEFAULT_WORKLOADS, BenchError, Workload,
+                                   size_option)
+    from vblk.options import parse_limits
+    try:
+        expected = parse_limits(iops=limit_iops, bps=limit_bps, suffix="", prefix="--limit-")
+    except ConfigError as exc:
+        raise BenchError(str(exc)) from None
+    if duration is not None and ops is not None:
+        raise BenchError("give --duration or --ops, not both")
+    common = dict(rwmix=rwmix, queues=queues,
+                  duration=None if ops is not None else (duration or DEFAULT_DURATION),
+                  ops=ops, offset=size_option(offset, "--offset"), seed=seed,
+                  size=None if size is None else size_option(size, "--size"))
+    if not 0 < timeout <= 3600:
+        raise BenchError(f"--timeout {timeout:g}: more than 0, at most 3600 seconds")
+    single = Workload(pattern=pattern or "randread",
+                      bs=size_option(bs, "--bs") if bs is not None else 4096,
+                      qd=1 if qd is None else qd, **common).checked()
+    if not listed:
+        return _Plan(single, [single], None, expected)
+    explicit = pattern is not None or bs is not None or qd is not None
+    if explicit and specs:
+        raise BenchError("give --workload, or --pattern/--bs/--qd, not both")
+    chosen = specs or ([] if explicit else list(DEFAULT_WORKLOADS))
+    workloads = [Workload.parse(s, **common) for s in chosen] or [single]
+    sweep = None
+    if plot is not None:
+        check_plot_support()
+        sweep = Workload.parse((plot_workload or "randread:4k") + ":1", **common)
+    elif plot_workload is not None:
+        raise BenchError("--plot-workload goes with --plot")
+    return _Plan(single, workloads, sweep, expected)
+
+
+def _run_socket(socket_path: str, plan: _Plan, *, timeout: float, busy_poll: bool,
+                limits_given: bool, as_json: bool, log: TextIO | None) -> int:
+    """--socket: one run against whatever listens there; returns the failed requests."""
+    from vblk.lab.client import backend_limits, run_workload
+    from vblk.lab.report import ProgressLine, format_result
+    single = plan.single
+    line = ProgressLine(log, single.label, single) if log else None
+    try:
+        result = run_workload(socket_path, single, timeout=timeout, busy_poll=busy_poll,
+                              progress=line, backend=socket_path)
+    finally:
+        if line:
+            line.finish()
+    if limits_given:
+        result.limit_iops, result.limit_bps = plan.expected.iops, plan.expected.bps
+        result.limit_source = "--limit-iops/--limit-bps"
+    else:
+        known = backend_limits(socket_path)
+        if known is not None and any(known):
+            result.limit_iops, result.limit_bps = known
+            result.limit_source = "vblk control socket"
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_result(result))
+    return result.errors
+
+
+def _run_compare(image: str, plan: _Plan, *, rounds: int, vblk_args: str, cache: str | None,
+                 workdir: str | None, keep: bool, timeout: float, busy_poll: bool,
+                 plot: str | None, as_json: bool, log: TextIO | None) -> int:
+    """--compare: vblk and qsd, alternately, with the Python frontend (and the sweep)."""
+    from vblk.lab.compare import compare
+    from vblk.lab.plot import plot_sweep
+    from vblk.lab.report import format_comparison
+    comparison = compare(image, plan.workloads, rounds=rounds, vblk_args=vblk_args, cache=cache,
+                         workdir=workdir, keep=keep, sweep=plan.sweep, timeout=timeout,
+                         busy_poll=busy_poll, progress=log, log=log)
+    if plot is not None:
+        plot_sweep(comparison, plot)
+    if as_json:
+        data = comparison.to_dict()
+        data["plot"] = plot
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        typer.echo(format_comparison(comparison))
+        if plot is not None:
+            typer.echo(f"plot: {plot}")
+    return comparison.errors
+
+
+def _run_guest(image: str, plan: _Plan, *, rounds: int, ramp: float | None, smp: int | None,
+               memory: str | None, vblk_args: str, cache: str | None, workdir: str | None,
+               keep: bool, as_json: bool, log: TextIO | None) -> int:
+    """--compare --guest: vblk and qsd, alternately, with fio in the test guest."""
+    from vblk.lab import guestbench
+    from vblk.lab.report import format_comparison
+    comparison = guestbench.guest_compare(
+        image, plan.workloads, rounds=rounds,
+        ramp=guestbench.DEFAULT_RAMP if ramp is None else ramp, smp=1 if smp is None else smp,
+        memory=memory or guestbench.DEFAULT_MEMORY, vblk_args=vblk_args, cache=cache,
+        workdir=workdir, keep=keep, log=log)
+    typer.echo(json.dumps(comparison.to_dict(), indent=2) if as_json
+               else format_comparison(comparison))
+    return comparison.errors
+
+
+def demo_command(
+    image: Optional[str] = typer.Option(None, "--image", metavar="PATH",
+                                        help="Create the demo's 1 GiB image here (a new path; "
+                                             "default: a temporary directory)."),
+    keep: bool = typer.Option(False, "--keep",
+                              help="Keep the temporary directory (image and logs) afterwards."),
+) -> None:
+    """Boot a small Linux guest under QEMU against vblk and show it using the disk."""
+    from vblk.errors import ConfigError
+    from vblk.logs import configure_logging
+    configure_logging("WARNING")
+    try:
+        from vblk.lab.demo import run_demo
+    except ImportError as e:
+        raise fail(f"the demo is not available: {e}", EXIT_USAGE) from None
+    try:
+        status = run_demo(Path(image) if image is not None else None, keep)
+    except ConfigError as e:
+        raise fail(str(e), EXIT_USAGE) from None
+    raise typer.Exit(status or EXIT_OK)

@@ -1,0 +1,212 @@
+"""vblk against qemu-storage-daemon on two copies of one image (``vblk bench --compare``).
+
+``serve_pair`` serves two fresh copies of one image (vblk takes an exclusive lock) with
+vblk and qsd in the same cache mode; ``compare`` runs each workload against both,
+alternately, for several rounds, and ``Comparison`` keeps every run and gives the medians
+and the ratio vblk/qsd. Knows the pair and the rounds; the load itself is ``client``'s.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import statistics
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Sequence, TextIO
+
+from vblk.lab.client import run_workload
+from vblk.lab.report import ProgressLine
+from vblk.lab.servers import (BACKENDS, Server, copy_image, qsd_command, source_version,
+                              vblk_command)
+from vblk.lab.workload import BenchError, Result, Workload
+from vblk.testing.frontend import BackendError
+from vblk.units import MiB, spell_size
+
+SWEEP_QDS = (1, 2, 4, 8, 16, 32)
+
+
+def split_cache_mode(vblk_args: str, cache: str | None) -> tuple[bool, list[str]]:
+    """(writethrough?, vblk's extra args without the cache flag) from --vblk-args/--cache."""
+    try:
+        args = shlex.split(vblk_args)
+    except ValueError as exc:
+        raise BenchError(f"--vblk-args {vblk_args!r}: {exc}") from None
+    flags = [a for a in args if a in ("--writeback", "--writethru")]
+    rest = [a for a in args if a not in ("--writeback", "--writethru")]
+    implied = None if not flags else ("writeback" if flags[-1] == "--writeback" else "writethrough")
+    if cache is not None and cache not in ("writethrough", "writeback"):
+        raise BenchError(f"--cache {cache!r}: writethrough or writeback")
+    if cache is not None and implied is not None and cache != implied:
+        raise BenchError(f"--cache {cache} contradicts {flags[-1]} in --vblk-args")
+    mode = cache or implied or "writethrough"
+    for bad in ("--socket-path", "--fd", "--log-level"):
+        if any(a == bad or a.startswith(bad + "=") for a in rest):
+            raise BenchError(f"--vblk-args: {bad} is set by vblk bench")
+    return mode == "writethrough", rest
+
+
+@dataclass
+class Comparison:
+    """Everything ``compare`` measured: per workload, every run of both backends."""
+    image: str
+    writethrough: bool
+    rounds: int
+    commands: dict[str, list[str]]
+    runs: dict[str, dict[str, list[Result]]] = field(default_factory=dict)   # label -> backend
+    sweep: dict[int, dict[str, list[Result]]] = field(default_factory=dict)  # qd -> backend
+    sweep_label: str = ""
+    loadavg: list[tuple[float, float, float]] = field(default_factory=list)   # start, end
+    source: str | None = None            # the vblk code that was served (git)
+    load: str = "frontend"               # what made the load: "frontend" or "guest" (fio)
+    notes: list[str] = field(default_factory=list)   # more header lines for the table
+
+    @staticmethod
+    def medians(results: list[Result]) -> dict:
+        def med(values: list[float | None]) -> float | None:
+            values = [v for v in values if v is not None]
+            return statistics.median(values) if values else None
+        return {"iops": med([r.iops for r in results]),
+                "mb_per_s": med([r.mb_per_s for r in results]),
+                "p50_us": med([r.lat_us["p50"] for r in results]),
+                "p99_us": med([r.lat_us["p99"] for r in results]),
+                "p99_9_us": med([r.lat_us["p99_9"] for r in results]),
+                "client_cpu_pct": med([r.client_cpu for r in results]),
+                "server_cpu_pct": med([r.server_cpu for r in results]),
+                "errors": sum(r.errors for r in results),
+                "iops_range": [min(r.iops for r in results), max(r.iops for r in results)]}
+
+    @staticmethod
+    def ratios(a: dict, b: dict) -> dict:
+        def ratio(x: float | None, y: float | None) -> float | None:
+            return None if not x or not y else x / y
+        return {k: ratio(a[k], b[k]) for k in ("iops", "mb_per_s", "p50_us")}
+
+    @property
+    def errors(self) -> int:
+        return sum(r.errors for group in (*self.runs.values(), *self.sweep.values())
+                   for results in group.values() for r in results)
+
+    def to_dict(self) -> dict:
+        def rows(groups: dict) -> list[dict]:
+            out = []
+            for key, by_backend in groups.items():
+                med = {b: self.medians(rs) for b, rs in by_backend.items()}
+                out.append({"workload": next(iter(by_backend.values()))[0].workload.label,
+                            "qd": next(iter(by_backend.values()))[0].workload.qd,
+                            "median": med, "ratio_vblk_qsd": self.ratios(med["vblk"], med["qsd"]),
+                            "runs": {b: [r.to_dict() for r in rs] for b, rs in by_backend.items()}})
+            return out
+        return {"image": self.image, "cache": "writethrough" if self.writethrough else "writeback",
+                "rounds": self.rounds, "commands": self.commands, "errors": self.errors,
+                "workloads": rows(self.runs), "sweep": rows(self.sweep),
+                "sweep_workload": self.sweep_label or None, "loadavg": self.loadavg,
+                "vblk_source": self.source, "load": self.load, "notes": self.notes}
+
+
+@dataclass
+class ServedPair:
+    """vblk and qsd serving two fresh copies of one image (``serve_pair``)."""
+    image: Path
+    writethrough: bool
+    commands: dict[str, list[str]]
+    servers: dict[str, Server]
+    source: str | None                   # the vblk code that is served (git)
+    workdir: Path
+
+
+@contextlib.contextmanager
+def serve_pair(image: str | os.PathLike, *, vblk_args: str = "", cache: str | None = None,
+               queues: int = 1, workdir: str | None = None, keep: bool = False,
+               log: TextIO | None = None) -> Iterator[ServedPair]:
+    """Copy ``image`` twice, serve one copy with ``vblk serve`` and the other with
+    qemu-storage-daemon in the same cache mode, wait until both listen; on exit stop both and
+    remove the copies (unless ``keep``). BenchError for a bad option, before anything starts."""
+    src = Path(image)
+    if not src.is_file():
+        raise BenchError(f"--compare {image}: not a regular file")
+    if shutil.which("qemu-storage-daemon") is None:
+        raise BenchError("--compare needs qemu-storage-daemon on PATH (Debian: qemu-system-common)")
+    writethrough, extra = split_cache_mode(vblk_args, cache)
+    if workdir is not None and "," in os.path.abspath(workdir):
+        raise BenchError(f"--workdir {workdir}: a path with a comma cannot be an image spec")
+    work = Path(tempfile.mkdtemp(prefix="vblk-bench-", dir=workdir))
+    sockdir = tempfile.mkdtemp(prefix="vblk-bench-", dir="/tmp")    # sun_path is short
+    servers: dict[str, Server] = {}
+    say = (lambda msg: print(msg, file=log, flush=True)) if log else (lambda msg: None)
+    try:
+        if "," in str(work):
+            raise BenchError(f"--workdir {work}: a path with a comma cannot be an image spec")
+        images = {b: work / f"{b}.img" for b in BACKENDS}
+        say(f"copying {src} ({src.stat().st_size / MiB:,.0f} MiB) twice into {work}")
+        for path in images.values():
+            copy_image(src, path)
+        socks = {b: os.path.join(sockdir, f"{b}.sock") for b in BACKENDS}
+        commands = {"vblk": vblk_command(images["vblk"], socks["vblk"], writethrough=writethrough,
+                                         extra=extra),
+                    "qsd": qsd_command(images["qsd"], socks["qsd"], writethrough=writethrough,
+                                       queues=queues)}
+        for b in BACKENDS:
+            servers[b] = Server(b, commands[b], socks[b], work / f"{b}.log")
+        for server in servers.values():
+            server.wait_listening()
+        yield ServedPair(src, writethrough, commands, servers, source_version(), work)
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if keep:
+            say(f"kept {work} (image copies and server logs)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(image: str | os.PathLike, workloads: Sequence[Workload], *, rounds: int = 3,
+            vblk_args: str = "", cache: str | None = None, workdir: str | None = None,
+            keep: bool = False, sweep: Workload | None = None, timeout: float = 10.0,
+            busy_poll: bool = False, progress: TextIO | None = None,
+            log: TextIO | None = None) -> Comparison:
+    """Serve two copies of ``image`` with vblk and qsd and run every workload against both,
+    A B A B, ``rounds`` times (round r uses seed + r for both). ``sweep`` adds the same runs
+    at each queue depth of SWEEP_QDS. Writes go to the copies, identically on both."""
+    if not 1 <= rounds <= 100:
+        raise BenchError(f"--rounds {rounds}: 1..100")
+    queues = max(w.queues for w in [*workloads, *([sweep] if sweep else [])])
+    with serve_pair(image, vblk_args=vblk_args, cache=cache, queues=queues, workdir=workdir,
+                    keep=keep, log=log) as pair:
+        servers = pair.servers
+        result = Comparison(str(pair.image), pair.writethrough, rounds, pair.commands,
+                            source=pair.source)
+        result.loadavg.append(os.getloadavg())
+
+        def one(tag: str, w: Workload, b: str) -> Result:
+            server = servers[b]
+            server.check_alive()
+            line = ProgressLine(progress, f"{tag} {b:<4} {w.label:<18}", w) if progress else None
+            try:
+                return run_workload(server.sock, w, timeout=timeout, busy_poll=busy_poll,
+                                    progress=line, cpu_probe=server.cpu_seconds, backend=b)
+            except BackendError as exc:
+                raise BackendError(f"{b}, {w.label}: {exc}; log: {server.log_tail(600)}") from exc
+            finally:
+                if line:
+                    line.finish()
+
+        for r in range(rounds):
+            for w in workloads:
+                wr = replace(w, seed=w.seed + r)
+                group = result.runs.setdefault(w.label, {b: [] for b in BACKENDS})
+                for b in BACKENDS:
+                    group[b].append(one(f"[{r + 1}/{rounds}]", wr, b))
+        if sweep is not None:
+            result.sweep_label = f"{spell_size(sweep.bs)} {sweep.pattern}, QD {SWEEP_QDS}"
+            for r in range(rounds):
+                for qd in SWEEP_QDS:
+                    wr = replace(sweep, qd=qd, seed=sweep.seed + r)
+                    group = result.sweep.setdefault(qd, {b: [] for b in BACKENDS})
+                    for b in BACKENDS:
+                        group[b].append(one(f"[sweep {r + 1}/{rounds}]", wr, b))
+        result.loadavg.append(os.getloadavg())
+        return result
