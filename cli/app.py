@@ -9,9 +9,6 @@ same status click gives a usage error.
 from __future__ import annotations
 
 import grp
-import os
-import socket
-import stat
 from typing import Optional
 
 import typer
@@ -20,11 +17,18 @@ from vblk.cli import ops
 from vblk.cli.errors import fail
 from vblk.cli.lab import bench_command, demo_command
 from vblk.control import check_unix_socket_path
-from vblk.errors import ConfigError
 from vblk.device import WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG
+from vblk.errors import ConfigError
 from vblk.listening import check_listen_fd
-from vblk.options import (DiskOptions, ServeConfig, default_max_discard_sectors, merge_flags,
-                          parse_acrn, parse_limits, parse_socket_mode)
+from vblk.options import (
+    DiskOptions,
+    ServeConfig,
+    default_max_discard_sectors,
+    merge_flags,
+    parse_acrn,
+    parse_limits,
+    parse_socket_mode,
+)
 
 app = typer.Typer(name="vblk", add_completion=True, no_args_is_help=True,
                   rich_markup_mode=None, pretty_exceptions_enable=False,

@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, TextIO
+from typing import TYPE_CHECKING, Optional, TextIO
 
 import typer
 
@@ -82,7 +82,7 @@ def bench_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Progress on stderr (default: on a terminal)."),
-    workload: Optional[List[str]] = typer.Option(None, "--workload", metavar="PATTERN:BS:QD",
+    workload: Optional[list[str]] = typer.Option(None, "--workload", metavar="PATTERN:BS:QD",
                                                  help="--compare: a workload, repeatable."),
     rounds: Optional[int] = typer.Option(None, "--rounds", metavar="N",
                                          help="--compare: rounds, A B A B (default 3)."),
@@ -216,8 +216,7 @@ def _plan(*, pattern: str | None, bs: str | None, qd: int | None, rwmix: int, qu
     ``listed``: --compare's list and sweep too (--socket runs only the single workload)."""
     from vblk.errors import ConfigError
     from vblk.lab.plot import check_plot_support
-    from vblk.lab.workload import (DEFAULT_DURATION, DEFAULT_WORKLOADS, BenchError, Workload,
-                                   size_option)
+    from vblk.lab.workload import DEFAULT_DURATION, DEFAULT_WORKLOADS, BenchError, Workload, size_option
     from vblk.options import parse_limits
     try:
         expected = parse_limits(iops=limit_iops, bps=limit_bps, suffix="", prefix="--limit-")

@@ -1,4 +1,5 @@
-"""Operator commands and helpers: ``vblk stats``, ``vblk resize``, ``vblk limit``, ``serve --print-capabilities``,
+"""Operator commands and helpers: ``vblk stats``, ``vblk resize``, ``vblk limit``,
+``serve --print-capabilities``,
 activation.
 
 ``vblk stats`` shows what a running vblk is doing, read from its control socket; ``vblk limit``
@@ -20,7 +21,7 @@ from typing import Optional
 import typer
 
 from vblk.cli.errors import fail
-from vblk.control import ControlError, SUFFIX, default_control_path, fetch_stats, request
+from vblk.control import SUFFIX, ControlError, default_control_path, fetch_stats, request
 from vblk.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vblk.stats import KINDS
 from vblk.units import format_size

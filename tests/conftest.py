@@ -16,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pytest
 
@@ -229,7 +229,8 @@ def rbd_image(ceph_cluster, request: pytest.FixtureRequest):
                 continue
             if "watchers" not in str(exc):
                 raise
-            warnings.warn(f"rbd_image: {name} still has watchers, left in the cluster: {exc}")
+            warnings.warn(f"rbd_image: {name} still has watchers, left in the cluster: {exc}",
+                          stacklevel=2)
 
 
 @pytest.fixture

@@ -30,8 +30,8 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import msgpack
 
@@ -189,7 +189,7 @@ class ControlServer:
                 pass
             self.path = None
 
-    def __enter__(self) -> "ControlServer":
+    def __enter__(self) -> ControlServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -339,8 +339,13 @@ class _Collector:
         self.snapshot = snapshot
 
     def collect(self):
-        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                            HistogramMetricFamily, InfoMetricFamily)
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+            InfoMetricFamily,
+        )
+
         from vblk.stats import BUCKETS, bucket_upper_us
         s = self.snapshot(histograms=True)
         info = {k: str(v) for k, v in s.get("info", {}).items() if v is not None}
@@ -475,7 +480,7 @@ def request(path: str, message: dict, *, timeout: float = 5.0) -> dict:
         raise ControlError(f"no control socket at {path} (is vblk serving there?)") from None
     except ConnectionRefusedError:
         raise ControlError(f"nothing is listening on {path} (vblk is not running)") from None
-    except socket.timeout:
+    except TimeoutError:
         raise ControlError(f"{path} did not answer within {timeout:g} s") from None
     except OSError as exc:
         raise ControlError(f"{path}: {exc.strerror or exc}") from None
@@ -500,7 +505,7 @@ def _connect(sock: socket.socket, path: str, deadline: float) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise socket.timeout("connect timed out") from None
+                raise TimeoutError("connect timed out") from None
             time.sleep(0.01)
 
 

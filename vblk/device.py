@@ -2,22 +2,27 @@
 
 No I/O here. ``BlkDevice.plan`` turns a parsed request into either an immediate completion
 (GET_ID, errors, unsupported types) or an ``IoPlan`` for the I/O engine (read, write, flush,
-discard, write-zeroes; offsets in bytes from the disk's first byte). For DISCARD and WRITE_ZEROES the caller first reads the segment
-bytes from guest memory (``segment_bytes_wanted`` says how many) and passes them to ``plan``.
-ACRN's rules: sector offsets are always in 512-byte units; a read or write must be a whole
-number of logical blocks, start on a logical block and end inside the disk, else IOERR;
-writes on a read-only disk get IOERR; unknown types get UNSUPP. Unlike ACRN, every request is
-completed, and a chain without a status byte is still returned to the used ring.
-"""
+discard, write-zeroes; offsets in bytes from the disk's first byte). For DISCARD and
+WRITE_ZEROES the caller first reads the segment bytes from guest memory
+(``segment_bytes_wanted`` says how many) and passes them to ``plan``. ACRN's rules: sector
+offsets are always in 512-byte units; a read or write must be a whole number of logical blocks,
+start on a logical block and end inside the disk, else IOERR; writes on a read-only disk get
+IOERR; unknown types get UNSUPP. Unlike ACRN, every request is completed, and a chain without a
+status byte is still returned to the used ring."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 from vblk.ipc import Op
-from vblk.virtio.blk import (CONFIG_WRITEBACK_OFFSET, DISCARD_SEGMENT, BlkConfig, BlkRequest,
-                             parse_segments)
-from vblk.virtio.constants import (BLK_ID_BYTES, BLK_WRITE_ZEROES_FLAG_UNMAP, SECTOR_SIZE,
-                                   BlkStatus, BlkType, Feature)
+from vblk.virtio.blk import CONFIG_WRITEBACK_OFFSET, DISCARD_SEGMENT, BlkConfig, BlkRequest, parse_segments
+from vblk.virtio.constants import (
+    BLK_ID_BYTES,
+    BLK_WRITE_ZEROES_FLAG_UNMAP,
+    SECTOR_SIZE,
+    BlkStatus,
+    BlkType,
+    Feature,
+)
 
 SEG_MAX = 256                           # ACRN's BLOCKIF_IOV_MAX
 
@@ -178,7 +183,8 @@ class BlkDevice:
                               reason=f"sector {req.sector} length {length} not whole {lbs}-byte blocks")
         if start + length > g.size_bytes:
             return Completion(BlkStatus.IOERR,
-                              reason=f"sector {req.sector} length {length} past the end ({g.size_bytes} bytes)")
+                              reason=f"sector {req.sector} length {length} past the end "
+                                     f"({g.size_bytes} bytes)")
         return IoPlan(Op.WRITE if write else Op.READ, start, length)
 
     def _segment_limit(self, rtype: int) -> int | None:

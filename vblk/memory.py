@@ -81,11 +81,11 @@ class GuestMemory:
         self._last = 0                 # the region the last translation found
 
     @classmethod
-    def empty(cls) -> "GuestMemory":
+    def empty(cls) -> GuestMemory:
         return cls([], 0)
 
     @classmethod
-    def from_fds(cls, descs: list[MemRegion], fds: list[int], generation: int = 0) -> "GuestMemory":
+    def from_fds(cls, descs: list[MemRegion], fds: list[int], generation: int = 0) -> GuestMemory:
         check_table(descs)
         mapped: list[MappedRegion] = []
         try:

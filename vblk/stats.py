@@ -5,7 +5,8 @@ Theory of operation
 The hot path is two calls per request, ``started(queue, rtype, nbytes)`` when a chain is
 admitted and ``finished(queue, rtype, status, latency_ns)`` when its status byte is written.
 Each touches only preallocated Python lists of ints: per queue, requests and bytes indexed by
-request kind (read, write, flush, get_id, discard, write_zeroes, other), a latency histogram per kind, a latency sum
+request kind (read, write, flush, get_id, discard, write_zeroes, other), a latency histogram per
+kind, a latency sum
 per kind, the in-flight count and the IOERR / UNSUPP counts. Nothing is allocated per request
 (small ints are cached; the rest are in-place list stores) and nothing is locked: one thread,
 the supervisor's event loop, writes them.

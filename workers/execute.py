@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from vblk.backing import Backing, status_for
 from vblk.ipc import FLAG_SYNC, FLAG_UNMAP, MAX_IOV, Op, SlotArea, decode_ranges

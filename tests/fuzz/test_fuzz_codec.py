@@ -34,10 +34,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vblk.testing import fuzzstats
-from vblk.testing.processes import open_fds
-from vblk.testing.fuzzstats import record
 from vblk.errors import FrontendProtocolError
+from vblk.testing import fuzzstats
+from vblk.testing.fuzzstats import record
+from vblk.testing.processes import open_fds
 from vblk.vhost_user import messages as m
 from vblk.vhost_user.transport import PeerClosed, recv_message
 
@@ -124,7 +124,7 @@ class Sent:
                 tag += 4096 * count
             self.chunks.append((data[lo:hi], tags))
         if self.clean:
-            for (raw, msg), start in zip(pieces, starts):
+            for (_raw, msg), start in zip(pieces, starts):
                 tags = next(t for (c, t), lo in zip(self.chunks, bounds) if lo == start)
                 self.expected.append((*msg, sorted(tags)))
 

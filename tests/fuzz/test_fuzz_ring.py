@@ -45,20 +45,34 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vblk.device import (WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG, BlkDevice, Completion,
-                         DiscardLimits, Geometry, IoPlan)
+from vblk.admission import admit_chain
+from vblk.device import (
+    WRITE_ZEROES_MAX_SECTORS,
+    WRITE_ZEROES_MAX_SEG,
+    BlkDevice,
+    Completion,
+    DiscardLimits,
+    Geometry,
+    IoPlan,
+)
+from vblk.errors import GuestError, RingBroken
 from vblk.ipc import Op
+from vblk.memory import GuestMemory
 from vblk.testing import fuzzstats
 from vblk.testing.fuzzstats import record
-from vblk.errors import GuestError, RingBroken
-from vblk.memory import GuestMemory
 from vblk.vhost_user.messages import MemRegion
 from vblk.virtio.blk import OUTHDR, parse_request, read_data_out
 from vblk.virtio.constants import BLK_ID_BYTES, BLK_T_BARRIER, BlkStatus, BlkType
-from vblk.admission import admit_chain
 from vblk.virtio.fastpath import simple_rw
-from vblk.virtio.ring import (DESC, MAX_INDIRECT, U16, SplitRing, avail_ring_bytes,
-                              desc_table_bytes, used_ring_bytes)
+from vblk.virtio.ring import (
+    DESC,
+    MAX_INDIRECT,
+    U16,
+    SplitRing,
+    avail_ring_bytes,
+    desc_table_bytes,
+    used_ring_bytes,
+)
 
 try:        # the inflight region (backend restarts): another input the frontend controls
     from vblk.virtio.inflight import DESC_STATE, QUEUE_HEAD, InflightQueue, queue_region_size
@@ -389,7 +403,8 @@ def generate(k: Knobs) -> Case:
     # -- the avail ring
     last_avail = rng.choice([0, 0, 0xFFFF, 0xFFFE, qq, rng.randrange(1 << 16)])
     heads = [c.head for c in chains]
-    heads += [rng.choice([rng.randrange(qq), rng.randrange(1 << 16)]) for _ in range(rng.choice([0, 0, 1, 3]))]
+    heads += [rng.choice([rng.randrange(qq), rng.randrange(1 << 16)])
+              for _ in range(rng.choice([0, 0, 1, 3]))]
     heads = heads[:qq]
     ahead = {"exact": len(heads),           # (walking 32768 noise heads would take long)
              "small": rng.choice([rng.randint(0, min(qq, 300)), qq + 1, qq if qq <= 1024 else 0]),
@@ -765,7 +780,7 @@ def walk_general(ring, mem, device, head, chain, case, ref, stats):
             stats["oracle_walk"] += 1
         return None
     assert 1 <= len(segs) <= ring.size + MAX_INDIRECT
-    for addr, length, writable in segs:
+    for addr, length, _writable in segs:
         assert 0 <= addr <= U64_MAX and 0 <= length <= 0xFFFFFFFF
         check_translation(mem, addr, length, stats)
     oracle = chain is not None and not chain.mutated

@@ -41,11 +41,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vblk.device import BlkDevice, Geometry
-from vblk.testing import fuzzstats
-from vblk.testing.processes import open_fds
-from vblk.testing.fuzzstats import record
 from vblk.errors import FrontendProtocolError, GuestError
 from vblk.memory import GuestMemory
+from vblk.testing import fuzzstats
+from vblk.testing.fuzzstats import record
+from vblk.testing.processes import open_fds
 from vblk.vhost_user import messages as m
 from vblk.vhost_user.messages import FrontendReq as R
 from vblk.vhost_user.session import _HAS_REPLY_BODY, DropConnection, Session
@@ -163,7 +163,7 @@ class MappingHost:
 
 def make_fds(kind: str, count: int, rng: random.Random) -> list[int]:
     fds = []
-    for i in range(count):
+    for _ in range(count):
         k = kind if kind != "mixed" else rng.choice(["eventfd", "memfd", "memfd_small"])
         if k == "eventfd":
             fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
@@ -483,7 +483,8 @@ BIG_LOOKING = [
 ]
 
 
-@pytest.mark.parametrize("req,payload", BIG_LOOKING, ids=lambda x: m.request_name(x) if isinstance(x, int) else None)
+@pytest.mark.parametrize("req,payload", BIG_LOOKING,
+                         ids=lambda x: m.request_name(x) if isinstance(x, int) else None)
 @pytest.mark.parametrize("payload_size", [None, m.MAX_PAYLOAD, 1 << 20])
 def test_big_looking_messages_allocate_little(req, payload, payload_size):
     if payload_size is not None:

@@ -33,7 +33,8 @@ for c in 0 1 2 3; do
 done
 wait
 for c in 0 1 2 3; do
-    echo BACK_$c=$(dd if=/dev/vda bs=4096 skip=$((c * 1024)) count=256 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    echo BACK_$c=$(dd if=/dev/vda bs=4096 skip=$((c * 1024)) count=256 iflag=direct 2>/dev/null \
+        | sha256sum | cut -d' ' -f1)
 done
 """
 

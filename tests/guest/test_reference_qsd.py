@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 
-from vblk.lab.guest import (GEOMETRY_SCRIPT, debugfs_cat, host_fsck, make_image)
+from vblk.lab.guest import GEOMETRY_SCRIPT, debugfs_cat, host_fsck, make_image
 
 pytestmark = pytest.mark.guest
 

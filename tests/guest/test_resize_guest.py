@@ -83,7 +83,7 @@ def test_guest_sees_vblk_resize_grow_then_shrink_without_reboot(tmp_path, serve_
     res = boot(sock, script(60), on_line=on_line).check()
     v = res.values
     assert [name for name, _ in done] == ["grow", "shrink"], res.describe()
-    for name, r in done:
+    for _name, r in done:
         assert r.returncode == 0, r.stderr
         assert "the frontend was notified" in r.stdout, r.stdout
     assert v["SIZE0"] == str(32 * MiB // 512)

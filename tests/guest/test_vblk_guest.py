@@ -13,8 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from vblk.lab.guest import (GEOMETRY_SCRIPT, assert_geometry, debugfs_cat, default_pbs,
-                                host_fsck, make_image, sha256_file, sync_calls)
+from vblk.lab.guest import (
+    GEOMETRY_SCRIPT,
+    assert_geometry,
+    debugfs_cat,
+    default_pbs,
+    host_fsck,
+    make_image,
+    sha256_file,
+    sync_calls,
+)
 
 pytestmark = pytest.mark.guest
 
@@ -206,8 +214,8 @@ def test_range_window(tmp_path, serve_vblk, boot):
     assert_geometry(res, size_bytes=count * 512, pbs=default_pbs(image))
     v = res.values
     # the guest's first and last sectors are the window's
-    assert v["FIRST"] == "SECTOR%010d" % start_lba, res.describe()
-    assert v["LAST"] == "SECTOR%010d" % (start_lba + count - 1), res.describe()
+    assert v["FIRST"] == f"SECTOR{start_lba:010d}", res.describe()
+    assert v["LAST"] == f"SECTOR{start_lba + count - 1:010d}", res.describe()
     assert v["FILL"] == "0"
     assert v["BEYOND"] != "0"
     sock.stop()

@@ -339,5 +339,6 @@ def test_shell_completion_script_is_offered():
     words = subprocess.run(["bash", "-c", out.stdout + "\nCOMP_WORDS=(vblk se); COMP_CWORD=1; "
                             "_vblk_completion vblk; printf '%s\\n' \"${COMPREPLY[@]}\""],
                            capture_output=True, text=True, timeout=30,
-                           env={**os.environ, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]})
+                           env={**os.environ,
+                                "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]})
     assert "serve" in words.stdout, words.stdout + words.stderr

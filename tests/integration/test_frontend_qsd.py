@@ -15,8 +15,15 @@ from pathlib import Path
 import pytest
 
 from vblk.testing.driver import RingLayout
-from vblk.testing.frontend import (DEFAULT_FEATURES, BackendClosed, BackendError, BackendTimeout,
-                                   BlkClient, GuestRam, VhostUserFrontend)
+from vblk.testing.frontend import (
+    DEFAULT_FEATURES,
+    BackendClosed,
+    BackendError,
+    BackendTimeout,
+    BlkClient,
+    GuestRam,
+    VhostUserFrontend,
+)
 from vblk.testing.processes import unix_listening
 from vblk.vhost_user.messages import ProtocolFeature as P
 from vblk.virtio.blk import BlkConfig
@@ -124,7 +131,7 @@ def test_sixteen_requests_in_flight_complete_and_match(served, image, event_idx)
             for c in client.wait(16):
                 assert (c.status, c.data) == (BlkStatus.OK, blocks[tags[c.tag]])
     for i, b in enumerate(blocks):
-        assert host_read(image, (2048 + 64 * i) * 512, 8192) == blocks[i]
+        assert host_read(image, (2048 + 64 * i) * 512, 8192) == b
 
 
 @pytest.mark.parametrize("indirect, segments", [

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from vblk.testing.install import install_into
 from vblk.control import ControlServer, fetch_stats, request
 from vblk.errors import ConfigError
 from vblk.sdnotify import notify
 from vblk.stats import Stats
 from vblk.testing.frontend import BlkClient
+from vblk.testing.install import install_into
 from vblk.virtio.constants import BlkStatus, Feature
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,7 +134,7 @@ class NotifyListener:
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(4096)
-        except socket.timeout:
+        except TimeoutError:
             pytest.fail(f"no notification within {timeout} s (got {self.messages})")
         fields = data.decode().split("\n")
         self.messages.append(fields)

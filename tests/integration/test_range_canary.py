@@ -464,9 +464,9 @@ def drive(run: Run, ops: int) -> None:
         c.publish()
         try:
             done = {d.tag: d for d in c.wait(len(batch), timeout=TIMEOUT)}
-        except VringError:
+        except VringError as exc:
             raise AssertionError("vblk broke the ring over well-formed requests: "
-                                 f"{[(k, r.rtype, r.sector, r.length) for _, k, r in batch]}")
+                                 f"{[(k, r.rtype, r.sector, r.length) for _, k, r in batch]}") from exc
         for tag, kind, req in batch:
             check_completion(run, kind, req, done[tag])
         batch.clear()

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from vblk.control import default_control_path, fetch_stats
 from vblk.lab.client import run_workload
 from vblk.lab.workload import Workload
-from vblk.control import default_control_path, fetch_stats
 from vblk.testing.frontend import BlkClient
 from vblk.virtio.constants import BlkStatus
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import qmp_args
-from vblk.testing.frontend import (DEFAULT_PROTOCOL_FEATURES, BackendTimeout, BlkClient)
+from vblk.testing.frontend import DEFAULT_PROTOCOL_FEATURES, BackendTimeout, BlkClient
 from vblk.testing.qmp import Qmp
 from vblk.vhost_user import messages as m
 from vblk.vhost_user.messages import ProtocolFeature as P

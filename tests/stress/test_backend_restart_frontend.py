@@ -15,8 +15,7 @@ import time
 import pytest
 
 from vblk.testing.frontend import BackendError, BlkClient
-from vblk.testing.model import (DiskModel, StressReport, Workload, account_op, submit_op,
-                                write_initial_image)
+from vblk.testing.model import DiskModel, StressReport, Workload, account_op, submit_op, write_initial_image
 from vblk.testing.restart import RestartingVblk
 from vblk.virtio.constants import SECTOR_SIZE, BlkStatus
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from vblk.testing.frontend import DEFAULT_FEATURES, BlkClient
-from vblk.testing.model import (DiskModel, Workload, pattern, run_stress, sector_pattern,
-                                write_initial_image)
+from vblk.testing.model import DiskModel, Workload, pattern, run_stress, sector_pattern, write_initial_image
 from vblk.virtio.constants import SECTOR_SIZE, BlkStatus, BlkType, Feature
 
 MiB = 1 << 20

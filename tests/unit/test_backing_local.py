@@ -58,7 +58,8 @@ def test_a_whole_file(image, opened):
     assert (b.info.start, b.info.size, b.info.image_size) == (0, MiB, MiB)
     assert b.info.capacity_sectors == MiB // 512
     assert not b.info.is_block_device and b.info.path == str(p)
-    assert (b.info.logical_block_size, b.info.readonly, b.info.writeback, b.info.nocache) == (512, False, False, False)
+    assert (b.info.logical_block_size, b.info.readonly, b.info.writeback, b.info.nocache) == \
+        (512, False, False, False)
 
 
 def test_physical_block_size_is_st_blksize_at_least_the_logical_size(image, opened):

@@ -11,10 +11,25 @@ import pytest
 
 from vblk.backing import BackingInfo, syscalls
 from vblk.backing.file import BlockDeviceBacking, FileBacking
-from vblk.device import (WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG, BlkDevice, Completion,
-                         DiscardLimits, Geometry, IoPlan)
-from vblk.ipc import (FLAG_SYNC, FLAG_UNMAP, RANGE_REGION, Op, SlotArea, SlotState,
-                      decode_ranges, encode_ranges)
+from vblk.device import (
+    WRITE_ZEROES_MAX_SECTORS,
+    WRITE_ZEROES_MAX_SEG,
+    BlkDevice,
+    Completion,
+    DiscardLimits,
+    Geometry,
+    IoPlan,
+)
+from vblk.ipc import (
+    FLAG_SYNC,
+    FLAG_UNMAP,
+    RANGE_REGION,
+    Op,
+    SlotArea,
+    SlotState,
+    decode_ranges,
+    encode_ranges,
+)
 from vblk.testing.loopdev import loop_device as attach_loop
 from vblk.virtio.blk import DISCARD_SEGMENT, BlkConfig, BlkRequest
 from vblk.virtio.constants import BlkStatus, BlkType, Feature

@@ -8,8 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vblk.memory import GuestMemory
-from vblk.testing.driver import (Allocator, DeviceError, OutOfGuestMemory, RingFull, RingLayout,
-                                 SplitDriver, need_event)
+from vblk.testing.driver import (
+    Allocator,
+    DeviceError,
+    OutOfGuestMemory,
+    RingFull,
+    RingLayout,
+    SplitDriver,
+    need_event,
+)
 from vblk.testing.frontend import GuestRam
 from vblk.virtio.constants import AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY, DescFlag
 from vblk.virtio.ring import DESC, USED_ELEM, SplitRing

@@ -16,8 +16,8 @@ import pytest
 from vblk.admission import admit_chain
 from vblk.device import BlkDevice, Completion, Geometry
 from vblk.errors import GuestError
-from vblk.memory import GuestMemory
 from vblk.ipc import MAX_IOV, Op
+from vblk.memory import GuestMemory
 from vblk.vhost_user.messages import MemRegion
 from vblk.virtio.blk import OUTHDR
 from vblk.virtio.constants import BLK_T_BARRIER, BlkType, DescFlag

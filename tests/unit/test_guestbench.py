@@ -15,12 +15,23 @@ from pathlib import Path
 
 import pytest
 
+from vblk.lab.guestbench import (
+    BEGIN,
+    END,
+    IO_ERRORS,
+    JSON_BEGIN,
+    JSON_END,
+    CpuSampler,
+    GuestComparison,
+    GuestRun,
+    fio_args,
+    fio_reports,
+    guest_script,
+    parse_fio_json,
+)
 from vblk.lab.report import format_comparison
 from vblk.lab.servers import BACKENDS
 from vblk.lab.workload import Result, Workload
-from vblk.lab.guestbench import (BEGIN, END, IO_ERRORS, JSON_BEGIN, JSON_END, CpuSampler,
-                             GuestComparison, GuestRun, fio_args, fio_reports, guest_script,
-                             parse_fio_json)
 
 DATA = Path(__file__).parent / "data"
 
@@ -161,8 +172,8 @@ def _guest_output(reports: list[str], statuses: list[int], io_errors: str = "0")
 
 
 def _collect(output: str, n: int, exit_status: int | None = 0):
-    from vblk.lab.guestbench import _collect as collect
     from vblk.lab.guest import GuestResult
+    from vblk.lab.guestbench import _collect as collect
     res = GuestResult(exit_status=exit_status, output=output, seconds=9.0,
                       timed_lines=[(0.1 * i, line) for i, line in enumerate(output.splitlines())],
                       started_at=1000.0)

@@ -6,7 +6,7 @@ import pytest
 
 from vblk.backing import BackingInfo
 from vblk.backing.file import FileBacking
-from vblk.backing.locks import F_OFD_SETLK, _FLOCK
+from vblk.backing.locks import _FLOCK, F_OFD_SETLK
 from vblk.device import BlkDevice, Completion, Geometry, IoPlan
 from vblk.errors import ResizeRefused
 from vblk.resize import MAX_SIZE_BYTES, check_new_size, describe, parse_new_size
@@ -122,6 +122,7 @@ def test_describe_says_old_new_and_whether_the_guest_was_told():
 def test_notification_send_is_bounded_when_the_frontend_does_not_read():
     import socket
     import time
+
     from vblk.supervisor.connection import send_bounded
     ours, theirs = socket.socketpair()
     ours.setblocking(False)

@@ -7,7 +7,6 @@ from vblk.device import BlkDevice, Geometry
 from vblk.vhost_user import messages as m
 from vblk.vhost_user.messages import FrontendReq as R
 from vblk.vhost_user.session import DropConnection, Session
-from vblk.virtio.constants import Feature
 
 
 class RecordingHost:
@@ -183,7 +182,8 @@ def test_memory_regions_add_and_remove():
     assert host.calls[-1] == ("memory", [r1, r2])
     overlapping = m.MemRegion(0x1000, 4096, 0x30000000, 0)
     host.set_memory = lambda slots: __import__("vblk.memory").memory.check_table([x.region for x in slots])
-    assert refused(s, R.ADD_MEM_REG, m.pack_single_region(overlapping), fds=[memfd()], need_reply=True) == m.U64.pack(1)
+    assert refused(s, R.ADD_MEM_REG, m.pack_single_region(overlapping), fds=[memfd()],
+                   need_reply=True) == m.U64.pack(1)
     assert len(s.memory) == 2
     assert send(s, R.REM_MEM_REG, m.pack_single_region(r1), need_reply=True) == m.U64.pack(0)
     assert [x.region for x in s.memory] == [r2]
@@ -274,7 +274,7 @@ def test_no_config_change_without_a_channel():
 
 def test_config_change_message_is_a_bare_header_without_need_reply():
     raw = m.encode_config_change()
-    assert raw == bytes.fromhex("02000000" "01000000" "00000000")
+    assert raw == bytes.fromhex("020000000100000000000000")
     header = m.Header.unpack(raw)
     assert header.request == m.BackendReq.CONFIG_CHANGE_MSG == 2
     assert header.flags == m.VERSION and not header.need_reply

@@ -245,6 +245,7 @@ def test_table_with_rates_from_two_snapshots():
 
 def test_limits_in_the_snapshot_the_control_op_and_prometheus():
     from prometheus_client.parser import text_string_to_metric_families
+
     from vblk.ratelimit import Limiter, Limits
     s = Stats(1)
     assert s.snapshot()["limits"] is None

@@ -13,8 +13,7 @@ Every kind passes one conformance suite (tests/unit/test_backing_conformance.py)
 """
 from __future__ import annotations
 
-from vblk.backing.base import (Backing, BackingInfo, info_from_dict, info_to_dict,  # noqa: F401
-                               status_for)
+from vblk.backing.base import Backing, BackingInfo, info_from_dict, info_to_dict, status_for  # noqa: F401
 from vblk.options import DiskOptions
 
 

@@ -223,7 +223,7 @@ class Backing(ABC):
         """The most bytes a live resize may show the guest now, and what sets that bound
         (for the operator's message)."""
 
-    def resize_window(self, old_size: int, new_size: int) -> None:
+    def resize_window(self, old_size: int, new_size: int) -> None:  # noqa: B027 (optional)
         """The window now spans ``new_size`` bytes (ResizeRefused if it cannot: nothing
         changed). The default has nothing to move."""
 

@@ -40,14 +40,20 @@ import select
 import socket
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from vblk.lab.workload import BenchError, Result, Workload, latency_summary
-from vblk.units import MiB, spell_size
 from vblk.testing.driver import RingLayout, SplitDriver
-from vblk.testing.frontend import (BackendClosed, BackendTimeout, BadReply, GuestRam,
-                                   VhostUserFrontend, VringError)
+from vblk.testing.frontend import (
+    BackendClosed,
+    BackendTimeout,
+    BadReply,
+    GuestRam,
+    VhostUserFrontend,
+    VringError,
+)
+from vblk.units import MiB, spell_size
 from vblk.virtio.blk import OUTHDR, BlkConfig
 from vblk.virtio.constants import SECTOR_SIZE, DescFlag, Feature
 from vblk.virtio.ring import DESC, MAX_INDIRECT, USED_ELEM
@@ -467,7 +473,7 @@ class Runner:
                 self.ram.close()
                 self.ram = None
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:

@@ -13,14 +13,14 @@ import shlex
 import shutil
 import statistics
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence, TextIO
+from typing import TextIO
 
 from vblk.lab.client import run_workload
 from vblk.lab.report import ProgressLine
-from vblk.lab.servers import (BACKENDS, Server, copy_image, qsd_command, source_version,
-                              vblk_command)
+from vblk.lab.servers import BACKENDS, Server, copy_image, qsd_command, source_version, vblk_command
 from vblk.lab.workload import BenchError, Result, Workload
 from vblk.testing.frontend import BackendError
 from vblk.units import MiB, spell_size
@@ -92,7 +92,7 @@ class Comparison:
     def to_dict(self) -> dict:
         def rows(groups: dict) -> list[dict]:
             out = []
-            for key, by_backend in groups.items():
+            for by_backend in groups.values():
                 med = {b: self.medians(rs) for b, rs in by_backend.items()}
                 out.append({"workload": next(iter(by_backend.values()))[0].workload.label,
                             "qd": next(iter(by_backend.values()))[0].workload.qd,

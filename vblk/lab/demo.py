@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from vblk.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vblk.interpreter import python_command

@@ -46,8 +46,8 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 from vblk.errors import EXIT_FAILED, EXIT_OK, VblkError
 
@@ -248,7 +248,7 @@ class GuestResult:
             parts += ["--- on_line errors ---", *self.hook_errors]
         return "\n".join(parts)
 
-    def check(self) -> "GuestResult":
+    def check(self) -> GuestResult:
         """Raise AssertionError with the output unless the scenario exited 0."""
         if self.exit_status != 0 or self.hook_errors:
             raise AssertionError("test guest scenario failed:\n" + self.describe())

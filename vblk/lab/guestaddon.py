@@ -28,8 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vblk.lab.guest import (GuestBuildError, _dir, _Entry, _file, _ldd_libraries, cache_root,
-                                newc_archive)
+from vblk.lab.guest import GuestBuildError, _dir, _Entry, _file, _ldd_libraries, cache_root, newc_archive
 
 __all__ = ["ADDON_BUILDER_VERSION", "FIO", "addon_cache_dir", "build_fio_addon",
            "fio_version"]

@@ -37,17 +37,17 @@ import shlex
 import statistics
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import TextIO
 
 from vblk.lab.compare import Comparison, serve_pair, split_cache_mode
+from vblk.lab.guest import GuestBuildError, GuestResult, build_guest, default_accel, run_guest
+from vblk.lab.guestaddon import build_fio_addon, fio_version
 from vblk.lab.servers import BACKENDS, Server
 from vblk.lab.workload import BenchError, Result, Workload, size_option
 from vblk.testing.frontend import BackendError
-from vblk.lab.guest import (GuestBuildError, GuestResult, build_guest, default_accel,
-                                run_guest)
-from vblk.lab.guestaddon import build_fio_addon, fio_version
 from vblk.units import MiB
 
 DEFAULT_RAMP = 1.0
@@ -201,7 +201,7 @@ class CpuSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "CpuSampler":
+    def __enter__(self) -> CpuSampler:
         self.samples.append((time.time(), self.probe()))
         self._thread.start()
         return self

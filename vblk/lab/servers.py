@@ -12,8 +12,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from vblk.interpreter import python_command
 from vblk.testing.frontend import BackendClosed, BackendTimeout

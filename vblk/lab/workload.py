@@ -8,8 +8,8 @@ one error a bad workload or option raises (exit status 2).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 from vblk.errors import ConfigError
 from vblk.units import KiB, MiB, parse_size, spell_size
@@ -51,7 +51,7 @@ class Workload:
     seed: int = 1
 
     @classmethod
-    def parse(cls, spec: str, **kw) -> "Workload":
+    def parse(cls, spec: str, **kw) -> Workload:
         """``PATTERN:BS:QD`` (e.g. ``randread:4k:32``); ``kw`` sets the other fields."""
         parts = spec.split(":")
         if len(parts) != 3 or not parts[2].strip().isdigit():
@@ -59,7 +59,7 @@ class Workload:
         return cls(pattern=parts[0].strip(), bs=size_option(parts[1], "block size"),
                    qd=int(parts[2]), **kw).checked()
 
-    def checked(self) -> "Workload":
+    def checked(self) -> Workload:
         """Self, after the checks that need no backend; BenchError names the bad option."""
         if self.pattern not in PATTERNS:
             raise BenchError(f"--pattern {self.pattern!r}: use one of {', '.join(PATTERNS)}")

@@ -40,8 +40,9 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from vblk.admission import admit_chain
 from vblk.backing import Backing

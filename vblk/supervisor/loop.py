@@ -32,8 +32,8 @@ import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 log = logging.getLogger("vblk.supervisor")
 

@@ -66,8 +66,7 @@ def make_engine(config: ServeConfig, backing: Backing, slots: SlotArea, stats: S
 def open_control(config: ServeConfig, listener: socket.socket, stats: Stats):
     """The control socket (``--control-socket``, default: the listening socket's path +
     ``.ctl``) and the ``--metrics-listen`` endpoint; None if there is neither."""
-    from vblk.control import (SUN_PATH_MAX, ControlServer, default_control_path,
-                              parse_listen_address)
+    from vblk.control import SUN_PATH_MAX, ControlServer, default_control_path, parse_listen_address
     path = config.control_socket
     if path is None:
         bound = listener_path(listener)

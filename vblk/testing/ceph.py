@@ -312,7 +312,7 @@ class CephCluster:
             (d / "run").symlink_to(cluster.run_dir)
         cluster._t0 = time.monotonic()
         deadline = cluster._t0 + timeout
-        for attempt in range(1, 4):
+        for attempt in range(1, 4):  # noqa: B007 (named in the error after the loop)
             try:
                 cluster._bring_up(deadline, extra_conf)
                 return cluster

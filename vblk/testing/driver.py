@@ -30,13 +30,12 @@ Layout and structs come from ``vblk.virtio.ring``: the spec's formats are declar
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from vblk.errors import VblkError
 from vblk.virtio.constants import AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE, USED_F_NO_NOTIFY, DescFlag
-from vblk.virtio.ring import (DESC, U16, USED_ELEM, avail_ring_bytes, desc_table_bytes,
-                              used_ring_bytes)
+from vblk.virtio.ring import DESC, U16, USED_ELEM, avail_ring_bytes, desc_table_bytes, used_ring_bytes
 
 Buffer = tuple[int, int, bool]              # guest-physical address, length, device-writable
 RawDesc = tuple[int, int, int, int]         # addr, len, flags, next: written as given
@@ -76,7 +75,7 @@ class RingLayout:
     used: int
 
     @classmethod
-    def at(cls, gpa: int, size: int) -> "RingLayout":
+    def at(cls, gpa: int, size: int) -> RingLayout:
         """Desc table, avail and used rings packed one after the other from ``gpa``."""
         if size <= 0 or size & (size - 1) or size > MAX_QUEUE_SIZE:
             raise ValueError(f"queue size {size} is not a power of two up to {MAX_QUEUE_SIZE}")

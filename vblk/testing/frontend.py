@@ -48,8 +48,8 @@ import os
 import select
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from vblk.errors import FrontendProtocolError, VblkError
 from vblk.testing.driver import Allocator, RawDesc, RingFull, RingLayout, SplitDriver
@@ -148,7 +148,7 @@ class GuestRam:
         os.close(self.fd)
         self.fd = -1
 
-    def __enter__(self) -> "GuestRam":
+    def __enter__(self) -> GuestRam:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -463,7 +463,7 @@ class VhostUserFrontend:
             self.backend_channel = None
         self.sock.close()
 
-    def __enter__(self) -> "VhostUserFrontend":
+    def __enter__(self) -> VhostUserFrontend:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -598,7 +598,7 @@ class BlkClient:
     def connect(cls, path: str | os.PathLike, *, ram_mib: int = 32, split_at: Sequence[int] = (),
                 mem_slots: bool | None = None, timeout: float = 10.0,
                 features: int = DEFAULT_FEATURES,
-                protocol_features: int = DEFAULT_PROTOCOL_FEATURES, **kw) -> "BlkClient":
+                protocol_features: int = DEFAULT_PROTOCOL_FEATURES, **kw) -> BlkClient:
         """Connect, handshake, hand over a fresh GuestRam and start queue 0; owns them all."""
         if kw.get("inflight"):
             protocol_features |= P.INFLIGHT_SHMFD.mask
@@ -617,7 +617,7 @@ class BlkClient:
             ram.close()
             raise
 
-    def open_queues(self, count: int, **kw) -> list["BlkClient"]:
+    def open_queues(self, count: int, **kw) -> list[BlkClient]:
         """Start queues 1..count-1 on this client's frontend; returns [self, q1, q2, ...].
 
         Needs a client made by ``connect(..., area=(gpa, n))`` leaving RAM free after it: the
@@ -829,7 +829,7 @@ class BlkClient:
                 self.frontend.close()
                 self.ram.close()
 
-    def __enter__(self) -> "BlkClient":
+    def __enter__(self) -> BlkClient:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:

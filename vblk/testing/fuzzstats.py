@@ -33,7 +33,8 @@ def rounds() -> int:
 
 def hypothesis_settings(max_examples: int, shards: int = 1):
     """Settings for a fuzz test: no deadline, no example database, every health check off.
-    With several rounds (or ``shards``, copies of the test run in parallel) each must explore new ground, so they never run
+    With several rounds (or ``shards``, copies of the test run in parallel) each must explore new
+    ground, so they never run
     derandomized (Hypothesis' CI profile would replay the same examples every round)."""
     from hypothesis import HealthCheck, settings
     return settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,

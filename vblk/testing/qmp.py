@@ -65,7 +65,7 @@ class Qmp:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "Qmp":
+    def __enter__(self) -> Qmp:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -108,7 +108,7 @@ class Header:
     size: int
 
     @classmethod
-    def unpack(cls, buf: bytes) -> "Header":
+    def unpack(cls, buf: bytes) -> Header:
         return cls(*HEADER.unpack(buf))
 
     def validate(self) -> None:
@@ -128,7 +128,7 @@ class VringState:
     num: int
 
     @classmethod
-    def unpack(cls, buf: bytes) -> "VringState":
+    def unpack(cls, buf: bytes) -> VringState:
         _expect_size("vring state", buf, VRING_STATE.size)
         return cls(*VRING_STATE.unpack(buf))
 
@@ -146,7 +146,7 @@ class VringAddr:
     log: int
 
     @classmethod
-    def unpack(cls, buf: bytes) -> "VringAddr":
+    def unpack(cls, buf: bytes) -> VringAddr:
         _expect_size("vring addr", buf, VRING_ADDR.size)
         return cls(*VRING_ADDR.unpack(buf))
 
@@ -167,7 +167,7 @@ class MemRegion:
     mmap_offset: int
 
     @classmethod
-    def unpack_from(cls, buf: bytes, offset: int = 0) -> "MemRegion":
+    def unpack_from(cls, buf: bytes, offset: int = 0) -> MemRegion:
         return cls(*MEM_REGION.unpack_from(buf, offset))
 
     def pack(self) -> bytes:
@@ -218,12 +218,13 @@ class ConfigMsg:
     data: bytes
 
     @classmethod
-    def unpack(cls, buf: bytes) -> "ConfigMsg":
+    def unpack(cls, buf: bytes) -> ConfigMsg:
         if len(buf) < CONFIG_HEAD.size:
             raise FrontendProtocolError(f"config payload of {len(buf)} bytes is too short")
         offset, size, flags = CONFIG_HEAD.unpack_from(buf)
         if size > CONFIG_SPACE_MAX or offset > CONFIG_SPACE_MAX:
-            raise FrontendProtocolError(f"config access offset={offset} size={size} exceeds {CONFIG_SPACE_MAX}")
+            raise FrontendProtocolError(f"config access offset={offset} size={size} exceeds "
+                                        f"{CONFIG_SPACE_MAX}")
         data = bytes(buf[CONFIG_HEAD.size:])
         if len(data) != size:
             raise FrontendProtocolError(f"config payload carries {len(data)} bytes, header says {size}")
@@ -241,7 +242,7 @@ class Inflight:
     queue_size: int
 
     @classmethod
-    def unpack(cls, buf: bytes) -> "Inflight":
+    def unpack(cls, buf: bytes) -> Inflight:
         _expect_size("inflight", buf, INFLIGHT.size)
         return cls(*INFLIGHT.unpack(buf))
 

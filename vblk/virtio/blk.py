@@ -53,7 +53,7 @@ class BlkConfig:
                            self.max_write_zeroes_seg, self.write_zeroes_may_unmap)
 
     @classmethod
-    def unpack(cls, buf: bytes) -> "BlkConfig":
+    def unpack(cls, buf: bytes) -> BlkConfig:
         buf = bytes(buf).ljust(CONFIG.size, b"\0")[:CONFIG.size]
         f = CONFIG.unpack(buf)
         return cls(capacity=f[0], size_max=f[1], seg_max=f[2], blk_size=f[6],
