@@ -109,6 +109,7 @@ class Backing(ABC):
 
     blocking = True      # its calls block: served from worker processes (else in-process)
     caches = False       # read_cached can answer (the data path asks it before a worker)
+    writes_durable = False   # a completed write is durable already (no flush needed after it)
 
     def __init__(self, info: BackingInfo) -> None:
         self.info = info

@@ -11,7 +11,8 @@ A slot's life here: ``flush`` takes every posted slot (``SlotArea.take``, as a w
 turns it into one submitted operation per range (discard, write-zeroes) or one per buffer
 list (read, write), or a flush; ``reap`` collects the parts, and when the last part of a
 write-through write (or discard / write-zeroes) is done, submits the flush that makes it
-durable before the slot is finished. A slot whose records do not add up, or whose memory
+durable before the slot is finished -- unless the backing's completed writes are durable
+already (``Backing.writes_durable``: librbd without its cache). A slot whose records do not add up, or whose memory
 generation is not the current one, is finished with IOERR without touching the backing.
 """
 from __future__ import annotations
@@ -55,9 +56,9 @@ class InProcessEngine:
     def flush(self) -> None:
         posted, self.posted = self.posted, []
         for slot in posted:
-            self._start(slot)
+            self._start_slot(slot)
 
-    def _start(self, slot: int) -> None:
+    def _start_slot(self, slot: int) -> None:
         op, flags, offset, length, gen, iovs = self.slots.take(slot, 0)
         try:
             if op in (Op.DISCARD, Op.WRITE_ZEROES):
@@ -102,7 +103,8 @@ class InProcessEngine:
             if run.parts:
                 continue
             if (not run.flushing and not run.err and run.flags & FLAG_SYNC
-                    and run.op in (Op.WRITE, Op.DISCARD, Op.WRITE_ZEROES)):
+                    and run.op in (Op.WRITE, Op.DISCARD, Op.WRITE_ZEROES)
+                    and not self.backing.writes_durable):
                 run.flushing = True          # durable before it completes
                 run.parts = 1
                 self.backing.submit(slot, Op.FLUSH)
@@ -117,6 +119,9 @@ class InProcessEngine:
 
     def set_memory(self, memory: GuestMemory, regions: list[list[int]], fds: list[int]) -> None:
         self.memory = memory
+
+    def start(self) -> None:
+        """Nothing to start: the backing is open."""
 
     def attach(self, loop) -> None:
         """Nothing to watch besides the completion fd (the data path watches that)."""

@@ -87,7 +87,8 @@ def serve(config: ServeConfig) -> int:
     ConfigError) propagate before anything is listening."""
     with open_backing(config.disk) as backing:
         device = make_device(config, backing)
-        stats = Stats(device.num_queues, workers=config.workers, info={"image": backing.info.path})
+        workers = config.workers if backing.blocking else 0
+        stats = Stats(device.num_queues, workers=workers, info={"image": backing.info.path})
         stats.capacity_bytes = device.geometry.size_bytes
         slots = SlotArea.create(config.queue_size)
         try:
@@ -143,7 +144,7 @@ def _run(config, backing, device, stats, slots, engine, listener, control) -> No
             loop.watch(control.fileno(), control.on_readable, "frontend")
         link.listen()
         with loop.signals():
-            log.info("event=listening workers=%d slots=%d", config.workers, slots.count)
+            log.info("event=listening workers=%d slots=%d", stats.workers, slots.count)
             sdnotify.ready("waiting for a frontend")
             try:
                 loop.run(timeout=data.timeout, tick=data.tick, poll=data.poll)
