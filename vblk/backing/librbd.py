@@ -20,8 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from ctypes import (POINTER, Structure, byref, c_char_p, c_int, c_size_t, c_ssize_t,
-                    c_uint64, c_void_p)
+from ctypes import POINTER, Structure, byref, c_char_p, c_int, c_size_t, c_ssize_t, c_uint64, c_void_p
 
 from vblk.errors import ConfigError
 

@@ -50,9 +50,17 @@ import socket
 from ctypes import byref, c_int, c_uint64, c_void_p
 
 from vblk.backing.base import Backing, BackingInfo
-from vblk.backing.librbd import (EVENT_TYPE_EVENTFD, RBD_FEATURE_EXCLUSIVE_LOCK,
-                                 RBD_LOCK_MODE_EXCLUSIVE, RbdError, check, iovec, lib, lockers,
-                                 metadata_get)
+from vblk.backing.librbd import (
+    EVENT_TYPE_EVENTFD,
+    RBD_FEATURE_EXCLUSIVE_LOCK,
+    RBD_LOCK_MODE_EXCLUSIVE,
+    RbdError,
+    check,
+    iovec,
+    lib,
+    lockers,
+    metadata_get,
+)
 from vblk.backing.local import compute_window, derive_physical, pad_serial
 from vblk.backing.rbd_spec import RbdSpec, parse_rbd
 from vblk.errors import ConfigError

@@ -12,8 +12,9 @@ turns it into one submitted operation per range (discard, write-zeroes) or one p
 list (read, write), or a flush; ``reap`` collects the parts, and when the last part of a
 write-through write (or discard / write-zeroes) is done, submits the flush that makes it
 durable before the slot is finished -- unless the backing's completed writes are durable
-already (``Backing.writes_durable``: librbd without its cache). A slot whose records do not add up, or whose memory
-generation is not the current one, is finished with IOERR without touching the backing.
+already (``Backing.writes_durable``: librbd without its cache). A slot whose records do not
+add up, or whose memory generation is not the current one, is finished with IOERR without
+touching the backing.
 """
 from __future__ import annotations
 
