@@ -332,6 +332,7 @@ def open_rbd(opts: DiskOptions) -> RbdBacking:
 class RbdBacking(Backing):
     blocking = False                 # served by the in-process engine: librbd's threads do the I/O
     writes_durable = True            # rbd_cache is off: a completed write is on the OSDs
+    takes_pieces = True              # iovecs straight from the guest memory table
 
     def __init__(self, info: BackingInfo, spec: RbdSpec, conn: Connection, image: c_void_p,
                  locked: bool) -> None:
@@ -381,6 +382,33 @@ class RbdBacking(Backing):
                 ret = L.rbd_aio_write_zeroes(self.image, at, length, comp, 0, 0)
             check(ret, f"rbd_aio op {op}")
             self._running[comp.value] = (tag, keep)
+        except OSError as exc:
+            if comp:
+                L.rbd_aio_release(comp)
+            self._kept.append((tag, exc.errno or errno.EIO))
+            os.eventfd_write(self.completion_fd, 1)
+
+    def submit_pieces(self, tag: int, op: Op, offset: int, pieces, memory) -> None:
+        """READ / WRITE straight from the memory table's addresses (the table outlives every
+        request in flight: the data path changes it only when none is)."""
+        L = lib()
+        comp = c_void_p()
+        write = op == Op.WRITE
+        try:
+            total = 0
+            for _, _, n in pieces:
+                total += n
+            self.check_window(offset, total, write)
+            n = len(pieces)
+            iov = (iovec * n)(*memory.addresses(pieces))
+            check(L.rbd_aio_create_completion(None, None, byref(comp)), "rbd_aio_create_completion")
+            at = self.start + offset
+            if write:
+                check(L.rbd_aio_writev(self.image, iov, n, at, comp), "rbd_aio_writev")
+                self._running[comp.value] = (tag, (None, iov, 0))
+            else:
+                check(L.rbd_aio_readv(self.image, iov, n, at, comp), "rbd_aio_readv")
+                self._running[comp.value] = (tag, (None, iov, total))
         except OSError as exc:
             if comp:
                 L.rbd_aio_release(comp)
