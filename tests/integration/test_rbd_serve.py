@@ -224,27 +224,43 @@ def test_an_osd_killed_and_restarted_mid_io_costs_the_guest_nothing(ceph_cluster
     sock = vblk_server(spec(cluster, "disk"))
     model = DiskModel(SECTORS, salt)
     workload = Workload(salt, SECTORS, max_segments=2)
-    reports = []
+    reports, failures = [], []
+    restarted = threading.Event()
 
     def work():
-        with BlkClient.connect(sock, ram_mib=32, timeout=60) as client:
-            reports.append(run_stress(client, model, workload, 3000, qd=16, seed=salt))
-            reports.append(client.flush().status)
+        # Batches of 200 verified ops until the OSD has been back for two more batches.
+        try:
+            with BlkClient.connect(sock, ram_mib=32, timeout=60) as client:
+                after = 0
+                while after < 2:
+                    after += restarted.is_set()
+                    reports.append(run_stress(client, model, workload, 200, qd=16,
+                                              seed=salt + len(reports)))
+                assert client.flush().status == BlkStatus.OK
+        except BaseException as exc:           # reported by the main thread
+            failures.append(exc)
 
     # The daemons die with the thread that started them (PDEATHSIG): faults from this one.
     t = threading.Thread(target=work)
     t.start()
-    time.sleep(1.0)
-    assert t.is_alive(), "the workload ended before the fault"
+    deadline = time.monotonic() + 60
+    while not reports and not failures:       # some I/O done before the fault
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     cluster.kill_osd()
     time.sleep(2.0)
     back = cluster.start_osd()
-    t.join(120)
-    report, flushed = reports
-    print(f"{report.ops} verified ops across one OSD kill + restart (up again {back:.1f} s after "
-          f"its start): {len(report.bad_status)} errors, {len(report.mismatches)} mismatches")
-    assert flushed == BlkStatus.OK
-    assert not report.bad_status and not report.mismatches
+    restarted.set()
+    t.join(180)
+    assert not t.is_alive() and not failures, failures
+    ops = sum(r.ops for r in reports)
+    errors = [e for r in reports for e in r.bad_status]
+    mismatches = [m for r in reports for m in r.mismatches]
+    print(f"{ops} verified ops across one OSD kill + restart (up again {back:.1f} s after its "
+          f"start): {len(errors)} errors, {len(mismatches)} mismatches")
+    assert ops >= 600 and not errors and not mismatches
+    # requests were in flight through the outage: one batch waited for the OSD
+    assert max(r.seconds for r in reports) > 1.5, [round(r.seconds, 2) for r in reports]
 
 
 @pytest.mark.stress
