@@ -196,7 +196,7 @@ def info(
         b = check_backing(disk)
     except ConfigError as e:
         raise fail(str(e)) from None
-    kind = "block device" if b.is_block_device else "regular file"
+    kind = b.kind
     if disk.range_start or disk.range_size is not None:
         window = f"bytes {b.start}..{b.end} of the image"
     elif b.size < b.image_size:

@@ -15,6 +15,7 @@ The same class is used by the supervisor and by the workers, which map the same 
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -31,6 +32,7 @@ class MappedRegion:
     desc: MemRegion
     mm: mmap.mmap
     view: memoryview = field(repr=False)
+    address: int = 0               # where the mapping starts in this process (for C calls)
 
     @property
     def gpa(self) -> int:
@@ -69,7 +71,12 @@ def map_region(desc: MemRegion, fd: int, readonly: bool = False) -> MappedRegion
         mm = mmap.mmap(fd, length, mmap.MAP_SHARED, prot)
     except (OSError, ValueError, OverflowError) as exc:
         raise FrontendProtocolError(f"cannot map memory region {desc}: {exc}") from exc
-    return MappedRegion(desc, mm, memoryview(mm))
+    address = 0
+    if not readonly:            # the anchor is dropped at once: it must not pin the mapping
+        anchor = ctypes.c_char.from_buffer(mm)
+        address = ctypes.addressof(anchor)
+        del anchor
+    return MappedRegion(desc, mm, memoryview(mm), address)
 
 
 class GuestMemory:
@@ -167,6 +174,13 @@ class GuestMemory:
 
     def iovecs(self, pieces: list[tuple[int, int, int]]) -> list[memoryview]:
         return [self.regions[i].view[off:off + n] for i, off, n in pieces]
+
+    def addresses(self, pieces: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+        """(address, length) of each piece in this process, for a C library's iovecs. Valid
+        while this table is mapped -- which the data path keeps true for every request in
+        flight (a table changes only when none is)."""
+        regions = self.regions
+        return [(regions[i].address + off, n) for i, off, n in pieces]
 
 
 def _unmap(r: MappedRegion) -> None:

@@ -7,17 +7,13 @@ index); the requests it had in flight must all complete, and every read must mat
 from __future__ import annotations
 
 import os
-import random
 import tempfile
-import threading
-import time
 
 import pytest
 
-from vblk.testing.frontend import BackendError, BlkClient
-from vblk.testing.model import DiskModel, StressReport, Workload, account_op, submit_op, write_initial_image
-from vblk.testing.restart import RestartingVblk
-from vblk.virtio.constants import SECTOR_SIZE, BlkStatus
+from vblk.testing.model import DiskModel, Workload, write_initial_image
+from vblk.testing.restart import RestartingVblk, restart_storm
+from vblk.virtio.constants import SECTOR_SIZE
 
 MiB = 1 << 20
 SECTORS = 32 * MiB // SECTOR_SIZE
@@ -33,60 +29,14 @@ def test_twenty_backend_kills_under_the_test_frontend(tmp_path, mode):
     sock = os.path.join(tempfile.mkdtemp(prefix="vblk-rf-", dir="/tmp"), "vblk.sock")
     args = ["--workers", "2"] + (["--writeback"] if mode == "writeback" else [])
     vblk = RestartingVblk(image, sock, tmp_path, *args)
-    model = DiskModel(SECTORS, salt)
-    workload = Workload(99, SECTORS, max_segments=2)
-    kills = []
-    stop = threading.Event()
-    rnd = random.Random(5)
-
-    done = [0]                      # completions seen by the main loop
-
-    def killer():
-        while len(kills) < kills_wanted and not stop.is_set():
-            mark = done[0]
-            # kill only once this vblk has served a good number of requests
-            while done[0] < mark + 64 and not stop.is_set():
-                time.sleep(0.01)
-            if stop.wait(rnd.uniform(0.0, 0.2)):
-                return
-            vblk.kill_and_restart(freeze=rnd.uniform(0.05, 0.2))
-            kills.append(1)
-
-    inflight: dict[int, tuple] = {}
-    report = StressReport(seed=0)
-    reconnects = ops = 0
-    client = BlkClient.connect(sock, ram_mib=32, inflight=True, timeout=20)
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 180
-        while (len(kills) < kills_wanted or inflight) and time.monotonic() < deadline:
-            try:
-                while len(kills) < kills_wanted and len(inflight) < 16:
-                    op = workload.next_op()
-                    tag, token = submit_op(client, model, op)
-                    inflight[tag] = (op, token)
-                    ops += 1
-                client.publish()
-                for c in client.wait(1, timeout=20):
-                    done[0] += 1
-                    op, token = inflight.pop(c.tag)
-                    account_op(report, model, op, token, c)
-            except BackendError:
-                reconnects += 1
-                client.reconnect(sock)
-        stop.set()
-        thread.join()
-        assert not inflight, f"{len(inflight)} requests never completed"
-        assert client.flush().status == BlkStatus.OK
+        result = restart_storm(vblk, DiskModel(SECTORS, salt), Workload(99, SECTORS, max_segments=2),
+                               kills_wanted)
     finally:
-        stop.set()
-        client.close(graceful=False)
         vblk.stop()
     resubmitted = vblk.resubmitted()
-    print(f"{len(kills)} backend kills, {reconnects} reconnects, {ops} verified ops, "
-          f"{resubmitted} requests re-run, {len(report.bad_status) + len(report.mismatches)} problems")
-    assert len(kills) == kills_wanted
-    problems = report.bad_status + report.mismatches
-    assert not problems, problems[:10]
+    print(f"{result.kills} backend kills, {result.reconnects} reconnects, {result.ops} verified "
+          f"ops, {resubmitted} requests re-run, {len(result.problems)} problems")
+    assert result.kills == kills_wanted
+    assert not result.problems, result.problems[:10]
     assert resubmitted > 0, "no kill caught a request in flight"

@@ -1,9 +1,14 @@
 """The backing conformance suite: every kind of backing (vblk.backing) passes the same tests.
 
 Each test runs once per kind -- a regular file, a block device (a loop device over a file),
-memory -- through a ``Kind`` that opens a window of a fresh store filled with known bytes and
-can read the whole store back (to see that nothing outside the window changed) and grow it.
-A new kind (a Ceph RBD image) joins by adding one ``Kind`` here.
+memory, a Ceph RBD image on the throwaway test cluster -- through a ``Kind`` that opens a
+window of a fresh store filled with known bytes and can read the whole store back (to see that
+nothing outside the window changed) and grow it. A new kind joins by adding one ``Kind``.
+
+Locks differ in one way, declared by ``window_locks``: files, block devices and memory lock
+the window's bytes (disjoint windows of one store can have a writer each, readers share and
+keep writers out); an RBD image has one exclusive lock for the whole image, held by its one
+writer (any second writer is refused; read-only opens take no lock).
 
 What a backing promises (vblk.backing.base): offsets count from the window's start; every
 byte moves or OSError; nothing outside the window is ever touched, and a request reaching out
@@ -41,8 +46,9 @@ def pattern(size: int, seed: int = 1) -> bytes:
 class Kind:
     """One kind of backing under test: opens windows of one fresh store."""
     name = ""
+    window_locks = True
 
-    def __init__(self, tmp_path, stack: ExitStack) -> None:
+    def __init__(self, request, tmp_path, stack: ExitStack) -> None:
         self.tmp_path, self.stack = tmp_path, stack
 
     def open(self, *, start: int = 0, size: int | None = None, readonly: bool = False,
@@ -60,8 +66,8 @@ class Kind:
 class FileKind(Kind):
     name = "regular file"
 
-    def __init__(self, tmp_path, stack) -> None:
-        super().__init__(tmp_path, stack)
+    def __init__(self, request, tmp_path, stack) -> None:
+        super().__init__(request, tmp_path, stack)
         self.path = tmp_path / "store.img"
         self.path.write_bytes(pattern(STORE))
         self.target = str(self.path)
@@ -80,8 +86,8 @@ class FileKind(Kind):
 class BlockDeviceKind(FileKind):
     name = "block device"
 
-    def __init__(self, tmp_path, stack) -> None:
-        super().__init__(tmp_path, stack)
+    def __init__(self, request, tmp_path, stack) -> None:
+        super().__init__(request, tmp_path, stack)
         self.target = stack.enter_context(loop_device(self.path))
 
     def raw(self) -> bytes:
@@ -96,8 +102,8 @@ class BlockDeviceKind(FileKind):
 class MemoryKind(Kind):
     name = "memory"
 
-    def __init__(self, tmp_path, stack) -> None:
-        super().__init__(tmp_path, stack)
+    def __init__(self, request, tmp_path, stack) -> None:
+        super().__init__(request, tmp_path, stack)
         self.store_name = f"conformance-{id(self)}"
         memory_store(self.store_name, STORE).data[:] = pattern(STORE)
         stack.callback(drop_store, self.store_name)
@@ -114,13 +120,40 @@ class MemoryKind(Kind):
         data.extend(bytes(size - len(data)))
 
 
-KINDS = [FileKind, BlockDeviceKind, MemoryKind]
+class RbdKind(Kind):
+    name = "rbd image"
+    window_locks = False
+
+    def __init__(self, request, tmp_path, stack) -> None:
+        super().__init__(request, tmp_path, stack)
+        self.cluster = request.getfixturevalue("ceph_cluster")
+        self.image = request.getfixturevalue("rbd_image")(STORE)    # removed after the test
+        self.cluster.remove_image(self.image)
+        self.cluster.import_image(self.image, pattern(STORE))        # Ceph's default features
+
+    def open(self, *, start=0, size=None, readonly=False, lbs=512) -> Backing:
+        return open_backing(DiskOptions(f"rbd:rbd/{self.image}:conf={self.cluster.conf}",
+                                        readonly=readonly, logical_block_size=lbs,
+                                        range_start=start, range_size=size))
+
+    def raw(self) -> bytes:
+        return self.cluster.export(self.image)
+
+    def grow(self, size: int) -> None:
+        self.cluster.rbd("resize", "--size", f"{size}B", f"rbd/{self.image}")
 
 
-@pytest.fixture(params=KINDS, ids=[k.name.replace(" ", "-") for k in KINDS])
-def kind(request, tmp_path):
+KINDS = [FileKind, BlockDeviceKind, MemoryKind, RbdKind]
+
+
+def _kind(request, tmp_path):
     with ExitStack() as stack:
-        yield request.param(tmp_path, stack)
+        yield request.param(request, tmp_path, stack)
+
+
+kind = pytest.fixture(params=KINDS, ids=[k.name.replace(" ", "-") for k in KINDS])(_kind)
+windowed_kind = pytest.fixture(params=[k for k in KINDS if k.window_locks],
+                               ids=[k.name.replace(" ", "-") for k in KINDS if k.window_locks])(_kind)
 
 
 @pytest.fixture
@@ -291,8 +324,12 @@ def test_a_second_writer_on_an_overlapping_window_is_refused(window):
         kind.open(start=MiB + 4096, size=MiB)
     with pytest.raises(ConfigError):
         kind.open(start=MiB, size=4096, readonly=True)
-    with kind.open(start=2 * MiB, size=MiB) as neighbour:  # disjoint: fine
-        assert neighbour.info.start == 2 * MiB
+    if kind.window_locks:
+        with kind.open(start=2 * MiB, size=MiB) as neighbour:  # disjoint: fine
+            assert neighbour.info.start == 2 * MiB
+    else:                                                  # one lock for the whole store
+        with pytest.raises(ConfigError, match="in use"):
+            kind.open(start=2 * MiB, size=MiB)
 
 
 def test_closing_releases_the_window_and_is_idempotent(kind):
@@ -305,8 +342,9 @@ def test_closing_releases_the_window_and_is_idempotent(kind):
 
 def test_readers_share_a_window(kind):
     with kind.open(start=0, size=MiB, readonly=True), kind.open(start=0, size=MiB, readonly=True):
-        with pytest.raises(ConfigError):
-            kind.open(start=0, size=MiB)
+        if kind.window_locks:
+            with pytest.raises(ConfigError):
+                kind.open(start=0, size=MiB)
 
 
 # -- size -----------------------------------------------------------------------------------------
@@ -326,7 +364,8 @@ def test_resize_limit_is_the_range_or_what_the_store_holds_now(kind):
         assert kind.raw()[STORE + 2 * MiB:STORE + 2 * MiB + 4096] == b"z" * 4096
 
 
-def test_growing_a_window_over_another_writer_is_refused(kind):
+def test_growing_a_window_over_another_writer_is_refused(windowed_kind):
+    kind = windowed_kind
     with kind.open(start=0, size=MiB) as b, kind.open(start=2 * MiB, size=MiB):
         b.resize_window(MiB, 2 * MiB)                    # up to the neighbour: fine
         with pytest.raises(ResizeRefused):

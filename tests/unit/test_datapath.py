@@ -28,7 +28,7 @@ def test_writes_and_reads_go_through_slots_and_come_back_on_the_used_ring():
         assert store_bytes(disk, 16 * 512, 8192) == data
         r = disk.read(16, 8192)
         assert (r.status, r.used_len, r.data) == (BlkStatus.OK, 8193, data)
-        assert len(disk.data.free) == disk.slots.count and not disk.data.inflight
+        assert len(disk.data.free) == disk.slots and not disk.data.inflight
         snap = disk.stats.snapshot()
         assert snap["queues"][0]["types"]["write"]["requests"] == 1
         assert snap["queues"][0]["types"]["read"]["requests"] == 1
@@ -92,7 +92,7 @@ def test_a_failing_store_gives_ioerr_and_frees_the_slot(monkeypatch):
             raise OSError(5, "medium error")
         monkeypatch.setattr(disk.backing, "_readv", broken)
         assert disk.read(0, 4096).status == BlkStatus.IOERR
-        assert len(disk.data.free) == disk.slots.count
+        assert len(disk.data.free) == disk.slots
         monkeypatch.undo()
         assert disk.read(0, 4096).status == BlkStatus.OK
 

@@ -6,6 +6,8 @@ kind                module                         opened from
 ==================  =============================  ============================================
 regular file        vblk.backing.file + .local     a path (the ACRN option string's PATH)
 block device        vblk.backing.file + .local     a path to a block device
+rbd image           vblk.backing.rbd (+ librbd,    ``rbd:POOL/IMAGE[@SNAP][:conf=..][:id=..]``
+                    rbd_spec)
 memory              vblk.backing.memory            tests only (``MemoryBacking.open``)
 ==================  =============================  ============================================
 
@@ -14,17 +16,24 @@ Every kind passes one conformance suite (tests/unit/test_backing_conformance.py)
 from __future__ import annotations
 
 from vblk.backing.base import Backing, BackingInfo, info_from_dict, info_to_dict, status_for  # noqa: F401
+from vblk.backing.rbd_spec import is_rbd
 from vblk.options import DiskOptions
 
 
 def check_backing(opts: DiskOptions) -> BackingInfo:
     """Everything ``open_backing`` would check, touching nothing (ConfigError if refused)."""
+    if is_rbd(opts.path):
+        from vblk.backing.rbd import check_rbd
+        return check_rbd(opts)
     from vblk.backing.local import check_local
     return check_local(opts)
 
 
 def open_backing(opts: DiskOptions) -> Backing:
     """Open and lock the disk's window for serving (ConfigError if refused)."""
+    if is_rbd(opts.path):
+        from vblk.backing.rbd import open_rbd
+        return open_rbd(opts)
     from vblk.backing.local import open_local
     return open_local(opts)
 

@@ -109,6 +109,8 @@ class Backing(ABC):
 
     blocking = True      # its calls block: served from worker processes (else in-process)
     caches = False       # read_cached can answer (the data path asks it before a worker)
+    writes_durable = False   # a completed write is durable already (no flush needed after it)
+    takes_pieces = False     # submit_pieces takes guest-memory addresses (no memoryviews)
 
     def __init__(self, info: BackingInfo) -> None:
         self.info = info
@@ -207,6 +209,12 @@ class Backing(ABC):
             err = exc.errno or errno.EIO
         self._done.append((tag, err))
         os.eventfd_write(self.completion_fd, 1)
+
+    def submit_pieces(self, tag: int, op: Op, offset: int, pieces, memory) -> None:
+        """``submit`` of a READ or WRITE whose buffers are (region, offset, length) pieces of
+        ``memory`` (a GuestMemory), for backings that hand addresses to a C library
+        (``takes_pieces``): no memoryview per request."""
+        raise NotImplementedError
 
     def reap(self) -> list[tuple[int, int]]:
         """The ``(tag, errno)`` of every submitted operation finished since the last call."""

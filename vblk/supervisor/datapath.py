@@ -9,12 +9,12 @@ plan) and the device decides. Requests that need no I/O (GET_ID, errors) complet
 and so do reads the backing's cache holds (``Backing.read_cached``: preadv with RWF_NOWAIT
 straight into guest memory for a file), each published as soon as it is copied so that the
 driver can reap it and queue the next while the loop copies the rest. The rest go into a
-slot (vblk.ipc), and the slot goes to the I/O engine (the worker pool, or the in-process
-engine of a backing whose I/O completes on an eventfd); the engine sends each drain's slots
-out in one go (``flush``).
+slot number and goes to the I/O engine (the worker pool, through the shared-memory slots of
+vblk.ipc, or the in-process engine of a backing whose I/O completes on an eventfd); the engine
+sends each drain's requests out in one go (``flush``).
 
 Completions: when the engine's completion fd is readable, ``on_completions`` reaps the
-finished slots, writes each status byte and used element, publishes used.idx once per ring
+finished requests, writes each status byte and used element, publishes used.idx once per ring
 per batch and signals the guest once per ring per batch. Only this module writes the used
 ring.
 
@@ -48,7 +48,7 @@ from vblk.admission import admit_chain
 from vblk.backing import Backing
 from vblk.device import BlkDevice, Completion
 from vblk.errors import GuestError, RingBroken
-from vblk.ipc import FLAG_SYNC, FLAG_UNMAP, Op, Pieces, SlotArea
+from vblk.ipc import FLAG_SYNC, FLAG_UNMAP, Op, Pieces
 from vblk.logs import RateLimitedLog
 from vblk.memory import GuestMemory
 from vblk.ratelimit import Limiter
@@ -66,18 +66,20 @@ _OUT = int(BlkType.OUT)
 
 
 class Engine(Protocol):
-    """Where the slots' I/O runs: vblk.supervisor.pool (worker processes) or
-    vblk.supervisor.inprocess (a backing's submitted operations)."""
+    """Where the requests' I/O runs: vblk.supervisor.pool (worker processes, through the
+    shared-memory slots of vblk.ipc) or vblk.supervisor.inprocess (a backing's submitted
+    operations). A request is known by its slot number from posting to reaping."""
     completion_fd: int
 
-    def post(self, slot: int, durable_write: bool) -> None:
-        """Take a filled slot; it goes out at the next ``flush``."""
+    def post(self, slot: int, op: int, flags: int, offset: int, length: int, pieces: Pieces,
+             generation: int) -> None:
+        """Take one request; it goes out at the next ``flush``."""
 
     def flush(self) -> None:
-        """Send every slot posted since the last flush."""
+        """Send every request posted since the last flush."""
 
-    def reap(self) -> list[int]:
-        """The slots finished since the last call (their results are in the slot area)."""
+    def reap(self) -> list[tuple[int, int, int]]:
+        """(slot, status, errno) of the requests finished since the last call."""
 
     def set_memory(self, memory: GuestMemory, regions: list[list[int]], fds: list[int]) -> None:
         """A new memory table (the fds stay the caller's)."""
@@ -107,11 +109,11 @@ def slot_budget(free: int, total: int, held: int, rings: int, others_waiting: bo
 
 
 class DataPath:
-    def __init__(self, device: BlkDevice, backing: Backing, slots: SlotArea, stats: Stats,
+    def __init__(self, device: BlkDevice, backing: Backing, slots: int, stats: Stats,
                  limiter: Limiter, inline_reads: bool) -> None:
         self.device = device
         self.backing = backing
-        self.slots = slots
+        self.slots = slots                       # requests in flight at most
         self.live = stats
         self.limiter = limiter
         self.inline_reads = inline_reads       # try Backing.read_cached before a worker
@@ -120,7 +122,7 @@ class DataPath:
         self.rings: dict[int, SplitRing] = {}
         self.calls: dict[int, int | None] = {}   # queue -> call fd (owned by the session)
         self.broken: set[int] = set()            # rings stopped because the guest broke them
-        self.free: deque[int] = deque(range(slots.count))
+        self.free: deque[int] = deque(range(slots))
         self.held = [0] * device.num_queues      # slots each queue's requests hold
         self.inflight: dict[int, InFlight] = {}
         self.throttled: set[int] = set()         # rings with requests left waiting for tokens
@@ -289,15 +291,14 @@ class DataPath:
 
     def _post(self, q: int, head: int, op: int, flags: int, offset: int, length: int,
               pieces: Pieces, status_addr: int, rtype: int) -> None:
-        """Hand a request to the engine through a free slot."""
+        """Hand a request to the engine under a free slot number."""
         slot = self.free.popleft()
         self.held[q] += 1
         if not self.device.writeback:
             flags |= FLAG_SYNC
-        self.slots.post(slot, op, flags, offset, length, self.memory.generation, pieces)
         used = length + 1 if op == _READ else 1
         self.inflight[slot] = InFlight(q, head, status_addr, used, rtype, time.monotonic_ns())
-        self.engine.post(slot, op == _WRITE and bool(flags & FLAG_SYNC))
+        self.engine.post(slot, op, flags, offset, length, pieces, self.memory.generation)
 
     def _read_cached(self, read_cached, offset: int, pieces: Pieces) -> bool:
         bufs = self.memory.iovecs(pieces)
@@ -331,18 +332,17 @@ class DataPath:
     def collect(self) -> None:
         """Complete (and publish) what the engine finished, taking no new requests."""
         touched = set()
-        for slot in self.engine.reap():
-            q = self._complete(slot)
+        for slot, status, err in self.engine.reap():
+            q = self._complete(slot, status, err)
             if q is not None:
                 touched.add(q)
         for q in touched:
             self.publish(q, self.rings[q])
 
-    def _complete(self, slot: int) -> int | None:
+    def _complete(self, slot: int, status: int, err: int) -> int | None:
         info = self.inflight.pop(slot, None)
         if info is None:                # a re-issued slot finished twice: already done
             return None
-        _, status, err = self.slots.result(slot)
         if status != BlkStatus.OK:
             log.warning("event=io_failed queue=%d head=%d errno=%s", info.queue, info.head,
                         errno.errorcode.get(err, err))
@@ -386,7 +386,7 @@ class DataPath:
                         break
                 except RingBroken:
                     pass            # found broken when that ring is drained
-        return slot_budget(len(self.free), self.slots.count, self.held[q], len(self.rings),
+        return slot_budget(len(self.free), self.slots, self.held[q], len(self.rings),
                            others_waiting)
 
     def not_throttled(self, q: int) -> None:

@@ -41,16 +41,22 @@ from dataclasses import dataclass, field
 from vblk import ipc
 from vblk.backing import Backing
 from vblk.interpreter import python_command
-from vblk.ipc import SlotArea, SlotState
+from vblk.ipc import FLAG_SYNC, Op, SlotArea, SlotState
 from vblk.memory import GuestMemory
 from vblk.stats import Stats
 
 log = logging.getLogger("vblk.supervisor")
 
+_WRITE = int(Op.WRITE)
+
 START_ATTEMPTS = 5             # consecutive deaths before READY that end a start
 START_TIMEOUT = 60.0           # the longest ``start`` waits for every worker to be ready
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
+
+
+def _load(w: WorkerHandle) -> int:
+    return len(w.outstanding)
 
 
 class WorkerStartError(Exception):
@@ -97,6 +103,7 @@ class WorkerPool:
         os.set_blocking(self.complete_r, False)
         self.completion_fd = self.complete_r
         self.workers: list[WorkerHandle | None] = [None] * count
+        self._candidates: list[WorkerHandle] | None = None    # who takes slots (see _least_busy)
         self.failures = [0] * count            # consecutive deaths before READY, per worker
         self.owner: list[int] = [-1] * slots.count
         self.orphans: list[int] = []           # re-issued slots waiting for a live worker
@@ -111,6 +118,7 @@ class WorkerPool:
         """Start every worker and wait until each is ready (WorkerStartError if one cannot)."""
         for i in range(self.count):
             self.workers[i] = self._spawn(i)
+            self._candidates = None
         deadline = time.monotonic() + START_TIMEOUT
         while not all(w is not None and w.ready for w in self.workers):
             left = deadline - time.monotonic()
@@ -127,6 +135,7 @@ class WorkerPool:
     def _start_failed(self, w: WorkerHandle) -> None:
         code = self._reap_process(w)
         self.workers[w.index] = None
+        self._candidates = None
         if code != -signal.SIGKILL:
             self.failures[w.index] += 1
         if self.failures[w.index] >= START_ATTEMPTS:
@@ -135,6 +144,7 @@ class WorkerPool:
                                    f"ready, {START_ATTEMPTS} times in a row")
         time.sleep(self._backoff(w.index))
         self.workers[w.index] = self._spawn(w.index)
+        self._candidates = None
 
     def _backoff(self, index: int) -> float:
         n = self.failures[index]
@@ -173,6 +183,7 @@ class WorkerPool:
             return False
         if msg == ipc.READY:
             w.ready = True
+            self._candidates = None
             self.failures[w.index] = 0
         return True
 
@@ -212,6 +223,7 @@ class WorkerPool:
         was_ready = w.ready
         code = self._reap_process(w)
         self.workers[w.index] = None
+        self._candidates = None
         if self._sync_worker is w:
             self._sync_worker = None
         self.batches.pop(w.index, None)
@@ -240,6 +252,7 @@ class WorkerPool:
             return
         new = self._spawn(index)
         self.workers[index] = new
+        self._candidates = None
         self._watch(new)
 
     def _reissue(self, slots: list[int]) -> None:
@@ -256,12 +269,17 @@ class WorkerPool:
 
     # -- the engine --------------------------------------------------------------------------------
     def _least_busy(self) -> WorkerHandle | None:
-        live = [w for w in self.workers if w is not None]
-        ready = [w for w in live if w.ready] or live
-        return min(ready, key=lambda w: len(w.outstanding)) if ready else None
+        """The ready worker with the fewest slots (any live one while none is ready)."""
+        candidates = self._candidates
+        if candidates is None:
+            live = [w for w in self.workers if w is not None]
+            candidates = self._candidates = [w for w in live if w.ready] or live
+        return min(candidates, key=_load) if candidates else None
 
-    def post(self, slot: int, durable_write: bool) -> None:
-        if durable_write:
+    def post(self, slot: int, op: int, flags: int, offset: int, length: int, pieces,
+             generation: int) -> None:
+        self.slots.post(slot, op, flags, offset, length, generation, pieces)
+        if op == _WRITE and flags & FLAG_SYNC:
             # Durable writes taken together go to one worker: its batch shares one fdatasync.
             if self._sync_worker is None:
                 self._sync_worker = self._least_busy()
@@ -287,18 +305,20 @@ class WorkerPool:
             self.batches.clear()
         self._sync_worker = None
 
-    def reap(self) -> list[int]:
+    def reap(self) -> list[tuple[int, int, int]]:
         try:
             data = os.read(self.complete_r, 4 * 4096)
         except BlockingIOError:
             return []
-        done = ipc.unpack_slots(data)
-        workers = self.workers
-        for slot in done:
+        out = []
+        workers, result = self.workers, self.slots.result
+        for slot in ipc.unpack_slots(data):
             w = workers[self.owner[slot]]
             if w is not None:
                 w.outstanding.discard(slot)
-        return done
+            _, status, err = result(slot)
+            out.append((slot, status, err))
+        return out
 
     def set_memory(self, memory: GuestMemory, regions: list[list[int]], fds: list[int]) -> None:
         """Tell every worker the new table (the fds stay owned by the caller)."""
@@ -326,7 +346,9 @@ class WorkerPool:
                 w.proc.kill()
                 w.proc.wait()
         self.workers = [None] * self.count
+        self._candidates = None
 
     def close(self) -> None:
         os.close(self.complete_r)
         os.close(self.complete_w)
+        self.slots.close()

@@ -8,7 +8,8 @@ SIGINT the loop ends, the frontend is dropped (its rings stop after their reques
 the workers are stopped, and everything is closed in the reverse order.
 
     FrontendLink (connection.py) --Session--> Queues (queues.py) --> DataPath (datapath.py)
-        DataPath --slots--> engine: WorkerPool (pool.py) | InProcessEngine (inprocess.py)
+        DataPath --requests--> engine: WorkerPool (pool.py, over vblk.ipc's shared-memory
+                                   slots) | InProcessEngine (inprocess.py)
     EventLoop (loop.py) runs them all; DiskOps (disk_ops.py) answers resize and limit.
 """
 from __future__ import annotations
@@ -55,12 +56,13 @@ def make_device(config: ServeConfig, backing: Backing) -> BlkDevice:
                      discard=discard)
 
 
-def make_engine(config: ServeConfig, backing: Backing, slots: SlotArea, stats: Stats):
+def make_engine(config: ServeConfig, backing: Backing, stats: Stats):
     """Worker processes for a backing whose calls block; the backing's own submission
     otherwise."""
     if backing.blocking:
-        return WorkerPool(config.workers, backing, slots, stats, config.log_level)
-    return InProcessEngine(backing, slots)
+        return WorkerPool(config.workers, backing, SlotArea.create(config.queue_size), stats,
+                          config.log_level)
+    return InProcessEngine(backing)
 
 
 def open_control(config: ServeConfig, listener: socket.socket, stats: Stats):
@@ -87,23 +89,20 @@ def serve(config: ServeConfig) -> int:
     ConfigError) propagate before anything is listening."""
     with open_backing(config.disk) as backing:
         device = make_device(config, backing)
-        stats = Stats(device.num_queues, workers=config.workers, info={"image": backing.info.path})
+        workers = config.workers if backing.blocking else 0
+        stats = Stats(device.num_queues, workers=workers, info={"image": backing.info.path})
         stats.capacity_bytes = device.geometry.size_bytes
-        slots = SlotArea.create(config.queue_size)
+        engine = make_engine(config, backing, stats)
         try:
-            engine = make_engine(config, backing, slots, stats)
-            try:
-                engine.start()
-                return _serve_started(config, backing, device, stats, slots, engine)
-            finally:
-                engine.stop()
-                engine.close()
+            engine.start()
+            return _serve_started(config, backing, device, stats, engine)
         finally:
-            slots.close()
+            engine.stop()
+            engine.close()
 
 
 def _serve_started(config: ServeConfig, backing: Backing, device: BlkDevice, stats: Stats,
-                   slots: SlotArea, engine) -> int:
+                   engine) -> int:
     listener, created = open_listener(config.socket_path, config.listen_fd, config.socket_mode,
                                       config.socket_group)
     try:
@@ -111,7 +110,7 @@ def _serve_started(config: ServeConfig, backing: Backing, device: BlkDevice, sta
         _log_serving(config, backing, device)
         control = open_control(config, listener, stats)
         try:
-            _run(config, backing, device, stats, slots, engine, listener, control)
+            _run(config, backing, device, stats, engine, listener, control)
         finally:
             if control is not None:
                 control.close()
@@ -125,11 +124,11 @@ def _serve_started(config: ServeConfig, backing: Backing, device: BlkDevice, sta
     return 0
 
 
-def _run(config, backing, device, stats, slots, engine, listener, control) -> None:
+def _run(config, backing, device, stats, engine, listener, control) -> None:
     limiter = Limiter(config.limits, now=time.monotonic())
     stats.limiter = limiter
     inline = backing.caches and os.environ.get("VBLK_INLINE_READS", "1") != "0"
-    data = DataPath(device, backing, slots, stats, limiter, inline_reads=inline)
+    data = DataPath(device, backing, config.queue_size, stats, limiter, inline_reads=inline)
     data.engine = engine
     link: FrontendLink | None = None
     loop = EventLoop(on_error=lambda: link.disconnect())
@@ -143,7 +142,7 @@ def _run(config, backing, device, stats, slots, engine, listener, control) -> No
             loop.watch(control.fileno(), control.on_readable, "frontend")
         link.listen()
         with loop.signals():
-            log.info("event=listening workers=%d slots=%d", config.workers, slots.count)
+            log.info("event=listening workers=%d slots=%d", stats.workers, config.queue_size)
             sdnotify.ready("waiting for a frontend")
             try:
                 loop.run(timeout=data.timeout, tick=data.tick, poll=data.poll)

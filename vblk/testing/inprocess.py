@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from vblk.backing import Backing
 from vblk.backing.memory import MemoryBacking, drop_store
 from vblk.device import BlkDevice, DiscardLimits, Geometry
-from vblk.ipc import SlotArea
 from vblk.memory import GuestMemory
 from vblk.ratelimit import Limiter, Limits
 from vblk.stats import Stats
@@ -61,9 +60,9 @@ class InProcessDisk:
                                          info.physical_block_size, info.readonly, info.serial),
                                 writeback=info.writeback, num_queues=queues, discard=discard)
         self.stats = Stats(queues)
-        self.slots = SlotArea.create(slots)
-        self.engine = InProcessEngine(backing, self.slots)
-        self.data = DataPath(self.device, backing, self.slots, self.stats,
+        self.slots = slots
+        self.engine = InProcessEngine(backing)
+        self.data = DataPath(self.device, backing, slots, self.stats,
                              Limiter(limits, now=time.monotonic()), inline_reads=inline_reads)
         self.data.engine = self.engine
         self.broken: list[int] = []
@@ -166,7 +165,6 @@ class InProcessDisk:
         self.ram.close()
         for fd in self.calls:
             os.close(fd)
-        self.slots.close()
         self.backing.close()
         if self._store is not None:
             drop_store(self._store)
