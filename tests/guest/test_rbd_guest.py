@@ -3,14 +3,18 @@
 The cluster is the session's throwaway memstore cluster (``ceph_cluster``, tests/conftest.py):
 every object lives in the OSD's RAM, so the images are small and the guests write little.
 What the guest did is checked twice: inside the guest (checksums, ``e2fsck -fn``), and on the
-host from the cluster itself (``rbd export``), never
+host from the cluster itself (``rbd export``, ``rbd diff``/``rbd du``, ``rbd info``), never
 through vblk.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,12 +24,20 @@ from vblk.lab.guest import GEOMETRY_SCRIPT, assert_geometry, debugfs_cat, host_f
 
 pytestmark = pytest.mark.guest
 
+REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 RBD_PBS = 4096                      # vblk's physical block size for an RBD image (no st_blksize)
 
 
 def spec(cluster, name: str, extra: str = "") -> str:
     return f"rbd:rbd/{name}:conf={cluster.conf}{extra}"
+
+
+def vblk_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "vblk.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
 
 
 def requests(sock) -> dict[str, int]:
@@ -40,6 +52,18 @@ def exported_fsck(cluster, name: str, path: Path) -> subprocess.CompletedProcess
     """``rbd export`` the image to ``path`` and ``e2fsck -fn`` the copy."""
     cluster.export(name, path)
     return host_fsck(path)
+
+
+def allocation(cluster, name: str) -> tuple[int, int]:
+    """(bytes in ``rbd diff``'s extents, ``rbd du``'s used bytes): what the cluster holds for
+    the image. ``rbd diff`` lists the extents each object holds (byte-exact enough: 1 MiB
+    written into an empty 4 MiB object shows as 1 MiB). ``rbd du`` needs no ceph-mgr (it reads
+    the image's object map, a default feature), but counts every object that exists as a
+    whole 4 MiB: honest, at that granularity."""
+    extents = json.loads(cluster.rbd("diff", "--format", "json", f"rbd/{name}"))
+    diff = sum(e["length"] for e in extents if e["exists"] in ("true", True))
+    du = json.loads(cluster.rbd("du", "--format", "json", f"rbd/{name}"))["images"][0]
+    return diff, du["used_size"]
 
 
 # --------------------------------------------------------------------------
@@ -170,3 +194,108 @@ def test_a_snapshot_served_read_only(ceph_cluster, rbd_image, serve_vblk, boot, 
               f"{v['DD_AFTER_SETRW']}, touch {v['TOUCH']}); requests {seen}")
     finally:
         ceph_cluster.rbd("snap", "purge", f"rbd/{name}")
+
+
+# --------------------------------------------------------------------------
+# 3. fstrim gives the space back to the cluster
+
+FILL_AND_DELETE = r"""
+mkfs.ext4 -q -F /dev/vda
+mount -t ext4 /dev/vda /mnt
+dd if=/dev/urandom of=/mnt/big bs=1M count=@MB@ 2>/dev/null
+echo keep > /mnt/keep.txt
+sync
+rm /mnt/big
+sync
+umount /mnt
+"""
+
+TRIM = r"""
+mount -t ext4 /dev/vda /mnt
+/sbin/fstrim -v /mnt
+echo KEEP=$(cat /mnt/keep.txt)
+umount /mnt
+rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
+echo FSCK=$rc
+[ $rc = 0 ] || cat /tmp/fsck.log
+"""
+
+
+def test_fstrim_frees_space_in_the_cluster(ceph_cluster, rbd_image, serve_vblk, boot, tmp_path):
+    big = 32 * MiB
+    name = rbd_image(96 * MiB)
+    sock = serve_vblk(spec(ceph_cluster, name, ",discard"))
+    boot(sock, FILL_AND_DELETE.replace("@MB@", str(big // MiB))).check()
+    before = requests(sock)
+    diff1, du1 = allocation(ceph_cluster, name)
+    assert diff1 >= big, (diff1, du1)            # the deleted file's blocks are still there
+    res = boot(sock, TRIM).check()
+    assert "trimmed" in res.output, res.describe()
+    assert res.values["KEEP"] == "keep" and res.values["FSCK"] == "0", res.describe()
+    diff2, du2 = allocation(ceph_cluster, name)
+    seen = {k: n - before.get(k, 0) for k, n in requests(sock).items()}
+    print(f"{big // MiB} MiB written and deleted: rbd diff {diff1 / MiB:.1f} -> "
+          f"{diff2 / MiB:.1f} MiB, rbd du {du1 / MiB:.0f} -> {du2 / MiB:.0f} MiB; fstrim sent "
+          f"{seen['discard']} discards ({seen})")
+    assert seen["discard"] >= 1 and seen["ioerr"] == 0 and seen["unsupp"] == 0, seen
+    # rbd diff: the deleted file's extents are gone (mkfs's and the kept file's remain)
+    assert diff1 - diff2 >= big - 2 * MiB, (diff1, diff2)
+    # rbd du counts whole 4 MiB objects: one that keeps any ext4 metadata (a backup superblock
+    # at the start of every odd block group, the journal, ...) stays; the ones fstrim emptied
+    # whole are removed
+    assert du2 < du1, (du1, du2)
+    sock.stop()
+    fsck = exported_fsck(ceph_cluster, name, tmp_path / "export.img")
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+# --------------------------------------------------------------------------
+# 4. rbd resize + vblk resize: the guest sees the new size without a reboot
+
+RESIZE_SCRIPT = r"""
+size() { cat /sys/block/vda/size; }
+nap() { sleep 0.1 2>/dev/null || sleep 1; }
+S0=$(size); echo SIZE0=$S0
+echo VBLK-RESIZE-WANT=grow
+t=0
+while [ "$(size)" = "$S0" ] && [ $t -lt 600 ]; do nap; t=$((t + 1)); done
+S1=$(size); echo SIZE1=$S1
+# the new last 4 KiB: written, read back past the page cache
+LAST=$((S1 / 8 - 1))
+printf 'VBLK-RBD-TAIL' | dd of=/dev/vda bs=4096 seek=$LAST conv=sync,notrunc oflag=direct 2>/dev/null
+echo TAIL=$(dd if=/dev/vda bs=4096 skip=$LAST count=1 iflag=direct 2>/dev/null | head -c 13)
+N=$(dd if=/dev/vda bs=4096 skip=$((S1 / 8)) count=1 2>/dev/null | wc -c)
+echo PAST_END_BYTES=$N
+"""
+
+
+def test_guest_sees_rbd_resize_without_reboot(ceph_cluster, rbd_image, serve_vblk, boot):
+    old, new = 64 * MiB, 96 * MiB
+    name = rbd_image(old)
+    sock = serve_vblk(spec(ceph_cluster, name))
+    done: dict[str, object] = {}
+
+    def on_line(line: str) -> None:
+        if line.strip() == "VBLK-RESIZE-WANT=grow":
+            done["early"] = vblk_cli("resize", sock, str(new))    # the image is not bigger yet
+            ceph_cluster.rbd("resize", "--size", f"{new}B", f"rbd/{name}")
+            done["at"] = time.time()
+            done["resize"] = vblk_cli("resize", sock, str(new))
+
+    res = boot(sock, RESIZE_SCRIPT, on_line=on_line).check()
+    v = res.values
+    early, r = done["early"], done["resize"]
+    assert early.returncode == 2 and "never grows" in early.stderr, (early.stdout, early.stderr)
+    assert r.returncode == 0 and "the frontend was notified" in r.stdout, (r.stdout, r.stderr)
+    assert v["SIZE0"] == str(old // 512), res.describe()
+    assert v["SIZE1"] == str(new // 512), res.describe()
+    assert v["TAIL"] == "VBLK-RBD-TAIL", res.describe()
+    assert v["PAST_END_BYTES"] == "0", res.describe()
+    seen_after = res.wall_time("SIZE1=") - done["at"]
+    assert ceph_cluster.image_info(name)["size"] == new
+    tail = ceph_cluster.export(name)[new - 4096:]
+    assert tail == b"VBLK-RBD-TAIL".ljust(4096, b"\0")
+    assert "event=resized" in sock.log()
+    print(f"{old // MiB} -> {new // MiB} MiB: the guest saw the new size {seen_after:.2f} s "
+          f"after rbd resize + vblk resize ({r.stdout.strip()}); its write to the new last "
+          f"4 KiB is in rbd export at {new - 4096}")
