@@ -14,6 +14,8 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 
 from vblk.control import default_control_path, fetch_stats
 from vblk.lab.guest import GEOMETRY_SCRIPT, assert_geometry, debugfs_cat, host_fsck
+from vblk.testing.restart import RestartingVblk
 
 pytestmark = pytest.mark.guest
 
@@ -299,3 +302,119 @@ def test_guest_sees_rbd_resize_without_reboot(ceph_cluster, rbd_image, serve_vbl
     print(f"{old // MiB} -> {new // MiB} MiB: the guest saw the new size {seen_after:.2f} s "
           f"after rbd resize + vblk resize ({r.stdout.strip()}); its write to the new last "
           f"4 KiB is in rbd export at {new - 4096}")
+
+
+# --------------------------------------------------------------------------
+# 5. vblk killed and restarted under the guest's ext4 workload (QEMU reconnect=1)
+
+WORKLOAD = r"""
+mkfs.ext4 -q -F /dev/vda
+mount -t ext4 /dev/vda /mnt
+mkdir -p /root/sums
+cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }     # centiseconds since boot
+echo MOUNTED=1
+end=$(( $(cut -d. -f1 /proc/uptime) + @SECONDS@ ))
+i=0; worst=0
+while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+    t0=$(cs)
+    i=$((i + 1))
+    n=$((i % 32))
+    dd if=/dev/urandom of=/mnt/f$n bs=64k count=$((1 + i % 8)) 2>/tmp/dd.err || { cat /tmp/dd.err; exit 1; }
+    sha256sum /mnt/f$n > /root/sums/f$n
+    if [ $((i % 4)) = 0 ]; then sync; fi
+    d=$(( $(cs) - t0 )); [ $d -gt $worst ] && worst=$d
+done
+echo WRITES=$i
+echo WORST_ITER_CS=$worst
+echo FILES=$(ls /root/sums | wc -l)
+cat /root/sums/* > /root/all.sums
+for f in /root/sums/*; do echo "SUM_$(basename $f)=$(cut -d' ' -f1 $f)"; done
+sync
+umount /mnt
+rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
+echo FSCK=$rc
+[ $rc = 0 ] || cat /tmp/fsck.log
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext4 /dev/vda /mnt
+rc=0; sha256sum -c /root/all.sums > /tmp/check.log 2>&1 || rc=$?
+echo CHECK=$rc
+echo CHECKED=$(grep -c ': OK$' /tmp/check.log)
+[ $rc = 0 ] || grep -v ': OK$' /tmp/check.log | head
+umount /mnt
+"""
+
+
+def test_backend_kills_during_ext4_workload_on_rbd(ceph_cluster, rbd_image, boot, tmp_path):
+    kills_wanted = int(os.environ.get("VBLK_RBD_GUEST_KILLS", 5))
+    name = rbd_image(128 * MiB)
+    sock = os.path.join(tempfile.mkdtemp(prefix="vblk-rg-", dir="/tmp"), "vblk.sock")
+    # Before each kill the cluster is frozen (SIGSTOP) for a moment, so that the guest's
+    # requests are in flight in librbd when vblk dies. freeze/thaw only signal the daemons:
+    # safe from the killer thread (starting daemons is what must stay on the main thread).
+    vblk = RestartingVblk(spec(ceph_cluster, name), sock, tmp_path,
+                          freezer=(ceph_cluster.freeze, ceph_cluster.thaw))
+    restarts: list[dict[str, float]] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    rnd = random.Random(21)
+
+    def kill_and_time() -> None:
+        freeze = rnd.uniform(0.05, 0.3)
+        t0 = time.monotonic()
+        vblk.kill_and_restart(freeze=freeze)         # returns once the new vblk listens
+        killed = t0 + freeze                          # SIGKILL right after the freeze
+        listening = time.monotonic()
+        while not vblk.serving():                     # QEMU redialled and started the queue
+            assert time.monotonic() - listening < 30, "QEMU did not come back to the new vblk"
+            time.sleep(0.01)
+        restarts.append({"listening": listening - killed, "serving": time.monotonic() - killed})
+
+    def killer():
+        try:
+            while len(restarts) < kills_wanted and not stop.is_set():
+                if not vblk.serving():
+                    time.sleep(0.02)
+                elif not stop.wait(rnd.uniform(0.3, 0.8)):   # let I/O get going, then kill
+                    kill_and_time()
+        except BaseException as exc:                  # reported by the main thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    try:
+        thread.start()
+        res = boot(sock, WORKLOAD.replace("@SECONDS@", str(3 * kills_wanted + 6)),
+                   reconnect=1, timeout=300, alive=lambda: not failures)
+        stop.set()
+        thread.join()
+        assert not failures, f"{failures!r}\n{vblk.logs()[-4000:]}"
+        assert res.exit_status == 0, res.describe() + vblk.logs()[-4000:]
+    finally:
+        stop.set()
+        vblk.stop()
+    v = res.values
+    logs = vblk.logs()
+    takeovers = logs.count("event=rbd_lock_taken_over")
+    resubmitted = vblk.resubmitted()
+    listen = [round(r["listening"], 2) for r in restarts]
+    serve = [round(r["serving"], 2) for r in restarts]
+    print(f"{len(restarts)} kills, {v.get('WRITES')} file writes, {takeovers} lock take-overs, "
+          f"{resubmitted} requests re-run; seconds from SIGKILL to the new vblk listening "
+          f"{listen} and to serving QEMU again {serve} (QEMU redials every 1 s); the guest's "
+          f"slowest write + checksum iteration {int(v.get('WORST_ITER_CS', 0)) / 100:.2f} s")
+    assert len(restarts) == kills_wanted, restarts
+    assert takeovers == kills_wanted, logs[-4000:]    # each restart broke the dead one's lock
+    assert resubmitted > 0, "no kill caught a request in flight: the test proves nothing"
+    # never the watch timeout (10 s in this cluster, 30 s by default): not for vblk, and not
+    # for the guest, whose slowest write + checksum iteration spans a restart
+    assert max(serve) < 8, serve
+    assert int(v["WORST_ITER_CS"]) < 1000, v["WORST_ITER_CS"]
+    assert v["FSCK"] == "0", res.describe()
+    assert v["CHECK"] == "0" and v["CHECKED"] == v["FILES"], res.describe()
+    # the host: a clean ext4 in rbd export, every file with the checksum the guest took
+    exported = tmp_path / "export.img"
+    fsck = exported_fsck(ceph_cluster, name, exported)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    sums = {k[len("SUM_"):]: sha for k, sha in v.items() if k.startswith("SUM_")}
+    assert len(sums) == int(v["FILES"]), res.describe()
+    for fname, sha in sums.items():
+        assert hashlib.sha256(debugfs_cat(exported, f"/{fname}")).hexdigest() == sha, fname
