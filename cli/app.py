@@ -135,6 +135,11 @@ def serve(
     bps_burst: Optional[str] = typer.Option(None, "--bps-burst", metavar="SIZE",
                                             help="Bytes an idle device may move at once "
                                                  "(default: 0.1 s of --bps-limit)."),
+    incoming: bool = typer.Option(False, "--incoming",
+                                  help="Serve the destination of a live migration: open the "
+                                       "image while the source vblk still serves it, and take "
+                                       "its lock only when the guest's rings start here (after "
+                                       "the source gave it up)."),
     print_capabilities: bool = typer.Option(False, "--print-capabilities", is_eager=True,
                                             callback=ops.print_capabilities,
                                             help="Print the vhost-user backend capabilities "
@@ -160,9 +165,10 @@ def serve(
                              socket_mode=parse_socket_mode(socket_mode),
                              socket_group=check_group(socket_group),
                              limits=parse_limits(iops=iops_limit, bps=bps_limit,
-                                                 iops_burst=iops_burst, bps_burst=bps_burst))
+                                                 iops_burst=iops_burst, bps_burst=bps_burst),
+                             incoming=incoming)
         ops.check_ops_flags(control_socket, metrics_listen, socket_path)
-        check_backing(disk)
+        check_backing(disk, lock=not incoming)
         if config.socket_path is not None:
             check_unix_socket_path(config.socket_path)
         else:

@@ -133,12 +133,16 @@ def qsd_server(request: pytest.FixtureRequest, tmp_path: Path):
 
 @pytest.fixture
 def vblk_server(request: pytest.FixtureRequest, tmp_path: Path):
-    """vblk_server(image, *args) -> socket path of ``python -m vblk.cli serve IMAGE ... ARGS``."""
+    """vblk_server(image, *args) -> socket path of ``python -m vblk.cli serve IMAGE ... ARGS``,
+    started with the environment of the moment (a test's monkeypatch.setenv("VBLK_...") counts)."""
     launcher = _Launcher(request, tmp_path)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    yield lambda image, *args: launcher.start(
-        "vblk", lambda sock: vblk_command(image, sock, *args), cwd=REPO, env=env)
+
+    def start(image, *args):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        return launcher.start("vblk", lambda sock: vblk_command(image, sock, *args), cwd=REPO,
+                              env=env)
+    yield start
     launcher.stop_all()
 
 

@@ -96,7 +96,8 @@ class BlkDevice:
     def features(self) -> int:
         bits = [Feature.BLK_SEG_MAX, Feature.BLK_BLK_SIZE, Feature.BLK_TOPOLOGY,
                 Feature.RING_INDIRECT_DESC, Feature.RING_EVENT_IDX, Feature.BLK_FLUSH,
-                Feature.BLK_CONFIG_WCE, Feature.VERSION_1, Feature.VHOST_USER_PROTOCOL_FEATURES]
+                Feature.BLK_CONFIG_WCE, Feature.VERSION_1, Feature.VHOST_USER_PROTOCOL_FEATURES,
+                Feature.LOG_ALL]
         if self.geometry.readonly:
             bits.append(Feature.BLK_RO)
         if self.num_queues > 1:

@@ -175,6 +175,11 @@ class GuestMemory:
     def iovecs(self, pieces: list[tuple[int, int, int]]) -> list[memoryview]:
         return [self.regions[i].view[off:off + n] for i, off, n in pieces]
 
+    def gpa_of(self, region: int, offset: int) -> int:
+        """The guest-physical address of ``offset`` in region ``region``'s mapping."""
+        d = self.regions[region].desc
+        return d.guest_phys_addr + offset - d.mmap_offset
+
     def addresses(self, pieces: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
         """(address, length) of each piece in this process, for a C library's iovecs. Valid
         while this table is mapped -- which the data path keeps true for every request in

@@ -150,6 +150,7 @@ class ServeConfig:
     socket_mode: int = 0o600                # permissions of a socket vblk creates
     socket_group: str | None = None         # group of a socket vblk creates
     limits: Limits = Limits()               # --iops-limit / --bps-limit (0: unlimited)
+    incoming: bool = False                  # a migration's destination: lock at rings start
 
     def __post_init__(self) -> None:
         if not 0 <= self.socket_mode <= 0o777:

@@ -41,6 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vblk.device import BlkDevice, Geometry
+from vblk.dirtylog import DirtyLog
 from vblk.errors import FrontendProtocolError, GuestError
 from vblk.memory import GuestMemory
 from vblk.testing import fuzzstats
@@ -80,6 +81,7 @@ class MappingHost:
         self.specs: dict[int, tuple] = {}
         self.calls: dict[int, int | None] = {}
         self.inflight: mmap.mmap | None = None
+        self.log: DirtyLog | None = None
 
     def set_memory(self, slots) -> None:
         """Map the new table, re-resolve the running rings in it (memory hot-plug); a table
@@ -105,6 +107,18 @@ class MappingHost:
         old, self.memory = self.memory, new
         old.close()
         self.stats["mappings"] += 1
+
+    def set_log(self, fd, size, offset) -> None:
+        """Map the dirty log for real, as the supervisor does (a bad one is refused)."""
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        if fd is not None:
+            self.log = DirtyLog(fd, size, offset)
+            self.stats["logs_mapped"] += 1
+
+    def set_logging(self, on: bool) -> None:
+        self.stats["logging_" + ("on" if on else "off")] += 1
 
     def start_queue(self, vring, features: int) -> None:
         assert vring.kick_fd is not None and vring.addr is not None and vring.num

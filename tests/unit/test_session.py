@@ -36,6 +36,12 @@ class RecordingHost:
     def set_inflight(self, fd, size, offset, num_queues, queue_size):
         self.calls.append(("set_inflight", fd is not None, size, num_queues, queue_size))
 
+    def set_log(self, fd, size, offset):
+        self.calls.append(("log", fd is not None, size, offset))
+
+    def set_logging(self, on):
+        self.calls.append(("logging", on))
+
 
 def new_session():
     dev = BlkDevice(Geometry(1 << 30, serial=b"S" * 20), writeback=False)

@@ -20,22 +20,25 @@ from vblk.backing.rbd_spec import is_rbd
 from vblk.options import DiskOptions
 
 
-def check_backing(opts: DiskOptions) -> BackingInfo:
-    """Everything ``open_backing`` would check, touching nothing (ConfigError if refused)."""
+def check_backing(opts: DiskOptions, lock: bool = True) -> BackingInfo:
+    """Everything ``open_backing`` would check, touching nothing (ConfigError if refused).
+    ``lock=False``: whether another holds the window is not asked (a migration's destination
+    opens it while the source still serves it)."""
     if is_rbd(opts.path):
         from vblk.backing.rbd import check_rbd
-        return check_rbd(opts)
+        return check_rbd(opts, lock)
     from vblk.backing.local import check_local
-    return check_local(opts)
+    return check_local(opts, lock)
 
 
-def open_backing(opts: DiskOptions) -> Backing:
-    """Open and lock the disk's window for serving (ConfigError if refused)."""
+def open_backing(opts: DiskOptions, lock: bool = True) -> Backing:
+    """Open and lock the disk's window for serving (ConfigError if refused); ``lock=False``:
+    open it unlocked, to be taken with ``Backing.take_window`` (a migration's destination)."""
     if is_rbd(opts.path):
         from vblk.backing.rbd import open_rbd
-        return open_rbd(opts)
+        return open_rbd(opts, lock)
     from vblk.backing.local import open_local
-    return open_local(opts)
+    return open_local(opts, lock)
 
 
 def attach(desc: dict) -> Backing:

@@ -235,6 +235,17 @@ class Backing(ABC):
         """The window now spans ``new_size`` bytes (ResizeRefused if it cannot: nothing
         changed). The default has nothing to move."""
 
+    # -- the write lock, handed over in a live migration ---------------------------------------
+    def release_window(self) -> None:
+        """Give up the window's lock (a migration's source, once its rings stopped); reads and
+        writes must not follow until ``take_window``."""
+        raise NotImplementedError
+
+    def take_window(self) -> None:
+        """Take the window's lock (a migration's destination, when its rings start; a source
+        whose migration was cancelled); ConfigError if another holds it."""
+        raise NotImplementedError
+
     # -- processes -------------------------------------------------------------------------
     def handoff(self) -> tuple[dict, list[int]]:
         """(description, fds) from which ``vblk.backing.attach`` rebuilds this backing in a

@@ -42,9 +42,11 @@ class FileBacking(Backing):
     """A regular file (or, through BlockDeviceBacking, a block device) opened on ``fd``; the
     backing owns the fd from now on."""
 
-    def __init__(self, info: BackingInfo, fd: int) -> None:
+    def __init__(self, info: BackingInfo, fd: int, locked: bool = True) -> None:
         super().__init__(info)
         self.fd = fd
+        self.locked = locked                 # this open file description holds the window's lock
+        self.window_size = info.size         # what the lock covers (follows live resizes)
         self.start = info.start
         self.direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
         # Page-cache hits are served inline; with O_DIRECT there is no page cache to hit.
@@ -117,8 +119,21 @@ class FileBacking(Backing):
         return limit, f"what the {what} {info.path} holds{where} now ({limit} bytes)"
 
     def resize_window(self, old_size: int, new_size: int) -> None:
-        locks.move_lock(self.fd, self.info.path, self.start, old_size, new_size,
-                        self.info.readonly)
+        if self.locked:
+            locks.move_lock(self.fd, self.info.path, self.start, old_size, new_size,
+                            self.info.readonly)
+        self.window_size = new_size
+
+    def release_window(self) -> None:
+        if self.locked:
+            locks.release_lock(self.fd, self.start, self.window_size)
+            self.locked = False
+
+    def take_window(self) -> None:
+        if not self.locked:
+            locks.take_lock(self.fd, self.info.path, self.start, self.window_size,
+                            self.info.readonly)
+            self.locked = True
 
     # -- processes ---------------------------------------------------------------------------
     def handoff(self) -> tuple[dict, list[int]]:

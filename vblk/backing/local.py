@@ -217,28 +217,32 @@ def _ioctl(fd: int, request: int, fmt: str) -> int:
 
 # -- entry points ---------------------------------------------------------------------------
 
-def check_local(opts: DiskOptions) -> BackingInfo:
-    """Every check ``open_local`` makes, with the image opened read-only and closed again."""
+def check_local(opts: DiskOptions, lock: bool = True) -> BackingInfo:
+    """Every check ``open_local`` makes, with the image opened read-only and closed again
+    (``lock=False``: whether the window is free is not asked)."""
     _stat(opts.path)
     fd = _open(opts.path, opts, writable=False)
     try:
         info = _inspect(opts, fd)
         if not opts.readonly:
             _check_writable(opts.path, fd, info.is_block_device)
-        locks.test_lock(fd, info.path, info.start, info.size, info.readonly)
+        if lock:
+            locks.test_lock(fd, info.path, info.start, info.size, info.readonly)
     finally:
         os.close(fd)
     return info
 
 
-def open_local(opts: DiskOptions) -> FileBacking:
-    """Open the image for serving and lock the window; the caller closes the result."""
+def open_local(opts: DiskOptions, lock: bool = True) -> FileBacking:
+    """Open the image for serving and lock the window (``lock=False``: not yet, for a
+    migration's destination: ``take_window`` later); the caller closes the result."""
     _stat(opts.path)
     fd = _open(opts.path, opts, writable=not opts.readonly)
     try:
         info = _inspect(opts, fd)
-        locks.take_lock(fd, info.path, info.start, info.size, info.readonly)
+        if lock:
+            locks.take_lock(fd, info.path, info.start, info.size, info.readonly)
     except BaseException:
         os.close(fd)
         raise
-    return (BlockDeviceBacking if info.is_block_device else FileBacking)(info, fd)
+    return (BlockDeviceBacking if info.is_block_device else FileBacking)(info, fd, lock)

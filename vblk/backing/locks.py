@@ -64,6 +64,11 @@ def take_lock(fd: int, path: str, start: int, size: int, readonly: bool) -> None
             time.sleep(0.05)
 
 
+def release_lock(fd: int, start: int, size: int) -> None:
+    """Give the window's bytes up (F_UNLCK)."""
+    fcntl.fcntl(fd, F_OFD_SETLK, _args(fcntl.F_UNLCK, start, size))
+
+
 def move_lock(fd: int, path: str, start: int, old_size: int, new_size: int,
               readonly: bool) -> None:
     """Move the window's lock from ``old_size`` to ``new_size`` bytes (same start, same kind).

@@ -135,6 +135,14 @@ class MemoryBacking(Backing):
         limit = max(0, len(self.store.data) - info.start) // lbs * lbs
         return limit, f"what the memory store {info.path} holds now ({limit} bytes)"
 
+    def release_window(self) -> None:
+        self.store.unlock(self)
+
+    def take_window(self) -> None:
+        if not self.store.lock(self.start, self.start + self.info.size, self.info.readonly, self):
+            raise ConfigError(f"memory:{self.info.path} bytes {self.info.start}..{self.info.end} "
+                              f"are in use")
+
     def resize_window(self, old_size: int, new_size: int) -> None:
         self.store.unlock(self)
         if not self.store.lock(self.start, self.start + new_size, self.info.readonly, self):

@@ -256,12 +256,25 @@ def _take_over(spec: RbdSpec, image: c_void_p, readonly: bool) -> None:
     if readonly:
         raise ConfigError(f"rbd:{spec.name} is still locked by a vblk that died; open it "
                           f"writable once to take it over")
-    L = lib()
-    mode = c_int()
     for owner in _exclusive_owners(image):
         log.warning("event=rbd_lock_taken_over image=%s owner=%r", spec.name, owner)
-        check(L.rbd_lock_break(image, RBD_LOCK_MODE_EXCLUSIVE, owner.encode()), "rbd_lock_break")
-    del mode
+        check(lib().rbd_lock_break(image, RBD_LOCK_MODE_EXCLUSIVE, owner.encode()),
+              "rbd_lock_break")
+
+
+def _acquire(spec: RbdSpec, conn: Connection, image: c_void_p) -> bool:
+    """Take the exclusive lock and record who holds it; False if the image has no lock to
+    take (the exclusive-lock feature is off)."""
+    if not _features(image) & RBD_FEATURE_EXCLUSIVE_LOCK:
+        return False
+    ret = lib().rbd_lock_acquire(image, RBD_LOCK_MODE_EXCLUSIVE)
+    if ret in (-errno.EROFS, -errno.EBUSY):
+        raise ConfigError(f"rbd:{spec.name} is in use by another client")
+    check(ret, "rbd_lock_acquire")
+    me = identity(f"client.{lib().rados_get_instance_id(conn.cluster)}")
+    check(lib().rbd_metadata_set(image, OWNER_KEY.encode(), me.encode()),
+          "recording the lock's owner")
+    return True
 
 
 def _exclusive_owners(image: c_void_p) -> list[str]:
@@ -281,15 +294,16 @@ def _exclusive_owners(image: c_void_p) -> list[str]:
         return found
 
 
-def check_rbd(opts: DiskOptions) -> BackingInfo:
-    """Every check ``open_rbd`` makes, with the image opened read-only and closed again."""
+def check_rbd(opts: DiskOptions, lock: bool = True) -> BackingInfo:
+    """Every check ``open_rbd`` makes, with the image opened read-only and closed again
+    (``lock=False``: whether another client holds the image is not asked)."""
     spec = _spec_of(opts)
     conn = Connection(spec)
     try:
         image = conn.open_image(readonly=True)
         try:
             info = _inspect(opts, spec, image)
-            if spec.snap is None:
+            if spec.snap is None and lock:
                 _refuse_if_held(spec, image)
         finally:
             lib().rbd_close(image)
@@ -298,8 +312,9 @@ def check_rbd(opts: DiskOptions) -> BackingInfo:
     return info
 
 
-def open_rbd(opts: DiskOptions) -> RbdBacking:
-    """Open the image for serving (and take its lock when writable); the caller closes it."""
+def open_rbd(opts: DiskOptions, lock: bool = True) -> RbdBacking:
+    """Open the image for serving (and take its lock when writable, unless ``lock=False``: a
+    migration's destination takes it with ``take_window``); the caller closes it."""
     spec = _spec_of(opts)
     conn = Connection(spec)
     image = c_void_p()
@@ -307,18 +322,11 @@ def open_rbd(opts: DiskOptions) -> RbdBacking:
         image = conn.open_image(readonly=opts.readonly)
         info = _inspect(opts, spec, image)
         locked = False
-        if spec.snap is None:
+        if spec.snap is None and lock:
             if _refuse_if_held(spec, image):
                 _take_over(spec, image, readonly=opts.readonly)
-            if not opts.readonly and _features(image) & RBD_FEATURE_EXCLUSIVE_LOCK:
-                ret = lib().rbd_lock_acquire(image, RBD_LOCK_MODE_EXCLUSIVE)
-                if ret in (-errno.EROFS, -errno.EBUSY):
-                    raise ConfigError(f"rbd:{spec.name} is in use by another client")
-                check(ret, "rbd_lock_acquire")
-                me = identity(f"client.{lib().rados_get_instance_id(conn.cluster)}")
-                check(lib().rbd_metadata_set(image, OWNER_KEY.encode(), me.encode()),
-                      "recording the lock's owner")
-                locked = True
+            if not opts.readonly:
+                locked = _acquire(spec, conn, image)
         return RbdBacking(info, spec, conn, image, locked)
     except BaseException:
         if image:
@@ -484,6 +492,17 @@ class RbdBacking(Backing):
         limit = max(0, size.value - info.start) // lbs * lbs
         where = f" after byte {info.start}" if info.start else ""
         return limit, f"what the image rbd:{self.spec.name} holds{where} now ({limit} bytes)"
+
+    def release_window(self) -> None:
+        if self.locked:
+            check(lib().rbd_metadata_remove(self.image, OWNER_KEY.encode()),
+                  "removing the lock's owner record")
+            check(lib().rbd_lock_release(self.image), "rbd_lock_release")
+            self.locked = False
+
+    def take_window(self) -> None:
+        if not self.locked and not self.info.readonly and self.spec.snap is None:
+            self.locked = _acquire(self.spec, self.conn, self.image)
 
     def owns_lock(self) -> bool:
         owner = c_int()

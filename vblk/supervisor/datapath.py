@@ -47,6 +47,7 @@ from typing import Protocol
 from vblk.admission import admit_chain
 from vblk.backing import Backing
 from vblk.device import BlkDevice, Completion
+from vblk.dirtylog import DirtyLog
 from vblk.errors import GuestError, RingBroken
 from vblk.ipc import FLAG_SYNC, FLAG_UNMAP, Op, Pieces
 from vblk.logs import RateLimitedLog
@@ -93,6 +94,7 @@ class InFlight:
     used_len: int
     rtype: int = 0
     t0: int = 0                  # time.monotonic_ns() at admission
+    pieces: Pieces | None = None     # a read's buffers (for the dirty log)
 
 
 def slot_budget(free: int, total: int, held: int, rings: int, others_waiting: bool) -> int:
@@ -130,6 +132,15 @@ class DataPath:
         self._drain_from = 0                     # rotates which ring is drained first
         self.guest_log = RateLimitedLog(logger=log)
         self.on_broken: Callable[[int], None] = lambda q: None   # the queue lifecycle's
+        # Migration (vblk.dirtylog): the log QEMU mapped, whether logging is on, and the one
+        # the data path marks (both), or None.
+        self.log_map: DirtyLog | None = None
+        self.logging = False
+        self.dirty: DirtyLog | None = None
+
+    def set_dirty_log(self, log_map: DirtyLog | None, logging: bool) -> None:
+        self.log_map, self.logging = log_map, logging
+        self.dirty = log_map if logging else None
 
     # -- the loop's timer --------------------------------------------------------------------
     def timeout(self) -> float:
@@ -176,6 +187,7 @@ class DataPath:
         memory, geometry, inline = self.memory, self.device.geometry, self.inline_reads
         regions = memory.regions
         read_cached = self.backing.read_cached
+        dirty = self.dirty
         served = served_bytes = 0           # reads served from the cache in this drain
         try:
             while self.free:
@@ -197,6 +209,9 @@ class DataPath:
                         limiter.charge(time.monotonic(), 1, length)
                     if op == _READ and inline and self._read_cached(read_cached, offset, pieces):
                         regions[status_region].view[status_off] = 0
+                        if dirty is not None:
+                            dirty.mark_pieces(memory, pieces)
+                            dirty.mark(status_addr, 1)
                         ring.put_used(head, length + 1)
                         served += 1
                         served_bytes += length
@@ -208,6 +223,8 @@ class DataPath:
                         self.live.started(q, rtype, length)
                         self._post(q, head, op, 0, offset, length, pieces, status_addr, rtype)
                 ring.set_kicks_wanted(True)
+                if dirty is not None:           # avail_event lives in the used ring
+                    dirty.mark(ring.used_gpa, ring.used_bytes)
                 if stalled or ring.pending() == 0:
                     break
         except RingBroken as exc:
@@ -262,6 +279,9 @@ class DataPath:
         if plan.op == Op.READ and self.inline_reads and \
                 self._read_cached(self.backing.read_cached, plan.offset, pieces):
             self.memory.write(req.status_addr, b"\x00")
+            if self.dirty is not None:
+                self.dirty.mark_pieces(self.memory, pieces)
+                self.dirty.mark(req.status_addr, 1)
             ring.put_used(head, plan.length + 1)
             self.live.finished(q, req.type, BlkStatus.OK, 0)
             return True
@@ -281,6 +301,10 @@ class DataPath:
                 self._fill(req.data_in, plan.fill)
                 used += len(plan.fill)
             self.memory.write(req.status_addr, bytes((plan.status,)))
+            if self.dirty is not None:
+                for addr, n in req.data_in:
+                    self.dirty.mark(addr, n)
+                self.dirty.mark(req.status_addr, 1)
         except GuestError as exc:
             self.guest_log.warning("chain", "event=status_unwritable queue=%d head=%d reason=%r",
                                    q, head, str(exc))
@@ -297,7 +321,8 @@ class DataPath:
         if not self.device.writeback:
             flags |= FLAG_SYNC
         used = length + 1 if op == _READ else 1
-        self.inflight[slot] = InFlight(q, head, status_addr, used, rtype, time.monotonic_ns())
+        self.inflight[slot] = InFlight(q, head, status_addr, used, rtype, time.monotonic_ns(),
+                                       pieces if op == _READ else None)
         self.engine.post(slot, op, flags, offset, length, pieces, self.memory.generation)
 
     def _read_cached(self, read_cached, offset: int, pieces: Pieces) -> bool:
@@ -355,6 +380,11 @@ class DataPath:
         try:
             self.memory.write(info.status_addr, bytes((status,)))
             used = info.used_len if status == BlkStatus.OK else 1
+            dirty = self.dirty
+            if dirty is not None:           # what the worker read in, and the status
+                if info.pieces:
+                    dirty.mark_pieces(self.memory, info.pieces)
+                dirty.mark(info.status_addr, 1)
         except GuestError:
             used = 0
         ring.put_used(info.head, used)
@@ -362,6 +392,8 @@ class DataPath:
 
     def publish(self, q: int, ring: SplitRing) -> None:
         ring.publish_used()
+        if self.dirty is not None:          # used elements and used.idx, before the notify
+            self.dirty.mark(ring.used_gpa, ring.used_bytes)
         fd = self.calls.get(q)
         if fd is not None and ring.needs_notify():
             try:

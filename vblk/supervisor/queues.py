@@ -15,6 +15,15 @@ handler: the session is in the middle of ``handle`` and the frontend's socket mu
 read again until its answer is sent. So it runs the event loop's nested ``serve_until`` over
 the I/O engine's fds only (completions and worker deaths; see vblk.supervisor.loop): the
 frontend socket, the kicks and the control socket wait until the message is answered.
+
+Migration (docs/interop/vhost-user.rst; vblk.dirtylog): SET_LOG_BASE maps the dirty log and
+VHOST_F_LOG_ALL switches logging on and off (``set_log``, ``set_logging``); the data path marks
+every page it writes. The image's write lock moves with the guest: when the last ring stops
+while logging is on (QEMU's switch-over: GET_VRING_BASE), everything taken is finished and
+logged, and the source releases the lock before it answers; a vblk started for the incoming
+side (``vblk serve --incoming``) opened the image without the lock and takes it when its first
+ring starts, which QEMU does only after the source's answer. A cancelled migration restarts
+the source's rings, which take the lock back. At no moment do two running devices hold it.
 """
 from __future__ import annotations
 
@@ -22,7 +31,8 @@ import logging
 import mmap
 import os
 
-from vblk.errors import FrontendProtocolError, GuestError
+from vblk.dirtylog import DirtyLog
+from vblk.errors import FrontendProtocolError, GuestError, VblkError
 from vblk.memory import GuestMemory
 from vblk.stats import Stats
 from vblk.supervisor.datapath import DataPath
@@ -38,10 +48,15 @@ STOP_TIMEOUT = 60.0            # how long a ring stop waits for I/O in flight
 
 
 class Queues:
-    def __init__(self, loop: EventLoop, data: DataPath, stats: Stats) -> None:
+    def __init__(self, loop: EventLoop, data: DataPath, stats: Stats, *,
+                 holds_lock: bool = True) -> None:
         self.loop = loop
         self.data = data
         self.live = stats
+        # The image's write lock (vblk.backing): held from the open, except by a vblk started
+        # for an incoming migration, which takes it when its first ring starts; a migration's
+        # source gives it up when its last ring stops (see the module doc).
+        self.holds_lock = holds_lock
         self.kicks: dict[int, int] = {}          # queue -> kick fd (owned by the session)
         self.session = None                      # the frontend's Session while connected
         self.ring_addrs: dict[int, object] = {}
@@ -90,6 +105,14 @@ class Queues:
     def start_queue(self, vring: Vring, features: int) -> None:
         data = self.data
         q = vring.index
+        if not self.holds_lock:
+            try:
+                data.backing.take_window()
+            except VblkError as exc:
+                log.error("event=lock_not_taken queue=%d reason=%r", q, str(exc))
+                raise FrontendProtocolError(f"queue {q} cannot start: {exc}") from exc
+            self.holds_lock = True
+            log.info("event=lock_taken reason=rings_start")
         ring = SplitRing(data.memory, vring.num, vring.addr.desc, vring.addr.avail,
                          vring.addr.used, last_avail_idx=vring.base,
                          indirect=bool(features & Feature.RING_INDIRECT_DESC.mask),
@@ -126,7 +149,34 @@ class Queues:
         last = ring.last_avail_idx
         ring.detach()
         log.info("event=queue_stopped queue=%d last_avail=%d used=%d", index, last, ring.used_idx)
+        if data.logging and not data.rings and self.holds_lock:
+            # A migration's switch-over: everything taken is done and logged; the destination
+            # takes the image once its rings start, which is after this answer.
+            data.backing.release_window()
+            self.holds_lock = False
+            log.info("event=lock_released reason=migration_switchover")
         return last
+
+    # -- migration ------------------------------------------------------------------------------
+    def set_log(self, fd: int | None, size: int, offset: int) -> None:
+        """SET_LOG_BASE: map the new log (None: unmap); the old one goes."""
+        data = self.data
+        new = DirtyLog(fd, size, offset) if fd is not None else None
+        old = data.log_map
+        data.set_dirty_log(new, data.logging)
+        if old is not None:
+            if old.missed:
+                log.warning("event=dirty_log_too_small writes=%d", old.missed)
+            old.close()
+        if new is not None:
+            log.info("event=dirty_log bytes=%d pages=%d", size, new.pages)
+
+    def set_logging(self, on: bool) -> None:
+        """VHOST_F_LOG_ALL set or cleared: a migration starts, or ends, or is cancelled."""
+        data = self.data
+        if on != data.logging:
+            data.set_dirty_log(data.log_map, on)
+            log.info("event=logging %s", "on" if on else "off")
 
     def set_call(self, index: int, fd: int | None) -> None:
         self.data.calls[index] = fd

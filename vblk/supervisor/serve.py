@@ -87,7 +87,7 @@ def open_control(config: ServeConfig, listener: socket.socket, stats: Stats):
 def serve(config: ServeConfig) -> int:
     """Run vblk for one disk until SIGTERM/SIGINT; the exit status. WorkerStartError (and
     ConfigError) propagate before anything is listening."""
-    with open_backing(config.disk) as backing:
+    with open_backing(config.disk, lock=not config.incoming) as backing:
         device = make_device(config, backing)
         workers = config.workers if backing.blocking else 0
         stats = Stats(device.num_queues, workers=workers, info={"image": backing.info.path})
@@ -132,7 +132,7 @@ def _run(config, backing, device, stats, engine, listener, control) -> None:
     data.engine = engine
     link: FrontendLink | None = None
     loop = EventLoop(on_error=lambda: link.disconnect())
-    queues = Queues(loop, data, stats)
+    queues = Queues(loop, data, stats, holds_lock=not config.incoming)
     link = FrontendLink(loop, device, queues, stats, listener)
     try:
         engine.attach(loop)
@@ -160,9 +160,9 @@ def _log_serving(config: ServeConfig, backing: Backing, device: BlkDevice) -> No
     info = backing.info
     d = device.discard
     log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s discard=%s socket=%s "
-             "iops_limit=%d bps_limit=%d", info.path, info.size, info.logical_block_size,
+             "iops_limit=%d bps_limit=%d incoming=%s", info.path, info.size, info.logical_block_size,
              info.physical_block_size, info.readonly,
              "writeback" if info.writeback else "writethrough",
              f"{d.max_sectors}:{d.max_segments}:{d.alignment}" if d else "off",
              config.socket_path or f"fd:{config.listen_fd}", config.limits.iops,
-             config.limits.bps)
+             config.limits.bps, config.incoming)

@@ -260,6 +260,10 @@ class VhostUserFrontend:
         self._call(R.SET_FEATURES, m.U64.pack(features))
         self.features = features
 
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
+        """Hand over a migration's dirty log (LOG_SHMFD): always answered with a u64."""
+        self._call(R.SET_LOG_BASE, m.LOG.pack(size, offset), [fd], reply_size=m.U64.size)
+
     def get_protocol_features(self) -> int:
         return self._u64(R.GET_PROTOCOL_FEATURES)
 

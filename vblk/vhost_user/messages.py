@@ -21,6 +21,8 @@ MEM_TABLE_HEAD = struct.Struct("<II")      # nregions, padding
 SINGLE_REGION_PAD = struct.Struct("<Q")    # padding before one region (ADD/REM_MEM_REG)
 CONFIG_HEAD = struct.Struct("<III")        # offset, size, flags
 INFLIGHT = struct.Struct("<QQHH4x")        # mmap_size, mmap_offset, num_queues, queue_size (24 bytes)
+LOG = struct.Struct("<QQ")                 # SET_LOG_BASE: mmap_size, mmap_offset
+VRING_F_LOG = 0x1                          # SET_VRING_ADDR flags: log_guest_addr is valid
 
 VERSION = 0x1
 FLAG_VERSION_MASK = 0x3
@@ -248,6 +250,12 @@ class Inflight:
 
     def pack(self) -> bytes:
         return INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
+
+
+def unpack_log(buf: bytes) -> tuple[int, int]:
+    """SET_LOG_BASE's (mmap_size, mmap_offset)."""
+    _expect_size("log base", buf, LOG.size)
+    return LOG.unpack(buf)
 
 
 def unpack_u64(buf: bytes, what: str) -> int:

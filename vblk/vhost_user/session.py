@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 refusals = RateLimitedLog(logger=log)     # a hostile frontend cannot flood the log
 
 DEFAULT_PROTOCOL_FEATURES = (P.MQ.mask | P.REPLY_ACK.mask | P.CONFIG.mask | P.BACKEND_REQ.mask
-                             | P.CONFIGURE_MEM_SLOTS.mask | P.INFLIGHT_SHMFD.mask)
+                             | P.CONFIGURE_MEM_SLOTS.mask | P.INFLIGHT_SHMFD.mask
+                             | P.LOG_SHMFD.mask)
 MAX_INFLIGHT_BYTES = 64 << 20
 
 
@@ -83,6 +84,8 @@ class MemSlot:
 
 class QueueHost(Protocol):
     def set_memory(self, slots: list[MemSlot]) -> None: ...
+    def set_log(self, fd: int | None, size: int, offset: int) -> None: ...
+    def set_logging(self, on: bool) -> None: ...
     def start_queue(self, vring: Vring, features: int) -> None: ...
     def stop_queue(self, index: int) -> int: ...
     def set_call(self, index: int, fd: int | None) -> None: ...
@@ -113,6 +116,7 @@ class Session:
             R.SET_OWNER: self.set_owner,
             R.RESET_OWNER: self.reset_owner,
             R.SET_MEM_TABLE: self.set_mem_table,
+            R.SET_LOG_BASE: self.set_log_base,
             R.SET_VRING_NUM: self.set_vring_num,
             R.SET_VRING_ADDR: self.set_vring_addr,
             R.SET_VRING_BASE: self.set_vring_base,
@@ -179,6 +183,8 @@ class Session:
         for fd in self.take_reply_fds():
             os.close(fd)
         self.host.set_inflight(None, 0, 0, 0, 0)
+        self.host.set_logging(False)
+        self.host.set_log(None, 0, 0)
         self._replace_memory([])
         self.drop_backend_channel()
 
@@ -233,7 +239,20 @@ class Session:
         extra = value & ~self.device.features
         if extra:
             raise FrontendProtocolError(f"features {extra:#x} were not offered")
+        logging_changed = (value ^ self.acked_features) & Feature.LOG_ALL.mask
         self.acked_features = value
+        if logging_changed:                 # migration starts (or ends, or is cancelled)
+            self.host.set_logging(bool(value & Feature.LOG_ALL.mask))
+
+    def set_log_base(self, payload: bytes, fds: list[int]) -> bytes:
+        """The dirty log of a migration (LOG_SHMFD): map it; always answered (QEMU waits)."""
+        if not self.acked_protocol & P.LOG_SHMFD.mask:
+            raise FrontendProtocolError("SET_LOG_BASE without LOG_SHMFD")
+        size, offset = m.unpack_log(payload)
+        if len(fds) != 1:
+            raise FrontendProtocolError(f"SET_LOG_BASE carries {len(fds)} fds, want 1")
+        self.host.set_log(fds[0], size, offset)       # maps it; the fd is closed after
+        return m.U64.pack(0)
 
     def get_protocol_features(self, payload: bytes, fds: list[int]) -> bytes:
         return m.U64.pack(self.protocol_features_offered)
@@ -338,7 +357,14 @@ class Session:
         addr.validate()
         vring = self._vring(addr.index)
         if vring.running:
-            raise FrontendProtocolError(f"SET_VRING_ADDR on running queue {addr.index}")
+            # At the start of a migration QEMU sends the running rings' addresses again with
+            # VHOST_VRING_F_LOG: the rings stay where they are (the used ring is logged by its
+            # own address); anything else moving under a running ring is refused.
+            old = vring.addr
+            if (addr.desc, addr.avail, addr.used) != (old.desc, old.avail, old.used):
+                raise FrontendProtocolError(f"SET_VRING_ADDR moves running queue {addr.index}")
+            vring.addr = addr
+            return
         vring.addr = addr
         self._maybe_start(vring)
 
@@ -438,4 +464,5 @@ class Session:
 
 
 _HAS_REPLY_BODY = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.GET_VRING_BASE,
+                   R.SET_LOG_BASE,
                    R.GET_CONFIG, R.GET_MAX_MEM_SLOTS, R.GET_INFLIGHT_FD, R.GET_STATUS}

@@ -32,6 +32,7 @@ class Feature(enum.IntEnum):
     BLK_DISCARD = 13
     BLK_WRITE_ZEROES = 14
     NOTIFY_ON_EMPTY = 24
+    LOG_ALL = 26                        # vhost's VHOST_F_LOG_ALL: log writes (migration)
     RING_INDIRECT_DESC = 28
     RING_EVENT_IDX = 29
     VHOST_USER_PROTOCOL_FEATURES = 30   # vhost-user's own bit, not a virtio one

@@ -76,6 +76,9 @@ class SplitRing:
         self._avail_off = aoff
         self._used = memory.regions[ui].view
         self._used_off = uoff
+        used_region = memory.regions[ui].desc        # where the used ring is, guest-physical
+        self.used_gpa = used_region.guest_phys_addr + uoff - used_region.mmap_offset
+        self.used_bytes = used_ring_bytes(size)
         # 16-bit views for the fields the other side polls: one store each.
         self._used_flags16 = self._used[uoff:uoff + 2].cast("H")
         self._used_idx16 = self._used[uoff + 2:uoff + 4].cast("H")
