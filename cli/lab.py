@@ -1,5 +1,6 @@
 """The lab's commands: ``vblk bench`` (measure a vhost-user-blk backend, or compare vblk with
-qemu-storage-daemon) and ``vblk demo`` (boot the test guest on vblk). Both drive ``vblk.lab``,
+qemu-storage-daemon) and ``vblk demo`` (boot the test guest on vblk, serving a file or, with
+``--rbd``, an RBD image in a throwaway Ceph cluster). Both drive ``vblk.lab``,
 imported only when the command runs.
 
 ``bench --socket PATH`` runs one workload against whatever listens there (vblk,
@@ -341,18 +342,28 @@ def demo_command(
                                         help="Create the demo's 1 GiB image here (a new path; "
                                              "default: a temporary directory)."),
     keep: bool = typer.Option(False, "--keep",
-                              help="Keep the temporary directory (image and logs) afterwards."),
+                              help="Keep the temporary directory (image and logs) afterwards "
+                                   "(--rbd: and leave the cluster running)."),
+    rbd: bool = typer.Option(False, "--rbd",
+                             help="Serve a 1 GiB Ceph RBD image in a throwaway single-node "
+                                  "cluster (started first, killed after) instead of a file."),
 ) -> None:
     """Boot a small Linux guest under QEMU against vblk and show it using the disk."""
     from vblk.errors import ConfigError
     from vblk.logs import configure_logging
     configure_logging("WARNING")
+    if rbd and image is not None:
+        raise fail("--image goes with the file demo; --rbd creates its image in a throwaway "
+                   "Ceph cluster", EXIT_USAGE)
     try:
-        from vblk.lab.demo import run_demo
+        from vblk.lab.demo import run_demo, run_rbd_demo
     except ImportError as e:
         raise fail(f"the demo is not available: {e}", EXIT_USAGE) from None
     try:
-        status = run_demo(Path(image) if image is not None else None, keep)
+        if rbd:
+            status = run_rbd_demo(keep)
+        else:
+            status = run_demo(Path(image) if image is not None else None, keep)
     except ConfigError as e:
         raise fail(str(e), EXIT_USAGE) from None
     raise typer.Exit(status or EXIT_OK)
