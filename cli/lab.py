@@ -138,6 +138,7 @@ def bench_command(
     limits_given = limit_iops is not None or limit_bps is not None
     try:
         _check_modes(socket_path, compare_image, guest, limits_given=limits_given,
+                     rbd_bench=rbd_bench,
                      compare_only={"--workload": workload, "--rounds": rounds,
                                    "--vblk-args": vblk_args, "--cache": cache, "--plot": plot,
                                    "--plot-workload": plot_workload, "--workdir": workdir,
@@ -146,9 +147,6 @@ def bench_command(
                      frontend_only={"--ops": ops, "--busy-poll": busy_poll or None,
                                     "--plot": plot, "--plot-workload": plot_workload,
                                     "--queues": queues if queues != 1 else None})
-        if guest and rbd_bench is not None:
-            raise BenchError("--rbd-bench goes with the Python frontend's comparison, "
-                             "not --guest")
         plan = _plan(pattern=pattern, bs=bs, qd=qd, rwmix=rwmix, queues=queues,
                      duration=duration, ops=ops, size=size, offset=offset, seed=seed,
                      timeout=timeout, specs=workload, plot=plot, plot_workload=plot_workload,
@@ -196,10 +194,10 @@ def _first_given(options: dict[str, object]) -> str | None:
 
 
 def _check_modes(socket_path: str | None, compare_image: str | None, guest: bool, *,
-                 limits_given: bool, compare_only: dict, guest_only: dict,
-                 frontend_only: dict) -> None:
+                 limits_given: bool, rbd_bench: bool | None, compare_only: dict,
+                 guest_only: dict, frontend_only: dict) -> None:
     """BenchError unless the options given belong to the mode chosen: --socket, --compare,
-    or --compare --guest."""
+    or --compare --guest (--rbd-bench: --compare rbd:..., checked by ``compare``)."""
     from vblk.lab.workload import BenchError
     if (socket_path is None) == (compare_image is None):
         raise BenchError("give exactly one of --socket PATH and --compare IMAGE")
@@ -207,6 +205,8 @@ def _check_modes(socket_path: str | None, compare_image: str | None, guest: bool
         raise BenchError("--guest goes with --compare IMAGE")
     if not guest and (name := _first_given(guest_only)):
         raise BenchError(f"{name} goes with --guest")
+    if guest and rbd_bench is not None:
+        raise BenchError("--rbd-bench/--no-rbd-bench go with the frontend comparison, not --guest")
     if guest and (name := _first_given(frontend_only)):
         raise BenchError(f"{name} does not go with --guest (fio runs each "
                          "workload for --duration seconds on one queue)")
