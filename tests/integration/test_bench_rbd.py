@@ -129,3 +129,7 @@ def test_rbd_bench_option_goes_with_an_rbd_compare(tmp_path):
     line = one_error_line(vblk("bench", "--compare", image, "--rbd-bench", "--workdir", tmp_path))
     assert "--rbd-bench goes with --compare rbd:" in line
     assert [p.name for p in tmp_path.iterdir()] == ["disk.img"]
+    assert "not --guest" in one_error_line(vblk("bench", "--compare", "rbd:rbd/x", "--guest",
+                                                "--rbd-bench"))
+    assert "not --socket" in one_error_line(vblk("bench", "--socket", tmp_path / "s.sock",
+                                                 "--no-rbd-bench"))
