@@ -1,12 +1,14 @@
 """The lab's commands: ``vblk bench`` (measure a vhost-user-blk backend, or compare vblk with
-qemu-storage-daemon) and ``vblk demo`` (boot the test guest on vblk). Both drive ``vblk.lab``,
+qemu-storage-daemon) and ``vblk demo`` (boot the test guest on vblk, serving a file or, with
+``--rbd``, an RBD image in a throwaway Ceph cluster). Both drive ``vblk.lab``,
 imported only when the command runs.
 
 ``bench --socket PATH`` runs one workload against whatever listens there (vblk,
 qemu-storage-daemon, any vhost-user-blk backend) with the package's own frontend and prints
 IOPS, MB/s, latency percentiles and the client's CPU share (``--json`` for a machine).
-``bench --compare IMAGE`` serves two copies of IMAGE with both backends and runs a list of
-workloads against each, alternately.
+``bench --compare IMAGE`` serves two copies of IMAGE (a file, or an RBD image
+``rbd:POOL/IMAGE``: copied in its pool) with both backends and runs a list of workloads
+against each, alternately; on RBD, ``rbd bench`` gives librbd's own ceiling beside them.
 
 Exit status: 0; 1 if a request failed or the backend misbehaved; 2 for a bad option (one line
 ``vblk: error: ...`` on stderr, as every vblk command does); 130 on Ctrl-C.
@@ -44,6 +46,13 @@ read and write QD8, 4k randwrite QD32) against both, alternately, for --rounds r
 prints medians and the ratio vblk/qsd. --plot FILE.png adds a queue-depth sweep (QD 1..32 of
 --plot-workload) and draws it (needs matplotlib).
 
+--compare rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER] copies the image twice in its pool (rbd
+cp; removed afterwards unless --keep) and serves one copy with `vblk serve rbd:...` and the
+other with qemu-storage-daemon's rbd driver (cache.direct=on: librbd's cache off, as vblk's).
+After each pair of runs `rbd bench` runs the same pattern on qsd's copy (--io-threads = QD,
+--io-total paced to --duration) and the table adds its IOPS and the ratio vblk/rbd bench:
+what librbd reaches with no vhost-user in between (--no-rbd-bench leaves it out).
+
 --compare IMAGE --guest runs the same comparison with fio (libaio, O_DIRECT, JSON output) inside
 vblk's test guest (QEMU, TCG without real KVM): one boot per backend per round, order
 alternating, every workload for --duration seconds after a --ramp; --smp and --guest-memory size
@@ -55,7 +64,8 @@ def bench_command(
                                               help="The vhost-user-blk socket to load."),
     compare_image: Optional[str] = typer.Option(None, "--compare", metavar="IMAGE",
                                                 help="Compare vblk with qemu-storage-daemon "
-                                                     "on two copies of IMAGE."),
+                                                     "on two copies of IMAGE (a file or "
+                                                     "rbd:POOL/IMAGE[:conf=PATH][:id=USER])."),
     pattern: Optional[str] = typer.Option(None, "--pattern", metavar="PATTERN",
                                           help="randread|randwrite|read|write|randrw "
                                                "(default randread)."),
@@ -100,6 +110,10 @@ def bench_command(
                                           help="--compare: where the image copies go "
                                                "(default $TMPDIR)."),
     keep: bool = typer.Option(False, "--keep", help="--compare: keep the copies and logs."),
+    rbd_bench: Optional[bool] = typer.Option(None, "--rbd-bench/--no-rbd-bench",
+                                             help="--compare rbd:...: run rbd bench with each "
+                                                  "workload beside the backends (default: "
+                                                  "on)."),
     limit_iops: Optional[str] = typer.Option(None, "--limit-iops", metavar="N",
                                              help="--socket: the IOPS limit the backend should "
                                                   "hold; prints achieved/limit (default: asked "
@@ -124,10 +138,11 @@ def bench_command(
     limits_given = limit_iops is not None or limit_bps is not None
     try:
         _check_modes(socket_path, compare_image, guest, limits_given=limits_given,
+                     rbd_bench=rbd_bench,
                      compare_only={"--workload": workload, "--rounds": rounds,
                                    "--vblk-args": vblk_args, "--cache": cache, "--plot": plot,
                                    "--plot-workload": plot_workload, "--workdir": workdir,
-                                   "--keep": keep or None},
+                                   "--keep": keep or None, "--rbd-bench": rbd_bench},
                      guest_only={"--ramp": ramp, "--smp": smp, "--guest-memory": guest_memory},
                      frontend_only={"--ops": ops, "--busy-poll": busy_poll or None,
                                     "--plot": plot, "--plot-workload": plot_workload,
@@ -155,7 +170,8 @@ def bench_command(
         else:
             errors = _run_compare(compare_image, plan, rounds=rounds, vblk_args=vblk_args or "",
                                   cache=cache, workdir=workdir, keep=keep, timeout=timeout,
-                                  busy_poll=busy_poll, plot=plot, as_json=as_json, log=log)
+                                  busy_poll=busy_poll, plot=plot, rbd_bench=rbd_bench,
+                                  as_json=as_json, log=log)
     except BenchError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     except BackendError as exc:
@@ -165,7 +181,8 @@ def bench_command(
     except KeyboardInterrupt:
         raise fail("interrupted", EXIT_INTERRUPTED) from None
     if errors:
-        raise fail(f"{errors} requests failed", EXIT_FAILED)
+        raise fail(errors if isinstance(errors, str) else f"{errors} requests failed",
+                   EXIT_FAILED)
 
 
 bench_command.__doc__ = HELP
@@ -177,10 +194,10 @@ def _first_given(options: dict[str, object]) -> str | None:
 
 
 def _check_modes(socket_path: str | None, compare_image: str | None, guest: bool, *,
-                 limits_given: bool, compare_only: dict, guest_only: dict,
-                 frontend_only: dict) -> None:
+                 limits_given: bool, rbd_bench: bool | None, compare_only: dict,
+                 guest_only: dict, frontend_only: dict) -> None:
     """BenchError unless the options given belong to the mode chosen: --socket, --compare,
-    or --compare --guest."""
+    or --compare --guest (--rbd-bench: --compare rbd:..., checked by ``compare``)."""
     from vblk.lab.workload import BenchError
     if (socket_path is None) == (compare_image is None):
         raise BenchError("give exactly one of --socket PATH and --compare IMAGE")
@@ -188,6 +205,8 @@ def _check_modes(socket_path: str | None, compare_image: str | None, guest: bool
         raise BenchError("--guest goes with --compare IMAGE")
     if not guest and (name := _first_given(guest_only)):
         raise BenchError(f"{name} goes with --guest")
+    if guest and rbd_bench is not None:
+        raise BenchError("--rbd-bench/--no-rbd-bench go with the frontend comparison, not --guest")
     if guest and (name := _first_given(frontend_only)):
         raise BenchError(f"{name} does not go with --guest (fio runs each "
                          "workload for --duration seconds on one queue)")
@@ -276,14 +295,16 @@ def _run_socket(socket_path: str, plan: _Plan, *, timeout: float, busy_poll: boo
 
 def _run_compare(image: str, plan: _Plan, *, rounds: int, vblk_args: str, cache: str | None,
                  workdir: str | None, keep: bool, timeout: float, busy_poll: bool,
-                 plot: str | None, as_json: bool, log: TextIO | None) -> int:
-    """--compare: vblk and qsd, alternately, with the Python frontend (and the sweep)."""
+                 plot: str | None, rbd_bench: bool | None, as_json: bool,
+                 log: TextIO | None) -> int | str:
+    """--compare: vblk and qsd, alternately, with the Python frontend (and the sweep, and
+    rbd bench on RBD); the failed requests, or why a ceiling run failed."""
     from vblk.lab.compare import compare
     from vblk.lab.plot import plot_sweep
     from vblk.lab.report import format_comparison
     comparison = compare(image, plan.workloads, rounds=rounds, vblk_args=vblk_args, cache=cache,
                          workdir=workdir, keep=keep, sweep=plan.sweep, timeout=timeout,
-                         busy_poll=busy_poll, progress=log, log=log)
+                         busy_poll=busy_poll, rbd_bench=rbd_bench, progress=log, log=log)
     if plot is not None:
         plot_sweep(comparison, plot)
     if as_json:
@@ -294,6 +315,9 @@ def _run_compare(image: str, plan: _Plan, *, rounds: int, vblk_args: str, cache:
         typer.echo(format_comparison(comparison))
         if plot is not None:
             typer.echo(f"plot: {plot}")
+    failures = comparison.ceiling_failures
+    if failures and not comparison.errors:
+        return f"{len(failures)} {comparison.ceiling_name} run(s) failed: {failures[0]}"
     return comparison.errors
 
 
@@ -318,18 +342,28 @@ def demo_command(
                                         help="Create the demo's 1 GiB image here (a new path; "
                                              "default: a temporary directory)."),
     keep: bool = typer.Option(False, "--keep",
-                              help="Keep the temporary directory (image and logs) afterwards."),
+                              help="Keep the temporary directory (image and logs) afterwards "
+                                   "(--rbd: and leave the cluster running)."),
+    rbd: bool = typer.Option(False, "--rbd",
+                             help="Serve a 1 GiB Ceph RBD image in a throwaway single-node "
+                                  "cluster (started first, killed after) instead of a file."),
 ) -> None:
     """Boot a small Linux guest under QEMU against vblk and show it using the disk."""
     from vblk.errors import ConfigError
     from vblk.logs import configure_logging
     configure_logging("WARNING")
+    if rbd and image is not None:
+        raise fail("--image goes with the file demo; --rbd creates its image in a throwaway "
+                   "Ceph cluster", EXIT_USAGE)
     try:
-        from vblk.lab.demo import run_demo
+        from vblk.lab.demo import run_demo, run_rbd_demo
     except ImportError as e:
         raise fail(f"the demo is not available: {e}", EXIT_USAGE) from None
     try:
-        status = run_demo(Path(image) if image is not None else None, keep)
+        if rbd:
+            status = run_rbd_demo(keep)
+        else:
+            status = run_demo(Path(image) if image is not None else None, keep)
     except ConfigError as e:
         raise fail(str(e), EXIT_USAGE) from None
     raise typer.Exit(status or EXIT_OK)

@@ -2,12 +2,13 @@
 
 Theory of operation
 -------------------
-``compare.serve_pair`` serves two copies of IMAGE, one with ``vblk serve`` and one with
-qemu-storage-daemon, in the same cache mode (write-through by default). Each round boots the
-test guest (``vblk.lab.guest``: Debian's kernel under QEMU, TCG unless real KVM is there)
-once per backend, with the fio add-on archive (``vblk.lab.guestaddon``) appended to its
-initramfs; the order of the two boots alternates from round to round (vblk first in odd
-rounds, qsd first in even ones) so that a drift of the shared machine hits both alike.
+``compare.serve_pair`` serves two copies of IMAGE (a file, or an RBD image copied in its
+pool), one with ``vblk serve`` and one with qemu-storage-daemon, in the same cache mode
+(write-through by default). Each round boots the test guest (``vblk.lab.guest``: Debian's
+kernel under QEMU, TCG unless real KVM is there) once per backend, with the fio add-on archive
+(``vblk.lab.guestaddon``) appended to its initramfs; the order of the two boots alternates
+from round to round (vblk first in odd rounds, qsd first in even ones) so that a drift of the
+shared machine hits both alike.
 
 In the guest one scenario runs every workload in turn on ``/dev/vda`` with
 ``fio --ioengine=libaio --direct=1 --time_based --ramp_time --output-format=json`` (the
@@ -45,6 +46,7 @@ from typing import TextIO
 from vblk.lab.compare import Comparison, serve_pair, split_cache_mode
 from vblk.lab.guest import GuestBuildError, GuestResult, build_guest, default_accel, run_guest
 from vblk.lab.guestaddon import build_fio_addon, fio_version
+from vblk.lab.rbdimage import RbdSource, is_rbd_image
 from vblk.lab.servers import BACKENDS, Server
 from vblk.lab.workload import BenchError, Result, Workload, size_option
 from vblk.testing.frontend import BackendError
@@ -321,7 +323,9 @@ def guest_compare(image: str | os.PathLike, workloads: Sequence[Workload], *, ro
                   keep: bool = False, log: TextIO | None = None) -> GuestComparison:
     """Run every workload with fio in the guest against vblk and qsd, one boot per backend per
     round, the boots' order alternating; round r uses seed + r on both backends."""
-    if not Path(image).is_file():
+    if is_rbd_image(image):
+        RbdSource.check(image)            # its refusal before the guest is built
+    elif not Path(image).is_file():
         raise BenchError(f"--compare {image}: not a regular file")
     if not 1 <= rounds <= 100:
         raise BenchError(f"--rounds {rounds}: 1..100")

@@ -104,32 +104,49 @@ def format_comparison(c: Comparison) -> str:
     out += [f"  {note}" for note in c.notes]
     out += provenance_lines(c.source, c.loadavg)
     out.append("")
-    head = (f"{'workload':<20} {'backend':<9} {'IOPS':>10} {'MB/s':>9} {'p50 µs':>9} "
+    bw = max(9, len(f"vblk/{c.ceiling_name}"))                # the backend column
+    head = (f"{'workload':<20} {'backend':<{bw}} {'IOPS':>10} {'MB/s':>9} {'p50 µs':>9} "
             f"{'p99 µs':>9} {'p99.9 µs':>9} {'errors':>6} "
             f"{'guest CPU' if c.load == 'guest' else 'client CPU':>10} {'server CPU':>10}")
     out += [head, "-" * len(head)]
-
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{v:.0f} %"
-
-    def x(v: float | None) -> str:
-        return "-" if v is None else f"{v:.2f}x"
-
-    for groups in (c.runs, c.sweep):
-        for by_backend in groups.values():
+    for groups, ceilings in ((c.runs, c.ceiling), (c.sweep, c.sweep_ceiling)):
+        for key, by_backend in groups.items():
             label = next(iter(by_backend.values()))[0].workload.label
             med = {b: c.medians(rs) for b, rs in by_backend.items()}
             for i, b in enumerate(BACKENDS):
                 m = med[b]
-                out.append(f"{label if i == 0 else '':<20} {b:<9} {m['iops']:>10,.0f} "
+                out.append(f"{label if i == 0 else '':<20} {b:<{bw}} {m['iops']:>10,.0f} "
                            f"{m['mb_per_s']:>9,.1f} {m['p50_us']:>9.1f} {m['p99_us']:>9.1f} "
                            f"{m['p99_9_us']:>9.1f} {m['errors']:>6} "
-                           f"{pct(m['client_cpu_pct']):>10} {pct(m['server_cpu_pct']):>10}")
+                           f"{_pct(m['client_cpu_pct']):>10} {_pct(m['server_cpu_pct']):>10}")
             r = c.ratios(med["vblk"], med["qsd"])
-            out.append(f"{'':<20} {'vblk/qsd':<9} {x(r['iops']):>10} {x(r['mb_per_s']):>9} "
-                       f"{x(r['p50_us']):>9}")
+            out.append(f"{'':<20} {'vblk/qsd':<{bw}} {_x(r['iops']):>10} {_x(r['mb_per_s']):>9} "
+                       f"{_x(r['p50_us']):>9}")
+            if key in ceilings:
+                out += _ceiling_rows(c, c.ceiling_medians(ceilings[key], med), bw)
         if groups is c.runs and c.sweep:
             out.append(f"-- queue-depth sweep: {c.sweep_label} --")
     if c.errors:
         out.append(f"{c.errors} requests failed")
+    out += c.ceiling_failures
     return "\n".join(out)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f} %"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _ceiling_rows(c: Comparison, m: dict, bw: int) -> list[str]:
+    """The ceiling's row (IOPS, MB/s, its process's CPU) and vblk's share of it."""
+    name, failed = c.ceiling_name, m["failed"]
+    if m["iops"] is None:
+        return [f"{'':<20} {name:<{bw}} {'failed':>10}"]
+    note = f"   ({failed} of its runs failed)" if failed else ""
+    vblk = m["ratio"].get("vblk")
+    return [f"{'':<20} {name:<{bw}} {m['iops']:>10,.0f} {m['mb_per_s']:>9,.1f} {'-':>9} {'-':>9} "
+            f"{'-':>9} {'-':>6} {_pct(m['cpu_pct']):>10} {'-':>10}{note}",
+            f"{'':<20} {'vblk/' + name:<{bw}} {_x(vblk):>10} {_x(vblk):>9}"]

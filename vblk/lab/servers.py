@@ -1,9 +1,10 @@
 """The backends a benchmark starts: their command lines and the processes that run them.
 
-Knows how vblk and qemu-storage-daemon are started on a raw image (``vblk_command``,
-``qsd_command``), a server in its own process group (start, wait until it listens, its
-CPU time, stop), how an image is copied for a run, and which vblk code is served
-(``source_version``). Knows nothing of workloads or results.
+Knows how vblk and qemu-storage-daemon are started on a raw image or an RBD image
+(``vblk_command``, ``qsd_command``, ``qsd_blockdev_command``), a server in its own process
+group (start, wait until it listens, its CPU time, stop), how an image file is copied for a
+run, and which vblk code is served (``source_version``). Knows nothing of workloads or
+results.
 """
 from __future__ import annotations
 
@@ -33,18 +34,33 @@ def qsd_command(image: str | os.PathLike, sock: str, *extra: str,
     to the file (``discard=unmap`` on both nodes)."""
     path = os.fspath(image).replace(",", ",,")
     unmap = ",discard=unmap" if discard else ""
+    return ["qemu-storage-daemon", *extra,
+            "--blockdev", f"driver=file,node-name=file0,filename={path},cache.direct=off{unmap}",
+            "--blockdev", f"driver=raw,node-name=disk0,file=file0{unmap}",
+            "--export", qsd_export(sock, writethrough=writethrough, queues=queues)]
+
+
+def qsd_export(sock: str, *, writethrough: bool | None = None, queues: int = 1) -> str:
+    """qsd's vhost-user-blk ``--export`` of node ``disk0`` on ``sock``."""
     export = ("type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
               f"addr.path={sock},writable=on,num-queues={queues}")
     if writethrough is not None:
         export += f",writethrough={'on' if writethrough else 'off'}"
-    return ["qemu-storage-daemon", *extra,
-            "--blockdev", f"driver=file,node-name=file0,filename={path},cache.direct=off{unmap}",
-            "--blockdev", f"driver=raw,node-name=disk0,file=file0{unmap}",
-            "--export", export]
+    return export
+
+
+def qsd_blockdev_command(blockdev: str, sock: str, *, writethrough: bool,
+                         queues: int = 1) -> list[str]:
+    """qemu-storage-daemon exporting one ``--blockdev`` that is node ``disk0`` itself (an RBD
+    image: ``vblk.lab.rbdimage.RbdSource.qsd_blockdev``), with the export options of
+    ``qsd_command``."""
+    return ["qemu-storage-daemon", "--blockdev", blockdev,
+            "--export", qsd_export(sock, writethrough=writethrough, queues=queues)]
 
 
 def vblk_command(image: str | os.PathLike, sock: str, *, writethrough: bool,
                  extra: Sequence[str] = ()) -> list[str]:
+    """``vblk serve IMAGE`` (a path or an ``rbd:`` token) on ``sock``."""
     return python_command("vblk.cli", "serve", os.fspath(image), "--socket-path", sock,
             "--log-level", "warning", "--writethru" if writethrough else "--writeback", *extra)
 
