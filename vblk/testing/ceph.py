@@ -127,6 +127,9 @@ keyring = {d}/keyring
 mon allow pool size one = true
 mon allow pool delete = true
 mon warn on pool no redundancy = false
+# no ceph-mgr here on purpose (RBD needs none); without this the monitor reports
+# HEALTH_WARN "no active mgr" once the cluster is a minute old
+mon mgr inactive grace = 31536000
 mon data avail warn = 1
 mon data avail crit = 0
 mon osd full ratio = 0.99
