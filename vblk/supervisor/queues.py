@@ -143,12 +143,15 @@ class Queues:
         ring = data.rings.get(index)
         if ring is None:
             return 0
+        waited = data.held[index]               # taken and not finished: waited for here
         self._wait_idle(lambda: data.busy(index))
         del data.rings[index]
         data.broken.discard(index)
         last = ring.last_avail_idx
+        left = (ring.avail_idx() - last) & 0xFFFF   # offered, never taken: the next owner's
         ring.detach()
-        log.info("event=queue_stopped queue=%d last_avail=%d used=%d", index, last, ring.used_idx)
+        log.info("event=queue_stopped queue=%d last_avail=%d used=%d waited=%d left=%d", index,
+                 last, ring.used_idx, waited, left)
         if data.logging and not data.rings and self.holds_lock:
             # A migration's switch-over: everything taken is done and logged; the destination
             # takes the image once its rings start, which is after this answer.
