@@ -174,17 +174,20 @@ class _Servers:
 
 @pytest.fixture
 def serve_vblk(tmp_path: Path):
-    """serve_vblk(spec, *args, strace=False) -> socket path (a ``Served`` str).
+    """serve_vblk(spec, *args, strace=False, python=None) -> socket path (a ``Served`` str).
 
     Runs ``python -m vblk.cli serve SPEC --socket-path SOCK ARGS...`` (SPEC is an image path
     or an ACRN option string such as ``disk.img,writeback,range=256/32768``), waits until
     the socket accepts a connection, and stops it at teardown.  With ``strace=True`` the
     server runs under ``strace -f -ttt -e trace=fdatasync,fsync`` and ``served.strace_path``
-    names the trace (read it after ``served.stop()``).
+    names the trace (read it after ``served.stop()``).  ``python``: another interpreter's
+    vblk (``PYTHON -I -m vblk.cli``, e.g. a copy installed into a venv) instead of this
+    checkout's.
     """
     servers = _Servers("vblk")
 
-    def _serve(spec: str | os.PathLike, *args: str, strace: bool = False) -> Served:
+    def _serve(spec: str | os.PathLike, *args: str, strace: bool = False,
+               python: str | os.PathLike | None = None) -> Served:
         d = _short_dir()
         servers.dirs.append(d)
         n = len(servers.started) + 1
@@ -193,9 +196,10 @@ def serve_vblk(tmp_path: Path):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        cmd = [sys.executable, "-m", "vblk.cli", "serve", os.fspath(spec), "--socket-path", sock,
+        interpreter = [sys.executable] if python is None else [os.fspath(python), "-I"]
+        cmd = [*interpreter, "-m", "vblk.cli", "serve", os.fspath(spec), "--socket-path", sock,
                *map(str, args)]
-        served = _start(cmd, sock, log, "vblk serve", cwd=REPO, env=env,
+        served = _start(cmd, sock, log, "vblk serve", cwd=REPO if python is None else d, env=env,
                         strace_path=(tmp_path / f"vblk-serve-{n}.strace") if strace else None)
         servers.started.append(served)
         return served

@@ -19,6 +19,8 @@ Public API::
               num_queues=1, extra_qemu_args=(), image=None, log_path=None,
               bios=None, accel=None, files=None, cmdline_extra="", smp=1,
               archives=()) -> GuestResult
+    start_guest(socket_path, script, **the same but timeout) -> GuestProcess
+        (returns at once: send() types into the console, wait_for() a line, wait())
 
 Command line: ``python -m vblk.lab.guest build [--fio]`` builds (or finds) the cached
 image (and the fio add-on of ``vblk.lab.guestaddon``) and prints their paths;
@@ -54,6 +56,7 @@ from vblk.errors import EXIT_FAILED, EXIT_OK, VblkError
 __all__ = [
     "GEOMETRY_SCRIPT",
     "GuestBuildError",
+    "GuestProcess",
     "GuestImage",
     "GuestResult",
     "assert_geometry",
@@ -66,6 +69,7 @@ __all__ = [
     "newc_archive",
     "qemu_command",
     "run_guest",
+    "start_guest",
     "scenario_archive",
     "sha256_file",
     "sync_calls",
@@ -803,37 +807,47 @@ def _check_prerequisites() -> None:
 
 
 def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 180,
-              memory: str = "512M", queue_size: int = 64, num_queues: int = 1,
-              extra_qemu_args: Sequence[str] = (), image: GuestImage | None = None,
-              log_path: str | os.PathLike | None = None,
-              bios: str | os.PathLike | None = None, accel: str | None = None,
-              files: Mapping[str, bytes | str] | None = None,
-              cmdline_extra: str = "", reconnect: int | None = None,
-              alive: Callable[[], bool] | None = None, smp: int = 1,
-              on_line: Callable[[str], None] | None = None,
-              archives: Sequence[str | os.PathLike] = ()) -> GuestResult:
+              alive: Callable[[], bool] | None = None, **kw) -> GuestResult:
     """Boot the test guest against the vhost-user-blk backend at socket_path.
 
     ``script`` runs as ``sh -e /scenario.sh`` once /dev/vda exists; what it
     prints comes back in ``GuestResult.output`` and its ``KEY=VALUE`` lines in
-    ``GuestResult.values``.  ``files`` adds more files to the guest (path ->
-    content).  On timeout QEMU is killed and the result has ``timed_out=True``
+    ``GuestResult.values``.  On timeout QEMU is killed and the result has ``timed_out=True``
     and ``exit_status=None`` with the output so far; nothing is raised, call
-    ``result.check()`` to assert success.  ``bios="qboot"`` uses qboot instead
-    of SeaBIOS.  ``alive`` (e.g. "the backend process still runs") is polled; once it
-    returns False the guest gets 3 s to finish, then QEMU is killed and
+    ``result.check()`` to assert success.  ``alive`` (e.g. "the backend process still runs")
+    is polled; once it returns False the guest gets 3 s to finish, then QEMU is killed and
     ``result.aborted`` says why, so a dead backend fails fast instead of timing out.
-    ``smp``: the guest's vCPUs (a multiqueue guest uses at most one queue per vCPU).
-    ``on_line(line)`` is called with each console line as it arrives (on a reader thread),
-    so the host can act when the guest prints a marker; what it raises is logged to
-    ``GuestResult.stderr`` and fails ``check()``, and the guest runs on.
+    The other keywords are ``start_guest``'s.
+    """
+    return start_guest(socket_path, script, **kw).wait(timeout, alive=alive)
+
+
+def start_guest(socket_path: str | os.PathLike, script: str, *,
+                memory: str = "512M", queue_size: int = 64, num_queues: int = 1,
+                extra_qemu_args: Sequence[str] = (), image: GuestImage | None = None,
+                log_path: str | os.PathLike | None = None,
+                bios: str | os.PathLike | None = None, accel: str | None = None,
+                files: Mapping[str, bytes | str] | None = None,
+                cmdline_extra: str = "", reconnect: int | None = None, smp: int = 1,
+                on_line: Callable[[str], None] | None = None,
+                archives: Sequence[str | os.PathLike] = ()) -> GuestProcess:
+    """Start the test guest and return at once (``run_guest`` is this, then ``wait``); for a
+    host that acts while the guest runs, e.g. two QEMUs of a live migration
+    (``extra_qemu_args`` with ``-qmp``, ``-incoming``).
+
+    ``files`` adds more files to the guest (path -> content).  ``bios="qboot"`` uses qboot
+    instead of SeaBIOS.  ``smp``: the guest's vCPUs (a multiqueue guest uses at most one
+    queue per vCPU).  ``on_line(line)`` is called with each console line as it arrives (on a
+    reader thread), so the host can act when the guest prints a marker; what it raises is
+    logged to ``GuestResult.stderr`` and fails ``check()``, and the guest runs on.
     ``archives``: more newc cpio archives (e.g. ``guestaddon.build_fio_addon()``), appended
     after the base initramfs and before the scenario, in order.
     """
     _check_prerequisites()
     image = image or build_guest()
-    with tempfile.TemporaryDirectory(prefix="vblk-guest-") as tmp:
-        initrd = Path(tmp) / "initrd.img"
+    tmp = tempfile.TemporaryDirectory(prefix="vblk-guest-")
+    try:
+        initrd = Path(tmp.name) / "initrd.img"
         with open(initrd, "wb") as f, open(image.initrd, "rb") as base:
             shutil.copyfileobj(base, f)
             for path in archives:
@@ -846,91 +860,142 @@ def run_guest(socket_path: str | os.PathLike, script: str, *, timeout: float = 1
                            num_queues=num_queues, bios=bios, accel=accel,
                            cmdline_extra=cmdline_extra, reconnect=reconnect, smp=smp,
                            extra_qemu_args=extra_qemu_args)
-        return _run_qemu(cmd, timeout=timeout, log_path=log_path, alive=alive, on_line=on_line)
+        return GuestProcess(cmd, log_path=log_path, on_line=on_line, workdir=tmp)
+    except BaseException:
+        tmp.cleanup()
+        raise
 
 
-def _run_qemu(cmd: list[str], *, timeout: float, log_path,
-              alive: Callable[[], bool] | None = None,
-              on_line: Callable[[str], None] | None = None) -> GuestResult:
-    log = open(log_path, "a", buffering=1, errors="replace") if log_path else None
-    timed: list[tuple[float, str]] = []
-    err_chunks: list[str] = []
-    hook_errors: list[str] = []
-    exit_seen = threading.Event()
-    started_at = time.time()
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+class GuestProcess:
+    """A running QEMU of the test guest (``start_guest``): its serial console read line by line
+    on threads, its input (``send``) the guest's console."""
 
-    def read_out() -> None:
-        assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
+    def __init__(self, cmd: list[str], *, log_path=None,
+                 on_line: Callable[[str], None] | None = None,
+                 workdir: tempfile.TemporaryDirectory | None = None) -> None:
+        self.cmd = cmd
+        self._workdir = workdir
+        self._log = open(log_path, "a", buffering=1, errors="replace") if log_path else None
+        self._on_line = on_line
+        self.timed: list[tuple[float, str]] = []
+        self._err_chunks: list[str] = []
+        self._hook_errors: list[str] = []
+        self._exit_seen = threading.Event()
+        self._arrived = threading.Condition()
+        self.started_at = time.time()
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        self._readers = [threading.Thread(target=self._read_out, daemon=True),
+                         threading.Thread(target=self._read_err, daemon=True)]
+        for r in self._readers:
+            r.start()
+
+    def _read_out(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip("\r\n").replace("\r", "")
-            timed.append((time.monotonic() - t0, line))
-            if log:
-                log.write(line + "\n")
-            if on_line is not None:
+            with self._arrived:
+                self.timed.append((time.monotonic() - self.t0, line))
+                self._arrived.notify_all()
+            if self._log:
+                self._log.write(line + "\n")
+            if self._on_line is not None:
                 try:
-                    on_line(line)
+                    self._on_line(line)
                 except Exception as exc:          # the test's own hook: report, keep reading
-                    hook_errors.append(f"on_line({line!r}) raised {exc!r}")
+                    self._hook_errors.append(f"on_line({line!r}) raised {exc!r}")
             if line.strip().startswith(EXIT_MARKER):
-                exit_seen.set()
+                self._exit_seen.set()
+        with self._arrived:
+            self._arrived.notify_all()
 
-    def read_err() -> None:
-        assert proc.stderr is not None
-        for raw in iter(proc.stderr.readline, b""):
-            err_chunks.append(raw.decode("utf-8", "replace"))
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in iter(self.proc.stderr.readline, b""):
+            self._err_chunks.append(raw.decode("utf-8", "replace"))
 
-    readers = [threading.Thread(target=read_out, daemon=True),
-               threading.Thread(target=read_err, daemon=True)]
-    for r in readers:
-        r.start()
-    timed_out = False
-    aborted = ""
-    deadline = t0 + timeout
-    try:
-        while proc.poll() is None:
-            now = time.monotonic()
-            if now >= deadline:
-                timed_out = True
-                break
-            if alive is not None and not aborted and not alive():
-                aborted = "the backend is gone (alive() returned False)"
-                deadline = min(deadline, now + 3.0)
-            if exit_seen.wait(min(0.1, deadline - now)):
-                # the scenario is over: give poweroff a little time, then kill
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    pass
-                break
-    finally:
-        if proc.poll() is None:
+    def send(self, text: str) -> None:
+        """Type ``text`` into the guest's serial console (the scenario's stdin is /dev/console:
+        ``read line`` gets it; the console echoes it)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def wait_for(self, prefix: str, timeout: float) -> str | None:
+        """The first serial line starting with ``prefix`` (waiting up to ``timeout`` s for it),
+        or None if none came (or QEMU's output ended)."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while True:
+                for _, line in self.timed:
+                    if line.strip().startswith(prefix):
+                        return line.strip()
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._readers[0].is_alive():
+                    return None
+                self._arrived.wait(min(left, 0.5))
+
+    def wait(self, timeout: float, *, alive: Callable[[], bool] | None = None) -> GuestResult:
+        """Until the guest reports its exit status (then poweroff gets 15 s) or QEMU exits, at
+        most ``timeout`` s after the start; QEMU is killed if still running. What it did."""
+        proc = self.proc
+        timed_out = False
+        aborted = ""
+        deadline = self.t0 + timeout
+        try:
+            while proc.poll() is None:
+                now = time.monotonic()
+                if now >= deadline:
+                    timed_out = True
+                    break
+                if alive is not None and not aborted and not alive():
+                    aborted = "the backend is gone (alive() returned False)"
+                    deadline = min(deadline, now + 3.0)
+                if self._exit_seen.wait(min(0.1, deadline - now)):
+                    # the scenario is over: give poweroff a little time, then kill
+                    try:
+                        proc.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    break
+        finally:
+            self.kill()
+            for r in self._readers:
+                r.join(timeout=5)
+            if self._log:
+                if aborted:
+                    self._log.write(f"[vblk guest: {aborted}]\n")
+                elif timed_out:
+                    self._log.write(f"[vblk guest: timed out after {timeout} s; QEMU killed]\n")
+                self._log.close()
+                self._log = None
+            if self._workdir is not None:
+                self._workdir.cleanup()
+                self._workdir = None
+        timed = self.timed
+        status: int | None = None
+        for _, line in timed:
+            s = line.strip()
+            if s.startswith(EXIT_MARKER):
+                with contextlib.suppress(ValueError):
+                    status = int(s[len(EXIT_MARKER):].strip())
+        return GuestResult(exit_status=status, output="\n".join(line for _, line in timed),
+                           seconds=time.monotonic() - self.t0,
+                           stderr="".join(self._err_chunks), qemu_returncode=proc.returncode,
+                           timed_out=timed_out and not aborted, aborted=aborted,
+                           command=tuple(self.cmd), timed_lines=timed,
+                           started_at=self.started_at, hook_errors=self._hook_errors)
+
+    def kill(self) -> None:
+        """Kill QEMU if it still runs (and close its console input)."""
+        if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-        for r in readers:
-            r.join(timeout=5)
-        if log:
-            if aborted:
-                log.write(f"[vblk guest: {aborted}]\n")
-            elif timed_out:
-                log.write(f"[vblk guest: timed out after {timeout} s; QEMU killed]\n")
-            log.close()
-    seconds = time.monotonic() - t0
-    output = "\n".join(line for _, line in timed)
-    status: int | None = None
-    for _, line in timed:
-        s = line.strip()
-        if s.startswith(EXIT_MARKER):
-            with contextlib.suppress(ValueError):
-                status = int(s[len(EXIT_MARKER):].strip())
-    return GuestResult(exit_status=status, output=output, seconds=seconds,
-                       stderr="".join(err_chunks), qemu_returncode=proc.returncode,
-                       timed_out=timed_out and not aborted, aborted=aborted,
-                       command=tuple(cmd), timed_lines=timed, started_at=started_at,
-                       hook_errors=hook_errors)
+                self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
 
 
 # --------------------------------------------------------------------------
