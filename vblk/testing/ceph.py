@@ -127,9 +127,10 @@ keyring = {d}/keyring
 mon allow pool size one = true
 mon allow pool delete = true
 mon warn on pool no redundancy = false
-# no ceph-mgr here on purpose (RBD needs none); without this the monitor reports
-# HEALTH_WARN "no active mgr" once the cluster is a minute old
-mon mgr inactive grace = 31536000
+# no ceph-mgr here on purpose (RBD needs none); the monitor reports HEALTH_WARN "no active
+# mgr" once a cluster with OSDs is older than mon_mgr_mkfs_grace (120 s) and has never had a
+# mgr (MgrMonitor::should_warn_about_mgr_down): a year here
+mon mgr mkfs grace = 31536000
 mon data avail warn = 1
 mon data avail crit = 0
 mon osd full ratio = 0.99
