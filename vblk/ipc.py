@@ -4,7 +4,11 @@ the shared-memory slot layout, pipe framing, control messages and the worker's c
 Theory of operation
 -------------------
 The supervisor creates one memfd holding ``count`` fixed-size ioreq slots and hands it to
-every worker. A slot goes through the states ACRN's blockif elements do:
+every worker. One supervisor may serve several disks over one pool of workers (see
+vblk.supervisor.disks): each slot names its disk (the head's ``disk`` field), and a worker
+holds every disk's backing and every disk's guest memory table, keyed by that number.
+
+A slot goes through the states ACRN's blockif elements do:
 
     FREE --(supervisor fills it)--> PENDING --(a worker takes it)--> BUSY
          <--(supervisor completes)-- DONE <--(the worker finishes)--/
@@ -18,20 +22,23 @@ several workers never interleave mid-number. One wake-up per batch in each direc
 
 Layout of one slot (little-endian):
     head: state u32, op u32, flags u32, niov u32, offset u64, length u64,
-          generation u32, worker u32, status i32, errno i32          (48 bytes)
+          generation u32, worker u32, status i32, errno i32, disk u32, reserved u32  (56 bytes)
     iov[MAX_IOV]: offset u64 (into the region's mapping), length u32, region u32  (16 bytes each)
 
-``offset`` counts bytes from the start of the disk's window (the backing adds where the
-window lies). For the operations that touch no guest memory (discard, write-zeroes) the iov
-records are byte ranges of the disk instead: offset u64 = byte offset, length u32 = number of
-512-byte sectors, region u32 = RANGE_REGION; the head's offset is the first range's and its
-length the bytes all ranges cover. ``encode_ranges`` / ``decode_ranges`` are the only
+``disk`` is the number the supervisor gave the disk the slot is for (0 for ``vblk serve
+SPEC``); ``generation`` is that disk's memory table generation. ``offset`` counts bytes from
+the start of the disk's window (the backing adds where the window lies). For the operations
+that touch no guest memory (discard, write-zeroes) the iov records are byte ranges of the
+disk instead: offset u64 = byte offset, length u32 = number of 512-byte sectors, region u32 =
+RANGE_REGION; the head's offset is the first range's and its length the bytes all ranges
+cover. ``encode_ranges`` / ``decode_ranges`` are the only
 translations, and ``decode_ranges`` refuses any record that breaks the encoding.
 
 Control messages (msgpack maps on a SOCK_SEQPACKET pair, one per worker, fds by SCM_RIGHTS):
     worker -> supervisor  {"op": "ready"}       once it can take slots (see the pool's backoff)
-    supervisor -> worker  {"op": "memory", "generation": g, "regions": [[gpa, size, uva,
-                           mmap_offset], ...]} + one fd per region, whenever the table changes
+    supervisor -> worker  {"op": "memory", "disk": d, "generation": g, "regions": [[gpa, size,
+                           uva, mmap_offset], ...]} + one fd per region, whenever disk d's
+                           table changes
                           {"op": "stop"}        finish and exit (EOF means the same)
 """
 from __future__ import annotations
@@ -64,10 +71,12 @@ FLAG_UNMAP = 2                    # write-zeroes may deallocate (punch a hole)
 
 # -- slots -----------------------------------------------------------------------------------
 
-HEAD = struct.Struct("<IIIIQQIIii")
+HEAD = struct.Struct("<IIIIQQIIiiII")
 IOV = struct.Struct("<QII")
 MAX_IOV = 264                     # seg_max 256 plus a few splits at region boundaries
 SLOT_SIZE = (HEAD.size + IOV.size * MAX_IOV + 63) // 64 * 64
+_DISK = struct.Struct("<I")
+_DISK_OFFSET = HEAD.size - 8      # the head's disk field
 RANGE_REGION = 0xFFFF_FFFF        # region field of a range record (no guest memory region)
 RANGE_UNIT = 512                  # a range record's length counts 512-byte sectors
 
@@ -130,15 +139,16 @@ class SlotArea:
 
     # -- supervisor side -----------------------------------------------------------------
     def post(self, i: int, op: int, flags: int, offset: int, length: int, generation: int,
-             iovs: Pieces) -> None:
-        """Fill slot i (FREE) with a request and mark it PENDING. iovs: (region, offset, len)."""
+             iovs: Pieces, disk: int = 0) -> None:
+        """Fill slot i (FREE) with a request for ``disk`` and mark it PENDING. iovs: (region,
+        offset, len)."""
         base = i * SLOT_SIZE
         pos = base + HEAD.size
         for region, off, n in iovs:
             IOV.pack_into(self.view, pos, off, n, region)
             pos += IOV.size
         HEAD.pack_into(self.view, base, SlotState.PENDING, op, flags, len(iovs), offset, length,
-                       generation, 0, 0, 0)
+                       generation, 0, 0, 0, disk, 0)
 
     def result(self, i: int) -> tuple[int, int, int]:
         """(state, status, errno) of slot i."""
@@ -149,14 +159,19 @@ class SlotArea:
         struct.pack_into("<I", self.view, i * SLOT_SIZE, state)
 
     # -- worker side (and the in-process engine) -------------------------------------------
+    def disk(self, i: int) -> int:
+        """The disk slot i is for."""
+        return _DISK.unpack_from(self.view, i * SLOT_SIZE + _DISK_OFFSET)[0]
+
     def take(self, i: int, worker: int) -> tuple[int, int, int, int, int, Pieces]:
         """Mark slot i BUSY for ``worker``; returns (op, flags, offset, length, generation,
         iovs). More than MAX_IOV records come back as MAX_IOV + 1 of them (an error for the
         executor to report, never a read past the slot)."""
         base = i * SLOT_SIZE
-        _state, op, flags, niov, offset, length, gen, _, _, _ = HEAD.unpack_from(self.view, base)
+        _state, op, flags, niov, offset, length, gen, _, _, _, disk, _ = \
+            HEAD.unpack_from(self.view, base)
         HEAD.pack_into(self.view, base, SlotState.BUSY, op, flags, niov, offset, length, gen,
-                       worker, 0, 0)
+                       worker, 0, 0, disk, 0)
         iovs = []
         pos = base + HEAD.size
         for _ in range(min(niov, MAX_IOV)):
@@ -200,9 +215,10 @@ READY = {"op": "ready"}
 STOP = {"op": "stop"}
 
 
-def memory_message(generation: int, regions: list[list[int]]) -> dict:
-    """The new memory table: ``regions`` are [gpa, size, uva, mmap_offset], one fd each."""
-    return {"op": "memory", "generation": generation, "regions": regions}
+def memory_message(generation: int, regions: list[list[int]], disk: int = 0) -> dict:
+    """Disk ``disk``'s new memory table: ``regions`` are [gpa, size, uva, mmap_offset], one fd
+    each."""
+    return {"op": "memory", "disk": disk, "generation": generation, "regions": regions}
 
 
 def send_control(sock: socket.socket, msg: dict, fds=()) -> None:
@@ -235,14 +251,15 @@ class WorkerArgs:
     control_fd: int               # this worker's end of its control socket pair
     parent: int                   # the supervisor's pid (a worker outliving it exits)
     log_level: str
-    backing: dict                 # Backing.handoff()'s description, fds included
+    disks: dict[int, dict]        # disk number -> Backing.handoff()'s description, fds included
 
     def argv(self) -> list[str]:
         return ["--index", str(self.index), "--slots-fd", str(self.slots_fd),
                 "--slots", str(self.slot_count), "--submit-fd", str(self.submit_fd),
                 "--complete-fd", str(self.complete_fd), "--control-fd", str(self.control_fd),
                 "--parent", str(self.parent), "--log-level", self.log_level,
-                "--backing", json.dumps(self.backing, sort_keys=True)]
+                "--disks", json.dumps({str(d): desc for d, desc in self.disks.items()},
+                                      sort_keys=True)]
 
     def fds(self, backing_fds) -> tuple[int, ...]:
         """Every fd the worker inherits."""
@@ -260,6 +277,7 @@ class WorkerArgs:
                        slot_count=int(pairs["--slots"]), submit_fd=int(pairs["--submit-fd"]),
                        complete_fd=int(pairs["--complete-fd"]),
                        control_fd=int(pairs["--control-fd"]), parent=int(pairs["--parent"]),
-                       log_level=pairs["--log-level"], backing=json.loads(pairs["--backing"]))
+                       log_level=pairs["--log-level"],
+                       disks={int(d): desc for d, desc in json.loads(pairs["--disks"]).items()})
         except KeyError as exc:
             raise ValueError(f"worker argument {exc.args[0]} missing") from None

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(a.log_level)
     control = socket.socket(fileno=a.control_fd)
-    backing = attach(a.backing)
-    worker = Worker(a.index, backing, SlotArea(a.slots_fd, a.slot_count), a.submit_fd,
+    disks = {disk: attach(desc) for disk, desc in a.disks.items()}
+    worker = Worker(a.index, disks, SlotArea(a.slots_fd, a.slot_count), a.submit_fd,
                     a.complete_fd, control)
     return worker.run()
 

@@ -25,20 +25,23 @@ from vblk.virtio.constants import BlkStatus
 log = logging.getLogger("vblk.worker")
 
 
-def execute(slots: SlotArea, i: int, worker: int, backing: Backing,
-            memory_for: Callable[[int], GuestMemory | None]) -> tuple[int, int, bool]:
-    """Run slot ``i``; (status, errno, needs the batch's flush). ``memory_for(generation)`` is
-    the guest memory the slot's pieces refer to (None: that table never came). The slot is
-    not marked DONE here."""
+def execute(slots: SlotArea, i: int, worker: int, backing_for: Callable[[int], Backing],
+            memory_for: Callable[[int, int], GuestMemory | None]) -> tuple[int, int, bool]:
+    """Run slot ``i``; (status, errno, needs the batch's flush of the slot's disk).
+    ``backing_for(disk)`` is the slot's disk (OSError if unknown), ``memory_for(disk,
+    generation)`` the guest memory its pieces refer to (None: that table never came). The
+    slot is not marked DONE here."""
+    disk = slots.disk(i)
     op, flags, offset, length, gen, iovs = slots.take(i, worker)
     try:
+        backing = backing_for(disk)
         if op == Op.READ or op == Op.WRITE:
             if len(iovs) > MAX_IOV or sum(n for _, _, n in iovs) != length:
                 raise OSError(errno.EINVAL, "slot iovecs do not add up")
-            memory = memory_for(gen)
+            memory = memory_for(disk, gen)
             if memory is None:
-                raise OSError(errno.ESTALE, f"slot for memory generation {gen} the worker "
-                                            f"never got")
+                raise OSError(errno.ESTALE, f"slot for disk {disk}'s memory generation {gen} "
+                                            f"the worker never got")
             bufs = memory.iovecs(iovs)
             try:
                 if op == Op.READ:
@@ -72,6 +75,6 @@ def execute(slots: SlotArea, i: int, worker: int, backing: Backing,
         if status == BlkStatus.UNSUPP:
             log.warning("event=discard_unsupported worker=%d error=%r", worker, exc)
         else:
-            log.warning("event=io_error worker=%d slot=%d op=%d offset=%d length=%d error=%r",
-                        worker, i, op, offset, length, exc)
+            log.warning("event=io_error worker=%d disk=%d slot=%d op=%d offset=%d length=%d "
+                        "error=%r", worker, disk, i, op, offset, length, exc)
         return status, err, False

@@ -1,16 +1,18 @@
 """A worker process's loop: take slot numbers, execute them, report them.
 
 The worker maps the same slot memfd and guest-memory fds as the supervisor (the memory
-arrives on its control socket, msgpack + SCM_RIGHTS, whenever the table changes) and holds
-the backing the supervisor handed off (vblk.backing.attach). It waits on two fds: the control
+arrives on its control socket, msgpack + SCM_RIGHTS, whenever a table changes) and holds
+the backings the supervisor handed off (vblk.backing.attach). A supervisor serving several
+disks shares its workers among them: each slot names its disk, and the worker keeps one
+backing and one memory table (with its own generation) per disk. It waits on two fds: the control
 socket and its submission pipe. Slot numbers arrive in batches; it runs them in order and
 returns all the finished numbers in one write to the completion pipe.
 
 Group commit (write-through): the writes of a batch that must be durable (FLAG_SYNC) are all
-made first, then one ``flush`` covers every one of them -- each finished before it started --
-and only after it returns is any slot of the batch marked DONE and reported. A failed flush
-fails every write it was to cover. Durability is the same as one flush per write; the cost is
-one per batch.
+made first, then one ``flush`` per disk they went to covers every one of them -- each
+finished before it started -- and only after those return is any slot of the batch marked
+DONE and reported. A failed flush fails every write it was to cover (that disk's only).
+Durability is the same as one flush per write; the cost is one per disk per batch.
 """
 from __future__ import annotations
 
@@ -33,15 +35,23 @@ log = logging.getLogger("vblk.worker")
 
 
 class Worker:
-    def __init__(self, index: int, backing: Backing, slots: SlotArea, submit_fd: int,
-                 complete_fd: int, control: socket.socket) -> None:
+    def __init__(self, index: int, disks: dict[int, Backing] | Backing, slots: SlotArea,
+                 submit_fd: int, complete_fd: int, control: socket.socket) -> None:
+        """``disks``: disk number -> its backing (a lone backing is disk 0)."""
         self.index = index
-        self.backing = backing
+        self.disks = disks if isinstance(disks, dict) else {0: disks}
         self.slots = slots
         self.submit_fd = submit_fd
         self.complete_fd = complete_fd
         self.control = control
-        self.memory = GuestMemory.empty()
+        self.memories: dict[int, GuestMemory] = {}     # disk number -> its table
+
+    def backing_for(self, disk: int) -> Backing:
+        """Disk ``disk``'s backing (OSError if this worker was not given that disk)."""
+        backing = self.disks.get(disk)
+        if backing is None:
+            raise OSError(errno.ENODEV, f"slot for disk {disk}, which this worker does not have")
+        return backing
 
     # -- control -------------------------------------------------------------------------
     def handle_control(self) -> bool:
@@ -52,37 +62,48 @@ class Worker:
                 return False
             if msg.get("op") == "memory":
                 descs = [MemRegion(*r) for r in msg["regions"]]
+                disk = msg.get("disk", 0)
                 new = GuestMemory.from_fds(descs, fds, msg["generation"])
-                self.memory.close()
-                self.memory = new
+                old = self.memories.get(disk)
+                if old is not None:
+                    old.close()
+                self.memories[disk] = new
             return True
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def memory_for(self, generation: int) -> GuestMemory | None:
-        """The table of ``generation``, waiting for it if the supervisor's message is still
-        on its way (it sends a new table before any slot that uses it)."""
-        while self.memory.generation < generation:
+    def _generation(self, disk: int) -> int:
+        memory = self.memories.get(disk)
+        return 0 if memory is None else memory.generation
+
+    def memory_for(self, disk: int, generation: int) -> GuestMemory | None:
+        """Disk ``disk``'s table of ``generation``, waiting for it if the supervisor's message
+        is still on its way (it sends a new table before any slot that uses it)."""
+        while self._generation(disk) < generation:
             if not self.handle_control():
                 return None
-        return self.memory if self.memory.generation == generation else None
+        memory = self.memories.get(disk)
+        return memory if memory is not None and memory.generation == generation else None
 
     # -- I/O -----------------------------------------------------------------------------
     def run_batch(self, batch: array.array) -> None:
         """Run a batch of slots, group-commit its durable writes, then mark them all DONE."""
-        results = [execute(self.slots, i, self.index, self.backing, self.memory_for)
+        slots = self.slots
+        disks = [slots.disk(i) for i in batch]
+        results = [execute(slots, i, self.index, self.backing_for, self.memory_for)
                    for i in batch]
-        if any(needs_flush for _, _, needs_flush in results):
+        for disk in sorted({d for d, (_, _, sync) in zip(disks, results) if sync}):
             try:
-                self.backing.flush()
+                self.disks[disk].flush()
             except OSError as exc:
                 err = exc.errno or errno.EIO
-                log.warning("event=io_error worker=%d op=flush error=%r", self.index, exc)
-                results = [(BlkStatus.IOERR, err, False) if needs_flush else (status, e, False)
-                           for status, e, needs_flush in results]
+                log.warning("event=io_error worker=%d disk=%d op=flush error=%r", self.index,
+                            disk, exc)
+                results = [(BlkStatus.IOERR, err, False) if r[2] and d == disk else r
+                           for d, r in zip(disks, results)]
         for i, (status, err, _) in zip(batch, results):
-            self.slots.finish(i, status, err)
+            slots.finish(i, status, err)
 
     # -- loop ----------------------------------------------------------------------------
     def run(self) -> int:

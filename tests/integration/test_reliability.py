@@ -94,9 +94,9 @@ def worker_fds(trace: str) -> dict[int, tuple[int, int]]:
     for line in trace.splitlines():
         if "execve(" in line and '"vblk.workers"' in line:
             pid = int(line.split()[0])
-            # --backing is JSON (vblk.ipc.WorkerArgs) whose first key is the fd; strace
-            # escapes its quotes
-            backing = int(re.search(r'"--backing", "\{\\"fd\\": (\d+)', line).group(1))
+            # --disks is JSON (vblk.ipc.WorkerArgs): disk number -> a description whose first
+            # key is the fd; strace escapes its quotes
+            backing = int(re.search(r'"--disks", "\{\\"0\\": \{\\"fd\\": (\d+)', line).group(1))
             complete = int(re.search(r'"--complete-fd", "(\d+)"', line).group(1))
             fds[pid] = (backing, complete)
     return fds

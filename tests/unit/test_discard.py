@@ -303,7 +303,7 @@ def run_slot(backing, op, flags, ranges, offset=None, length=None):
     try:
         area.post(0, op, flags, ranges[0][0] if offset is None else offset,
                   sum(n for _, n in ranges) if length is None else length, 0, encode_ranges(ranges))
-        status, err, _ = execute(area, 0, 0, backing, lambda gen: None)
+        status, err, _ = execute(area, 0, 0, lambda disk: backing, lambda disk, gen: None)
         return status, err
     finally:
         area.close()

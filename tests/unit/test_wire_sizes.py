@@ -33,7 +33,7 @@ def test_config_field_offsets():
 
 
 def test_slot_records_are_fixed_and_aligned():
-    assert slots.HEAD.size == 48
+    assert slots.HEAD.size == 56
     assert slots.IOV.size == 16
     assert slots.SLOT_SIZE % 64 == 0
     assert slots.SLOT_SIZE >= slots.HEAD.size + slots.MAX_IOV * slots.IOV.size

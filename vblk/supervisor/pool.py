@@ -4,9 +4,11 @@ Theory of operation
 -------------------
 Each worker is ``python -I -m vblk.workers`` (vblk.interpreter) with the arguments of
 ``vblk.ipc.WorkerArgs``: the slot memfd, the read end of its own submission pipe, the write
-end of the shared completion pipe, one end of a SOCK_SEQPACKET control socket and the
-backing's hand-off (its fd). Guest memory fds travel over the control socket whenever the
-memory table changes, and again to a restarted worker.
+end of the shared completion pipe, one end of a SOCK_SEQPACKET control socket and every
+disk's backing hand-off (its fd), by disk number. Guest memory fds travel over the control
+socket whenever a disk's memory table changes, and again (every disk's) to a restarted
+worker. One pool serves every disk of the supervisor (vblk.supervisor.disks): the pool knows
+slots and disk numbers, not which disk a slot belongs to beyond the number it carries.
 
 Starting: a worker says READY on its control socket once it can take slots. ``start`` waits
 for every worker to be ready; one that exits first is started again after a backoff (50 ms,
@@ -22,10 +24,10 @@ them (see vblk.workers) -- and ``flush`` writes each batch to its worker's pipe 
 
 Dying: EOF on a worker's control socket means it died. What it had finished but not reported
 is reported; the rest is re-issued at once to the least busy live worker (or, with none
-alive, to the first one that becomes ready), so requests in flight still complete while the
-dead worker's replacement starts -- at once if it had been running, after the backoff if it
-died before it was ready. At run time a worker that keeps failing is retried forever, with
-the backoff, and logged each time.
+alive, to the first one that becomes ready), whichever disks they belong to, so requests in
+flight still complete while the dead worker's replacement starts -- at once if it had been
+running, after the backoff if it died before it was ready. At run time a worker that keeps
+failing is retried forever, with the backoff, and logged each time.
 """
 from __future__ import annotations
 
@@ -92,10 +94,12 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, count: int, backing: Backing, slots: SlotArea, stats: Stats,
-                 log_level: str = "WARNING") -> None:
+    def __init__(self, count: int, disks: dict[int, Backing] | Backing, slots: SlotArea,
+                 stats: Stats, log_level: str = "WARNING") -> None:
+        """``disks``: disk number -> its (blocking) backing; a lone backing is disk 0.
+        ``stats``: whatever counts worker restarts (``worker_restarted()``)."""
         self.count = count
-        self.backing = backing
+        self.disks = disks if isinstance(disks, dict) else {0: disks}
         self.slots = slots
         self.stats = stats
         self.log_level = log_level
@@ -109,7 +113,7 @@ class WorkerPool:
         self.orphans: list[int] = []           # re-issued slots waiting for a live worker
         self.batches: dict[int, list[int]] = {}
         self._sync_worker: WorkerHandle | None = None
-        self.memory_msg: tuple[dict, list[int]] = (ipc.memory_message(0, []), [])
+        self.memory_msgs: dict[int, tuple[dict, list[int]]] = {}   # disk -> its latest table
         self.loop = None                       # set by attach
         self.stopping = False
 
@@ -153,11 +157,14 @@ class WorkerPool:
     def _spawn(self, index: int) -> WorkerHandle:
         submit_r, submit_w = os.pipe2(os.O_CLOEXEC)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        desc, backing_fds = self.backing.handoff()
+        descs, backing_fds = {}, []
+        for disk, backing in self.disks.items():
+            descs[disk], fds = backing.handoff()
+            backing_fds += fds
         args = ipc.WorkerArgs(index=index, slots_fd=self.slots.fd, slot_count=self.slots.count,
                               submit_fd=submit_r, complete_fd=self.complete_w,
                               control_fd=child_end.fileno(), parent=os.getpid(),
-                              log_level=self.log_level, backing=desc)
+                              log_level=self.log_level, disks=descs)
         try:
             proc = subprocess.Popen(python_command("vblk.workers", *args.argv()),
                                     pass_fds=args.fds(backing_fds), stdin=subprocess.DEVNULL)
@@ -165,9 +172,9 @@ class WorkerPool:
             os.close(submit_r)
             child_end.close()
         handle = WorkerHandle(index, proc, submit_w, parent_end)
-        msg, fds = self.memory_msg
-        if msg["regions"]:
-            handle.send_control(msg, fds)
+        for msg, fds in self.memory_msgs.values():
+            if msg["regions"]:
+                handle.send_control(msg, fds)
         log.info("event=worker_started worker=%d pid=%d", index, proc.pid)
         return handle
 
@@ -277,8 +284,8 @@ class WorkerPool:
         return min(candidates, key=_load) if candidates else None
 
     def post(self, slot: int, op: int, flags: int, offset: int, length: int, pieces,
-             generation: int) -> None:
-        self.slots.post(slot, op, flags, offset, length, generation, pieces)
+             generation: int, disk: int = 0) -> None:
+        self.slots.post(slot, op, flags, offset, length, generation, pieces, disk)
         if op == _WRITE and flags & FLAG_SYNC:
             # Durable writes taken together go to one worker: its batch shares one fdatasync.
             if self._sync_worker is None:
@@ -320,12 +327,14 @@ class WorkerPool:
             out.append((slot, status, err))
         return out
 
-    def set_memory(self, memory: GuestMemory, regions: list[list[int]], fds: list[int]) -> None:
-        """Tell every worker the new table (the fds stay owned by the caller)."""
-        self.memory_msg = (ipc.memory_message(memory.generation, regions), list(fds))
+    def set_memory(self, memory: GuestMemory, regions: list[list[int]], fds: list[int],
+                   disk: int = 0) -> None:
+        """Tell every worker disk ``disk``'s new table (the fds stay owned by the caller)."""
+        msg = self.memory_msgs[disk] = (ipc.memory_message(memory.generation, regions, disk),
+                                        list(fds))
         for w in self.workers:
             if w is not None:
-                w.send_control(*self.memory_msg)
+                w.send_control(*msg)
 
     @property
     def alive(self) -> int:
