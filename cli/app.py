@@ -91,6 +91,9 @@ def check_group(name: str | None) -> str | None:
 def serve(
     spec: Optional[str] = typer.Argument(None, metavar="[SPEC]", show_default=False,
                                          help=SPEC_HELP + " Or give the image as --blk-file."),
+    config_file: Optional[str] = typer.Option(None, "--config", metavar="FILE",
+                                              help="Serve every [[disk]] of this TOML file from "
+                                                   "one process tree (see the README)."),
     blk_file: Optional[str] = typer.Option(None, "--blk-file", metavar="PATH",
                                            help="The image path, instead of SPEC (vhost-user "
                                                 "backend convention)."),
@@ -112,7 +115,8 @@ def serve(
     num_queues: Optional[int] = NumQueues,
     discard: Optional[bool] = Discard,
     discard_limits: Optional[str] = DiscardLimits,
-    workers: int = typer.Option(8, "--workers", metavar="N", help="I/O worker processes, 1..64."),
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N",
+                                          help="I/O worker processes, 1..64 (default 8)."),
     queue_size: int = typer.Option(64, "--queue-size", metavar="N",
                                    help="Request slots (requests in flight), a power of two."),
     log_level: str = typer.Option("info", "--log-level", metavar="LEVEL",
@@ -149,6 +153,10 @@ def serve(
 
     Without --socket-path or --fd, listens on the socket systemd passes (LISTEN_FDS)."""
     from vblk.backing import check_backing
+    if config_file is not None:
+        return serve_host(config_file, workers, log_level, {k: v for k, v in locals().items()
+                                                            if k not in HOST_FLAGS})
+    workers = 8 if workers is None else workers
     try:
         if (spec is None) == (blk_file is None):
             raise ConfigError("give the image as SPEC or as --blk-file PATH (exactly one)")
@@ -177,6 +185,38 @@ def serve(
         raise fail(str(e)) from None
     from vblk.daemon import exec_serve
     exec_serve(config)                  # the same process, without the CLI's imports
+
+
+HOST_FLAGS = {"config_file", "workers", "log_level", "check_backing", "print_capabilities"}
+_FLAG_DEFAULTS = {"queue_size": 64, "incoming": False, "socket_mode": "0600"}
+
+
+def serve_host(path: str, workers: Optional[int], log_level: str, others: dict) -> None:
+    """``vblk serve --config FILE``: every disk of FILE checked, then served by one vblk.
+    ``--workers`` and ``--log-level`` override the file's; a disk's own flags belong in it."""
+    from dataclasses import replace
+
+    from vblk.hostconfig import check_host_config, check_host_values, load_host_config
+    try:
+        given = [k for k, v in others.items() if v is not None and v != _FLAG_DEFAULTS.get(k)]
+        if given:
+            flag = "SPEC" if given[0] == "spec" else "--" + given[0].rstrip("_").replace("_", "-")
+            raise ConfigError(f"{flag} cannot be combined with --config: each disk's settings "
+                              f"go in its [[disk]] table")
+        host = load_host_config(path)
+        changes = {}
+        if workers is not None:
+            changes["workers"] = workers
+        if log_level != "info":
+            changes["log_level"] = log_level.upper()
+        if changes:
+            host = replace(host, **changes)
+            check_host_values(host.workers, host.log_level, "")
+        check_host_config(host, where=path)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    from vblk.daemon import exec_serve
+    exec_serve(host)
 
 
 @app.command()

@@ -218,6 +218,20 @@ def limit(
     typer.echo(json.dumps(limits, sort_keys=True) if as_json else render_limits(limits))
 
 
+def render_host(snap: dict, previous: dict | None = None) -> str:
+    """Every disk of one vblk: a line for the host, then each disk's table under its name."""
+    workers = snap["workers"]
+    disks = snap["disks"]
+    connected = sum(1 for d in disks.values() if d["frontend"]["connected"])
+    lines = [f"vblk pid {snap['pid']} | up {duration(snap['uptime_s'])} | {len(disks)} disks, "
+             f"{connected} with a frontend | workers: {workers['count']} "
+             f"({workers['alive']} alive)"]
+    before = (previous or {}).get("disks", {})
+    for name, disk in disks.items():
+        lines += ["", f"== disk {name} ==", render(disk, before.get(name))]
+    return "\n".join(lines)
+
+
 def render_limits(limits: dict | None) -> str:
     """``iops limit: 2000/s (burst 200) | bps limit: unlimited | throttled 3 times, 1.2 s``."""
     if limits is None:
@@ -235,7 +249,10 @@ def render_limits(limits: dict | None) -> str:
 # -- the table -------------------------------------------------------------------------------
 
 def render(snap: dict, previous: dict | None = None) -> str:
-    """A snapshot as the operator reads it; with ``previous``, per-second rates too."""
+    """A snapshot as the operator reads it; with ``previous``, per-second rates too. A
+    host-wide snapshot (``vblk serve --config``'s control-socket) is one table per disk."""
+    if "disks" in snap:
+        return render_host(snap, previous)
     info = snap.get("info", {})
     head = [f"vblk pid {snap['pid']}", f"up {duration(snap['uptime_s'])}"]
     head += [f"{k} {info[k]}" for k in ("image", "socket", "control", "metrics") if info.get(k)]

@@ -8,6 +8,42 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
+
+_disk: str = ""                 # the disk whose handler runs now ("" none, or the only one)
+_make_record = logging.getLogRecordFactory()
+
+
+def _record(*args, **kwargs) -> logging.LogRecord:
+    record = _make_record(*args, **kwargs)
+    if _disk and isinstance(record.msg, str):
+        record.msg = f"disk={_disk} {record.msg}"     # names are [A-Za-z0-9_.-]: no %
+    return record
+
+
+logging.setLogRecordFactory(_record)
+
+
+def enter_disk(name: str) -> str:
+    """From now on lines name disk ``name``; returns the name to give ``leave_disk``."""
+    global _disk
+    outer, _disk = _disk, name
+    return outer
+
+
+def leave_disk(outer: str) -> None:
+    global _disk
+    _disk = outer
+
+
+@contextmanager
+def disk_context(name: str):
+    """Lines logged inside name disk ``name`` (nested: the innermost wins)."""
+    outer = enter_disk(name)
+    try:
+        yield
+    finally:
+        leave_disk(outer)
 
 
 def configure_logging(level: str) -> None:

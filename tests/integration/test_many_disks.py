@@ -1,0 +1,259 @@
+"""``vblk serve --config FILE``: several disks from one supervisor and one pool of workers.
+
+Each disk gets its own image, socket and test frontend; the frontends run verified random
+workloads at once (threads), each checked against its own model. Then the same with workers
+SIGKILLed under all of them, and with a hostile frontend on one disk while another works.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from vblk.control import request
+from vblk.testing.frontend import BackendError, BlkClient
+from vblk.testing.model import DiskModel, Workload, run_stress, write_initial_image
+from vblk.virtio.blk import OUTHDR
+from vblk.virtio.constants import SECTOR_SIZE, BlkStatus, BlkType
+
+MiB = 1 << 20
+SECTORS = 16 * MiB // SECTOR_SIZE
+REPO = Path(__file__).resolve().parents[2]
+NEXT, WRITE = 1, 2
+
+
+def worker_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def host_config(sock: str, images: list[Path], *, workers: int, extra: dict | None = None) -> str:
+    """A config file beside ``sock`` serving ``images``: disk i on d{i}.sock (disk 0 on
+    ``sock`` itself, the one the launcher waits for), the host control socket host.ctl."""
+    d = os.path.dirname(sock)
+    lines = [f"workers = {workers}", f'control-socket = "{d}/host.ctl"']
+    for i, image in enumerate(images):
+        path = sock if i == 0 else f"{d}/d{i}.sock"
+        lines += ["[[disk]]", f'name = "d{i}"', f'spec = "{image}"', f'socket-path = "{path}"']
+        for key, value in (extra or {}).get(i, {}).items():
+            lines.append(f"{key} = {value!r}".replace("'", '"').replace("True", "true"))
+    config = os.path.join(d, "host.toml")
+    with open(config, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return config
+
+
+@pytest.fixture
+def serve_many(launch, tmp_path):
+    """serve_many(images, workers=N, extra={i: {key: value}}) -> (first socket, all sockets,
+    host control socket, server)."""
+    def start(images, *, workers=4, extra=None, env=None):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+
+        def cmd(sock):
+            return [sys.executable, "-m", "vblk.cli", "serve", "--config",
+                    host_config(sock, images, workers=workers, extra=extra)]
+        server = launch("vblk", cmd, env=env, cwd=REPO)
+        d = os.path.dirname(server)
+        socks = [str(server)] + [f"{d}/d{i}.sock" for i in range(1, len(images))]
+        return socks, f"{d}/host.ctl", server
+    return start
+
+
+def images(tmp_path: Path, n: int) -> list[Path]:
+    out = []
+    for i in range(n):
+        p = tmp_path / f"disk{i}.img"
+        write_initial_image(str(p), SECTORS, salt=1000 + i)
+        out.append(p)
+    return out
+
+
+def verified(sock: str, salt: int, seed: int, ops: int, *, qd: int = 8, rounds: int = 1,
+             stop: threading.Event | None = None):
+    """Run verified workloads on one disk; the problems seen and the ops done."""
+    model = DiskModel(SECTORS, salt)
+    workload = Workload(seed, SECTORS, indirect_share=0.25, max_segments=4)
+    problems, done = [], 0
+    with BlkClient.connect(sock, ram_mib=32, timeout=30) as client:
+        n = 0
+        while n < rounds or (stop is not None and not stop.is_set()):
+            report = run_stress(client, model, workload, ops, qd=qd, seed=seed)
+            problems += report.bad_status + report.mismatches
+            done += report.ops
+            n += 1
+        if client.flush().status != BlkStatus.OK:
+            problems.append("final flush failed")
+    return problems, done
+
+
+def in_threads(jobs) -> list:
+    results: list = [None] * len(jobs)
+    errors: list = []
+
+    def run(i, job):
+        try:
+            results[i] = job()
+        except BaseException as exc:            # reported below, with the disk
+            errors.append(f"job {i}: {exc!r}")
+    threads = [threading.Thread(target=run, args=(i, j), daemon=True) for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    return results
+
+
+def test_three_disks_served_at_once_from_one_process_tree(tmp_path, serve_many):
+    imgs = images(tmp_path, 3)
+    socks, host_ctl, server = serve_many(imgs, workers=3, extra={1: {"writeback": True},
+                                                                 2: {"num-queues": 2}})
+    results = in_threads([lambda i=i, s=s: verified(s, 1000 + i, 10 + i, 600)
+                          for i, s in enumerate(socks)])
+    for i, (problems, ops) in enumerate(results):
+        assert not problems, (i, problems[:5])
+        assert ops == 600
+    assert len(worker_pids(server.proc.pid)) == 3, "one pool of workers for all disks"
+    answer = request(host_ctl, {"op": "stats"}, timeout=5)
+    disks = answer["stats"]["disks"]
+    assert sorted(disks) == ["d0", "d1", "d2"]
+    for name, snap in disks.items():
+        q = snap["queues"][0]
+        assert q["requests"] > 0 and q["ioerr"] == 0 and q["refused"] == 0, (name, q)
+    assert len(disks["d2"]["queues"]) == 2
+    per_disk = request(socks[1] + ".ctl", {"op": "stats"}, timeout=5)["stats"]
+    assert per_disk["info"]["disk"] == "d1" and per_disk["info"]["image"] == str(imgs[1])
+    # the stats command shows every disk
+    out = subprocess.run([sys.executable, "-m", "vblk.cli", "stats", "--control-socket", host_ctl],
+                         capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert all(f"== disk d{i} ==" in out.stdout for i in range(3)), out.stdout
+
+
+def test_worker_kills_reissue_the_slots_of_every_disk_and_lose_no_write(tmp_path, serve_many):
+    imgs = images(tmp_path, 3)
+    socks, host_ctl, server = serve_many(imgs, workers=3, extra={1: {"writeback": True}},
+                                         env={"VBLK_INLINE_READS": "0"})
+    stop = threading.Event()
+    kills = 0
+
+    def killer():
+        nonlocal kills
+        rng = random.Random(5)
+        try:
+            while not stop.wait(0.1) and kills < 30:
+                pids = worker_pids(server.proc.pid)
+                if pids:
+                    try:
+                        os.kill(rng.choice(pids), signal.SIGKILL)
+                        kills += 1
+                    except ProcessLookupError:
+                        pass
+        finally:
+            stop.set()
+    try:
+        results = in_threads([lambda i=i, s=s: verified(s, 1000 + i, 20 + i, 300, qd=16,
+                                                        rounds=2, stop=stop)
+                              for i, s in enumerate(socks)] + [killer])
+    finally:
+        stop.set()
+    for i, (problems, _ops) in enumerate(results[:3]):
+        assert not problems, (i, problems[:5])
+    assert kills >= 10, kills
+    # Every write acknowledged is in the image: read each back as the model says it must be.
+    for i, sock in enumerate(socks):
+        problems, _ = verified(sock, 1000 + i, 20 + i, 0)
+        assert not problems
+    disks = request(host_ctl, {"op": "stats"}, timeout=5)["stats"]["disks"]
+    assert all(d["workers"]["restarts"] > 0 for d in disks.values())
+    assert server.proc.poll() is None
+    print(f"\n{kills} worker kills under 3 disks, 0 problems")
+
+
+def hostile(sock: str, rounds: int) -> dict:
+    """Malformed chains, garbage messages and abrupt disconnects on one disk."""
+    seen = {"refused": 0, "dropped": 0}
+    for r in range(rounds):
+        try:
+            with BlkClient.connect(sock, ram_mib=8, timeout=5) as c:
+                hdr = c.allocator.alloc(64)
+                c.ram.write(hdr, OUTHDR.pack(BlkType.OUT, 0, 8))
+                c.submit_raw([(hdr, 16, NEXT, 1), (c.ram.end + 4096, 512, NEXT, 2),
+                              (hdr + 16, 1, WRITE, 0)])          # data outside guest RAM
+                c.submit_raw([(hdr, 16, NEXT, 0)])                # next points at itself
+                c.submit_raw([(hdr, 16, NEXT, 200)])              # next outside the table
+                done = c.wait(3, timeout=5)
+                seen["refused"] += sum(1 for d in done if d.status != BlkStatus.OK)
+                if r % 2:
+                    c.broken = True                               # hang up, no goodbye
+                    c.frontend.sock.close()
+                    continue
+                c.frontend.sock.sendall(b"\xff" * 64)             # not a vhost-user message
+                c.broken = True
+        except (BackendError, OSError):
+            seen["dropped"] += 1
+    with socket.socket(socket.AF_UNIX) as s:                      # connect, say nothing, go
+        s.connect(sock)
+    return seen
+
+
+def test_a_hostile_frontend_on_one_disk_does_not_disturb_another(tmp_path, serve_many):
+    imgs = images(tmp_path, 2)
+    socks, host_ctl, server = serve_many(imgs, workers=2)
+    stop = threading.Event()
+
+    def victim():
+        try:
+            return verified(socks[1], 1001, 31, 300, qd=8, rounds=4)
+        finally:
+            stop.set()
+
+    def attacker():
+        n = 0
+        while not stop.is_set():
+            hostile(socks[0], 4)
+            n += 1
+        return n
+    (problems, ops), attacks = in_threads([victim, attacker])
+    assert not problems, problems[:5]
+    assert attacks >= 1
+    disks = request(host_ctl, {"op": "stats"}, timeout=5)["stats"]["disks"]
+    b = disks["d1"]
+    assert b["frontend"]["connections"] == 1, "disk d1's frontend was never dropped"
+    assert all(q["ioerr"] == 0 and q["refused"] == 0 for q in b["queues"])
+    assert disks["d0"]["frontend"]["connections"] > 1
+    assert server.proc.poll() is None
+    # disk d0 still serves an honest frontend afterwards
+    problems, _ = verified(socks[0], 1000, 32, 100)
+    assert not problems
+
+
+def test_a_config_with_one_bad_disk_is_refused_whole_and_touches_nothing(tmp_path):
+    good = tmp_path / "good.img"
+    good.write_bytes(bytes(MiB))
+    before = good.stat().st_mtime_ns
+    d = tmp_path / "s"
+    d.mkdir()
+    config = tmp_path / "host.toml"
+    config.write_text(f'[[disk]]\nspec = "{good}"\nsocket-path = "{d}/a.sock"\n'
+                      f'[[disk]]\nname = "broken"\nspec = "{tmp_path}/missing.img,writeback"\n'
+                      f'socket-path = "{d}/b.sock"\n')
+    out = subprocess.run([sys.executable, "-m", "vblk.cli", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vblk: error: "), out.stderr
+    assert "disk 2 (broken)" in lines[0] and "missing.img" in lines[0], lines[0]
+    assert os.listdir(d) == []
+    assert good.stat().st_mtime_ns == before

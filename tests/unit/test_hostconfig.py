@@ -1,0 +1,107 @@
+"""``vblk serve --config FILE``: the TOML becomes one ServeConfig per disk, or one refusal
+that names the disk."""
+from __future__ import annotations
+
+import pytest
+
+from vblk.errors import ConfigError
+from vblk.hostconfig import HostConfig, check_host_config, load_host_config, parse_host_config
+from vblk.options import ServeConfig, parse_acrn
+
+MiB = 1 << 20
+
+
+def disk(**kw) -> dict:
+    return {"spec": "/img/a.img", "socket-path": "/run/a.sock", **kw}
+
+
+def test_each_disk_gets_the_flags_of_vblk_serve():
+    host = parse_host_config({"workers": 4, "log-level": "warning", "disk": [
+        disk(spec="mq=2,/img/a.img,writeback", **{"iops-limit": "5k", "queue-size": 128}),
+        {"spec": "/img/b.img", "socket-path": "/run/b.sock", "ro": True, "range": "1M/2M",
+         "discard-limits": "8:1:0", "bps-limit": 1048576, "serial": "B",
+         "control-socket": "/run/b-control", "socket-mode": "0660"},
+    ]})
+    assert (host.workers, host.log_level, host.control_socket) == (4, "WARNING", None)
+    a, b = host.disks
+    assert a.name == "a" and b.name == "b"
+    assert a.serve.disk.num_queues == 2 and a.serve.disk.writeback
+    assert (a.serve.limits.iops, a.serve.queue_size) == (5000, 128)
+    assert b.serve.disk.readonly and (b.serve.disk.range_start, b.serve.disk.range_size) == (MiB, 2 * MiB)
+    assert b.serve.disk.discard.max_sectors == 8 and b.serve.disk.serial == "B"
+    assert (b.serve.limits.bps, b.serve.control_socket, b.serve.socket_mode) == \
+        (MiB, "/run/b-control", 0o660)
+
+
+def test_one_disk_of_vblk_serve_spec_is_a_host_of_one_without_a_name():
+    config = ServeConfig(disk=parse_acrn("/img/a.img"), socket_path="/run/a.sock", workers=3)
+    host = HostConfig.single(config)
+    assert host.workers == 3 and [(d.name, d.serve) for d in host.disks] == [("", config)]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({}, "no disk"),
+    ({"disk": []}, "no disk"),
+    ({"disks": [disk()]}, "unknown key 'disks'"),
+    ({"workers": 0, "disk": [disk()]}, "workers 0 is out of range"),
+    ({"workers": "8", "disk": [disk()]}, "workers = '8' is not an integer"),
+    ({"log-level": "loud", "disk": [disk()]}, "log level 'loud'"),
+    ({"disk": [disk(), {"spec": "/img/b.img"}]}, "disk 2: socket-path is missing"),
+    ({"disk": [disk(frob=1)]}, "disk 1 (a): unknown key 'frob'"),
+    ({"disk": [disk(ro="yes")]}, "disk 1 (a): ro = 'yes' is not true or false"),
+    ({"disk": [disk(**{"num-queues": True})]}, "num-queues = True is not an integer"),
+    ({"disk": [disk(spec="/img/a.img,bogus")]}, "disk 1 (a): unknown option 'bogus'"),
+    ({"disk": [disk(**{"queue-size": 3})]}, "disk 1 (a): --queue-size 3 must be a power of two"),
+    ({"disk": [disk(**{"iops-burst": 5})]}, "disk 1 (a): iops-burst needs iops-limit"),
+    ({"disk": [disk(name="../x")]}, "name '../x' must be"),
+    ({"disk": [disk(), disk(spec="/img/b.img", name="b")]},
+     "disk 2 (b): socket-path /run/a.sock is already disk 1 (a)'s socket-path"),
+    ({"disk": [disk(), disk(spec="/img/b.img", **{"socket-path": "/run/x/a.sock"})]},
+     "disk 2 (a): name a is already disk 1 (a)'s name"),
+    ({"disk": [disk(), disk(name="b", **{"socket-path": "/run/b.sock",
+                                         "control-socket": "/run/a.sock"})]},
+     "disk 2 (b): control-socket /run/a.sock is already disk 1 (a)'s socket-path"),
+    ({"control-socket": "/run/a.sock.ctl", "disk": [disk()]},
+     "disk 1 (a): control-socket /run/a.sock.ctl is already the host's control-socket"),
+])
+def test_a_bad_config_is_refused_with_the_disk_and_the_problem(data, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_host_config(data, where="host.toml")
+    assert str(exc.value).startswith("host.toml: ")
+    assert message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_an_unreadable_or_invalid_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="No such file"):
+        load_host_config(str(tmp_path / "none.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[disk]\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_host_config(str(bad))
+
+
+def _image(tmp_path, name: str, size: int = MiB) -> str:
+    path = tmp_path / name
+    path.write_bytes(bytes(size))
+    return str(path)
+
+
+def test_the_images_are_checked_and_two_writers_of_the_same_bytes_refused(tmp_path):
+    a, b = _image(tmp_path, "a.img", 4 * MiB), _image(tmp_path, "b.img")
+    sock = str(tmp_path / "{}.sock")
+
+    def host(*disks):
+        return parse_host_config({"disk": [{"spec": s, "socket-path": sock.format(i)}
+                                           for i, s in enumerate(disks)]}, where="h")
+    check_host_config(host(a, b), where="h")
+    check_host_config(host(f"{a},range=0/2048", f"{a},range=2048/2048"), where="h")   # halves
+    check_host_config(host(f"{a},ro", f"{a},ro"), where="h")                           # readers
+    with pytest.raises(ConfigError, match=r"h: disk 2 \(1\): its window of .* overlaps disk 1"):
+        check_host_config(host(a, f"{a},range=2048/2048"), where="h")
+    with pytest.raises(ConfigError, match=r"h: disk 2 \(1\): .*missing.img"):
+        check_host_config(host(a, str(tmp_path / "missing.img")), where="h")
+    with pytest.raises(ConfigError, match=r"h: disk 1 \(a\): socket directory .* does not exist"):
+        check_host_config(parse_host_config({"disk": [{"spec": a, "socket-path":
+                                                       str(tmp_path / "no" / "a.sock")}]},
+                                            where="h"), where="h")

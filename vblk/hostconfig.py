@@ -1,0 +1,275 @@
+"""``vblk serve --config FILE``: many disks for one vblk, read from TOML and checked as a whole.
+
+The file has a few host-wide keys and one ``[[disk]]`` table per disk::
+
+    workers = 8                          # the one pool every disk shares (1..64)
+    log-level = "info"
+    control-socket = "/run/vblk/host.ctl"   # optional: `vblk stats` of every disk at once
+
+    [[disk]]
+    name = "vm1-root"                    # optional: default the socket's file name, no suffix
+    spec = "/var/lib/vm1.img,writeback"  # the ACRN option string or a path, as `vblk serve SPEC`
+    socket-path = "/run/vblk/vm1.sock"
+    num-queues = 2                       # and every per-disk flag of `vblk serve`, flag-named:
+    iops-limit = "5k"                    #   ro, writeback, nocache, sectorsize, range, serial,
+                                         #   num-queues, discard, discard-limits, queue-size,
+                                         #   iops-limit, bps-limit, iops-burst, bps-burst,
+                                         #   socket-mode, socket-group, control-socket,
+                                         #   metrics-listen
+
+A disk's keys mean what the flag of the same name means (``parse_disk`` turns them into the
+same ``ServeConfig`` the command line makes), so one disk has one set of rules. Anything
+wrong -- an unknown key, a value of the wrong type, a bad option string, a missing image, a
+socket path used twice, two writable disks over the same bytes of one image -- refuses the
+whole file with one ConfigError naming the disk (``disk 2 (vm1-root): ...``), before any
+image is opened for writing or any socket created: ``load_host_config`` parses (pure but for
+reading FILE) and ``check_host_config`` looks at the images and paths (touching nothing).
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+
+from vblk.errors import ConfigError
+from vblk.options import (
+    LOG_LEVELS,
+    MAX_WORKERS,
+    ServeConfig,
+    merge_flags,
+    parse_acrn,
+    parse_limits,
+    parse_socket_mode,
+)
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_DISKS = 1024
+
+_HOST_KEYS = {"workers", "log-level", "control-socket", "disk"}
+_BOOL_KEYS = {"ro": "readonly", "read-only": "readonly", "writeback": "writeback",
+              "nocache": "nocache", "discard": "discard"}
+_TEXT_KEYS = {"sectorsize": "sectorsize", "range": "range_", "serial": "serial",
+              "discard-limits": "discard_limits"}
+_LIMIT_KEYS = {"iops-limit": "iops", "bps-limit": "bps", "iops-burst": "iops_burst",
+               "bps-burst": "bps_burst"}
+_DISK_KEYS = ({"name", "spec", "socket-path", "socket-mode", "socket-group", "control-socket",
+               "metrics-listen", "num-queues", "queue-size"}
+              | set(_BOOL_KEYS) | set(_TEXT_KEYS) | set(_LIMIT_KEYS))
+
+
+@dataclass(frozen=True, slots=True)
+class DiskEntry:
+    """One disk of the host: its name (in logs, stats and errors; "" for the one disk of
+    ``vblk serve SPEC``) and everything ``vblk serve`` would take for it alone."""
+    name: str
+    serve: ServeConfig
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """Every disk one supervisor serves, and what they share."""
+    disks: tuple[DiskEntry, ...]
+    workers: int = 8
+    log_level: str = "INFO"
+    control_socket: str | None = None       # host-wide stats of every disk; None: none
+
+    listen_fd = None                        # a host listens on the disks' own sockets
+
+    @classmethod
+    def single(cls, config: ServeConfig) -> HostConfig:
+        """``vblk serve SPEC``: a host of one disk, with no name."""
+        return cls((DiskEntry("", config),), workers=config.workers, log_level=config.log_level)
+
+
+def load_host_config(path: str) -> HostConfig:
+    """Read and parse FILE (ConfigError for anything wrong in it)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
+    return parse_host_config(data, where=path)
+
+
+def parse_host_config(data: dict, where: str = "config") -> HostConfig:
+    """The TOML document (as tomllib returns it) -> HostConfig; pure."""
+    unknown = sorted(set(data) - _HOST_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (host keys: "
+                          f"{', '.join(sorted(_HOST_KEYS))})")
+    workers = _typed(data.get("workers", 8), int, "workers", where)
+    log_level = _typed(data.get("log-level", "info"), str, "log-level", where).upper()
+    check_host_values(workers, log_level, f"{where}: ")
+    control = data.get("control-socket")
+    if control is not None:
+        control = _typed(control, str, "control-socket", where)
+        if not control:
+            raise ConfigError(f"{where}: control-socket is empty")
+    tables = data.get("disk")
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{where}: no disk: give one [[disk]] table per disk")
+    if len(tables) > MAX_DISKS:
+        raise ConfigError(f"{where}: {len(tables)} disks; at most {MAX_DISKS}")
+    disks = []
+    for index, table in enumerate(tables, 1):
+        label = _label(index, table)
+        try:
+            disks.append(parse_disk(table, index, workers, log_level))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {label}: {exc}") from None
+    host = HostConfig(tuple(disks), workers=workers, log_level=log_level, control_socket=control)
+    _check_distinct(host, where)
+    return host
+
+
+def check_host_values(workers: int, log_level: str, prefix: str) -> None:
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"{prefix}workers {workers} is out of range 1..{MAX_WORKERS}")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"{prefix}log level {log_level.lower()!r} is not one of "
+                          f"{', '.join(LOG_LEVELS).lower()}")
+
+
+def parse_disk(table: object, index: int, workers: int, log_level: str) -> DiskEntry:
+    """One ``[[disk]]`` table -> DiskEntry (ConfigError without the disk's label)."""
+    if not isinstance(table, dict):
+        raise ConfigError("a [[disk]] entry must be a table")
+    unknown = sorted(set(table) - _DISK_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}")
+    for key in ("spec", "socket-path"):
+        if key not in table:
+            raise ConfigError(f"{key} is missing")
+    spec = _typed(table["spec"], str, "spec")
+    socket_path = _typed(table["socket-path"], str, "socket-path")
+    flags: dict = {v: _typed(table[k], bool, k) for k, v in _BOOL_KEYS.items() if k in table}
+    flags.update({v: _text(table[k], k) for k, v in _TEXT_KEYS.items() if k in table})
+    if "num-queues" in table:
+        flags["num_queues"] = _typed(table["num-queues"], int, "num-queues")
+    disk = merge_flags(parse_acrn(spec), **flags)
+    limits = parse_limits(**{v: _text(table[k], k) for k, v in _LIMIT_KEYS.items() if k in table},
+                          prefix="", suffix="-limit")
+    serve = ServeConfig(
+        disk=disk, socket_path=socket_path, workers=workers, log_level=log_level,
+        queue_size=_typed(table.get("queue-size", 64), int, "queue-size"),
+        control_socket=_optional_text(table, "control-socket"),
+        metrics_listen=_optional_text(table, "metrics-listen"),
+        socket_mode=parse_socket_mode(_text(table.get("socket-mode", "0600"), "socket-mode")),
+        socket_group=_optional_text(table, "socket-group"), limits=limits)
+    name = table.get("name")
+    if name is None:
+        name = os.path.basename(socket_path).rpartition(".")[0] or os.path.basename(socket_path)
+        name = name if NAME_RE.fullmatch(name) else f"disk{index}"
+    elif not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ConfigError(f"name {name!r} must be 1..64 of A-Z a-z 0-9 _ . - (not starting "
+                          f"with _ . -)")
+    return DiskEntry(name, serve)
+
+
+def _check_distinct(host: HostConfig, where: str) -> None:
+    """No two disks share a name, a socket, a control socket or a metrics address."""
+    seen: dict[tuple[str, str], str] = {}
+    if host.control_socket is not None:
+        seen[("path", os.path.abspath(host.control_socket))] = "the host's control-socket"
+    for index, entry in enumerate(host.disks, 1):
+        s = entry.serve
+        control = s.control_socket or s.socket_path + ".ctl"
+        keys = [("name", entry.name, "name"), ("path", os.path.abspath(s.socket_path), "socket-path"),
+                ("path", os.path.abspath(control), "control-socket")]
+        if s.metrics_listen is not None:
+            keys.append(("metrics", s.metrics_listen, "metrics-listen"))
+        for kind, value, key in keys:
+            other = seen.get((kind, value))
+            if other is not None:
+                raise ConfigError(f"{where}: disk {index} ({entry.name}): {key} {value} is "
+                                  f"already {other}")
+            seen[(kind, value)] = f"disk {index} ({entry.name})'s {key}"
+
+
+def check_host_config(host: HostConfig, where: str = "config") -> None:
+    """Every check ``vblk serve`` makes for each disk (image, range, lock, socket paths),
+    touching nothing, and that no two disks write the same bytes of one image."""
+    from vblk.backing import check_backing
+    windows: list[tuple[object, int, int, bool, str]] = []
+    if host.control_socket is not None:
+        from vblk.control import check_control_path
+        try:
+            check_control_path(host.control_socket)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: control-socket: {exc}") from None
+    for index, entry in enumerate(host.disks, 1):
+        label = f"disk {index} ({entry.name})"
+        try:
+            info = check_backing(entry.serve.disk)
+            check_disk_paths(entry.serve)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {label}: {exc}") from None
+        image = _image_identity(entry.serve.disk.path)
+        for other_image, start, end, readonly, other in windows:
+            if other_image == image and start < info.start + info.size and info.start < end \
+                    and not (readonly and info.readonly):
+                raise ConfigError(f"{where}: {label}: its window of {entry.serve.disk.path} "
+                                  f"overlaps {other}'s and one of them is writable")
+        windows.append((image, info.start, info.start + info.size, info.readonly, label))
+
+
+def check_disk_paths(config: ServeConfig) -> None:
+    """The checks ``vblk serve`` makes of a disk's socket, control socket, metrics address and
+    socket group (ConfigError; nothing is created)."""
+    import grp
+
+    from vblk.control import check_control_path, check_unix_socket_path, parse_listen_address
+    check_unix_socket_path(config.socket_path)
+    if config.control_socket is not None:
+        if not config.control_socket:
+            raise ConfigError("control-socket is empty")
+        if os.path.abspath(config.control_socket) == os.path.abspath(config.socket_path):
+            raise ConfigError("control-socket must differ from socket-path")
+        check_control_path(config.control_socket)
+    if config.metrics_listen is not None:
+        parse_listen_address(config.metrics_listen)
+    if config.socket_group is not None:
+        try:
+            grp.getgrnam(config.socket_group)
+        except KeyError:
+            raise ConfigError(f"socket-group {config.socket_group!r}: no such group") from None
+
+
+def _image_identity(path: str) -> object:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("name", path)          # an RBD image: its name is its identity
+    return ("inode", st.st_dev, st.st_ino)
+
+
+def _label(index: int, table: object) -> str:
+    name = table.get("name") if isinstance(table, dict) else None
+    if name is None and isinstance(table, dict) and isinstance(table.get("socket-path"), str):
+        name = os.path.basename(table["socket-path"]).rpartition(".")[0] or None
+    return f"disk {index}" + (f" ({name})" if isinstance(name, str) and name else "")
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", str: "a string"}
+
+
+def _typed(value: object, kind: type, key: str, where: str | None = None):
+    # bool is an int to Python; TOML keeps them apart and so does vblk.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}{key} = {value!r} is not {_KIND_NAMES[kind]}")
+    return value
+
+
+def _text(value: object, key: str) -> str:
+    """A value that the command line takes as text: a string, or a TOML integer."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _typed(value, str, key)
+
+
+def _optional_text(table: dict, key: str) -> str | None:
+    return _typed(table[key], str, key) if key in table else None

@@ -1,0 +1,252 @@
+"""Many disks, one supervisor: what each disk has of its own, and what all of them share.
+
+Theory of operation
+-------------------
+``vblk serve --config FILE`` serves N disks from one supervisor process and one pool of
+worker processes; ``vblk serve SPEC`` is the same code with a list of one disk (disk number
+0, no name). A disk (``ServedDisk``) is everything a guest's device is:
+
+    per disk   its backing (open, its window locked), BlkDevice (geometry, config, features),
+               listening socket, FrontendLink and Session (one frontend at a time), Queues
+               (rings, kicks, calls, inflight region, memory table and its generation),
+               DataPath (admission, completions, the used rings), Limiter, Stats, control
+               socket (``SOCKET.ctl``: stats, resize, limit) and metrics endpoint, and a log
+               name (``disk=NAME`` on every line logged while its handlers run)
+    shared     the EventLoop (one epoll), the WorkerPool and its slot area (one memfd), the
+               completion pipe, the signals, the host-wide control socket (stats of every disk)
+
+Slots. The slot area holds every blocking disk's slots, each disk a contiguous range of its
+own ``queue_size`` (``SlotShare``): disk d's slot k is slot ``base_d + k`` of the area. The
+DataPath keeps numbering its slots 0..queue_size-1 as before; its SlotShare adds the base and
+stamps the disk number in the slot (vblk.ipc), so a worker knows which backing and which
+memory table the slot's pieces refer to. Each worker holds every disk's backing fd and every
+disk's memory table, generation-tracked per disk (vblk.workers.loop): a disk's new table goes
+to every worker before any slot that uses it, exactly as with one disk. Completions come
+back on the one completion pipe; the ``CompletionRouter`` reads them, hands each to the
+SlotShare its slot number falls in (local number again), and runs each disk's completion
+handler once per wake-up. A worker that dies has its slots re-issued by the pool, whichever
+disk they belong to: the pool deals in slot numbers only, and a re-issued slot still carries
+its disk.
+
+Backings whose I/O completes on an eventfd (RBD) are not in the pool: each such disk has an
+InProcessEngine of its own, watched by the shared loop.
+
+Isolation. Every handler a disk's rooms watch runs through its ``DiskLoop``: in the disk's log
+context, and if it raises, only that disk's frontend is dropped. A frontend's protocol errors,
+a guest's broken rings and a backing's I/O errors stay in the disk's own Session, DataPath and
+Stats. The one thing a disk's frontend can make others wait for is the nested wait of a stop or
+a new memory table (vblk.supervisor.queues): it serves only the engine's fds -- every disk's
+completions keep flowing and their rings are drained again as slots free -- but kicks and
+frontend messages of the other disks wait until that disk's requests in flight are done.
+
+Fairness. A disk can never hold more slots than its own range, so one that floods cannot take
+another's slots; inside a disk the multiqueue budget (vblk.supervisor.datapath) shares them
+among its rings. The workers are shared: the pool puts each slot with the least busy worker,
+so a neighbour's request waits at most behind the slots already queued at that worker
+(bounded by the flooding disk's queue_size over the worker count). Rate limits are per disk,
+as before.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from vblk.backing import Backing
+from vblk.device import BlkDevice
+from vblk.ipc import Pieces
+from vblk.logs import enter_disk, leave_disk
+from vblk.memory import GuestMemory
+from vblk.options import ServeConfig
+from vblk.ratelimit import Limiter
+from vblk.stats import Stats
+from vblk.supervisor.connection import FrontendLink
+from vblk.supervisor.datapath import DataPath
+from vblk.supervisor.disk_ops import DiskOps
+from vblk.supervisor.loop import EventLoop
+from vblk.supervisor.pool import WorkerPool
+from vblk.supervisor.queues import Queues
+
+log = logging.getLogger("vblk.supervisor")
+
+
+class DiskLoop:
+    """The shared event loop as one disk's rooms see it: each handler they watch runs in the
+    disk's log context, and one that raises costs this disk's frontend its connection only."""
+
+    def __init__(self, loop: EventLoop, name: str) -> None:
+        self.loop = loop
+        self.name = name
+        self.on_error = lambda: None             # set once the disk's FrontendLink exists
+
+    @property
+    def stopping(self) -> bool:
+        return self.loop.stopping
+
+    def call(self, handler):
+        """Run ``handler`` in the disk's log context; if it raises, drop the disk's frontend
+        (and answer None)."""
+        outer = enter_disk(self.name)
+        try:
+            return handler()
+        except Exception:
+            log.exception("event=internal_error action=drop_frontend")
+            try:
+                self.on_error()
+            except Exception:
+                log.exception("event=internal_error action=disconnect")
+            return None
+        finally:
+            leave_disk(outer)
+
+    def guarded(self, handler):
+        """``handler``, to be run through ``call``."""
+        return lambda: self.call(handler)
+
+    def watch(self, fd: int, handler, group: str) -> None:
+        self.loop.watch(fd, self.guarded(handler), group)
+
+    def unwatch(self, fd: int) -> None:
+        self.loop.unwatch(fd)
+
+    def watching(self, fd: int) -> bool:
+        return self.loop.watching(fd)
+
+    def call_later(self, delay: float, handler) -> None:
+        self.loop.call_later(delay, self.guarded(handler))
+
+    def serve_until(self, done, group: str, timeout: float) -> bool:
+        return self.loop.serve_until(done, group, timeout)
+
+
+class SlotShare:
+    """One disk's engine over the shared pool: its slots ``base .. base + count - 1`` of the
+    slot area, known to its DataPath as 0 .. count - 1."""
+
+    def __init__(self, pool: WorkerPool, disk: int, base: int, count: int) -> None:
+        self.pool = pool
+        self.disk = disk
+        self.base = base
+        self.count = count
+        self.completion_fd = pool.completion_fd
+        self.done: list[tuple[int, int, int]] = []      # filled by the CompletionRouter
+        self.deliver = lambda: None                     # the disk's completion handler
+
+    def post(self, slot: int, op: int, flags: int, offset: int, length: int, pieces: Pieces,
+             generation: int) -> None:
+        self.pool.post(self.base + slot, op, flags, offset, length, pieces, generation,
+                       self.disk)
+
+    def flush(self) -> None:
+        self.pool.flush()
+
+    def reap(self) -> list[tuple[int, int, int]]:
+        done, self.done = self.done, []
+        return done
+
+    def set_memory(self, memory: GuestMemory, regions: list[list[int]], fds: list[int]) -> None:
+        self.pool.set_memory(memory, regions, fds, self.disk)
+
+
+class CompletionRouter:
+    """The pool's completion pipe, read once per wake-up, each slot to its disk's share."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.owner: list[SlotShare | None] = [None] * pool.slots.count
+
+    def add(self, share: SlotShare) -> None:
+        self.owner[share.base:share.base + share.count] = [share] * share.count
+
+    def on_completions(self) -> None:
+        touched: list[SlotShare] = []
+        owner = self.owner
+        for slot, status, err in self.pool.reap():
+            share = owner[slot]
+            if share is None:
+                continue
+            if not share.done:
+                touched.append(share)
+            share.done.append((slot - share.base, status, err))
+        for share in touched:
+            share.deliver()
+
+
+class WorkerRestarts:
+    """What the pool tells about a worker restart, told to every disk it serves."""
+
+    def __init__(self, stats: list[Stats]) -> None:
+        self.stats = stats
+
+    def worker_restarted(self) -> None:
+        for s in self.stats:
+            s.worker_restarted()
+
+
+class ServedDisk:
+    """One disk: from its open backing to its listening socket, its rooms and its control."""
+
+    def __init__(self, number: int, name: str, config: ServeConfig, backing: Backing,
+                 device: BlkDevice, workers: int) -> None:
+        self.number = number
+        self.name = name
+        self.config = config
+        self.backing = backing
+        self.device = device
+        info = {"image": backing.info.path}
+        if name:
+            info["disk"] = name
+        self.stats = Stats(device.num_queues, workers=workers if backing.blocking else 0,
+                           info=info)
+        self.stats.capacity_bytes = device.geometry.size_bytes
+        self.engine = None                    # a SlotShare or the disk's own InProcessEngine
+        self.listener = None
+        self.created: str | None = None       # the socket path this disk created
+        self.control = None
+        self.loop: DiskLoop | None = None
+        self.data: DataPath | None = None
+        self.link: FrontendLink | None = None
+
+    def build(self, loop: EventLoop, router: CompletionRouter | None) -> None:
+        """Its rooms, on the shared loop (the listener and control socket are open)."""
+        config, backing = self.config, self.backing
+        limiter = Limiter(config.limits, now=time.monotonic())
+        self.stats.limiter = limiter
+        inline = backing.caches and os.environ.get("VBLK_INLINE_READS", "1") != "0"
+        data = self.data = DataPath(self.device, backing, config.queue_size, self.stats, limiter,
+                                    inline_reads=inline)
+        data.engine = self.engine
+        dloop = self.loop = DiskLoop(loop, self.name)
+        queues = Queues(dloop, data, self.stats, holds_lock=not config.incoming)
+        link = self.link = FrontendLink(dloop, self.device, queues, self.stats, self.listener)
+        dloop.on_error = link.disconnect
+        if isinstance(self.engine, SlotShare):
+            self.engine.deliver = dloop.guarded(data.on_completions)
+            router.add(self.engine)
+        else:
+            dloop.watch(self.engine.completion_fd, data.on_completions, "engine")
+        if self.control is not None:
+            DiskOps(self.device, backing, data, link, self.stats).register(self.control)
+            dloop.watch(self.control.fileno(), self.control.on_readable, "frontend")
+        link.listen()
+
+    def stop(self) -> None:
+        """Drop the frontend: its rings stop once their requests are done."""
+        if self.link is not None:
+            self.link.disconnect()
+
+    def close(self) -> None:
+        if self.data is not None:
+            self.data.memory.close()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.created:
+            try:
+                os.unlink(self.created)
+            except FileNotFoundError:
+                pass
+            self.created = None
