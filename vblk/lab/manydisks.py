@@ -1,0 +1,150 @@
+"""What a disk costs when one vblk serves many: PSS of the whole process tree with N idle
+disks, against one qemu-storage-daemon exporting the same N images, in the same run.
+
+``python -m vblk.lab.manydisks [--disks 1,10,50,100] [--workers 8]`` makes N sparse images,
+serves them with ``vblk serve --config`` (one supervisor, one pool of workers) and waits until
+every socket listens, then reads the proportional set size (``/proc/PID/smaps_rollup``) of
+every process of the tree; the same for ``qemu-storage-daemon`` with N ``--export``s. The
+table: disks, vblk processes, vblk PSS, vblk's cost per disk beyond the first (the PSS over
+the one-disk figure, divided by N - 1), qsd PSS and qsd's per-disk cost. Idle means listening
+with no frontend connected: what a host pays for disks whose VMs are not running, and the
+floor under the per-disk cost of a running one (a frontend adds its rings and, in every
+process that touches it, the page tables of its guest RAM; the RAM itself is the frontend's).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from vblk.lab.scaling import pss_bytes
+from vblk.lab.servers import group_pids
+from vblk.testing.processes import unix_listening
+from vblk.units import MiB
+
+IMAGE_BYTES = 64 * MiB
+SETTLE_SECONDS = 2.0          # after the last socket listens: let start-up garbage go
+
+
+def write_images(directory: str, n: int) -> list[str]:
+    paths = []
+    for i in range(n):
+        path = os.path.join(directory, f"disk{i}.img")
+        with open(path, "wb") as f:
+            f.truncate(IMAGE_BYTES)
+        paths.append(path)
+    return paths
+
+
+def vblk_config(directory: str, images: list[str], workers: int) -> str:
+    lines = [f"workers = {workers}", 'log-level = "warning"']
+    for i, image in enumerate(images):
+        lines += ["[[disk]]", f'spec = "{image}"', f'socket-path = "{directory}/v{i}.sock"']
+    path = os.path.join(directory, "host.toml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def qsd_args(directory: str, images: list[str]) -> list[str]:
+    args = ["qemu-storage-daemon"]
+    for i, image in enumerate(images):
+        args += ["--blockdev", f"driver=file,node-name=f{i},filename={image},cache.direct=off",
+                 "--blockdev", f"driver=raw,node-name=d{i},file=f{i}",
+                 "--export", f"type=vhost-user-blk,id=e{i},node-name=d{i},addr.type=unix,"
+                             f"addr.path={directory}/q{i}.sock,writable=on"]
+    return args
+
+
+def tree_pss(cmd: list[str], sockets: list[str], timeout: float = 120.0) -> tuple[int, int]:
+    """Start ``cmd`` in a process group of its own, wait until every socket listens, then
+    (PSS of the group in bytes, processes in it); the group is stopped afterwards."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        for sock in sockets:
+            while not unix_listening(sock):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[0]} exited: {proc.stderr.read().decode()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{sock} not listening within {timeout:g} s")
+                time.sleep(0.05)
+        time.sleep(SETTLE_SECONDS)
+        pids = group_pids(proc.pid)
+        total = 0
+        for pid in pids:
+            try:
+                total += pss_bytes(pid)
+            except OSError:
+                pass
+        return total, len(pids)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def measure(counts: list[int], workers: int, qsd: bool) -> list[dict]:
+    rows = []
+    for n in counts:
+        directory = tempfile.mkdtemp(prefix="vblk-many-", dir="/tmp")
+        try:
+            images = write_images(directory, n)
+            config = vblk_config(directory, images, workers)
+            vblk_cmd = [sys.executable, "-m", "vblk.cli", "serve", "--config", config]
+            pss, procs = tree_pss(vblk_cmd, [f"{directory}/v{i}.sock" for i in range(n)])
+            row = {"disks": n, "vblk_pss": pss, "vblk_processes": procs}
+            if qsd and shutil.which("qemu-storage-daemon"):
+                row["qsd_pss"], _ = tree_pss(qsd_args(directory, images),
+                                             [f"{directory}/q{i}.sock" for i in range(n)])
+            rows.append(row)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    return rows
+
+
+def per_disk(row: dict, first: dict, key: str) -> str:
+    """What each disk beyond the first row's costs, from ``key``'s PSS."""
+    if key not in row or key not in first or row["disks"] == first["disks"]:
+        return "-"
+    return f"{(row[key] - first[key]) / (row['disks'] - first['disks']) / MiB:.2f} MiB"
+
+
+def format_table(rows: list[dict]) -> str:
+    first = rows[0]
+    lines = [f"{'disks':>5}  {'vblk procs':>10}  {'vblk PSS':>10}  {'per disk > 1st':>14}  "
+             f"{'qsd PSS':>9}  {'per disk > 1st':>14}"]
+    for r in rows:
+        qsd = f"{r['qsd_pss'] / MiB:.1f} MiB" if "qsd_pss" in r else "-"
+        lines.append(f"{r['disks']:>5}  {r['vblk_processes']:>10}  {r['vblk_pss'] / MiB:>6.1f} MiB  "
+                     f"{per_disk(r, first, 'vblk_pss'):>14}  {qsd:>9}  "
+                     f"{per_disk(r, first, 'qsd_pss'):>14}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vblk.lab.manydisks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--disks", default="1,10,50,100", help="disk counts, the first the base")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--no-qsd", action="store_true", help="leave qemu-storage-daemon out")
+    parser.add_argument("--json", action="store_true")
+    a = parser.parse_args(argv)
+    counts = [int(x) for x in a.disks.split(",")]
+    rows = measure(counts, a.workers, qsd=not a.no_qsd)
+    print(json.dumps(rows) if a.json else format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
