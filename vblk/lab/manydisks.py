@@ -132,6 +132,43 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bench(sock: str, qd: int, seconds: float) -> subprocess.Popen:
+    """``vblk bench`` 4 KiB random reads at ``qd`` on ``sock``, in a process of its own (a
+    flooding client in this interpreter would take the GIL from the measuring one)."""
+    return subprocess.Popen([sys.executable, "-m", "vblk.cli", "bench", "--socket", sock,
+                             "--pattern", "randread", "--qd", str(qd), "--duration",
+                             str(seconds), "--json"], stdout=subprocess.PIPE, text=True)
+
+
+def fairness(workers: int, seconds: float = 5.0) -> dict:
+    """Two disks of one vblk (reads go to the workers: VBLK_INLINE_READS=0): disk B at QD1
+    alone, then while disk A floods at QD32. B's latency and IOPS both times, A's IOPS."""
+    directory = tempfile.mkdtemp(prefix="vblk-fair-", dir="/tmp")
+    try:
+        images = write_images(directory, 2)
+        config = vblk_config(directory, images, workers)
+        socks = [f"{directory}/v{i}.sock" for i in range(2)]
+        proc = subprocess.Popen([sys.executable, "-m", "vblk.cli", "serve", "--config", config],
+                                stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=dict(os.environ, VBLK_INLINE_READS="0"),
+                                start_new_session=True)
+        try:
+            for sock in socks:
+                while not unix_listening(sock):
+                    time.sleep(0.05)
+            alone = json.loads(bench(socks[1], 1, seconds).communicate()[0])
+            flood = bench(socks[0], 32, seconds + 2)
+            time.sleep(1)
+            shared = json.loads(bench(socks[1], 1, seconds).communicate()[0])
+            flooded = json.loads(flood.communicate()[0])
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return {"alone": alone, "with_flood": shared, "flood": flooded}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vblk.lab.manydisks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--no-qsd", action="store_true", help="leave qemu-storage-daemon out")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--fairness", action="store_true",
+                        help="instead: disk B's QD1 latency alone and while disk A floods at QD32")
     a = parser.parse_args(argv)
+    if a.fairness:
+        print(json.dumps(fairness(a.workers), indent=1))
+        return 0
     counts = [int(x) for x in a.disks.split(",")]
     rows = measure(counts, a.workers, qsd=not a.no_qsd)
     print(json.dumps(rows) if a.json else format_table(rows))
