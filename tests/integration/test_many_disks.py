@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from vblk.control import request
 from vblk.testing.frontend import BackendError, BlkClient
 from vblk.testing.model import DiskModel, Workload, run_stress, write_initial_image
+from vblk.testing.processes import unix_listening
 from vblk.virtio.blk import OUTHDR
 from vblk.virtio.constants import SECTOR_SIZE, BlkStatus, BlkType
 
@@ -37,7 +39,7 @@ def worker_pids(pid: int) -> list[int]:
         return []
 
 
-def host_config(sock: str, images: list[Path], *, workers: int, extra: dict | None = None) -> str:
+def host_config(sock: str, images: list, *, workers: int, extra: dict | None = None) -> str:
     """A config file beside ``sock`` serving ``images``: disk i on d{i}.sock (disk 0 on
     ``sock`` itself, the one the launcher waits for), the host control socket host.ctl."""
     d = os.path.dirname(sock)
@@ -66,11 +68,17 @@ def serve_many(launch, tmp_path):
         server = launch("vblk", cmd, env=env, cwd=REPO)
         d = os.path.dirname(server)
         socks = [str(server)] + [f"{d}/d{i}.sock" for i in range(1, len(images))]
+        # The launcher waited for the first disk's socket; the others come right after it.
+        deadline = time.monotonic() + 20
+        while not all(unix_listening(s) for s in socks + [f"{d}/host.ctl"]):
+            assert server.proc.poll() is None and time.monotonic() < deadline, server.log()
+            time.sleep(0.02)
         return socks, f"{d}/host.ctl", server
     return start
 
 
 def images(tmp_path: Path, n: int) -> list[Path]:
+    """``n`` images of SECTORS sectors; image i holds the initial writes of salt 1000 + i."""
     out = []
     for i in range(n):
         p = tmp_path / f"disk{i}.img"
@@ -139,6 +147,37 @@ def test_three_disks_served_at_once_from_one_process_tree(tmp_path, serve_many):
                          capture_output=True, text=True, timeout=30, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert all(f"== disk d{i} ==" in out.stdout for i in range(3)), out.stdout
+
+
+def test_twenty_disks_each_with_a_verified_workload_at_once(tmp_path, serve_many):
+    imgs = images(tmp_path, 20)
+    socks, host_ctl, server = serve_many(imgs, workers=8)
+    results = in_threads([lambda i=i, s=s: verified(s, 1000 + i, 40 + i, 200, qd=4)
+                          for i, s in enumerate(socks)])
+    assert [problems for problems, _ in results] == [[]] * 20
+    assert [ops for _, ops in results] == [200] * 20
+    assert len(worker_pids(server.proc.pid)) == 8
+    disks = request(host_ctl, {"op": "stats"}, timeout=5)["stats"]["disks"]
+    assert len(disks) == 20 and all(d["queues"][0]["ioerr"] == 0 for d in disks.values())
+
+
+def test_an_rbd_disk_and_a_file_disk_in_one_config(tmp_path, ceph_cluster, rbd_image, serve_many):
+    """The RBD disk runs on its own in-process engine, the file disk on the shared workers,
+    both on the one loop."""
+    name = rbd_image(SECTORS * SECTOR_SIZE)
+    [initial] = images(tmp_path, 1)
+    ceph_cluster.remove_image(name)
+    ceph_cluster.import_image(name, initial)
+    (tmp_path / "f").mkdir()
+    [file_image] = images(tmp_path / "f", 1)             # the same initial writes (salt 1000)
+    socks, host_ctl, server = serve_many([f"rbd:rbd/{name}:conf={ceph_cluster.conf}",
+                                          file_image], workers=2)
+    results = in_threads([lambda i=i, s=s: verified(s, 1000, 50 + i, 400, qd=8)
+                          for i, s in enumerate(socks)])
+    assert [problems for problems, _ in results] == [[], []]
+    disks = request(host_ctl, {"op": "stats"}, timeout=5)["stats"]["disks"]
+    assert disks["d0"]["workers"]["count"] == 0 and disks["d1"]["workers"]["count"] == 2
+    assert len(worker_pids(server.proc.pid)) == 2
 
 
 def test_worker_kills_reissue_the_slots_of_every_disk_and_lose_no_write(tmp_path, serve_many):
