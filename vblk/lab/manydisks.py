@@ -14,6 +14,7 @@ process that touches it, the page tables of its guest RAM; the RAM itself is the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -62,9 +63,13 @@ def qsd_args(directory: str, images: list[str]) -> list[str]:
     return args
 
 
-def tree_pss(cmd: list[str], sockets: list[str], timeout: float = 120.0) -> tuple[int, int]:
+def tree_pss(cmd: list[str], sockets: list[str], timeout: float = 120.0,
+             connected: bool = False) -> tuple[int, int]:
     """Start ``cmd`` in a process group of its own, wait until every socket listens, then
-    (PSS of the group in bytes, processes in it); the group is stopped afterwards."""
+    (PSS of the group in bytes, processes in it); the group is stopped afterwards. With
+    ``connected``, a test frontend (32 MiB of guest RAM) is connected to every socket and has
+    written and read 1 MiB through it when PSS is read, the guest RAM left out of the
+    figure (it is the frontend's)."""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -76,14 +81,18 @@ def tree_pss(cmd: list[str], sockets: list[str], timeout: float = 120.0) -> tupl
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{sock} not listening within {timeout:g} s")
                 time.sleep(0.05)
-        time.sleep(SETTLE_SECONDS)
-        pids = group_pids(proc.pid)
-        total = 0
-        for pid in pids:
-            try:
-                total += pss_bytes(pid)
-            except OSError:
-                pass
+        with contextlib.ExitStack() as clients:
+            if connected:
+                for sock in sockets:
+                    clients.enter_context(_exercised_client(sock))
+            time.sleep(SETTLE_SECONDS)
+            pids = group_pids(proc.pid)
+            total = 0
+            for pid in pids:
+                try:
+                    total += pss_bytes(pid, without_guest_ram=connected)
+                except OSError:
+                    pass
         return total, len(pids)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -94,7 +103,17 @@ def tree_pss(cmd: list[str], sockets: list[str], timeout: float = 120.0) -> tupl
             proc.wait()
 
 
-def measure(counts: list[int], workers: int, qsd: bool) -> list[dict]:
+@contextlib.contextmanager
+def _exercised_client(sock: str):
+    from vblk.testing.frontend import BlkClient
+    with BlkClient.connect(sock, ram_mib=32, timeout=30) as client:
+        for i in range(16):
+            client.write(i * 128, bytes([i]) * 65536)
+            client.read(i * 128, 65536)
+        yield client
+
+
+def measure(counts: list[int], workers: int, qsd: bool, connected: bool = False) -> list[dict]:
     rows = []
     for n in counts:
         directory = tempfile.mkdtemp(prefix="vblk-many-", dir="/tmp")
@@ -102,11 +121,13 @@ def measure(counts: list[int], workers: int, qsd: bool) -> list[dict]:
             images = write_images(directory, n)
             config = vblk_config(directory, images, workers)
             vblk_cmd = [sys.executable, "-m", "vblk.cli", "serve", "--config", config]
-            pss, procs = tree_pss(vblk_cmd, [f"{directory}/v{i}.sock" for i in range(n)])
+            pss, procs = tree_pss(vblk_cmd, [f"{directory}/v{i}.sock" for i in range(n)],
+                                  connected=connected)
             row = {"disks": n, "vblk_pss": pss, "vblk_processes": procs}
             if qsd and shutil.which("qemu-storage-daemon"):
                 row["qsd_pss"], _ = tree_pss(qsd_args(directory, images),
-                                             [f"{directory}/q{i}.sock" for i in range(n)])
+                                             [f"{directory}/q{i}.sock" for i in range(n)],
+                                             connected=connected)
             rows.append(row)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -176,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--no-qsd", action="store_true", help="leave qemu-storage-daemon out")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--connected", action="store_true",
+                        help="a frontend on every disk that has done some I/O (guest RAM "
+                             "left out of the PSS)")
     parser.add_argument("--fairness", action="store_true",
                         help="instead: disk B's QD1 latency alone and while disk A floods at QD32")
     a = parser.parse_args(argv)
@@ -183,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(fairness(a.workers), indent=1))
         return 0
     counts = [int(x) for x in a.disks.split(",")]
-    rows = measure(counts, a.workers, qsd=not a.no_qsd)
+    rows = measure(counts, a.workers, qsd=not a.no_qsd, connected=a.connected)
     print(json.dumps(rows) if a.json else format_table(rows))
     return 0
 
