@@ -352,3 +352,46 @@ def test_two_queues_and_an_iops_limit_on_an_rbd_image(ceph_cluster, rbd_image, v
     image = ceph_cluster.export(name)
     for block, data in expect.items():
         assert image[block * 4096:(block + 1) * 4096] == data, block
+
+
+def test_cephx_users_a_wrong_key_and_missing_caps_are_refused_in_one_line(ceph_cluster_cephx,
+                                                                          vblk_server, tmp_path):
+    """With cephx on: a user with ``profile rbd`` on the pool serves; a user the cluster does
+    not know, a wrong key, caps for another pool, and read-only caps without ``ro`` are each
+    refused in one line, exit 2, within seconds; read-only caps serve with ``ro``."""
+    c = ceph_cluster_cephx
+    c.rbd("create", "--size", "16M", "rbd/disk")
+    vms = c.add_user("vms", "mon", "profile rbd", "osd", "profile rbd pool=rbd")
+    other = c.add_user("other", "mon", "profile rbd", "osd", "profile rbd pool=other")
+    reader = c.add_user("reader", "mon", "profile rbd", "osd", "profile rbd-read-only pool=rbd")
+    wrong = tmp_path / "wrong.keyring"
+    key = subprocess.run(["ceph-authtool", "--gen-print-key"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    wrong.write_text(f"[client.vms]\n\tkey = {key}\n")
+    base = f"rbd:rbd/disk:conf={c.conf}"
+    refusals = {
+        "unknown user": (f"{base}:id=nobody", "the cluster refused client.nobody"),
+        "wrong key": (f"{base}:id=vms:keyring={wrong}", "the cluster refused client.vms"),
+        "other pool's caps": (f"{base}:id=other:keyring={other}",
+                              "client.other may not open image rbd/disk:"),
+        "other pool's caps, ro": (f"{base}:id=other:keyring={other},ro",
+                                  "client.other may not open image rbd/disk:"),
+        "read-only caps, writable": (f"{base}:id=reader:keyring={reader}",
+                                     "client.reader may not open for writing image rbd/disk"),
+    }
+    for what, (spec_, words) in refusals.items():
+        t0 = time.monotonic()
+        sock = tmp_path / "refused.sock"
+        r = vblk("serve", spec_, "--socket-path", sock)
+        assert words in refusal(r), (what, r.stderr)
+        assert time.monotonic() - t0 < 20 and not sock.exists(), what
+    # the right user writes; the read-only one reads what it wrote
+    payload = os.urandom(8192)
+    writer = vblk_server(f"{base}:id=vms:keyring={vms}")
+    with BlkClient.connect(writer) as client:
+        assert client.write(64, payload).status == BlkStatus.OK
+        assert client.flush().status == BlkStatus.OK
+    assert writer.stop() == 0
+    with BlkClient.connect(vblk_server(f"{base}:id=reader:keyring={reader},ro")) as client:
+        back = client.read(64, 8192)
+        assert back.status == BlkStatus.OK and back.data == payload

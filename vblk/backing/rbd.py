@@ -191,6 +191,7 @@ class Connection:
             what = (f"snapshot {spec.snap!r} of image {spec.pool}/{spec.image}" if spec.snap
                     else f"image {spec.image!r} in pool {spec.pool!r}")
             raise ConfigError(f"rbd:{spec.name}: {what} does not exist")
+        _refuse_if_not_permitted(spec, ret, "open" if readonly else "open for writing")
         check(ret, f"opening rbd:{spec.name}")
         return image
 
@@ -270,11 +271,24 @@ def _acquire(spec: RbdSpec, conn: Connection, image: c_void_p) -> bool:
     ret = lib().rbd_lock_acquire(image, RBD_LOCK_MODE_EXCLUSIVE)
     if ret in (-errno.EROFS, -errno.EBUSY):
         raise ConfigError(f"rbd:{spec.name} is in use by another client")
+    _refuse_if_not_permitted(spec, ret, "lock for writing")
     check(ret, "rbd_lock_acquire")
     me = identity(f"client.{lib().rados_get_instance_id(conn.cluster)}")
-    check(lib().rbd_metadata_set(image, OWNER_KEY.encode(), me.encode()),
-          "recording the lock's owner")
+    ret = lib().rbd_metadata_set(image, OWNER_KEY.encode(), me.encode())
+    _refuse_if_not_permitted(spec, ret, "write metadata of")
+    check(ret, "recording the lock's owner")
     return True
+
+
+def _refuse_if_not_permitted(spec: RbdSpec, ret: int, doing: str) -> None:
+    """A user the cluster knows whose caps do not allow ``doing`` ("open", "open for
+    writing", ...) the image: the operator's to fix, so a ConfigError (one line, exit 2), not
+    an I/O error."""
+    if ret in (-errno.EPERM, -errno.EACCES):
+        hint = "" if doing == "open" else " (a user with read-only caps serves it with ro)"
+        raise ConfigError(f"rbd:{spec.name}: client.{spec.user or 'admin'} may not {doing} "
+                          f"image {spec.pool}/{spec.image}: {os.strerror(-ret)}; check the "
+                          f"user's caps{hint}")
 
 
 def _exclusive_owners(image: c_void_p) -> list[str]:
