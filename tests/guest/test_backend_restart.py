@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from vblk.lab.guest import host_fsck, make_image
+from vblk.lab.guest import VERIFY_FILES_SCRIPT, host_fsck, make_image
 from vblk.testing.restart import RestartingVblk
 
 pytestmark = pytest.mark.guest
@@ -38,18 +38,7 @@ echo WRITES=$i
 echo FILES=$(ls /root/sums | wc -l)
 cat /root/sums/* > /root/all.sums
 sync
-umount /mnt
-rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
-echo FSCK=$rc
-[ $rc = 0 ] || cat /tmp/fsck.log
-echo 3 > /proc/sys/vm/drop_caches
-mount -t ext4 /dev/vda /mnt
-rc=0; sha256sum -c /root/all.sums > /tmp/check.log 2>&1 || rc=$?
-echo CHECK=$rc
-echo CHECKED=$(grep -c ': OK$' /tmp/check.log)
-[ $rc = 0 ] || grep -v ': OK$' /tmp/check.log | head
-umount /mnt
-"""
+""" + VERIFY_FILES_SCRIPT
 
 
 def test_twenty_backend_kills_during_a_file_system_workload(tmp_path, boot):

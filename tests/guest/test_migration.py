@@ -31,7 +31,14 @@ from pathlib import Path
 import pytest
 
 from vblk.control import default_control_path, fetch_stats
-from vblk.lab.guest import GuestProcess, GuestResult, host_fsck, make_image, start_guest
+from vblk.lab.guest import (
+    VERIFY_FILES_SCRIPT,
+    GuestProcess,
+    GuestResult,
+    host_fsck,
+    make_image,
+    start_guest,
+)
 from vblk.testing.install import install_into
 from vblk.testing.qmp import Qmp
 
@@ -85,19 +92,7 @@ echo WRITERS_RC=$rc
 echo HOST_SAID=$(cat /tmp/host-said)
 echo FILES=$(ls /root/sums | wc -l)
 cat /root/sums/* > /root/all.sums
-umount /mnt
-rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
-echo FSCK=$rc
-[ $rc = 0 ] || cat /tmp/fsck.log
-echo 3 > /proc/sys/vm/drop_caches
-mount -t ext4 /dev/vda /mnt
-rc=0; sha256sum -c /root/all.sums > /tmp/check.log 2>&1 || rc=$?
-echo CHECK=$rc
-echo CHECKED=$(grep -c ': OK$' /tmp/check.log)
-[ $rc = 0 ] || grep -v ': OK$' /tmp/check.log | head
-umount /mnt
-@DMESG@
-"""
+""" + VERIFY_FILES_SCRIPT + "@DMESG@\n"
 
 
 def files_script(writers: int = 1, extra: str = "") -> str:

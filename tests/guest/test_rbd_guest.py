@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 
 from vblk.control import default_control_path, fetch_stats
-from vblk.lab.guest import GEOMETRY_SCRIPT, assert_geometry, debugfs_cat, host_fsck
+from vblk.lab.guest import (
+    GEOMETRY_SCRIPT,
+    VERIFY_FILES_SCRIPT,
+    assert_geometry,
+    debugfs_cat,
+    host_fsck,
+)
 from vblk.testing.restart import RestartingVblk
 
 pytestmark = pytest.mark.guest
@@ -330,18 +336,7 @@ echo FILES=$(ls /root/sums | wc -l)
 cat /root/sums/* > /root/all.sums
 for f in /root/sums/*; do echo "SUM_$(basename $f)=$(cut -d' ' -f1 $f)"; done
 sync
-umount /mnt
-rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
-echo FSCK=$rc
-[ $rc = 0 ] || cat /tmp/fsck.log
-echo 3 > /proc/sys/vm/drop_caches
-mount -t ext4 /dev/vda /mnt
-rc=0; sha256sum -c /root/all.sums > /tmp/check.log 2>&1 || rc=$?
-echo CHECK=$rc
-echo CHECKED=$(grep -c ': OK$' /tmp/check.log)
-[ $rc = 0 ] || grep -v ': OK$' /tmp/check.log | head
-umount /mnt
-"""
+""" + VERIFY_FILES_SCRIPT
 
 
 def test_backend_kills_during_ext4_workload_on_rbd(ceph_cluster, rbd_image, boot, tmp_path):

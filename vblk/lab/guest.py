@@ -59,6 +59,7 @@ __all__ = [
     "GuestProcess",
     "GuestImage",
     "GuestResult",
+    "VERIFY_FILES_SCRIPT",
     "assert_geometry",
     "build_guest",
     "debugfs_cat",
@@ -1015,6 +1016,23 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# The end of a file workload that kept each file's sha256 line in /root/all.sums, with ext4
+# on /dev/vda mounted at /mnt: unmount, e2fsck -fn (FSCK=0 when clean), drop the page cache,
+# mount again and check every sum from the disk (CHECK=0, CHECKED= files whose sum matched).
+VERIFY_FILES_SCRIPT = r"""umount /mnt
+rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
+echo FSCK=$rc
+[ $rc = 0 ] || cat /tmp/fsck.log
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext4 /dev/vda /mnt
+rc=0; sha256sum -c /root/all.sums > /tmp/check.log 2>&1 || rc=$?
+echo CHECK=$rc
+echo CHECKED=$(grep -c ': OK$' /tmp/check.log)
+[ $rc = 0 ] || grep -v ': OK$' /tmp/check.log | head
+umount /mnt
+"""
 
 
 GEOMETRY_SCRIPT = r"""
