@@ -550,17 +550,19 @@ def requests_by_queue(served) -> list[dict[str, int]]:
 
 
 def test_migrate_writeback_two_queues_from_a_throttled_stalling_source_after_a_cancel(
-        tmp_path, serve_vblk, lab):
+        tmp_path, serve_vblk, lab, monkeypatch):
     """Write-back (the guest's fsyncs are FLUSHes), two queues and two vCPUs, two writers and
-    two direct readers; the source limited to 40 requests/s, so the guest has requests
-    waiting in its rings. A first migration is cancelled: the source carries on, its vblk
-    stops logging and keeps the image, the destination's vblk never took it. The second one
-    completes while the source's disk stalls (``Stall``): vblk answers GET_VRING_BASE only
-    once the requests it took are done, and the destination takes the rings from where the
-    source stopped, with what was left in them."""
+    two direct readers; the source limited to 40 requests/s (5/s for the last migration), so
+    the guest has requests waiting in its rings. A first migration is cancelled: the source
+    carries on, its vblk stops logging and keeps the image, the destination's vblk never took
+    it. The second one completes while the source's disk stalls (``Stall``): vblk answers
+    GET_VRING_BASE only once the requests it took are done, and the destination takes the
+    rings from where the source stopped, with what was left in them."""
     image = make_image(tmp_path / "disk.img", 256 * MiB)
     common = ("--writeback", "--num-queues", "2", "--workers", "4")
+    monkeypatch.setenv("VBLK_INLINE_READS", "0")   # the source's reads too stall with its workers
     a = serve_vblk(image, *common, "--iops-limit", "40")
+    monkeypatch.delenv("VBLK_INLINE_READS")
     b = serve_vblk(image, *common, "--incoming")
     m = lab(files_script(writers=2, extra=DIRECT_READERS), num_queues=2, smp=2)
     qa = m.boot(a)
@@ -581,8 +583,12 @@ def test_migrate_writeback_two_queues_from_a_throttled_stalling_source_after_a_c
     time.sleep(1.0)
     done_after = sum(sum(v for k, v in q.items() if k != "inflight") for q in requests_by_queue(a))
     assert done_after > done_before, "the source stopped serving after the cancel"
-    # the second attempt, at QEMU's default bandwidth
+    # the second attempt, at QEMU's default bandwidth, with the source slowed to 5 requests a
+    # second (vblk limit): the guest's requests wait in the rings, a few are taken and stall
     qa.qmp.execute("migrate-set-parameters", {"max-bandwidth": 128 * MiB})
+    slowed = subprocess.run([sys.executable, "-m", "vblk.cli", "limit", "--socket", str(a),
+                             "--iops", "5"], capture_output=True, text=True, timeout=30)
+    assert slowed.returncode == 0, slowed.stderr
     qb2 = m.start(b, incoming=True)
     stall = Stall(a)
     done = m.migrate(qa, qb2, stall=stall)
