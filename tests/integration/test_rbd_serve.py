@@ -183,8 +183,12 @@ def qsd_rbd(launch):
 
 
 @pytest.mark.stress
+@pytest.mark.parametrize("incoming", [False, True], ids=["plain", "incoming"])
 def test_killed_and_restarted_vblk_takes_over_and_reruns_what_was_in_flight(ceph_cluster,
-                                                                            rbd_image, tmp_path):
+                                                                            rbd_image, tmp_path,
+                                                                            incoming):
+    """``incoming``: every vblk is a migration's destination (``--incoming``: the lock is
+    taken when the rings start), as systemd would restart one."""
     name = rbd_image(16 * MiB)
     salt = 7400
     modelled_image(ceph_cluster, name, tmp_path, salt)
@@ -192,13 +196,14 @@ def test_killed_and_restarted_vblk_takes_over_and_reruns_what_was_in_flight(ceph
     # The cluster's daemons are frozen for a moment before each kill: requests pile up in
     # librbd, in flight, when vblk dies.
     proc = RestartingVblk(spec(ceph_cluster, name), sock, tmp_path,
+                          *(["--incoming"] if incoming else []),
                           freezer=(ceph_cluster.freeze, ceph_cluster.thaw))
     started = []
     try:
         t0 = time.monotonic()
         result = restart_storm(proc, DiskModel(SECTORS, salt),
                                Workload(salt, SECTORS, max_segments=2),
-                               int(os.environ.get("VBLK_RESTART_KILLS", 6)))
+                               int(os.environ.get("VBLK_RESTART_KILLS", 3 if incoming else 6)))
         started.append(time.monotonic() - t0)
     finally:
         proc.stop()

@@ -516,6 +516,10 @@ class RbdBacking(Backing):
 
     def take_window(self) -> None:
         if not self.locked and not self.info.readonly and self.spec.snap is None:
+            # as at open: a live holder refuses; a dead local vblk's lock is taken over (a
+            # restarted --incoming vblk, whose predecessor took the lock and was killed)
+            if _refuse_if_held(self.spec, self.image):
+                _take_over(self.spec, self.image, readonly=False)
             self.locked = _acquire(self.spec, self.conn, self.image)
 
     def owns_lock(self) -> bool:
