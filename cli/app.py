@@ -13,8 +13,9 @@ from typing import Optional
 
 import typer
 
+import vblk
 from vblk.cli import ops
-from vblk.cli.errors import fail
+from vblk.cli.errors import fail, run
 from vblk.cli.lab import bench_command, demo_command
 from vblk.control import check_unix_socket_path
 from vblk.device import WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG
@@ -31,9 +32,24 @@ from vblk.options import (
 )
 
 app = typer.Typer(name="vblk", add_completion=True, no_args_is_help=True,
-                  rich_markup_mode=None, pretty_exceptions_enable=False,
-                  help="A virtio-blk device backend (after ACRN's Virtio-BLK) that speaks "
-                       "vhost-user on a Unix socket.")
+                  rich_markup_mode=None, pretty_exceptions_enable=False)
+
+
+def show_version(value: bool) -> None:
+    """Eager callback of ``--version``/``-V``: print ``vblk VERSION`` and exit 0."""
+    if value:
+        typer.echo(f"vblk {vblk.__version__}")
+        raise typer.Exit()
+
+
+Version = typer.Option(False, "--version", "-V", is_eager=True, callback=show_version,
+                       help="Print vblk's version and exit.")
+
+
+@app.callback()
+def vblk_options(version: bool = Version) -> None:
+    """A virtio-blk device backend (after ACRN's Virtio-BLK) that speaks vhost-user on a Unix
+    socket."""
 
 SPEC_HELP = ("The image path, or an ACRN option string "
              "'[iothread,][mq=1,]PATH[,writeback|writethru][,ro][,nocache][,discard[=A:B:C]]"
@@ -251,4 +267,4 @@ app.command("bench")(bench_command)
 
 def main() -> None:
     """Console-script entry point (``vblk``) and ``python -m vblk.cli``."""
-    app(prog_name="vblk")
+    run(app, "vblk")

@@ -214,12 +214,33 @@ def test_an_unwritable_image_is_not_silently_served_read_only(tmp_path, sockdir)
             subprocess.run(["chattr", "-i", str(img)], check=True)
 
 
-@pytest.mark.parametrize("args", [(), ("serve",), ("serve", "--socket-path", "x"),
-                                  ("serve", "d.img", "--bogus"), ("info",), ("frobnicate",),
-                                  ("serve", "d.img", "--workers", "many")])
-def test_usage_errors_exit_2(tmp_path, args):
-    r = vblk(*args, cwd=tmp_path)
-    assert r.returncode == 2, (r.stdout, r.stderr)
+@pytest.mark.parametrize("args,words", [
+    (("serve",), "give the image as SPEC or as --blk-file PATH"),
+    (("serve", "--socket-path", "x"), "give the image as SPEC"),
+    (("serve", "d.img", "--bogus"), "No such option: --bogus (see 'vblk serve --help')"),
+    (("info",), "Missing argument 'SPEC' (see 'vblk info --help')"),
+    (("frobnicate",), "No such command 'frobnicate' (see 'vblk --help')"),
+    (("serve", "d.img", "--workers", "many"), "Invalid value for '--workers'"),
+    (("stats", "--socket", "s", "--timeout", "soon"), "Invalid value for '--timeout'"),
+    (("resize",), "Missing argument 'INSTANCE'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, words):
+    """click's usage errors end as vblk's own refusals do: one line, status 2."""
+    assert words in one_error_line(vblk(*args, cwd=tmp_path))
+
+
+def test_bare_vblk_prints_the_usage_and_exits_2(tmp_path):
+    r = vblk(cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("Usage: vblk [OPTIONS] COMMAND") and "serve" in r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_prints_the_package_version(tmp_path, flag):
+    import vblk as package
+    r = vblk(flag, cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"vblk {package.__version__}\n", "")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", package.__version__)
 
 
 # -- info -------------------------------------------------------------------------------------

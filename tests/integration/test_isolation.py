@@ -9,6 +9,7 @@ verified workload; no mark may appear.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -16,6 +17,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import vblk
 from vblk.testing.frontend import BlkClient
 from vblk.testing.install import build_wheel
 from vblk.testing.processes import stop_group
@@ -120,3 +122,6 @@ def test_the_wheel_installs_one_top_level_package_holding_every_module(tmp_path)
             expected.add(f"{prefix}/{path.relative_to(src / folder).as_posix()}")
     assert expected - set(names) == set()
     assert {n for n in names if not n.split("/")[0].endswith(".dist-info")} == expected
+    # pyproject reads the version from vblk.__version__: one place to change it
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA")))
+    assert re.search(rb"^Version: (.*)$", metadata, re.M).group(1).decode() == vblk.__version__
