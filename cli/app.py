@@ -9,6 +9,7 @@ same status click gives a usage error.
 from __future__ import annotations
 
 import grp
+import json
 from typing import Optional
 
 import typer
@@ -207,6 +208,8 @@ def info(
     num_queues: Optional[int] = NumQueues,
     discard: Optional[bool] = Discard,
     discard_limits: Optional[str] = DiscardLimits,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (the same fields, in bytes "
+                                                       "and sectors)."),
 ) -> None:
     """Show the disk a guest would see for SPEC, without serving it or writing anything."""
     from vblk.backing import check_backing
@@ -218,7 +221,17 @@ def info(
         b = check_backing(disk)
     except ConfigError as e:
         raise fail(str(e)) from None
-    kind = b.kind
+    if as_json:
+        typer.echo(json.dumps(info_fields(disk, b), sort_keys=True))
+        return
+    rows = info_rows(disk, b)
+    width = max(len(k) for k, _ in rows) + 1
+    for key, value in rows:
+        typer.echo(f"{key + ':':<{width}} {value}")
+
+
+def info_rows(disk: DiskOptions, b) -> list[tuple[str, str]]:
+    """``vblk info``'s table: what the guest would see, one row per property."""
     if disk.range_start or disk.range_size is not None:
         window = f"bytes {b.start}..{b.end} of the image"
     elif b.size < b.image_size:
@@ -226,14 +239,13 @@ def info(
                   f"and are not served)")
     else:
         window = "whole image"
-    rows = [
-        ("image", f"{b.path} ({kind}, {b.image_size} bytes)"),
+    return [
+        ("image", f"{b.path} ({b.kind}, {b.image_size} bytes)"),
         ("capacity", f"{b.capacity_sectors} sectors of 512 bytes ({b.size} bytes)"),
         ("logical block size", str(b.logical_block_size)),
         ("physical block size", str(b.physical_block_size)),
         ("read-only", "yes" if b.readonly else "no"),
-        ("cache", ("writeback" if b.writeback else "writethrough")
-         + (", O_DIRECT (nocache)" if b.nocache else "")),
+        ("cache", disk.cache_mode + (", O_DIRECT (nocache)" if b.nocache else "")),
         ("range", window),
         ("queues", str(disk.num_queues)),
         ("serial", b.serial_text),
@@ -242,9 +254,28 @@ def info(
          f"yes, up to {WRITE_ZEROES_MAX_SECTORS} sectors x {WRITE_ZEROES_MAX_SEG} segment"
          + (", may unmap" if disk.discard is not None else "")),
     ]
-    width = max(len(k) for k, _ in rows) + 1
-    for key, value in rows:
-        typer.echo(f"{key + ':':<{width}} {value}")
+
+
+def info_fields(disk: DiskOptions, b) -> dict:
+    """``vblk info --json``: the table's facts as numbers and booleans (null: off)."""
+    d = disk.discard
+    discard = None
+    if d is not None and not b.readonly:
+        discard = {"max_sectors": d.max_sectors if d.max_sectors is not None
+                   else default_max_discard_sectors(b.size),
+                   "max_segments": d.max_segments, "alignment_sectors": d.alignment}
+    return {
+        "image": b.path, "kind": b.kind, "image_bytes": b.image_size,
+        "capacity_bytes": b.size, "capacity_sectors": b.capacity_sectors,
+        "logical_block_size": b.logical_block_size,
+        "physical_block_size": b.physical_block_size,
+        "read_only": bool(b.readonly), "cache": disk.cache_mode,
+        "nocache": bool(b.nocache), "window": {"start": b.start, "end": b.end},
+        "queues": disk.num_queues, "serial": b.serial_text, "discard": discard,
+        "write_zeroes": None if b.readonly else {
+            "max_sectors": WRITE_ZEROES_MAX_SECTORS, "max_segments": WRITE_ZEROES_MAX_SEG,
+            "may_unmap": disk.discard is not None},
+    }
 
 
 def discard_text(disk: DiskOptions, b) -> str:

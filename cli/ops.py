@@ -114,6 +114,7 @@ def resize(
                                         "the image (or the range) holds."),
     timeout: float = typer.Option(5.0, "--timeout", metavar="SECONDS",
                                   help="How long to wait for an answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Grow or shrink the disk a running vblk serves, and tell the guest.
 
@@ -134,6 +135,10 @@ def resize(
         raise fail(str(exc), EXIT_FAILED) from None
     if not answer.get("ok"):
         raise fail(f"resize refused: {answer.get('error', 'no reason given')}", EXIT_USAGE)
+    if as_json:
+        typer.echo(json.dumps({k: answer.get(k) for k in ("old_bytes", "new_bytes", "notified",
+                                                           "reason")}, sort_keys=True))
+        return
     typer.echo(describe(answer["old_bytes"], answer["new_bytes"], answer["notified"],
                         answer.get("reason", "")))
 
@@ -196,7 +201,8 @@ def limit(
     """Show or change a running vblk's I/O rate limits; prints the limits in effect.
 
     A rate given without its burst gets the default burst (0.1 s of the rate); a burst alone
-    keeps the rate. Exit status: 0, 1 if vblk cannot be reached or refuses, 2 for bad usage."""
+    keeps the rate. Exit status: 0, 1 if vblk cannot be reached, 2 bad usage or refused by vblk
+    (nothing changed)."""
     from vblk.errors import ConfigError
     from vblk.options import parse_limits
     path = _control_path(control_socket, socket_path)
@@ -212,8 +218,8 @@ def limit(
         answer = request(path, message, timeout=timeout)
     except ControlError as exc:
         raise fail(str(exc), EXIT_FAILED) from None
-    if not answer.get("ok"):
-        raise fail(f"{path}: {answer.get('error', 'request failed')}", EXIT_FAILED)
+    if not answer.get("ok"):                  # refused input, as a refused resize: status 2
+        raise fail(f"{path}: {answer.get('error', 'request failed')}", EXIT_USAGE)
     limits = answer["limits"]
     typer.echo(json.dumps(limits, sort_keys=True) if as_json else render_limits(limits))
 

@@ -300,6 +300,35 @@ def test_info_shows_discard_and_write_zeroes(tmp_path):
     assert (rows["discard"], rows["write-zeroes"]) == ("off (read-only)", "no (read-only)")
 
 
+def test_info_json_has_the_tables_facts(tmp_path):
+    make_image(tmp_path / "disk.img", 4 * MiB + 100)
+    import json
+    r = vblk("info", "disk.img,writeback,discard=64:4:8,range=8/2048", "--json", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    info = json.loads(r.stdout)
+    table = parse_info(vblk("info", "disk.img,writeback,discard=64:4:8,range=8/2048",
+                            cwd=tmp_path).stdout)
+    assert (info["image"], info["kind"], info["image_bytes"]) == ("disk.img", "regular file",
+                                                                  4 * MiB + 100)
+    assert (info["capacity_bytes"], info["capacity_sectors"]) == (MiB, 2048)
+    assert info["window"] == {"start": 8 * 512, "end": 8 * 512 + MiB}
+    assert (info["cache"], info["read_only"], info["nocache"]) == ("writeback", False, False)
+    assert info["cache"] == table["cache"] and info["serial"] == table["serial"]
+    assert info["discard"] == {"max_sectors": 64, "max_segments": 4, "alignment_sectors": 8}
+    assert info["write_zeroes"]["may_unmap"] is True
+    ro = json.loads(vblk("info", "disk.img,ro", "--json", cwd=tmp_path).stdout)
+    assert (ro["read_only"], ro["discard"], ro["write_zeroes"], ro["cache"]) == \
+        (True, None, None, "writethrough")
+
+
+def test_demo_refuses_an_existing_image_in_one_line(tmp_path):
+    image = make_image(tmp_path / "disk.img", MiB, b"keep me")
+    before = fingerprint(image)
+    msg = one_error_line(vblk("demo", "--image", image, cwd=tmp_path))
+    assert msg == f"--image {image} already exists; the demo formats its image, so give a new path"
+    assert fingerprint(image) == before and sorted(tmp_path.iterdir()) == [image]
+
+
 def test_info_serial_is_stable(tmp_path):
     make_image(tmp_path / "disk.img")
     a = parse_info(vblk("info", "disk.img", cwd=tmp_path).stdout)["serial"]

@@ -159,7 +159,9 @@ def test_vblk_limit_refuses_bad_values(vblk_server, image):
     r = vblk_cli("limit", "--socket", sock, "--iops", "many")
     assert r.returncode == 2 and "--iops many" in r.stderr
     r = vblk_cli("limit", "--socket", sock, "--iops-burst", "5")      # no IOPS limit to burst
-    assert r.returncode == 1 and "iops-burst needs an IOPS limit" in r.stderr, r.stderr
+    lines = r.stderr.splitlines()          # refused input, like a refused resize: one line, 2
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("vblk: error: ")
+    assert "iops-burst needs an IOPS limit" in lines[0] and r.stdout == "", r.stderr
     r = vblk_cli("limit", "--socket", sock + ".nothing")
     assert r.returncode == 1
 

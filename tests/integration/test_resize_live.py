@@ -40,8 +40,8 @@ def vblk(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def resize_ok(sock: str, size: str) -> str:
-    r = vblk("resize", sock, size)
+def resize_ok(sock: str, size: str, *flags: str) -> str:
+    r = vblk("resize", sock, size, *flags)
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     return r.stdout.strip()
@@ -198,6 +198,11 @@ def test_vblk_resize_without_a_frontend_applies_and_says_nobody_was_told(vblk_se
     out = resize_ok(sock, "6M")
     assert "the guest was not notified (no frontend is connected" in out
     assert capacity_in_stats(sock) == 6 * MiB
+    answer = json.loads(resize_ok(sock, "7M", "--json"))
+    assert answer["reason"].startswith("no frontend is connected")
+    assert {k: answer[k] for k in ("old_bytes", "new_bytes", "notified")} == \
+        {"old_bytes": 6 * MiB, "new_bytes": 7 * MiB, "notified": False}
+    assert resize_ok(sock, "6M").startswith("resized from 7340032 to 6291456 bytes")
     with BlkClient.connect(sock, protocol_features=WITH_CHANNEL) as client:
         assert client.config.capacity == 6 * MiB // 512        # the handshake's GET_CONFIG
         check_disk_ends_at(client, 6 * MiB)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from vblk.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError
+from vblk.errors import EXIT_FAILED, EXIT_OK, ConfigError
 from vblk.interpreter import python_command
 from vblk.lab.guest import GuestBuildError, GuestResult, build_guest, default_accel, run_guest
 from vblk.testing.processes import stop_group
@@ -78,23 +78,20 @@ def _wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -
 def run_demo(image: Path | None = None, keep: bool = False, *,
              out: TextIO | None = None, timeout: float = 300,
              server_argv: Callable[[Path, str], list[str]] | None = None) -> int:
-    """Run the demo; returns 0 on success, 1 on failure (with the evidence printed), 2 if
-    ``image`` exists.
+    """Run the demo; returns 0 on success, 1 on failure (with the evidence printed).
+    ConfigError, before anything is created, if ``image`` exists.
 
     ``image``: where to create the 1 GiB sparse image (must not exist yet; default: a
     temporary directory).  ``keep``: keep the temporary directory (image, server and
     guest logs) instead of deleting it.  ``server_argv(image, socket)`` replaces the
     server command (for trying the demo against another backend).
     """
+    if image is not None and os.path.lexists(image):
+        raise ConfigError(f"--image {image} already exists; the demo formats its image, so "
+                          f"give a new path")
     say = _printer(out)
     work = Path(tempfile.mkdtemp(prefix="vblk-demo-", dir="/tmp"))
-    if image is None:
-        image = work / "demo.img"
-    image = Path(image)
-    if image.exists():
-        say(f"vblk demo: {image} already exists; the demo formats its image, so give a new path")
-        shutil.rmtree(work, ignore_errors=True)
-        return EXIT_USAGE
+    image = Path(image) if image is not None else work / "demo.img"
     image.parent.mkdir(parents=True, exist_ok=True)
     with open(image, "wb") as f:
         f.truncate(GiB)
