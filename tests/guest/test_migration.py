@@ -564,7 +564,7 @@ def test_migrate_writeback_two_queues_from_a_throttled_stalling_source_after_a_c
     once the requests it took are done, and the destination takes the rings from where the
     source stopped, with what was left in them."""
     image = make_image(tmp_path / "disk.img", 256 * MiB)
-    common = ("--writeback", "--num-queues", "2", "--workers", "4")
+    common = ("--cache", "writeback", "--num-queues", "2", "--workers", "4")
     a = serve_vblk(image, *common, "--iops-limit", "40")
     b = serve_vblk(image, *common, "--incoming")
     m = lab(files_script(writers=2, extra=DIRECT_READERS), num_queues=2, smp=2)

@@ -128,7 +128,7 @@ def test_serve_needs_exactly_one_listener(tmp_path, sockdir):
 @pytest.mark.parametrize("args, words", [
     (("--workers", "0"), "--workers 0 is out of range 1..64"),
     (("--workers", "65"), "--workers 65"),
-    (("--queue-size", "100"), "--queue-size 100 must be a power of two"),
+    (("--slots", "100"), "--slots 100 must be a power of two"),
     (("--log-level", "loud"), "log level 'LOUD'"),
     (("--sectorsize", "4096/512"), "smaller than the logical block size"),
     (("--serial", "x" * 21), "at most 20"),
@@ -221,11 +221,44 @@ def test_an_unwritable_image_is_not_silently_served_read_only(tmp_path, sockdir)
     (("info",), "Missing argument 'SPEC' (see 'vblk info --help')"),
     (("frobnicate",), "No such command 'frobnicate' (see 'vblk --help')"),
     (("serve", "d.img", "--workers", "many"), "Invalid value for '--workers'"),
-    (("stats", "--socket", "s", "--timeout", "soon"), "Invalid value for '--timeout'"),
-    (("resize",), "Missing argument 'INSTANCE'"),
+    (("stats", "--socket-path", "s", "--timeout", "soon"), "Invalid value for '--timeout'"),
+    (("resize",), "Missing argument 'SIZE'"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, words):
     """click's usage errors end as vblk's own refusals do: one line, status 2."""
+    assert words in one_error_line(vblk(*args, cwd=tmp_path))
+
+
+def test_old_spellings_still_work_with_one_warning_line(tmp_path):
+    make_image(tmp_path / "disk.img")
+    r = vblk("info", "disk.img", "--writeback", cwd=tmp_path)
+    assert r.returncode == 0 and parse_info(r.stdout)["cache"] == "writeback"
+    assert r.stderr == ("vblk: warning: --writeback is deprecated (it still works): use "
+                        "--cache writeback\n")
+    r = vblk("info", "disk.img", "--writethru", cwd=tmp_path)
+    assert parse_info(r.stdout)["cache"] == "writethrough" and "use --cache writethrough" in r.stderr
+    assert parse_info(vblk("info", "disk.img", "--cache", "writeback", cwd=tmp_path).stdout)[
+        "cache"] == "writeback"
+    r = vblk("serve", "disk.img", "--queue-size", "48", "--socket-path", "x.sock", cwd=tmp_path)
+    warning, error = r.stderr.splitlines()
+    assert warning == "vblk: warning: --queue-size is deprecated (it still works): use --slots"
+    assert r.returncode == 2 and error == "vblk: error: --slots 48 must be a power of two in 1..32768"
+    assert not (tmp_path / "x.sock").exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (("info", "d.img", "--cache", "writeback", "--writethru"), "give --cache (or its old spelling "
+                                                               "--writethru), not both"),
+    (("info", "d.img", "--cache", "wb"), "--cache wb: give writethrough or writeback"),
+    (("serve", "d.img", "--slots", "8", "--queue-size", "8"), "give --slots (or its old spelling "
+                                                             "--queue-size), not both"),
+    (("stats", "--socket-path", "a", "--socket", "a"), "give --socket-path (or its old spelling"),
+    (("limit", "--socket-path", "a", "--iops-limit", "5", "--iops", "5"), "give --iops-limit"),
+    (("bench", "--socket-path", "a", "--iops-limit", "5", "--limit-iops", "5"), "give --iops-limit"),
+    (("resize", "a.sock", "1M", "--socket-path", "a.sock"), "or as the old positional INSTANCE"),
+])
+def test_both_spellings_of_one_option_are_refused(tmp_path, args, words):
+    make_image(tmp_path / "d.img")
     assert words in one_error_line(vblk(*args, cwd=tmp_path))
 
 

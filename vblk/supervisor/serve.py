@@ -61,7 +61,7 @@ def make_engine(config: ServeConfig, backing: Backing, stats: Stats):
     """Worker processes for a backing whose calls block; the backing's own submission
     otherwise."""
     if backing.blocking:
-        return WorkerPool(config.workers, backing, SlotArea.create(config.queue_size), stats,
+        return WorkerPool(config.workers, backing, SlotArea.create(config.slots), stats,
                           config.log_level)
     return InProcessEngine(backing)
 
@@ -130,7 +130,7 @@ def _run(config, backing, device, stats, engine, listener, control) -> None:
     limiter = Limiter(config.limits, now=time.monotonic())
     stats.limiter = limiter
     inline = backing.caches and os.environ.get("VBLK_INLINE_READS", "1") != "0"
-    data = DataPath(device, backing, config.queue_size, stats, limiter, inline_reads=inline)
+    data = DataPath(device, backing, config.slots, stats, limiter, inline_reads=inline)
     data.engine = engine
     link: FrontendLink | None = None
     loop = EventLoop(on_error=lambda: link.disconnect())
@@ -144,7 +144,7 @@ def _run(config, backing, device, stats, engine, listener, control) -> None:
             loop.watch(control.fileno(), control.on_readable, "frontend")
         link.listen()
         with loop.signals():
-            log.info("event=listening workers=%d slots=%d", stats.workers, config.queue_size)
+            log.info("event=listening workers=%d slots=%d", stats.workers, config.slots)
             sdnotify.ready("waiting for a frontend")
             try:
                 loop.run(timeout=data.timeout, tick=data.tick, poll=data.poll)
