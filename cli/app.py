@@ -9,6 +9,7 @@ same status click gives a usage error.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Optional
 
 import typer
@@ -16,6 +17,7 @@ import typer
 import vblk
 from vblk.cli import ops
 from vblk.cli.errors import fail, run
+from vblk.cli.install import install_app
 from vblk.cli.lab import bench_command, demo_command
 from vblk.cli.serve import (
     Cache,
@@ -158,8 +160,11 @@ app.command()(ops.stats)
 app.command()(ops.resize)
 app.command()(ops.limit)
 app.command("bench")(bench_command)
+app.add_typer(install_app)
 
 
 def main() -> None:
     """Console-script entry point (``vblk``) and ``python -m vblk.cli``."""
+    if sys.argv[1:2] == ["serve"]:
+        ops.capabilities_first(sys.argv[2:])
     run(app, "vblk")

@@ -40,6 +40,14 @@ OldSocket = typer.Option(None, "--socket", hidden=True)
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
 
 
+def capabilities_first(args: list[str]) -> None:
+    """--print-capabilities anywhere in ``args``: print and exit 0 before click parses the rest
+    (the convention: "Other options and arguments should be ignored", unknown ones too)."""
+    if "--print-capabilities" in args:
+        print(json.dumps(CAPABILITIES), flush=True)
+        sys.exit(EXIT_OK)
+
+
 def print_capabilities(value: bool) -> None:
     """Eager callback of ``serve --print-capabilities``: print the JSON and exit 0 before any
     other option or argument is looked at."""

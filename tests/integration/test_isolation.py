@@ -120,8 +120,15 @@ def test_the_wheel_installs_one_top_level_package_holding_every_module(tmp_path)
     for folder, prefix in (("vblk", "vblk"), ("workers", "vblk/workers"), ("cli", "vblk/cli")):
         for path in (src / folder).rglob("*.py"):
             expected.add(f"{prefix}/{path.relative_to(src / folder).as_posix()}")
+    # and the data vblk install rewrites: the systemd units, QEMU's vhost-user descriptor
+    expected |= {"vblk/data/systemd/vblk@.service", "vblk/data/systemd/vblk@.socket",
+                 "vblk/data/vhost-user/50-vblk.json"}
     assert expected - set(names) == set()
     assert {n for n in names if not n.split("/")[0].endswith(".dist-info")} == expected
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names
+                                                    if n.endswith("/entry_points.txt")))
+    assert b"vblk = vblk.cli.app:main" in entry_points
+    assert b"vblk-vhost-user-blk = vblk.cli.backend:main" in entry_points
     # pyproject reads the version from vblk.__version__: one place to change it
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA")))
     assert re.search(rb"^Version: (.*)$", metadata, re.M).group(1).decode() == vblk.__version__

@@ -28,7 +28,7 @@ from vblk.testing.install import install_into
 from vblk.virtio.constants import BlkStatus, Feature
 
 REPO = Path(__file__).resolve().parents[2]
-UNITS = REPO / "systemd"
+UNITS = REPO / "vblk" / "data" / "systemd"     # shipped in the package; vblk install rewrites
 MiB = 1 << 20
 TIMEOUT = 30.0
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -830,7 +830,7 @@ def test_units_under_systemd(tmp_path):
         f"[Service]\nType=oneshot\nTimeoutStartSec=200\nEnvironment={runner_env}\n"
         f"ExecStart={python} /srv/out/runner.py\n")
     (d["out"] / "runner.py").write_text(RUNNER)
-    readme = (UNITS / "README.md").read_text()
+    readme = (REPO / "systemd" / "README.md").read_text()
     dropin = re.search(r"### Prometheus metrics.*?```ini\n(.*?)```", readme, re.S).group(1)
     (d["out"] / "metrics-dropin.conf").write_text(dropin.replace(":9101", ":0"))
     (d["conf"] / "metrics.conf").write_text(
