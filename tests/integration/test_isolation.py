@@ -132,3 +132,18 @@ def test_the_wheel_installs_one_top_level_package_holding_every_module(tmp_path)
     # pyproject reads the version from vblk.__version__: one place to change it
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA")))
     assert re.search(rb"^Version: (.*)$", metadata, re.M).group(1).decode() == vblk.__version__
+    # what PyPI and pip read: Linux only, CPython 3.11+, the licence, known-good lower bounds
+    for line in (b"Classifier: Operating System :: POSIX :: Linux",
+                 b"Classifier: Programming Language :: Python :: 3.11",
+                 b"Classifier: License :: OSI Approved :: BSD License",
+                 b"Requires-Python: >=3.11", b"License: BSD-3-Clause"):
+        assert re.search(rb"^" + re.escape(line) + rb"$", metadata, re.M), line
+    requires = re.findall(rb"^Requires-Dist: ([\w-]+)(.*)$", metadata, re.M)
+    assert requires and all(rest.startswith(b">=") or b">=" in rest for _, rest in requires), \
+        requires
+    licence = next(n for n in names if re.search(r"\.dist-info/(licenses/)?LICENSE$", n))
+    assert b"BSD 3-Clause License" in zipfile.ZipFile(wheel).read(licence)
+    # PyPI's page opens with the checkout's commands: each says it is run from a checkout
+    opening = metadata.split(b"\n\n", 1)[1].split(b"\n")[:4]
+    assert [line for line in opening if line.startswith(b"./") and b"from a checkout" not in line] \
+        == [] and any(line.startswith(b"./scripts/setup") for line in opening), opening
