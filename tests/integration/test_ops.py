@@ -640,6 +640,11 @@ def test_libvirt_example_is_a_valid_domain_with_a_vhostuser_disk(tmp_path):
     source = disk.find("source")
     assert (source.get("type"), source.get("path")) == ("unix", "/run/vblk/NAME.sock")
     assert disk.find("target").get("bus") == "virtio"
+    # multiqueue: one queue per vCPU, and the comment says how vblk is told to offer them
+    queues = int(disk.find("driver").get("queues"))
+    assert queues == int(root.find("vcpu").text) > 1
+    comment = EXAMPLE.read_text().split("-->")[0]
+    assert f"mq={queues}" in comment and "num-queues" in comment
 
 
 # -- the units under a real systemd (252, as PID 1 of a systemd-nspawn container) -----------------
