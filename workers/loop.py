@@ -24,6 +24,7 @@ import socket
 from vblk import ipc
 from vblk.backing import Backing
 from vblk.ipc import SlotArea
+from vblk.logs import quote
 from vblk.memory import GuestMemory
 from vblk.vhost_user.messages import MemRegion
 from vblk.virtio.constants import BlkStatus
@@ -78,7 +79,8 @@ class Worker:
                 self.backing.flush()
             except OSError as exc:
                 err = exc.errno or errno.EIO
-                log.warning("event=io_error worker=%d op=flush error=%r", self.index, exc)
+                log.warning("event=io_error worker=%d op=flush error=%s", self.index,
+                            quote(repr(exc)))
                 results = [(BlkStatus.IOERR, err, False) if needs_flush else (status, e, False)
                            for status, e, needs_flush in results]
         for i, (status, err, _) in zip(batch, results):

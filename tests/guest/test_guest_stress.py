@@ -90,7 +90,7 @@ def test_a_guest_writing_files_through_random_worker_and_backend_kills(case, tmp
     rnd = random.Random(1500 + case)
     image = make_image(tmp_path / "disk.img", 256 * MiB)
     sock = os.path.join(tempfile.mkdtemp(prefix="vblk-gs-", dir="/tmp"), "vblk.sock")
-    vblk = RestartingVblk(image, sock, tmp_path, "--workers", "3", "--writeback")
+    vblk = RestartingVblk(image, sock, tmp_path, "--workers", "3", "--cache", "writeback")
     faults = {"worker_kill": 0, "backend_kill": 0}
     stop = threading.Event()
 

@@ -559,7 +559,7 @@ def test_migrate_writeback_two_queues_from_a_throttled_stalling_source_after_a_c
     GET_VRING_BASE only once the requests it took are done, and the destination takes the
     rings from where the source stopped, with what was left in them."""
     image = make_image(tmp_path / "disk.img", 256 * MiB)
-    common = ("--writeback", "--num-queues", "2", "--workers", "4")
+    common = ("--cache", "writeback", "--num-queues", "2", "--workers", "4")
     monkeypatch.setenv("VBLK_INLINE_READS", "0")   # the source's reads too stall with its workers
     a = serve_vblk(image, *common, "--iops-limit", "40")
     monkeypatch.delenv("VBLK_INLINE_READS")
@@ -586,8 +586,8 @@ def test_migrate_writeback_two_queues_from_a_throttled_stalling_source_after_a_c
     # the second attempt, at QEMU's default bandwidth, with the source slowed to 5 requests a
     # second (vblk limit): the guest's requests wait in the rings, a few are taken and stall
     qa.qmp.execute("migrate-set-parameters", {"max-bandwidth": 128 * MiB})
-    slowed = subprocess.run([sys.executable, "-m", "vblk.cli", "limit", "--socket", str(a),
-                             "--iops", "5"], capture_output=True, text=True, timeout=30)
+    slowed = subprocess.run([sys.executable, "-m", "vblk.cli", "limit", "--socket-path", str(a),
+                             "--iops-limit", "5"], capture_output=True, text=True, timeout=30)
     assert slowed.returncode == 0, slowed.stderr
     qb2 = m.start(b, incoming=True)
     stall = Stall(a)

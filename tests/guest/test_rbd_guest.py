@@ -111,7 +111,7 @@ umount /mnt
 @pytest.mark.parametrize("mode", ["writethrough", "writeback"])
 def test_ext4_on_an_rbd_image(ceph_cluster, rbd_image, serve_vblk, boot, tmp_path, mode):
     name = rbd_image(64 * MiB)
-    sock = serve_vblk(spec(ceph_cluster, name), *(["--writeback"] if mode == "writeback" else []))
+    sock = serve_vblk(spec(ceph_cluster, name), *(["--cache", "writeback"] if mode == "writeback" else []))
     res = boot(sock, FILES_SCRIPT).check()
     assert_geometry(res, size_bytes=64 * MiB, pbs=RBD_PBS, writeback=mode == "writeback")
     v = res.values
@@ -286,10 +286,10 @@ def test_guest_sees_rbd_resize_without_reboot(ceph_cluster, rbd_image, serve_vbl
 
     def on_line(line: str) -> None:
         if line.strip() == "VBLK-RESIZE-WANT=grow":
-            done["early"] = vblk_cli("resize", sock, str(new))    # the image is not bigger yet
+            done["early"] = vblk_cli("resize", str(new), "--socket-path", sock)  # not bigger yet
             ceph_cluster.rbd("resize", "--size", f"{new}B", f"rbd/{name}")
             done["at"] = time.time()
-            done["resize"] = vblk_cli("resize", sock, str(new))
+            done["resize"] = vblk_cli("resize", str(new), "--socket-path", sock)
 
     res = boot(sock, RESIZE_SCRIPT, on_line=on_line).check()
     v = res.values

@@ -57,7 +57,7 @@ def test_a_verified_random_workload_on_an_rbd_image(ceph_cluster, rbd_image, vbl
     name = rbd_image(16 * MiB)
     salt = 7300 + (mode == "writeback")
     modelled_image(ceph_cluster, name, tmp_path, salt)
-    sock = vblk_server(spec(ceph_cluster, name), *(["--writeback"] if mode == "writeback" else []))
+    sock = vblk_server(spec(ceph_cluster, name), *(["--cache", "writeback"] if mode == "writeback" else []))
     model = DiskModel(SECTORS, salt)
     workload = Workload(salt, SECTORS, indirect_share=0.25, max_segments=4)
     with BlkClient.connect(sock, ram_mib=32) as client:
@@ -305,10 +305,10 @@ def test_rbd_resize_then_vblk_resize_and_the_frontend_is_told(ceph_cluster, rbd_
     sock = vblk_server(spec(ceph_cluster, name))
     features = DEFAULT_PROTOCOL_FEATURES | P.BACKEND_REQ.mask
     with BlkClient.connect(sock, protocol_features=features) as c:
-        r = vblk("resize", sock, "12M")
+        r = vblk("resize", "12M", "--socket-path", sock)
         assert r.returncode == 2 and "never grows" in r.stderr
         ceph_cluster.rbd("resize", "--size", "12M", f"rbd/{name}")
-        r = vblk("resize", sock, "12M")
+        r = vblk("resize", "12M", "--socket-path", sock)
         assert r.returncode == 0 and "the frontend was notified" in r.stdout, r.stderr
         header, _ = c.frontend.recv_backend_request(10)
         assert header.request == m.BackendReq.CONFIG_CHANGE_MSG

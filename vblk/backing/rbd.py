@@ -65,6 +65,7 @@ from vblk.backing.local import compute_window, derive_physical, pad_serial
 from vblk.backing.rbd_spec import RbdSpec, parse_rbd
 from vblk.errors import ConfigError
 from vblk.ipc import Op
+from vblk.logs import quote
 from vblk.options import DiskOptions
 from vblk.virtio.constants import BLK_ID_BYTES
 
@@ -258,7 +259,7 @@ def _take_over(spec: RbdSpec, image: c_void_p, readonly: bool) -> None:
         raise ConfigError(f"rbd:{spec.name} is still locked by a vblk that died; open it "
                           f"writable once to take it over")
     for owner in _exclusive_owners(image):
-        log.warning("event=rbd_lock_taken_over image=%s owner=%r", spec.name, owner)
+        log.warning("event=rbd_lock_taken_over image=%s owner=%s", quote(spec.name), quote(owner))
         check(lib().rbd_lock_break(image, RBD_LOCK_MODE_EXCLUSIVE, owner.encode()),
               "rbd_lock_break")
 
@@ -539,7 +540,7 @@ class RbdBacking(Backing):
                           "removing the lock's owner record")
                     check(L.rbd_lock_release(self.image), "rbd_lock_release")
                 except RbdError as exc:
-                    log.warning("event=rbd_lock_release_failed error=%r", exc)
+                    log.warning("event=rbd_lock_release_failed error=%s", quote(repr(exc)))
             L.rbd_close(self.image)
             self.image = c_void_p()
             self.conn.close()

@@ -25,6 +25,7 @@ from vblk.control import listener_path
 from vblk.device import BlkDevice, DiscardLimits, Geometry
 from vblk.ipc import SlotArea
 from vblk.listening import open_listener
+from vblk.logs import quote
 from vblk.options import ServeConfig, default_max_discard_sectors
 from vblk.ratelimit import Limiter
 from vblk.stats import Stats
@@ -60,7 +61,7 @@ def make_engine(config: ServeConfig, backing: Backing, stats: Stats):
     """Worker processes for a backing whose calls block; the backing's own submission
     otherwise."""
     if backing.blocking:
-        return WorkerPool(config.workers, backing, SlotArea.create(config.queue_size), stats,
+        return WorkerPool(config.workers, backing, SlotArea.create(config.slots), stats,
                           config.log_level)
     return InProcessEngine(backing)
 
@@ -75,8 +76,9 @@ def open_control(config: ServeConfig, listener: socket.socket, stats: Stats):
         if bound is not None and len(os.fsencode(default_control_path(bound))) <= SUN_PATH_MAX:
             path = default_control_path(bound)
         else:
-            log.info("event=no_control_socket reason=%r",
-                     "the listening socket has no path" if bound is None else "path too long")
+            log.info("event=no_control_socket reason=%s",
+                     quote("the listening socket has no path" if bound is None
+                           else "path too long"))
     metrics = parse_listen_address(config.metrics_listen) if config.metrics_listen else None
     if path is None and metrics is None:
         return None
@@ -128,7 +130,7 @@ def _run(config, backing, device, stats, engine, listener, control) -> None:
     limiter = Limiter(config.limits, now=time.monotonic())
     stats.limiter = limiter
     inline = backing.caches and os.environ.get("VBLK_INLINE_READS", "1") != "0"
-    data = DataPath(device, backing, config.queue_size, stats, limiter, inline_reads=inline)
+    data = DataPath(device, backing, config.slots, stats, limiter, inline_reads=inline)
     data.engine = engine
     link: FrontendLink | None = None
     loop = EventLoop(on_error=lambda: link.disconnect())
@@ -142,7 +144,7 @@ def _run(config, backing, device, stats, engine, listener, control) -> None:
             loop.watch(control.fileno(), control.on_readable, "frontend")
         link.listen()
         with loop.signals():
-            log.info("event=listening workers=%d slots=%d", stats.workers, config.queue_size)
+            log.info("event=listening workers=%d slots=%d", stats.workers, config.slots)
             sdnotify.ready("waiting for a frontend")
             try:
                 loop.run(timeout=data.timeout, tick=data.tick, poll=data.poll)
@@ -160,9 +162,10 @@ def _log_serving(config: ServeConfig, backing: Backing, device: BlkDevice) -> No
     info = backing.info
     d = device.discard
     log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s discard=%s socket=%s "
-             "iops_limit=%d bps_limit=%d incoming=%s", info.path, info.size, info.logical_block_size,
+             "iops_limit=%d bps_limit=%d incoming=%s", quote(info.path), info.size,
+             info.logical_block_size,
              info.physical_block_size, info.readonly,
              "writeback" if info.writeback else "writethrough",
              f"{d.max_sectors}:{d.max_segments}:{d.alignment}" if d else "off",
-             config.socket_path or f"fd:{config.listen_fd}", config.limits.iops,
+             quote(config.socket_path or f"fd:{config.listen_fd}"), config.limits.iops,
              config.limits.bps, config.incoming)
