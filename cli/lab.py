@@ -3,7 +3,7 @@ qemu-storage-daemon) and ``vblk demo`` (boot the test guest on vblk, serving a f
 ``--rbd``, an RBD image in a throwaway Ceph cluster). Both drive ``vblk.lab``,
 imported only when the command runs.
 
-``bench --socket PATH`` runs one workload against whatever listens there (vblk,
+``bench --socket-path PATH`` runs one workload against whatever listens there (vblk,
 qemu-storage-daemon, any vhost-user-blk backend) with the package's own frontend and prints
 IOPS, MB/s, latency percentiles and the client's CPU share (``--json`` for a machine).
 ``bench --compare IMAGE`` serves two copies of IMAGE (a file, or an RBD image
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Optional, TextIO
 import typer
 
 from vblk.cli.errors import fail
+from vblk.cli.spellings import either
 from vblk.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from vblk.ratelimit import Limits
 
 
-HELP = """Measure a vhost-user-blk backend (--socket), or compare vblk with qemu-storage-daemon
+HELP = """Measure a vhost-user-blk backend (--socket-path), or compare vblk with qemu-storage-daemon
 on copies of one image (--compare).
 
 Patterns: randread, randwrite, read, write, randrw (--rwmix: percent reads). --qd is the
@@ -40,7 +41,7 @@ number of requests in flight per queue. Latency runs from the publish of a reque
 reap that sees it done. MB/s are 10^6 bytes.
 
 --compare starts `vblk serve` and qemu-storage-daemon in the same cache mode (--cache, or
---writeback/--writethru inside --vblk-args; default writethrough, vblk's default) and runs
+--cache inside --vblk-args; default writethrough, vblk's default) and runs
 each workload (--workload PATTERN:BS:QD, repeatable; default 4k randread QD1 and QD32, 128k
 read and write QD8, 4k randwrite QD32) against both, alternately, for --rounds rounds, then
 prints medians and the ratio vblk/qsd. --plot FILE.png adds a queue-depth sweep (QD 1..32 of
@@ -60,8 +61,9 @@ the guest. Needs fio on the host (apt-get install fio): it is copied into a cach
 
 
 def bench_command(
-    socket_path: Optional[str] = typer.Option(None, "--socket", metavar="PATH",
+    socket_path: Optional[str] = typer.Option(None, "--socket-path", metavar="PATH",
                                               help="The vhost-user-blk socket to load."),
+    old_socket: Optional[str] = typer.Option(None, "--socket", hidden=True),
     compare_image: Optional[str] = typer.Option(None, "--compare", metavar="IMAGE",
                                                 help="Compare vblk with qemu-storage-daemon "
                                                      "on two copies of IMAGE (a file or "
@@ -98,7 +100,7 @@ def bench_command(
                                          help="--compare: rounds, A B A B (default 3)."),
     vblk_args: Optional[str] = typer.Option(None, "--vblk-args", metavar="ARGS",
                                             help="--compare: more `vblk serve` options, e.g. "
-                                                 "'--workers 2 --writeback'."),
+                                                 "'--workers 2 --cache writeback'."),
     cache: Optional[str] = typer.Option(None, "--cache", metavar="MODE",
                                         help="--compare: writethrough or writeback, for both."),
     plot: Optional[str] = typer.Option(None, "--plot", metavar="FILE.png",
@@ -114,12 +116,14 @@ def bench_command(
                                              help="--compare rbd:...: run rbd bench with each "
                                                   "workload beside the backends (default: "
                                                   "on)."),
-    limit_iops: Optional[str] = typer.Option(None, "--limit-iops", metavar="N",
-                                             help="--socket: the IOPS limit the backend should "
-                                                  "hold; prints achieved/limit (default: asked "
-                                                  "of a vblk's control socket, SOCKET.ctl)."),
-    limit_bps: Optional[str] = typer.Option(None, "--limit-bps", metavar="SIZE",
-                                            help="--socket: the bytes/s limit, likewise."),
+    limit_iops: Optional[str] = typer.Option(None, "--iops-limit", metavar="N",
+                                             help="--socket-path: the IOPS limit the backend "
+                                                  "should hold; prints achieved/limit (default: "
+                                                  "asked of a vblk's control socket, PATH.ctl)."),
+    limit_bps: Optional[str] = typer.Option(None, "--bps-limit", metavar="SIZE",
+                                            help="--socket-path: the bytes/s limit, likewise."),
+    old_limit_iops: Optional[str] = typer.Option(None, "--limit-iops", hidden=True),
+    old_limit_bps: Optional[str] = typer.Option(None, "--limit-bps", hidden=True),
     guest: bool = typer.Option(False, "--guest",
                                help="--compare: run fio inside the test guest (QEMU) against "
                                     "each backend instead of the Python frontend."),
@@ -134,6 +138,9 @@ def bench_command(
     from vblk.lab.workload import BenchError
     from vblk.testing.frontend import BackendError
 
+    socket_path = either("--socket-path", socket_path, "--socket", old_socket)
+    limit_iops = either("--iops-limit", limit_iops, "--limit-iops", old_limit_iops)
+    limit_bps = either("--bps-limit", limit_bps, "--limit-bps", old_limit_bps)
     show = progress if progress is not None else sys.stderr.isatty()
     limits_given = limit_iops is not None or limit_bps is not None
     try:
@@ -153,7 +160,7 @@ def bench_command(
                      limit_iops=limit_iops, limit_bps=limit_bps,
                      listed=compare_image is not None)
         if socket_path is not None and not os.path.exists(socket_path):
-            raise BenchError(f"--socket {socket_path}: no such socket")
+            raise BenchError(f"--socket-path {socket_path}: no such socket")
     except BenchError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
 
@@ -196,11 +203,11 @@ def _first_given(options: dict[str, object]) -> str | None:
 def _check_modes(socket_path: str | None, compare_image: str | None, guest: bool, *,
                  limits_given: bool, rbd_bench: bool | None, compare_only: dict,
                  guest_only: dict, frontend_only: dict) -> None:
-    """BenchError unless the options given belong to the mode chosen: --socket, --compare,
+    """BenchError unless the options given belong to the mode chosen: --socket-path, --compare,
     or --compare --guest (--rbd-bench: --compare rbd:..., checked by ``compare``)."""
     from vblk.lab.workload import BenchError
     if (socket_path is None) == (compare_image is None):
-        raise BenchError("give exactly one of --socket PATH and --compare IMAGE")
+        raise BenchError("give exactly one of --socket-path PATH and --compare IMAGE")
     if guest and compare_image is None:
         raise BenchError("--guest goes with --compare IMAGE")
     if not guest and (name := _first_given(guest_only)):
@@ -211,15 +218,15 @@ def _check_modes(socket_path: str | None, compare_image: str | None, guest: bool
         raise BenchError(f"{name} does not go with --guest (fio runs each "
                          "workload for --duration seconds on one queue)")
     if socket_path is not None and (name := _first_given(compare_only)):
-        raise BenchError(f"{name} goes with --compare, not --socket")
+        raise BenchError(f"{name} goes with --compare, not --socket-path")
     if socket_path is None and limits_given:
-        raise BenchError("--limit-iops/--limit-bps go with --socket, not --compare")
+        raise BenchError("--iops-limit/--bps-limit go with --socket-path, not --compare")
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """What bench runs: the one workload (--socket), the list (--compare), the sweep (--plot)
-    and the limits the backend should hold (--limit-iops/--limit-bps)."""
+    """What bench runs: the one workload (--socket-path), the list (--compare), the sweep
+    (--plot) and the limits the backend should hold (--iops-limit/--bps-limit)."""
     single: Workload
     workloads: list[Workload]
     sweep: Workload | None
@@ -232,13 +239,13 @@ def _plan(*, pattern: str | None, bs: str | None, qd: int | None, rwmix: int, qu
           plot_workload: str | None, limit_iops: str | None, limit_bps: str | None,
           listed: bool) -> _Plan:
     """The workloads from the options, every check that needs no backend done (BenchError);
-    ``listed``: --compare's list and sweep too (--socket runs only the single workload)."""
+    ``listed``: --compare's list and sweep too (--socket-path runs only the single workload)."""
     from vblk.errors import ConfigError
     from vblk.lab.plot import check_plot_support
     from vblk.lab.workload import DEFAULT_DURATION, DEFAULT_WORKLOADS, BenchError, Workload, size_option
     from vblk.options import parse_limits
     try:
-        expected = parse_limits(iops=limit_iops, bps=limit_bps, suffix="", prefix="--limit-")
+        expected = parse_limits(iops=limit_iops, bps=limit_bps)
     except ConfigError as exc:
         raise BenchError(str(exc)) from None
     if duration is not None and ops is not None:
@@ -270,7 +277,7 @@ def _plan(*, pattern: str | None, bs: str | None, qd: int | None, rwmix: int, qu
 
 def _run_socket(socket_path: str, plan: _Plan, *, timeout: float, busy_poll: bool,
                 limits_given: bool, as_json: bool, log: TextIO | None) -> int:
-    """--socket: one run against whatever listens there; returns the failed requests."""
+    """--socket-path: one run against whatever listens there; returns the failed requests."""
     from vblk.lab.client import backend_limits, run_workload
     from vblk.lab.report import ProgressLine, format_result
     single = plan.single
@@ -283,7 +290,7 @@ def _run_socket(socket_path: str, plan: _Plan, *, timeout: float, busy_poll: boo
             line.finish()
     if limits_given:
         result.limit_iops, result.limit_bps = plan.expected.iops, plan.expected.bps
-        result.limit_source = "--limit-iops/--limit-bps"
+        result.limit_source = "--iops-limit/--bps-limit"
     else:
         known = backend_limits(socket_path)
         if known is not None and any(known):

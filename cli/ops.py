@@ -5,8 +5,8 @@ activation.
 ``vblk stats`` shows what a running vblk is doing, read from its control socket; ``vblk limit``
 shows or changes its rate limits there.
 
-The control socket is ``--control-socket PATH``, or ``--socket PATH`` (the vhost-user socket)
-plus ``.ctl``, which is where ``vblk serve`` puts it by default. One snapshot is printed as a
+The control socket is ``--control-socket PATH``, or ``--socket-path PATH`` (the vhost-user
+socket) plus ``.ctl``, which is where ``vblk serve`` puts it by default. One snapshot is printed as a
 table (or ``--json``); ``--watch [SECONDS]`` redraws every SECONDS (default 2) and adds
 rates, until Ctrl-C. Exit status: 0, 1 if vblk cannot be reached, 2 for bad usage.
 """
@@ -21,6 +21,7 @@ from typing import Optional
 import typer
 
 from vblk.cli.errors import fail
+from vblk.cli.spellings import either, warn_old
 from vblk.control import SUFFIX, ControlError, default_control_path, fetch_stats, request
 from vblk.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vblk.stats import KINDS
@@ -28,9 +29,23 @@ from vblk.units import format_size
 
 DEFAULT_WATCH_SECONDS = 2.0
 
+ControlSocket = typer.Option(None, "--control-socket", metavar="PATH",
+                             help="The vblk's control socket.")
+SocketPath = typer.Option(None, "--socket-path", metavar="PATH",
+                          help="The vblk's vhost-user socket (its control socket is PATH.ctl).")
+OldSocket = typer.Option(None, "--socket", hidden=True)
+
 # vhost-user.rst "Backend program conventions", vhost-user.json VHostUserBackendCapabilities:
 # vblk serve takes --blk-file PATH and --read-only, so it announces both block features.
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
+
+
+def capabilities_first(args: list[str]) -> None:
+    """--print-capabilities anywhere in ``args``: print and exit 0 before click parses the rest
+    (the convention: "Other options and arguments should be ignored", unknown ones too)."""
+    if "--print-capabilities" in args:
+        print(json.dumps(CAPABILITIES), flush=True)
+        sys.exit(EXIT_OK)
 
 
 def print_capabilities(value: bool) -> None:
@@ -71,17 +86,16 @@ def stats(
     seconds: Optional[float] = typer.Argument(
         None, metavar="SECONDS", show_default=False,
         help=f"With --watch: seconds between refreshes (default {DEFAULT_WATCH_SECONDS:g})."),
-    control_socket: Optional[str] = typer.Option(None, "--control-socket", metavar="PATH",
-                                                 help="The vblk's control socket."),
-    socket_path: Optional[str] = typer.Option(None, "--socket", metavar="PATH",
-                                              help="The vblk's vhost-user socket (its control "
-                                                   "socket is PATH.ctl)."),
+    control_socket: Optional[str] = ControlSocket,
+    socket_path: Optional[str] = SocketPath,
+    old_socket: Optional[str] = OldSocket,
     watch: bool = typer.Option(False, "--watch", help="Refresh until Ctrl-C (--watch [SECONDS])."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per refresh)."),
     timeout: float = typer.Option(5.0, "--timeout", metavar="SECONDS",
                                   help="How long to wait for an answer."),
 ) -> None:
     """Show a running vblk's requests, bytes, latency, frontend, workers and rate limits."""
+    socket_path = either("--socket-path", socket_path, "--socket", old_socket)
     _control_path(control_socket, socket_path)
     if seconds is not None and not watch:
         raise fail(f"{seconds:g} seconds means nothing without --watch", EXIT_USAGE)
@@ -105,15 +119,16 @@ def stats(
 
 
 def resize(
-    instance: str = typer.Argument(..., metavar="INSTANCE", show_default=False,
-                                   help="The vblk's vhost-user socket (its control socket is "
-                                        "INSTANCE.ctl) or its control socket."),
-    new_size: str = typer.Argument(..., metavar="SIZE", show_default=False,
-                                   help="The new size the guest sees: bytes or K/M/G/T "
-                                        "(powers of 1024), whole logical blocks, at most what "
-                                        "the image (or the range) holds."),
+    first: str = typer.Argument(..., metavar="SIZE", show_default=False,
+                                help="The new size the guest sees: bytes or K/M/G/T (powers of "
+                                     "1024), whole logical blocks, at most what the image (or "
+                                     "the range) holds."),
+    second: Optional[str] = typer.Argument(None, hidden=True, show_default=False),
+    control_socket: Optional[str] = ControlSocket,
+    socket_path: Optional[str] = SocketPath,
     timeout: float = typer.Option(5.0, "--timeout", metavar="SECONDS",
                                   help="How long to wait for an answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Grow or shrink the disk a running vblk serves, and tell the guest.
 
@@ -121,26 +136,38 @@ def resize(
     2 bad SIZE or refused by vblk (nothing changed)."""
     from vblk.errors import ResizeRefused
     from vblk.resize import describe, parse_new_size
+    new_size = first
+    if second is not None:                         # the old spelling: resize INSTANCE SIZE
+        if control_socket is not None or socket_path is not None:
+            raise fail("give the socket as --socket-path or --control-socket, or as the old "
+                       "positional INSTANCE, not both", EXIT_USAGE)
+        warn_old("vblk resize INSTANCE SIZE", "vblk resize SIZE --socket-path INSTANCE")
+        path, new_size = control_path(first), second
+    else:
+        path = _control_path(control_socket, socket_path)
     try:
         size_bytes = parse_new_size(new_size)
     except ResizeRefused as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     if not 0 < timeout <= 600:
         raise fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
-    path = control_path(instance)
     try:
         answer = request(path, {"op": "resize", "size": size_bytes}, timeout=timeout)
     except ControlError as exc:
         raise fail(str(exc), EXIT_FAILED) from None
     if not answer.get("ok"):
         raise fail(f"resize refused: {answer.get('error', 'no reason given')}", EXIT_USAGE)
+    if as_json:
+        typer.echo(json.dumps({k: answer.get(k) for k in ("old_bytes", "new_bytes", "notified",
+                                                           "reason")}, sort_keys=True))
+        return
     typer.echo(describe(answer["old_bytes"], answer["new_bytes"], answer["notified"],
                         answer.get("reason", "")))
 
 
 def control_path(instance: str) -> str:
-    """INSTANCE -> control socket: INSTANCE.ctl when that exists (INSTANCE is the vhost-user
-    socket, as ``vblk stats --socket`` takes it), else INSTANCE itself."""
+    """The old ``resize INSTANCE``: INSTANCE.ctl when that exists (INSTANCE is the vhost-user
+    socket), else INSTANCE itself (the control socket)."""
     if not instance.endswith(SUFFIX) and os.path.exists(default_control_path(instance)):
         return default_control_path(instance)
     return instance
@@ -168,22 +195,22 @@ def _watch(path: str, interval: float, timeout: float, as_json: bool) -> None:
 
 def _control_path(control_socket: Optional[str], socket_path: Optional[str]) -> str:
     if (control_socket is None) == (socket_path is None):
-        raise fail("give exactly one of --control-socket and --socket", EXIT_USAGE)
+        raise fail("give exactly one of --control-socket and --socket-path", EXIT_USAGE)
     return control_socket if control_socket is not None else default_control_path(socket_path)
 
 
 def limit(
-    control_socket: Optional[str] = typer.Option(None, "--control-socket", metavar="PATH",
-                                                 help="The vblk's control socket."),
-    socket_path: Optional[str] = typer.Option(None, "--socket", metavar="PATH",
-                                              help="The vblk's vhost-user socket (its control "
-                                                   "socket is PATH.ctl)."),
-    iops: Optional[str] = typer.Option(None, "--iops", metavar="N",
+    control_socket: Optional[str] = ControlSocket,
+    socket_path: Optional[str] = SocketPath,
+    old_socket: Optional[str] = OldSocket,
+    iops: Optional[str] = typer.Option(None, "--iops-limit", metavar="N",
                                        help="Requests per second over all queues (k/M "
                                             "suffixes = 1000s); 0 = unlimited."),
-    bps: Optional[str] = typer.Option(None, "--bps", metavar="SIZE",
+    bps: Optional[str] = typer.Option(None, "--bps-limit", metavar="SIZE",
                                       help="Bytes per second (K/M/G suffixes = 1024s); "
                                            "0 = unlimited."),
+    old_iops: Optional[str] = typer.Option(None, "--iops", hidden=True),
+    old_bps: Optional[str] = typer.Option(None, "--bps", hidden=True),
     iops_burst: Optional[str] = typer.Option(None, "--iops-burst", metavar="N",
                                              help="Burst in requests (default: 0.1 s of the "
                                                   "rate)."),
@@ -196,13 +223,17 @@ def limit(
     """Show or change a running vblk's I/O rate limits; prints the limits in effect.
 
     A rate given without its burst gets the default burst (0.1 s of the rate); a burst alone
-    keeps the rate. Exit status: 0, 1 if vblk cannot be reached or refuses, 2 for bad usage."""
+    keeps the rate. Exit status: 0, 1 if vblk cannot be reached, 2 bad usage or refused by vblk
+    (nothing changed)."""
     from vblk.errors import ConfigError
     from vblk.options import parse_limits
+    socket_path = either("--socket-path", socket_path, "--socket", old_socket)
+    iops = either("--iops-limit", iops, "--iops", old_iops)
+    bps = either("--bps-limit", bps, "--bps", old_bps)
     path = _control_path(control_socket, socket_path)
     try:
         changes = parse_limits(iops=iops, bps=bps, iops_burst=iops_burst, bps_burst=bps_burst,
-                               suffix="", burst_needs_rate=False)
+                               burst_needs_rate=False)
     except ConfigError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     message = {"op": "limit", **changes}
@@ -212,8 +243,8 @@ def limit(
         answer = request(path, message, timeout=timeout)
     except ControlError as exc:
         raise fail(str(exc), EXIT_FAILED) from None
-    if not answer.get("ok"):
-        raise fail(f"{path}: {answer.get('error', 'request failed')}", EXIT_FAILED)
+    if not answer.get("ok"):                  # refused input, as a refused resize: status 2
+        raise fail(f"{path}: {answer.get('error', 'request failed')}", EXIT_USAGE)
     limits = answer["limits"]
     typer.echo(json.dumps(limits, sort_keys=True) if as_json else render_limits(limits))
 

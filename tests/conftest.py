@@ -178,14 +178,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 # daemons. Missing Ceph binaries FAIL these fixtures (a skipped RBD test would hide that RBD
 # is untested). VBLK_CEPH_KEEP=1 keeps the clusters' directories (logs) after the tests.
 
-def _start_ceph_cluster(store: str, what: str):
+def _start_ceph_cluster(store: str, what: str, auth: str = "none"):
     from vblk.testing.ceph import INSTALL_HINT, CephCluster, CephError, missing_binaries
     missing = missing_binaries()
     if missing:
         pytest.fail(f"{what}: Ceph is not installed (missing {', '.join(missing)}); "
                     f"install it: {INSTALL_HINT}", pytrace=False)
     try:
-        return CephCluster.start(store=store)
+        return CephCluster.start(store=store, auth=auth)
     except CephError as exc:
         pytest.fail(f"{what}: the Ceph test cluster did not start: {exc}", pytrace=False)
 
@@ -243,5 +243,14 @@ def ceph_cluster_private(request: pytest.FixtureRequest):
     kill_osd() + start_osd(); for memstore (faster, lost on SIGKILL):
     ``@pytest.mark.parametrize("ceph_cluster_private", ["memstore"], indirect=True)``."""
     cluster = _start_ceph_cluster(getattr(request, "param", "bluestore"), "ceph_cluster_private")
+    yield cluster
+    _stop_ceph_cluster(cluster)
+
+
+@pytest.fixture
+def ceph_cluster_cephx():
+    """A memstore cluster of this test's own with cephx on (``cluster.add_user`` makes users
+    and their keyrings); killed after it."""
+    cluster = _start_ceph_cluster("memstore", "ceph_cluster_cephx", auth="cephx")
     yield cluster
     _stop_ceph_cluster(cluster)

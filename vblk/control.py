@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from vblk.errors import ConfigError, VblkError
+from vblk.logs import quote
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ class ControlServer:
         except BaseException:
             self.close()
             raise
-        log.info("event=control_listening control=%s metrics=%s", self.path, self.metrics_address)
+        log.info("event=control_listening control=%s metrics=%s", quote(self.path),
+                 quote(self.metrics_address))
 
     def _listen(self, sock: socket.socket, http: bool) -> None:
         sock.setblocking(False)
@@ -170,7 +172,7 @@ class ControlServer:
                 elif events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                     self._receive(conn)
             except OSError as exc:
-                log.debug("event=control_client_dropped reason=%r", str(exc))
+                log.debug("event=control_client_dropped reason=%s", quote(exc))
                 self._drop(conn)
         self._expire(time.monotonic())
 
@@ -203,7 +205,7 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:            # EMFILE and friends: try again on the next event
-                log.warning("event=control_accept_failed reason=%r", str(exc))
+                log.warning("event=control_accept_failed reason=%s", quote(exc))
                 return
             sock.setblocking(False)
             if len(self._conns) >= MAX_CONNECTIONS:

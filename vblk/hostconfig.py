@@ -12,7 +12,7 @@ The file has a few host-wide keys and one ``[[disk]]`` table per disk::
     socket-path = "/run/vblk/vm1.sock"
     num-queues = 2                       # and every per-disk flag of `vblk serve`, flag-named:
     iops-limit = "5k"                    #   ro, writeback, nocache, sectorsize, range, serial,
-                                         #   num-queues, discard, discard-limits, queue-size,
+                                         #   num-queues, discard, discard-limits, slots,
                                          #   iops-limit, bps-limit, iops-burst, bps-burst,
                                          #   socket-mode, socket-group, control-socket,
                                          #   metrics-listen
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from vblk.errors import ConfigError
 from vblk.options import (
+    DEFAULT_SLOTS,
     LOG_LEVELS,
     MAX_WORKERS,
     ServeConfig,
@@ -54,7 +55,7 @@ _TEXT_KEYS = {"sectorsize": "sectorsize", "range": "range_", "serial": "serial",
 _LIMIT_KEYS = {"iops-limit": "iops", "bps-limit": "bps", "iops-burst": "iops_burst",
                "bps-burst": "bps_burst"}
 _DISK_KEYS = ({"name", "spec", "socket-path", "socket-mode", "socket-group", "control-socket",
-               "metrics-listen", "num-queues", "queue-size"}
+               "metrics-listen", "num-queues", "slots"}
               | set(_BOOL_KEYS) | set(_TEXT_KEYS) | set(_LIMIT_KEYS))
 
 
@@ -154,7 +155,7 @@ def parse_disk(table: object, index: int, workers: int, log_level: str) -> DiskE
                           prefix="", suffix="-limit")
     serve = ServeConfig(
         disk=disk, socket_path=socket_path, workers=workers, log_level=log_level,
-        queue_size=_typed(table.get("queue-size", 64), int, "queue-size"),
+        slots=_typed(table.get("slots", DEFAULT_SLOTS), int, "slots"),
         control_socket=_optional_text(table, "control-socket"),
         metrics_listen=_optional_text(table, "metrics-listen"),
         socket_mode=parse_socket_mode(_text(table.get("socket-mode", "0600"), "socket-mode")),

@@ -1,11 +1,18 @@
 """vblk's log format: one line per event, ``key=value`` fields, on stderr.
 
+A value is written bare when it can be (numbers, names, most paths); one with a space, a
+quote, an ``=``, a backslash or a control character -- a path like ``/srv/my disk.img``, a
+reason in words -- is written in double quotes, backslashes, double quotes and control
+characters escaped (logfmt's convention), so a ``key=value`` parser always finds every field:
+log such a value through ``quote``.
+
 Under journald (JOURNAL_STREAM set) the timestamp is left out: the journal adds its own.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -44,6 +51,19 @@ def disk_context(name: str):
         yield
     finally:
         leave_disk(outer)
+
+_BARE = re.compile(r'[^\s"=\\\x00-\x1f\x7f]+')
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def quote(value: object) -> str:
+    """``value`` as one log field's value: bare if it can be, else in double quotes."""
+    text = str(value)
+    if _BARE.fullmatch(text):
+        return text
+    escaped = "".join(_ESCAPES.get(c, f"\\x{ord(c):02x}" if ord(c) < 0x20 or ord(c) == 0x7F
+                                   else c) for c in text)
+    return f'"{escaped}"'
 
 
 def configure_logging(level: str) -> None:

@@ -37,7 +37,8 @@ from vblk.units import parse_size
 BLOCK_SIZES = (512, 1024, 2048, 4096)      # allowed logical and physical block sizes
 SERIAL_MAX_BYTES = 20                      # virtio-blk GET_ID answer
 MAX_WORKERS = 64
-MAX_SLOTS = 32768                          # --queue-size: request slots shared by all rings
+MAX_SLOTS = 32768                          # --slots: request slots shared by all rings
+DEFAULT_SLOTS = 64
 MAX_QUEUES = 64                            # virtqueues (mq=N, --num-queues)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -143,7 +144,7 @@ class ServeConfig:
     socket_path: str | None = None
     listen_fd: int | None = None
     workers: int = 8
-    queue_size: int = 64
+    slots: int = DEFAULT_SLOTS              # --slots: requests in flight, all rings
     log_level: str = "INFO"
     control_socket: str | None = None     # None: the listening socket's path + ".ctl"
     metrics_listen: str | None = None     # "HOST:PORT" for Prometheus, None: off
@@ -163,8 +164,8 @@ class ServeConfig:
             raise ConfigError(f"--fd {self.listen_fd} is not a file descriptor")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"--workers {self.workers} is out of range 1..{MAX_WORKERS}")
-        if not (1 <= self.queue_size <= MAX_SLOTS and _is_power_of_two(self.queue_size)):
-            raise ConfigError(f"--queue-size {self.queue_size} must be a power of two "
+        if not (1 <= self.slots <= MAX_SLOTS and _is_power_of_two(self.slots)):
+            raise ConfigError(f"--slots {self.slots} must be a power of two "
                               f"in 1..{MAX_SLOTS}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log level {self.log_level!r} is not one of "
@@ -245,17 +246,16 @@ def parse_count(text: str, what: str) -> int:
 
 def parse_limits(*, iops: str | None = None, bps: str | None = None,
                  iops_burst: str | None = None, bps_burst: str | None = None,
-                 prefix: str = "--", suffix: str = "-limit",
                  burst_needs_rate: bool = True) -> Limits | dict:
     """Rate limits as the operator typed them -> ``Limits`` (0 or absent: unlimited).
 
     IOPS and the IOPS burst are counts (k/M/G = powers of 1000); bytes/s and the byte burst are
-    sizes (K/M/G/T = powers of 1024, like every size vblk takes).  ``prefix``/``suffix``
-    spell the flag names in errors (``--iops-limit`` for serve, ``--iops`` for vblk limit).
-    With ``burst_needs_rate`` False (a change to a running vblk, whose rate is kept) a burst
-    may come alone, and the answer is a dict of just the values given."""
-    name = {"iops": f"{prefix}iops{suffix}", "bps": f"{prefix}bps{suffix}",
-            "iops_burst": f"{prefix}iops-burst", "bps_burst": f"{prefix}bps-burst"}
+    sizes (K/M/G/T = powers of 1024, like every size vblk takes).  Errors name the flags as
+    every command spells them (``--iops-limit``, ``--bps-limit``, ``--iops-burst``,
+    ``--bps-burst``).  With ``burst_needs_rate`` False (a change to a running vblk, whose
+    rate is kept) a burst may come alone, and the answer is a dict of just the values given."""
+    name = {"iops": "--iops-limit", "bps": "--bps-limit", "iops_burst": "--iops-burst",
+            "bps_burst": "--bps-burst"}
     values = {
         "iops": 0 if iops is None else parse_count(iops, f"{name['iops']} {iops}"),
         "bps": 0 if bps is None else parse_size(bps.strip(), f"{name['bps']} {bps}"),

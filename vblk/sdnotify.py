@@ -17,6 +17,7 @@ import os
 import socket
 
 from vblk.errors import ConfigError
+from vblk.logs import quote
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,14 @@ def notify(*fields: str) -> bool:
     if address[0] == "@":
         address = "\0" + address[1:]
     elif address[0] != "/":
-        log.warning("event=notify_failed reason=%r", f"unsupported NOTIFY_SOCKET {address!r}")
+        log.warning("event=notify_failed reason=%s", quote(f"unsupported NOTIFY_SOCKET {address!r}"))
         return False
     message = "\n".join(fields).encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto(message, address)
     except OSError as exc:
-        log.warning("event=notify_failed reason=%r", str(exc))
+        log.warning("event=notify_failed reason=%s", quote(exc))
         return False
     return True
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from vblk.backing import Backing, status_for
 from vblk.ipc import FLAG_SYNC, FLAG_UNMAP, MAX_IOV, Op, SlotArea, decode_ranges
+from vblk.logs import quote
 from vblk.memory import GuestMemory
 from vblk.virtio.constants import BlkStatus
 
@@ -73,8 +74,8 @@ def execute(slots: SlotArea, i: int, worker: int, backing_for: Callable[[int], B
         err = getattr(exc, "errno", None) or errno.EIO
         status = status_for(op, err)
         if status == BlkStatus.UNSUPP:
-            log.warning("event=discard_unsupported worker=%d error=%r", worker, exc)
+            log.warning("event=discard_unsupported worker=%d error=%s", worker, quote(repr(exc)))
         else:
             log.warning("event=io_error worker=%d disk=%d slot=%d op=%d offset=%d length=%d "
-                        "error=%r", worker, disk, i, op, offset, length, exc)
+                        "error=%s", worker, disk, i, op, offset, length, quote(repr(exc)))
         return status, err, False

@@ -26,6 +26,7 @@ import socket
 from vblk import ipc
 from vblk.backing import Backing
 from vblk.ipc import SlotArea
+from vblk.logs import quote
 from vblk.memory import GuestMemory
 from vblk.vhost_user.messages import MemRegion
 from vblk.virtio.constants import BlkStatus
@@ -98,8 +99,8 @@ class Worker:
                 self.disks[disk].flush()
             except OSError as exc:
                 err = exc.errno or errno.EIO
-                log.warning("event=io_error worker=%d disk=%d op=flush error=%r", self.index,
-                            disk, exc)
+                log.warning("event=io_error worker=%d disk=%d op=flush error=%s", self.index,
+                            disk, quote(repr(exc)))
                 results = [(BlkStatus.IOERR, err, False) if r[2] and d == disk else r
                            for d, r in zip(disks, results)]
         for i, (status, err, _) in zip(batch, results):

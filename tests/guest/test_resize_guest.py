@@ -57,7 +57,7 @@ def tagged_image(path: Path, size: int, tag_at: int) -> Path:
 def vblk_resize(sock: str, size: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "vblk.cli", "resize", sock, size], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "vblk.cli", "resize", size, "--socket-path", sock], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=60)
 
 

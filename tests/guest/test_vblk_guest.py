@@ -274,7 +274,7 @@ umount /mnt
 
 def test_writeback_flushes_reach_backend(tmp_path, serve_vblk, boot):
     image = make_image(tmp_path / "disk.img", 64 * MiB)
-    sock = serve_vblk(image, "--writeback", strace=True)
+    sock = serve_vblk(image, "--cache", "writeback", strace=True)
     res = boot(sock, WRITEBACK_SCRIPT).check()
     assert_geometry(res, size_bytes=64 * MiB, pbs=default_pbs(image), writeback=True)
     sock.stop()

@@ -61,7 +61,7 @@ def read_disk(sock: str) -> bytes:
 @pytest.mark.parametrize("pattern", ["randread", "randrw"])
 def test_json_numbers_are_sane(backend_server, image, pattern):
     sock = backend_server(image)
-    d = ok_json(bench("--socket", sock, "--pattern", pattern, "--ops", 2000, "--qd", 8, "--json"))
+    d = ok_json(bench("--socket-path", sock, "--pattern", pattern, "--ops", 2000, "--qd", 8, "--json"))
     assert d["ops"] == 2000 and d["errors"] == 0
     assert d["bytes"] == d["ops"] * 4096 == d["ops"] * d["workload"]["bs"]
     assert d["reads"] + d["writes"] == 2000
@@ -76,7 +76,7 @@ def test_json_numbers_are_sane(backend_server, image, pattern):
 def test_randwrite_changes_the_region_and_nothing_else(backend_server, image):
     sock = backend_server(image)
     before = image.read_bytes()
-    d = ok_json(bench("--socket", sock, "--pattern", "randwrite", "--ops", 512, "--qd", 4,
+    d = ok_json(bench("--socket-path", sock, "--pattern", "randwrite", "--ops", 512, "--qd", 4,
                       "--offset", "1M", "--size", "1M", "--seed", 9, "--json"))
     assert (d["writes"], d["errors"], d["bytes"]) == (512, 0, 512 * 4096)
     after = read_disk(sock)
@@ -88,7 +88,7 @@ def test_randwrite_changes_the_region_and_nothing_else(backend_server, image):
 
 def test_text_output_and_a_read_only_sequential_run(vblk_server, image):
     sock = vblk_server(image, "--workers", "2")
-    r = bench("--socket", sock, "--pattern", "read", "--bs", "64k", "--qd", 2, "--ops", 300)
+    r = bench("--socket-path", sock, "--pattern", "read", "--bs", "64k", "--qd", 2, "--ops", 300)
     assert r.returncode == 0, r.stderr
     assert "64k read QD2" in r.stdout and "errors      0" in r.stdout
     for word in ("IOPS", "MB/s", "p50", "p99.9", "client CPU"):
@@ -98,20 +98,20 @@ def test_text_output_and_a_read_only_sequential_run(vblk_server, image):
 
 def test_more_queues_than_offered_is_refused(vblk_server, image):
     sock = vblk_server(image, "--workers", "1")
-    line = one_error_line(bench("--socket", sock, "--queues", 2, "--ops", 10))
+    line = one_error_line(bench("--socket-path", sock, "--queues", 2, "--ops", 10))
     assert "--queues 2" in line and "GET_QUEUE_NUM" in line
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--socket", "/nonexistent.sock", "--qd", "0"], "--qd 0"),
-    (["--socket", "/nonexistent.sock", "--bs", "1000"], "multiple of 512"),
-    (["--socket", "/nonexistent.sock", "--pattern", "randomread"], "--pattern"),
-    (["--socket", "/nonexistent.sock", "--duration", "1", "--ops", "5"], "not both"),
-    (["--socket", "/nonexistent.sock", "--rounds", "2"], "--rounds goes with --compare"),
-    (["--socket", "/nonexistent.sock"], "no such socket"),
+    (["--socket-path", "/nonexistent.sock", "--qd", "0"], "--qd 0"),
+    (["--socket-path", "/nonexistent.sock", "--bs", "1000"], "multiple of 512"),
+    (["--socket-path", "/nonexistent.sock", "--pattern", "randomread"], "--pattern"),
+    (["--socket-path", "/nonexistent.sock", "--duration", "1", "--ops", "5"], "not both"),
+    (["--socket-path", "/nonexistent.sock", "--rounds", "2"], "--rounds goes with --compare"),
+    (["--socket-path", "/nonexistent.sock"], "no such socket"),
     (["--ops", "5"], "exactly one of --socket"),
     (["--compare", "/nonexistent.img", "--workload", "randread:4k"], "PATTERN:BS:QD"),
-    (["--socket", "/nonexistent.sock", "--guest"], "--guest goes with --compare"),
+    (["--socket-path", "/nonexistent.sock", "--guest"], "--guest goes with --compare"),
     (["--compare", "/nonexistent.img", "--ramp", "1"], "--ramp goes with --guest"),
     (["--compare", "/nonexistent.img", "--guest", "--ops", "5"], "--ops does not go with --guest"),
     (["--compare", "/nonexistent.img", "--guest", "--queues", "2"], "--queues does not go"),
@@ -141,7 +141,7 @@ def test_compare_runs_both_backends_and_prints_the_ratio(image, tmp_path):
               timeout=90)
     assert r.returncode == 0, (r.stdout, r.stderr)
     out = r.stdout
-    assert "writethrough" in out and "writethrough=on" in out and "--writethru" in out
+    assert "writethrough" in out and "writethrough=on" in out and "--cache writethrough" in out
     assert "4k randread QD4" in out and "4k randwrite QD2" in out
     rows = [line.split() for line in out.splitlines()]
     assert sum(row[:1] == ["qsd"] for row in rows) == 2
@@ -158,7 +158,7 @@ def test_compare_json_and_plot(image, tmp_path):
                       "--plot", png, "--workdir", tmp_path, "--json", timeout=120))
     assert d["cache"] == "writeback" and d["errors"] == 0
     assert d["vblk_source"]                    # the git commit served
-    assert "--writeback" in d["commands"]["vblk"]
+    assert "writeback" in d["commands"]["vblk"]
     assert any("writethrough=off" in arg for arg in d["commands"]["qsd"])
     [row] = d["workloads"]
     assert row["workload"] == "4k randread QD2"
@@ -192,6 +192,12 @@ def test_sizes_workloads_and_percentiles():
     assert split_cache_mode("--workers 2", None) == (True, ["--workers", "2"])
     assert split_cache_mode("--writeback --workers 2", None) == (False, ["--workers", "2"])
     assert split_cache_mode("", "writeback") == (False, [])
+    assert split_cache_mode("--cache writeback --workers 2", None) == (False, ["--workers", "2"])
+    assert split_cache_mode("--cache=writethrough", "writethrough") == (True, [])
+    with pytest.raises(BenchError, match="contradicts --cache writeback"):
+        split_cache_mode("--cache writeback", "writethrough")
+    with pytest.raises(BenchError, match="--cache wb: writethrough or writeback"):
+        split_cache_mode("--cache wb", None)
     with pytest.raises(BenchError):
         split_cache_mode("--writethru", "writeback")
     with pytest.raises(BenchError):

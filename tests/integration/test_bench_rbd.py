@@ -59,7 +59,7 @@ def test_compare_on_rbd_runs_both_backends_and_rbd_bench_and_removes_the_copies(
     out = r.stdout
     assert f"serve rbd:rbd/{source}.bench-" in out and "-vblk:conf=" in out
     assert "driver=rbd,pool=rbd,image=" in out and "cache.direct=on" in out
-    assert "writethrough=on" in out and "--writethru" in out
+    assert "writethrough=on" in out and "--cache writethrough" in out
     rows = [line.split() for line in out.splitlines()]
     for label in ("4k randread QD4", "4k randwrite QD2"):
         [vblk_row] = [row for row in rows if row[:4] == [*label.split(), "vblk"]]
@@ -88,7 +88,7 @@ def test_compare_on_rbd_json_writeback_and_keep(ceph_cluster, source, tmp_path):
     assert {n.rsplit("-", 1)[1] for n in kept} == {"vblk", "qsd"}
     assert d["cache"] == "writeback" and d["errors"] == 0 and d["ceiling"] == "rbd bench"
     assert d["ceiling_failures"] == []
-    assert "--writeback" in d["commands"]["vblk"]
+    assert "writeback" in d["commands"]["vblk"]
     assert any("writethrough=off" in a for a in d["commands"]["qsd"])
     assert any(",user=admin," in a for a in d["commands"]["qsd"])
     [row] = d["workloads"]
@@ -131,5 +131,5 @@ def test_rbd_bench_option_goes_with_an_rbd_compare(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["disk.img"]
     assert "not --guest" in one_error_line(vblk("bench", "--compare", "rbd:rbd/x", "--guest",
                                                 "--rbd-bench"))
-    assert "not --socket" in one_error_line(vblk("bench", "--socket", tmp_path / "s.sock",
+    assert "not --socket-path" in one_error_line(vblk("bench", "--socket-path", tmp_path / "s.sock",
                                                  "--no-rbd-bench"))

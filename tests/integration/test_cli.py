@@ -128,7 +128,7 @@ def test_serve_needs_exactly_one_listener(tmp_path, sockdir):
 @pytest.mark.parametrize("args, words", [
     (("--workers", "0"), "--workers 0 is out of range 1..64"),
     (("--workers", "65"), "--workers 65"),
-    (("--queue-size", "100"), "--queue-size 100 must be a power of two"),
+    (("--slots", "100"), "--slots 100 must be a power of two"),
     (("--log-level", "loud"), "log level 'LOUD'"),
     (("--sectorsize", "4096/512"), "smaller than the logical block size"),
     (("--serial", "x" * 21), "at most 20"),
@@ -214,12 +214,66 @@ def test_an_unwritable_image_is_not_silently_served_read_only(tmp_path, sockdir)
             subprocess.run(["chattr", "-i", str(img)], check=True)
 
 
-@pytest.mark.parametrize("args", [(), ("serve",), ("serve", "--socket-path", "x"),
-                                  ("serve", "d.img", "--bogus"), ("info",), ("frobnicate",),
-                                  ("serve", "d.img", "--workers", "many")])
-def test_usage_errors_exit_2(tmp_path, args):
-    r = vblk(*args, cwd=tmp_path)
-    assert r.returncode == 2, (r.stdout, r.stderr)
+@pytest.mark.parametrize("args,words", [
+    (("serve",), "give the image as SPEC or as --blk-file PATH"),
+    (("serve", "--socket-path", "x"), "give the image as SPEC"),
+    (("serve", "d.img", "--bogus"), "No such option: --bogus (see 'vblk serve --help')"),
+    (("info",), "Missing argument 'SPEC' (see 'vblk info --help')"),
+    (("frobnicate",), "No such command 'frobnicate' (see 'vblk --help')"),
+    (("serve", "d.img", "--workers", "many"), "Invalid value for '--workers'"),
+    (("stats", "--socket-path", "s", "--timeout", "soon"), "Invalid value for '--timeout'"),
+    (("resize",), "Missing argument 'SIZE'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, words):
+    """click's usage errors end as vblk's own refusals do: one line, status 2."""
+    assert words in one_error_line(vblk(*args, cwd=tmp_path))
+
+
+def test_old_spellings_still_work_with_one_warning_line(tmp_path):
+    make_image(tmp_path / "disk.img")
+    r = vblk("info", "disk.img", "--writeback", cwd=tmp_path)
+    assert r.returncode == 0 and parse_info(r.stdout)["cache"] == "writeback"
+    assert r.stderr == ("vblk: warning: --writeback is deprecated (it still works): use "
+                        "--cache writeback\n")
+    r = vblk("info", "disk.img", "--writethru", cwd=tmp_path)
+    assert parse_info(r.stdout)["cache"] == "writethrough" and "use --cache writethrough" in r.stderr
+    assert parse_info(vblk("info", "disk.img", "--cache", "writeback", cwd=tmp_path).stdout)[
+        "cache"] == "writeback"
+    r = vblk("serve", "disk.img", "--queue-size", "48", "--socket-path", "x.sock", cwd=tmp_path)
+    warning, error = r.stderr.splitlines()
+    assert warning == "vblk: warning: --queue-size is deprecated (it still works): use --slots"
+    assert r.returncode == 2 and error == "vblk: error: --slots 48 must be a power of two in 1..32768"
+    assert not (tmp_path / "x.sock").exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (("info", "d.img", "--cache", "writeback", "--writethru"), "give --cache (or its old spelling "
+                                                               "--writethru), not both"),
+    (("info", "d.img", "--cache", "wb"), "--cache wb: give writethrough or writeback"),
+    (("serve", "d.img", "--slots", "8", "--queue-size", "8"), "give --slots (or its old spelling "
+                                                             "--queue-size), not both"),
+    (("stats", "--socket-path", "a", "--socket", "a"), "give --socket-path (or its old spelling"),
+    (("limit", "--socket-path", "a", "--iops-limit", "5", "--iops", "5"), "give --iops-limit"),
+    (("bench", "--socket-path", "a", "--iops-limit", "5", "--limit-iops", "5"), "give --iops-limit"),
+    (("resize", "a.sock", "1M", "--socket-path", "a.sock"), "or as the old positional INSTANCE"),
+])
+def test_both_spellings_of_one_option_are_refused(tmp_path, args, words):
+    make_image(tmp_path / "d.img")
+    assert words in one_error_line(vblk(*args, cwd=tmp_path))
+
+
+def test_bare_vblk_prints_the_usage_and_exits_2(tmp_path):
+    r = vblk(cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("Usage: vblk [OPTIONS] COMMAND") and "serve" in r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_prints_the_package_version(tmp_path, flag):
+    import vblk as package
+    r = vblk(flag, cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"vblk {package.__version__}\n", "")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", package.__version__)
 
 
 # -- info -------------------------------------------------------------------------------------
@@ -279,6 +333,35 @@ def test_info_shows_discard_and_write_zeroes(tmp_path):
     assert (rows["discard"], rows["write-zeroes"]) == ("off (read-only)", "no (read-only)")
 
 
+def test_info_json_has_the_tables_facts(tmp_path):
+    make_image(tmp_path / "disk.img", 4 * MiB + 100)
+    import json
+    r = vblk("info", "disk.img,writeback,discard=64:4:8,range=8/2048", "--json", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    info = json.loads(r.stdout)
+    table = parse_info(vblk("info", "disk.img,writeback,discard=64:4:8,range=8/2048",
+                            cwd=tmp_path).stdout)
+    assert (info["image"], info["kind"], info["image_bytes"]) == ("disk.img", "regular file",
+                                                                  4 * MiB + 100)
+    assert (info["capacity_bytes"], info["capacity_sectors"]) == (MiB, 2048)
+    assert info["window"] == {"start": 8 * 512, "end": 8 * 512 + MiB}
+    assert (info["cache"], info["read_only"], info["nocache"]) == ("writeback", False, False)
+    assert info["cache"] == table["cache"] and info["serial"] == table["serial"]
+    assert info["discard"] == {"max_sectors": 64, "max_segments": 4, "alignment_sectors": 8}
+    assert info["write_zeroes"]["may_unmap"] is True
+    ro = json.loads(vblk("info", "disk.img,ro", "--json", cwd=tmp_path).stdout)
+    assert (ro["read_only"], ro["discard"], ro["write_zeroes"], ro["cache"]) == \
+        (True, None, None, "writethrough")
+
+
+def test_demo_refuses_an_existing_image_in_one_line(tmp_path):
+    image = make_image(tmp_path / "disk.img", MiB, b"keep me")
+    before = fingerprint(image)
+    msg = one_error_line(vblk("demo", "--image", image, cwd=tmp_path))
+    assert msg == f"--image {image} already exists; the demo formats its image, so give a new path"
+    assert fingerprint(image) == before and sorted(tmp_path.iterdir()) == [image]
+
+
 def test_info_serial_is_stable(tmp_path):
     make_image(tmp_path / "disk.img")
     a = parse_info(vblk("info", "disk.img", cwd=tmp_path).stdout)["serial"]
@@ -329,6 +412,38 @@ def test_serve_listens_logs_key_value_lines_and_stops_on_sigterm(tmp_path, sockd
                          for line in lines if not line.startswith(("INFO", "WARNING", "DEBUG"))), err
     assert any("event=serving" in line and "image=disk.img" in line for line in lines), err
     assert img.read_bytes()[:4] == b"data"
+
+
+def test_a_path_with_a_space_and_an_equals_sign_stays_one_log_field(tmp_path, sockdir):
+    from tests.unit.test_logs import parse_fields
+    folder = tmp_path / "my vms"
+    folder.mkdir()
+    img = make_image(folder / "disk=1 copy.img", MiB)
+    sock = sockdir / "vm 1.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "vblk.cli", "serve", "--blk-file", img,
+                             "--socket-path", str(sock), "--workers", "1"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_socket(sock, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    serving = [parse_fields(line) for line in err.splitlines() if "event=serving" in line]
+    assert len(serving) == 1, err
+    fields = serving[0]
+    assert (fields["image"], fields["socket"]) == (str(img), str(sock)), err
+    assert (fields["size"], fields["lbs"], fields["cache"]) == (str(MiB), "512", "writethrough")
+    control = [parse_fields(line) for line in err.splitlines() if "event=control_listening" in line]
+    assert control[0]["control"] == f"{sock}.ctl", err
+    # numbers and names keep their bare form: the tests' quick parser still reads them
+    line = next(li for li in err.splitlines() if "event=serving" in li)
+    quick = dict(re.findall(r"(\w+)=(\S+)", line))
+    assert (quick["event"], quick["size"], quick["iops_limit"]) == ("serving", str(MiB), "0")
 
 
 def test_shell_completion_script_is_offered():

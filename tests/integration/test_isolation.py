@@ -9,6 +9,7 @@ verified workload; no mark may appear.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -16,6 +17,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import vblk
 from vblk.testing.frontend import BlkClient
 from vblk.testing.install import build_wheel
 from vblk.testing.processes import stop_group
@@ -118,5 +120,30 @@ def test_the_wheel_installs_one_top_level_package_holding_every_module(tmp_path)
     for folder, prefix in (("vblk", "vblk"), ("workers", "vblk/workers"), ("cli", "vblk/cli")):
         for path in (src / folder).rglob("*.py"):
             expected.add(f"{prefix}/{path.relative_to(src / folder).as_posix()}")
+    # and the data vblk install rewrites: the systemd units, QEMU's vhost-user descriptor
+    expected |= {"vblk/data/systemd/vblk@.service", "vblk/data/systemd/vblk@.socket",
+                 "vblk/data/vhost-user/50-vblk.json"}
     assert expected - set(names) == set()
     assert {n for n in names if not n.split("/")[0].endswith(".dist-info")} == expected
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names
+                                                    if n.endswith("/entry_points.txt")))
+    assert b"vblk = vblk.cli.app:main" in entry_points
+    assert b"vblk-vhost-user-blk = vblk.cli.backend:main" in entry_points
+    # pyproject reads the version from vblk.__version__: one place to change it
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA")))
+    assert re.search(rb"^Version: (.*)$", metadata, re.M).group(1).decode() == vblk.__version__
+    # what PyPI and pip read: Linux only, CPython 3.11+, the licence, known-good lower bounds
+    for line in (b"Classifier: Operating System :: POSIX :: Linux",
+                 b"Classifier: Programming Language :: Python :: 3.11",
+                 b"Classifier: License :: OSI Approved :: BSD License",
+                 b"Requires-Python: >=3.11", b"License: BSD-3-Clause"):
+        assert re.search(rb"^" + re.escape(line) + rb"$", metadata, re.M), line
+    requires = re.findall(rb"^Requires-Dist: ([\w-]+)(.*)$", metadata, re.M)
+    assert requires and all(rest.startswith(b">=") or b">=" in rest for _, rest in requires), \
+        requires
+    licence = next(n for n in names if re.search(r"\.dist-info/(licenses/)?LICENSE$", n))
+    assert b"BSD 3-Clause License" in zipfile.ZipFile(wheel).read(licence)
+    # PyPI's page opens with the checkout's commands: each says it is run from a checkout
+    opening = metadata.split(b"\n\n", 1)[1].split(b"\n")[:4]
+    assert [line for line in opening if line.startswith(b"./") and b"from a checkout" not in line] \
+        == [] and any(line.startswith(b"./scripts/setup") for line in opening), opening

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from vblk.dirtylog import marked_pages
 from vblk.testing.frontend import DEFAULT_PROTOCOL_FEATURES, BackendError, BlkClient
@@ -159,3 +161,52 @@ def test_a_cancelled_migration_leaves_the_source_serving(tmp_path, vblk_server):
         assert not started
         assert a.write(8, b"z" * 4096).status == BlkStatus.OK
         assert a.read(0, 8192).data == b"x" * 4096 + b"z" * 4096
+
+
+def test_a_replaced_log_gets_the_marks_from_then_on_and_the_old_one_none(tmp_path, vblk_server,
+                                                                         monkeypatch):
+    """QEMU sends SET_LOG_BASE again when guest memory changes during a migration: vblk marks
+    the new log from then on -- also for a request in flight through a worker when the log
+    was replaced -- and never touches the old one again."""
+    monkeypatch.setenv("VBLK_INLINE_READS", "0")
+    img = image(tmp_path)
+    with open(img, "r+b") as f:
+        f.write(os.urandom(MiB))
+    server = vblk_server(img, "--workers", "1")
+    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+        workers = [int(p) for p in f.read().split()]
+    assert workers
+    with connect(server) as c:
+        old = start_logging(c)
+        gpa = c.allocator.alloc(2 * PAGE)
+        assert c._run(c.submit(BlkType.IN, 0, nbytes=2 * PAGE, data_gpa=gpa)).status == BlkStatus.OK
+        assert pages(gpa, 2 * PAGE) <= marked_pages(old)
+        old[:] = bytes(len(old))
+        size = len(old)
+        fd = os.memfd_create("qemu-log-2", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        new = mmap.mmap(fd, size)
+        # a read goes to the (stopped) worker, and the log is replaced while it is in flight
+        later = c.allocator.alloc(2 * PAGE)
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        try:
+            tag = c.submit(BlkType.IN, 64, nbytes=2 * PAGE, data_gpa=later)
+            time.sleep(0.2)
+            c.frontend.set_log_base(fd, size, 0)         # answered: the new log is in use
+            old[:] = bytes(len(old))                      # (the take marked avail_event)
+        finally:
+            os.close(fd)
+            for w in workers:
+                os.kill(w, signal.SIGCONT)
+        done = {d.tag: d for d in c.wait(1)}
+        while tag not in done:
+            done.update({d.tag: d for d in c.wait(1)})
+        assert done[tag].status == BlkStatus.OK
+        more = c.allocator.alloc(PAGE)
+        assert c._run(c.submit(BlkType.IN, 128, nbytes=PAGE, data_gpa=more)).status == BlkStatus.OK
+        got = marked_pages(new)
+        assert pages(later, 2 * PAGE) <= got and pages(more, PAGE) <= got
+        assert marked_pages(old) == set(), "the replaced log was written"
+        old.close()
+        new.close()

@@ -107,7 +107,7 @@ def test_a_flooded_queue_does_not_starve_another(vblk_server, image):
     waiting; queue 1 then asks for 8. Once the worker runs again every request of both
     queues completes with the right data (which queue gets the freed slots first is the
     slot_budget policy, unit-tested in tests/unit/test_slot_budget.py)."""
-    sock = vblk_server(image, "--num-queues", "2", "--queue-size", "16", "--workers", "1")
+    sock = vblk_server(image, "--num-queues", "2", "--slots", "16", "--workers", "1")
     flood, other = clients = connect(sock, 2)
     pid = sock.proc.pid
     with open(f"/proc/{pid}/task/{pid}/children") as f:

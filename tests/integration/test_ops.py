@@ -28,7 +28,7 @@ from vblk.testing.install import install_into
 from vblk.virtio.constants import BlkStatus, Feature
 
 REPO = Path(__file__).resolve().parents[2]
-UNITS = REPO / "systemd"
+UNITS = REPO / "vblk" / "data" / "systemd"     # shipped in the package; vblk install rewrites
 MiB = 1 << 20
 TIMEOUT = 30.0
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -412,7 +412,7 @@ def test_stats_table(stats_server):
 
 def test_stats_json_and_socket_spelling(stats_server):
     sock, metrics, _ = stats_server
-    r = run("stats", "--socket", sock, "--json")
+    r = run("stats", "--socket-path", sock, "--json")
     assert r.returncode == 0, r.stderr
     snap = json.loads(r.stdout)
     q = snap["queues"][0]
@@ -427,7 +427,7 @@ def test_stats_json_and_socket_spelling(stats_server):
 
 def test_stats_watch_refreshes_until_interrupted(stats_server, procs):
     sock, _, _ = stats_server
-    proc = procs([*VBLK, "stats", "--socket", sock, "--watch", "0.2", "--json"],
+    proc = procs([*VBLK, "stats", "--socket-path", sock, "--watch", "0.2", "--json"],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
     frames = [json.loads(proc.stdout.readline()) for _ in range(3)]
@@ -437,7 +437,7 @@ def test_stats_watch_refreshes_until_interrupted(stats_server, procs):
     _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, err
 
-    proc = procs([*VBLK, "stats", "--socket", sock, "--watch", "0.2"],
+    proc = procs([*VBLK, "stats", "--socket-path", sock, "--watch", "0.2"],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     text = ""
     while text.count("\n  all ") < 2:          # two whole frames
@@ -457,10 +457,10 @@ def test_stats_of_a_stopped_vblk_is_one_line_and_status_1(stats_server, sockdir)
     assert proc.stdout.readline().strip() == "stopped"
     assert proc.wait(TIMEOUT) == 0
     assert not Path(f"{sock}.ctl").exists(), "the control socket is removed at exit"
-    msg = one_error_line(run("stats", "--socket", sock), status=1)
+    msg = one_error_line(run("stats", "--socket-path", sock), status=1)
     assert msg == f"no control socket at {sock}.ctl (is vblk serving there?)"
     assert "exactly one of" in one_error_line(run("stats"))
-    assert "without --watch" in one_error_line(run("stats", "--socket", sock, "3"))
+    assert "without --watch" in one_error_line(run("stats", "--socket-path", sock, "3"))
 
 
 def test_control_socket_survives_bad_and_idle_clients(stats_server):
@@ -640,6 +640,11 @@ def test_libvirt_example_is_a_valid_domain_with_a_vhostuser_disk(tmp_path):
     source = disk.find("source")
     assert (source.get("type"), source.get("path")) == ("unix", "/run/vblk/NAME.sock")
     assert disk.find("target").get("bus") == "virtio"
+    # multiqueue: one queue per vCPU, and the comment says how vblk is told to offer them
+    queues = int(disk.find("driver").get("queues"))
+    assert queues == int(root.find("vcpu").text) > 1
+    comment = EXAMPLE.read_text().split("-->")[0]
+    assert f"mq={queues}" in comment and "num-queues" in comment
 
 
 # -- the units under a real systemd (252, as PID 1 of a systemd-nspawn container) -----------------
@@ -723,7 +728,7 @@ try:
                                                                   "SubState", "MainPID")))
     with BlkClient.connect("/run/vblk/test.sock", timeout=60) as c:    # same socket, new vblk
         results["after_restart"] = c.read(16, 4096).data == block(77)
-    stats = sh("/opt/vblk/bin/vblk", "stats", "--socket", "/run/vblk/test.sock", "--json")
+    stats = sh("/opt/vblk/bin/vblk", "stats", "--socket-path", "/run/vblk/test.sock", "--json")
     results["stats"] = json.loads(stats.stdout) if stats.returncode == 0 else stats.stderr
     results["stop"] = sh("systemctl", "stop", "vblk@test.service").returncode
     results["stopped"] = show("vblk@test.service", "ActiveState", "Result", "ExecMainStatus")
@@ -763,7 +768,7 @@ try:
     sh("systemctl", "daemon-reload")
     sh("systemctl", "reset-failed", "vblk@metrics.service")
     results["metrics_start"] = sh("systemctl", "start", "vblk@metrics.service").returncode
-    stats = sh("/opt/vblk/bin/vblk", "stats", "--socket", "/run/vblk/metrics.sock", "--json")
+    stats = sh("/opt/vblk/bin/vblk", "stats", "--socket-path", "/run/vblk/metrics.sock", "--json")
     address = json.loads(stats.stdout)["info"]["metrics"]
     import urllib.request
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
@@ -830,7 +835,7 @@ def test_units_under_systemd(tmp_path):
         f"[Service]\nType=oneshot\nTimeoutStartSec=200\nEnvironment={runner_env}\n"
         f"ExecStart={python} /srv/out/runner.py\n")
     (d["out"] / "runner.py").write_text(RUNNER)
-    readme = (UNITS / "README.md").read_text()
+    readme = (REPO / "systemd" / "README.md").read_text()
     dropin = re.search(r"### Prometheus metrics.*?```ini\n(.*?)```", readme, re.S).group(1)
     (d["out"] / "metrics-dropin.conf").write_text(dropin.replace(":9101", ":0"))
     (d["conf"] / "metrics.conf").write_text(
@@ -930,7 +935,7 @@ def test_vblk_stats_counts_what_a_frontend_did(tmp_path, sockdir, procs):
     image = make_image(tmp_path / "disk.img")
     sock = sockdir / "vblk.sock"
     proc = serve_with_stats(procs, image, sock, "--metrics-listen", "127.0.0.1:0")
-    snap = json.loads(run("stats", "--socket", sock, "--json").stdout)
+    snap = json.loads(run("stats", "--socket-path", sock, "--json").stdout)
     assert snap["frontend"]["connected"] is False and snap["workers"]["count"] == 2
     assert snap["info"]["image"] == str(image) and snap["info"]["socket"] == str(sock)
     probes = snap["frontend"]["connections"]          # wait_for's connects
@@ -942,7 +947,7 @@ def test_vblk_stats_counts_what_a_frontend_did(tmp_path, sockdir, procs):
         assert client.flush().status == BlkStatus.OK
         assert client.get_id().status == BlkStatus.OK
         assert client.read(1 << 40, 512).status == BlkStatus.IOERR        # past the end
-        snap = json.loads(run("stats", "--socket", sock, "--json").stdout)
+        snap = json.loads(run("stats", "--socket-path", sock, "--json").stdout)
     q = snap["queues"][0]
     t = q["types"]
     assert (t["read"]["requests"], t["read"]["bytes"]) == (9, 8 * 4096)     # refused: 0 bytes
@@ -952,7 +957,7 @@ def test_vblk_stats_counts_what_a_frontend_did(tmp_path, sockdir, procs):
     assert t["read"]["latency_us"]["p50"] > 0
     assert snap["frontend"]["connected"] is True
     assert snap["frontend"]["connections"] == probes + 1
-    table = run("stats", "--socket", sock)
+    table = run("stats", "--socket-path", sock)
     assert table.returncode == 0 and "queue 0: 0 in flight, 1 ioerr" in table.stdout
     status, _, body = http(snap["info"]["metrics"], "/metrics")
     assert status == 200

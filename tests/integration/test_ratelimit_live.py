@@ -111,19 +111,19 @@ def test_a_request_larger_than_the_burst_completes(vblk_server, image):
 
 def test_limits_change_at_run_time_through_the_cli(vblk_server, image):
     sock = vblk_server(image, "--iops-limit", "200")
-    shown = vblk_cli("limit", "--socket", sock)
+    shown = vblk_cli("limit", "--socket-path", sock)
     assert shown.returncode == 0, shown.stderr
     assert "iops limit: 200/s (burst 20)" in shown.stdout
     assert "bps limit: unlimited" in shown.stdout
 
-    changed = vblk_cli("limit", "--socket", sock, "--iops", "800", "--json")
+    changed = vblk_cli("limit", "--socket-path", sock, "--iops-limit", "800", "--json")
     assert changed.returncode == 0, changed.stderr
     assert json.loads(changed.stdout)["iops"] == 800
     w = Workload(pattern="randread", bs=4096, qd=16, duration=WINDOW_S).checked()
     r = run_workload(sock, w)
     assert_held(r.ops, r.seconds, 800, 16, "IOPS after vblk limit --iops 800")
 
-    off = vblk_cli("limit", "--socket", sock, "--iops", "0")
+    off = vblk_cli("limit", "--socket-path", sock, "--iops-limit", "0")
     assert off.returncode == 0 and "iops limit: unlimited" in off.stdout, off
     r = run_workload(sock, Workload(pattern="randread", bs=4096, qd=16, duration=1.0).checked())
     assert r.iops > 1.5 * 800, f"unlimited again, yet {r.iops:.0f} IOPS"
@@ -132,7 +132,7 @@ def test_limits_change_at_run_time_through_the_cli(vblk_server, image):
     assert snap["limits"]["iops"] == 0
     assert snap["limits"]["throttle_events"] >= 1
     assert snap["limits"]["throttled_s"] > 1.0          # most of the 5 s run waited for tokens
-    text = vblk_cli("stats", "--socket", sock).stdout
+    text = vblk_cli("stats", "--socket-path", sock).stdout
     assert "iops limit: unlimited" in text and "throttled" in text
 
 
@@ -156,11 +156,13 @@ def test_bad_limits_are_refused_before_anything_is_touched(tmp_path, image, args
 
 def test_vblk_limit_refuses_bad_values(vblk_server, image):
     sock = vblk_server(image)
-    r = vblk_cli("limit", "--socket", sock, "--iops", "many")
-    assert r.returncode == 2 and "--iops many" in r.stderr
-    r = vblk_cli("limit", "--socket", sock, "--iops-burst", "5")      # no IOPS limit to burst
-    assert r.returncode == 1 and "iops-burst needs an IOPS limit" in r.stderr, r.stderr
-    r = vblk_cli("limit", "--socket", sock + ".nothing")
+    r = vblk_cli("limit", "--socket-path", sock, "--iops-limit", "many")
+    assert r.returncode == 2 and "--iops-limit many" in r.stderr
+    r = vblk_cli("limit", "--socket-path", sock, "--iops-burst", "5")      # no IOPS limit to burst
+    lines = r.stderr.splitlines()          # refused input, like a refused resize: one line, 2
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("vblk: error: ")
+    assert "iops-burst needs an IOPS limit" in lines[0] and r.stdout == "", r.stderr
+    r = vblk_cli("limit", "--socket-path", sock + ".nothing")
     assert r.returncode == 1
 
 

@@ -155,7 +155,7 @@ def test_writeback_writes_are_not_synced_but_flush_is(tmp_path):
             assert c.write(8 * i, bytes([i]) * 4096).status == BlkStatus.OK
         assert c.flush().status == BlkStatus.OK
 
-    calls = list(worker_calls(traced_run(tmp_path, "--writeback", work=work)))
+    calls = list(worker_calls(traced_run(tmp_path, "--cache", "writeback", work=work)))
     kinds = [kind for _, kind in calls]
     assert kinds.count("write") == 16
     first_sync = kinds.index("sync")

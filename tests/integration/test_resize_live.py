@@ -40,15 +40,15 @@ def vblk(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def resize_ok(sock: str, size: str) -> str:
-    r = vblk("resize", sock, size)
+def resize_ok(sock: str, size: str, *flags: str) -> str:
+    r = vblk("resize", size, "--socket-path", sock, *flags)
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     return r.stdout.strip()
 
 
 def refused(sock: str, size: str, match: str) -> str:
-    r = vblk("resize", sock, "--", size)          # "--": a negative size is not an option
+    r = vblk("resize", "--socket-path", sock, "--", size)   # "--": a negative size is no option
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
     assert len(lines) == 1 and lines[0].startswith("vblk: error: ") and match in lines[0], lines
@@ -56,7 +56,7 @@ def refused(sock: str, size: str, match: str) -> str:
 
 
 def capacity_in_stats(sock: str) -> int:
-    r = vblk("stats", "--socket", sock, "--json")
+    r = vblk("stats", "--socket-path", sock, "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["disk"]["capacity_bytes"]
 
@@ -88,7 +88,7 @@ def check_disk_ends_at(client: BlkClient, size: int) -> None:
 
 def metrics_capacity(sock: str) -> float:
     import urllib.request
-    r = vblk("stats", "--socket", sock, "--json")
+    r = vblk("stats", "--socket-path", sock, "--json")
     address = json.loads(r.stdout)["info"]["metrics"]
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
         for line in resp.read().decode().splitlines():
@@ -112,7 +112,7 @@ def test_vblk_resize_shrinks_then_grows_and_the_frontend_is_told(vblk_server, tm
         assert client.read(7 * MiB // 512, 4096).data[:8] == (7 * MiB).to_bytes(8, "little")
         assert capacity_in_stats(sock) == 8 * MiB
         assert metrics_capacity(sock) == 8 * MiB
-        table = vblk("stats", "--socket", sock).stdout
+        table = vblk("stats", "--socket-path", sock).stdout
         assert "disk: 8388608 bytes (8.0 MiB, 16384 sectors), 1 resizes since start" in table
 
         assert "from 8388608 to 16777216 bytes" in resize_ok(sock, str(16 * MiB))
@@ -198,6 +198,15 @@ def test_vblk_resize_without_a_frontend_applies_and_says_nobody_was_told(vblk_se
     out = resize_ok(sock, "6M")
     assert "the guest was not notified (no frontend is connected" in out
     assert capacity_in_stats(sock) == 6 * MiB
+    answer = json.loads(resize_ok(sock, "7M", "--json"))
+    assert answer["reason"].startswith("no frontend is connected")
+    assert {k: answer[k] for k in ("old_bytes", "new_bytes", "notified")} == \
+        {"old_bytes": 6 * MiB, "new_bytes": 7 * MiB, "notified": False}
+    old = vblk("resize", sock, "6M")           # the old spelling, resize INSTANCE SIZE, works
+    assert old.returncode == 0 and old.stdout.startswith("resized from 7340032 to 6291456 bytes")
+    assert old.stderr == ("vblk: warning: vblk resize INSTANCE SIZE is deprecated (it still "
+                          "works): use vblk resize SIZE --socket-path INSTANCE\n")
+    assert vblk("resize", f"{sock}.ctl", "6M").returncode == 0     # INSTANCE: the control socket
     with BlkClient.connect(sock, protocol_features=WITH_CHANNEL) as client:
         assert client.config.capacity == 6 * MiB // 512        # the handshake's GET_CONFIG
         check_disk_ends_at(client, 6 * MiB)
@@ -226,7 +235,7 @@ def test_vblk_resize_survives_a_frontend_that_closed_its_backend_channel(vblk_se
 
 
 def test_vblk_resize_of_an_unreachable_instance_is_status_1(tmp_path):
-    r = vblk("resize", str(tmp_path / "nothing.sock"), "1M")
+    r = vblk("resize", "1M", "--socket-path", str(tmp_path / "nothing.sock"))
     assert r.returncode == 1 and r.stderr.startswith("vblk: error: no control socket")
 
 

@@ -90,7 +90,7 @@ def test_range_window_keeps_every_request_inside(tmp_path, vblk_server):
 def test_any_power_of_two_queue_size(tmp_path, vblk_server, queue_size):
     image = make_image(tmp_path / "q.img", pattern=False)
     # rings of 1 and 2 entries hold a 3-descriptor request only as an indirect chain
-    with BlkClient.connect(vblk_server(image, "--queue-size", "4"), queue_size=queue_size,
+    with BlkClient.connect(vblk_server(image, "--slots", "4"), queue_size=queue_size,
                            ram_mib=64, indirect=queue_size < 4) as c:
         tags = []
         for i in range(min(queue_size, 64)):

@@ -27,7 +27,7 @@ def test_twenty_backend_kills_under_the_test_frontend(tmp_path, mode):
     image = tmp_path / "disk.img"
     write_initial_image(str(image), SECTORS, salt)
     sock = os.path.join(tempfile.mkdtemp(prefix="vblk-rf-", dir="/tmp"), "vblk.sock")
-    args = ["--workers", "2"] + (["--writeback"] if mode == "writeback" else [])
+    args = ["--workers", "2"] + (["--cache", "writeback"] if mode == "writeback" else [])
     vblk = RestartingVblk(image, sock, tmp_path, *args)
     try:
         result = restart_storm(vblk, DiskModel(SECTORS, salt), Workload(99, SECTORS, max_segments=2),

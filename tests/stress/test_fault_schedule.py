@@ -43,9 +43,9 @@ def test_random_fault_schedule(tmp_path, seed):
     image = tmp_path / "disk.img"
     write_initial_image(str(image), SECTORS, salt)
     sock = os.path.join(tempfile.mkdtemp(prefix="vblk-fs-", dir="/tmp"), "vblk.sock")
-    args = ["--workers", str(rnd.choice([1, 2, 4])), "--queue-size", str(rnd.choice([8, 64]))]
+    args = ["--workers", str(rnd.choice([1, 2, 4])), "--slots", str(rnd.choice([8, 64]))]
     if seed % 2:
-        args.append("--writeback")
+        args += ["--cache", "writeback"]
     vblk = RestartingVblk(image, sock, tmp_path, *args)
     model = DiskModel(SECTORS, salt)
     workload = Workload(seed, SECTORS, indirect_share=0.2, max_segments=3)

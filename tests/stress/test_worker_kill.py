@@ -64,7 +64,7 @@ def test_hundred_worker_kills_lose_nothing(vblk_server, tmp_path, mode, monkeypa
     # workers in one of the two runs, so killed workers hold reads as well as writes
     monkeypatch.setenv("VBLK_INLINE_READS", "0" if mode == "writeback" else "1")
     args = ["--workers", "4", "--log-level", os.environ.get("VBLK_LOG", "info")]
-    args += ["--writeback"] if mode == "writeback" else []
+    args += ["--cache", "writeback"] if mode == "writeback" else []
     sock = vblk_server(image, *args)
     model = DiskModel(SECTORS, salt)
     workload = Workload(seed, SECTORS, indirect_share=0.25, max_segments=4)

@@ -17,7 +17,7 @@ def disk(**kw) -> dict:
 
 def test_each_disk_gets_the_flags_of_vblk_serve():
     host = parse_host_config({"workers": 4, "log-level": "warning", "disk": [
-        disk(spec="mq=2,/img/a.img,writeback", **{"iops-limit": "5k", "queue-size": 128}),
+        disk(spec="mq=2,/img/a.img,writeback", **{"iops-limit": "5k", "slots": 128}),
         {"spec": "/img/b.img", "socket-path": "/run/b.sock", "ro": True, "range": "1M/2M",
          "discard-limits": "8:1:0", "bps-limit": 1048576, "serial": "B",
          "control-socket": "/run/b-control", "socket-mode": "0660"},
@@ -26,7 +26,7 @@ def test_each_disk_gets_the_flags_of_vblk_serve():
     a, b = host.disks
     assert a.name == "a" and b.name == "b"
     assert a.serve.disk.num_queues == 2 and a.serve.disk.writeback
-    assert (a.serve.limits.iops, a.serve.queue_size) == (5000, 128)
+    assert (a.serve.limits.iops, a.serve.slots) == (5000, 128)
     assert b.serve.disk.readonly and (b.serve.disk.range_start, b.serve.disk.range_size) == (MiB, 2 * MiB)
     assert b.serve.disk.discard.max_sectors == 8 and b.serve.disk.serial == "B"
     assert (b.serve.limits.bps, b.serve.control_socket, b.serve.socket_mode) == \
@@ -51,7 +51,7 @@ def test_one_disk_of_vblk_serve_spec_is_a_host_of_one_without_a_name():
     ({"disk": [disk(ro="yes")]}, "disk 1 (a): ro = 'yes' is not true or false"),
     ({"disk": [disk(**{"num-queues": True})]}, "num-queues = True is not an integer"),
     ({"disk": [disk(spec="/img/a.img,bogus")]}, "disk 1 (a): unknown option 'bogus'"),
-    ({"disk": [disk(**{"queue-size": 3})]}, "disk 1 (a): --queue-size 3 must be a power of two"),
+    ({"disk": [disk(**{"slots": 3})]}, "disk 1 (a): --slots 3 must be a power of two"),
     ({"disk": [disk(**{"iops-burst": 5})]}, "disk 1 (a): iops-burst needs iops-limit"),
     ({"disk": [disk(name="../x")]}, "name '../x' must be"),
     ({"disk": [disk(), disk(spec="/img/b.img", name="b")]},

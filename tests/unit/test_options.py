@@ -408,7 +408,7 @@ def serve_config(**kw):
 
 def test_serve_config_defaults():
     c = serve_config()
-    assert (c.workers, c.queue_size, c.log_level, c.listen_fd) == (8, 64, "INFO", None)
+    assert (c.workers, c.slots, c.log_level, c.listen_fd) == (8, 64, "INFO", None)
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -417,9 +417,9 @@ def test_serve_config_defaults():
     ({"socket_path": ""}, ("--socket-path is empty",)),
     ({"workers": 0}, ("--workers 0", "1..64")),
     ({"workers": 65}, ("--workers 65",)),
-    ({"queue_size": 48}, ("--queue-size 48", "power of two")),
-    ({"queue_size": 65536}, ("--queue-size 65536",)),
-    ({"queue_size": 0}, ("--queue-size 0",)),
+    ({"slots": 48}, ("--slots 48", "power of two")),
+    ({"slots": 65536}, ("--slots 65536",)),
+    ({"slots": 0}, ("--slots 0",)),
     ({"log_level": "LOUD"}, ("'LOUD'", "debug")),
 ])
 def test_serve_config_validates(kw, words):
@@ -430,7 +430,7 @@ def test_serve_config_validates(kw, words):
 
 
 def test_serve_config_with_an_fd():
-    c = ServeConfig(DiskOptions("d.img"), listen_fd=3, queue_size=1, workers=64)
+    c = ServeConfig(DiskOptions("d.img"), listen_fd=3, slots=1, workers=64)
     assert c.socket_path is None and c.listen_fd == 3
 
 
@@ -489,4 +489,4 @@ def test_bad_rate_limits_name_the_flag(kw, words):
 
 def test_a_burst_alone_is_a_change_for_a_running_vblk():
     from vblk.options import parse_limits
-    assert parse_limits(iops_burst="5", suffix="", burst_needs_rate=False) == {"iops_burst": 5}
+    assert parse_limits(iops_burst="5", burst_needs_rate=False) == {"iops_burst": 5}

@@ -65,6 +65,7 @@ from vblk.backing.local import compute_window, derive_physical, pad_serial
 from vblk.backing.rbd_spec import RbdSpec, parse_rbd
 from vblk.errors import ConfigError
 from vblk.ipc import Op
+from vblk.logs import quote
 from vblk.options import DiskOptions
 from vblk.virtio.constants import BLK_ID_BYTES
 
@@ -191,6 +192,7 @@ class Connection:
             what = (f"snapshot {spec.snap!r} of image {spec.pool}/{spec.image}" if spec.snap
                     else f"image {spec.image!r} in pool {spec.pool!r}")
             raise ConfigError(f"rbd:{spec.name}: {what} does not exist")
+        _refuse_if_not_permitted(spec, ret, "open" if readonly else "open for writing")
         check(ret, f"opening rbd:{spec.name}")
         return image
 
@@ -257,7 +259,7 @@ def _take_over(spec: RbdSpec, image: c_void_p, readonly: bool) -> None:
         raise ConfigError(f"rbd:{spec.name} is still locked by a vblk that died; open it "
                           f"writable once to take it over")
     for owner in _exclusive_owners(image):
-        log.warning("event=rbd_lock_taken_over image=%s owner=%r", spec.name, owner)
+        log.warning("event=rbd_lock_taken_over image=%s owner=%s", quote(spec.name), quote(owner))
         check(lib().rbd_lock_break(image, RBD_LOCK_MODE_EXCLUSIVE, owner.encode()),
               "rbd_lock_break")
 
@@ -270,11 +272,24 @@ def _acquire(spec: RbdSpec, conn: Connection, image: c_void_p) -> bool:
     ret = lib().rbd_lock_acquire(image, RBD_LOCK_MODE_EXCLUSIVE)
     if ret in (-errno.EROFS, -errno.EBUSY):
         raise ConfigError(f"rbd:{spec.name} is in use by another client")
+    _refuse_if_not_permitted(spec, ret, "lock for writing")
     check(ret, "rbd_lock_acquire")
     me = identity(f"client.{lib().rados_get_instance_id(conn.cluster)}")
-    check(lib().rbd_metadata_set(image, OWNER_KEY.encode(), me.encode()),
-          "recording the lock's owner")
+    ret = lib().rbd_metadata_set(image, OWNER_KEY.encode(), me.encode())
+    _refuse_if_not_permitted(spec, ret, "write metadata of")
+    check(ret, "recording the lock's owner")
     return True
+
+
+def _refuse_if_not_permitted(spec: RbdSpec, ret: int, doing: str) -> None:
+    """A user the cluster knows whose caps do not allow ``doing`` ("open", "open for
+    writing", ...) the image: the operator's to fix, so a ConfigError (one line, exit 2), not
+    an I/O error."""
+    if ret in (-errno.EPERM, -errno.EACCES):
+        hint = "" if doing == "open" else " (a user with read-only caps serves it with ro)"
+        raise ConfigError(f"rbd:{spec.name}: client.{spec.user or 'admin'} may not {doing} "
+                          f"image {spec.pool}/{spec.image}: {os.strerror(-ret)}; check the "
+                          f"user's caps{hint}")
 
 
 def _exclusive_owners(image: c_void_p) -> list[str]:
@@ -502,6 +517,10 @@ class RbdBacking(Backing):
 
     def take_window(self) -> None:
         if not self.locked and not self.info.readonly and self.spec.snap is None:
+            # as at open: a live holder refuses; a dead local vblk's lock is taken over (a
+            # restarted --incoming vblk, whose predecessor took the lock and was killed)
+            if _refuse_if_held(self.spec, self.image):
+                _take_over(self.spec, self.image, readonly=False)
             self.locked = _acquire(self.spec, self.conn, self.image)
 
     def owns_lock(self) -> bool:
@@ -521,7 +540,7 @@ class RbdBacking(Backing):
                           "removing the lock's owner record")
                     check(L.rbd_lock_release(self.image), "rbd_lock_release")
                 except RbdError as exc:
-                    log.warning("event=rbd_lock_release_failed error=%r", exc)
+                    log.warning("event=rbd_lock_release_failed error=%s", quote(repr(exc)))
             L.rbd_close(self.image)
             self.image = c_void_p()
             self.conn.close()

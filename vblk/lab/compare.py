@@ -48,13 +48,22 @@ def split_cache_mode(vblk_args: str, cache: str | None) -> tuple[bool, list[str]
         args = shlex.split(vblk_args)
     except ValueError as exc:
         raise BenchError(f"--vblk-args {vblk_args!r}: {exc}") from None
-    flags = [a for a in args if a in ("--writeback", "--writethru")]
-    rest = [a for a in args if a not in ("--writeback", "--writethru")]
-    implied = None if not flags else ("writeback" if flags[-1] == "--writeback" else "writethrough")
+    rest, implied, said = [], None, ""
+    words = iter(args)
+    for a in words:                    # vblk's --cache MODE, or the old --writeback/--writethru
+        if a in ("--writeback", "--writethru"):
+            implied, said = ("writeback" if a == "--writeback" else "writethrough"), a
+        elif a == "--cache" or a.startswith("--cache="):
+            implied = a.partition("=")[2] if "=" in a else next(words, "")
+            said = f"--cache {implied}"
+            if implied not in ("writethrough", "writeback"):
+                raise BenchError(f"--vblk-args: {said}: writethrough or writeback")
+        else:
+            rest.append(a)
     if cache is not None and cache not in ("writethrough", "writeback"):
         raise BenchError(f"--cache {cache!r}: writethrough or writeback")
     if cache is not None and implied is not None and cache != implied:
-        raise BenchError(f"--cache {cache} contradicts {flags[-1]} in --vblk-args")
+        raise BenchError(f"--cache {cache} contradicts {said} in --vblk-args")
     mode = cache or implied or "writethrough"
     for bad in ("--socket-path", "--fd", "--log-level"):
         if any(a == bad or a.startswith(bad + "=") for a in rest):

@@ -22,9 +22,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from vblk.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError
+from vblk.errors import EXIT_FAILED, EXIT_OK, ConfigError
 from vblk.interpreter import python_command
-from vblk.lab.guest import GuestBuildError, GuestResult, build_guest, default_accel, run_guest
+from vblk.lab.guest import (
+    GuestBuildError,
+    GuestImage,
+    GuestResult,
+    build_guest,
+    default_accel,
+    start_guest,
+)
+from vblk.lab.progress import Steps
 from vblk.testing.processes import stop_group
 from vblk.units import GiB, format_size
 
@@ -78,23 +86,20 @@ def _wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -
 def run_demo(image: Path | None = None, keep: bool = False, *,
              out: TextIO | None = None, timeout: float = 300,
              server_argv: Callable[[Path, str], list[str]] | None = None) -> int:
-    """Run the demo; returns 0 on success, 1 on failure (with the evidence printed), 2 if
-    ``image`` exists.
+    """Run the demo; returns 0 on success, 1 on failure (with the evidence printed).
+    ConfigError, before anything is created, if ``image`` exists.
 
     ``image``: where to create the 1 GiB sparse image (must not exist yet; default: a
     temporary directory).  ``keep``: keep the temporary directory (image, server and
     guest logs) instead of deleting it.  ``server_argv(image, socket)`` replaces the
     server command (for trying the demo against another backend).
     """
+    if image is not None and os.path.lexists(image):
+        raise ConfigError(f"--image {image} already exists; the demo formats its image, so "
+                          f"give a new path")
     say = _printer(out)
     work = Path(tempfile.mkdtemp(prefix="vblk-demo-", dir="/tmp"))
-    if image is None:
-        image = work / "demo.img"
-    image = Path(image)
-    if image.exists():
-        say(f"vblk demo: {image} already exists; the demo formats its image, so give a new path")
-        shutil.rmtree(work, ignore_errors=True)
-        return EXIT_USAGE
+    image = Path(image) if image is not None else work / "demo.img"
     image.parent.mkdir(parents=True, exist_ok=True)
     with open(image, "wb") as f:
         f.truncate(GiB)
@@ -103,7 +108,8 @@ def run_demo(image: Path | None = None, keep: bool = False, *,
         say("vblk demo")
         say(f"  image      {image} ({format_size(GiB)} sparse)")
         cmd = (server_argv(image, str(work / "vblk.sock")) if server_argv else None)
-        ok = _serve_and_boot(str(image), work, say, timeout=timeout, server_cmd=cmd)
+        ok = _serve_and_boot(str(image), work, say, Steps(out or sys.stdout), timeout=timeout,
+                             server_cmd=cmd)
         return EXIT_OK if ok else EXIT_FAILED
     finally:
         if keep or not ok:
@@ -140,7 +146,7 @@ def run_rbd_demo(keep: bool = False, *, out: TextIO | None = None, timeout: floa
             f"{cluster.startup_seconds:.1f} s")
         token = f"rbd:rbd/{RBD_DEMO_IMAGE}:conf={cluster.conf}"
         say(f"  image      {token} ({format_size(GiB)}, thin)")
-        ok = _serve_and_boot(token, work, say, timeout=timeout)
+        ok = _serve_and_boot(token, work, say, Steps(out or sys.stdout), timeout=timeout)
         return EXIT_OK if ok else EXIT_FAILED
     finally:
         if cluster is not None and keep:
@@ -163,8 +169,8 @@ def _printer(out: TextIO | None) -> Callable[[str], None]:
     return say
 
 
-def _serve_and_boot(disk: str, work: Path, say: Callable[[str], None], *, timeout: float,
-                    server_cmd: list[str] | None = None) -> bool:
+def _serve_and_boot(disk: str, work: Path, say: Callable[[str], None], steps: Steps, *,
+                    timeout: float, server_cmd: list[str] | None = None) -> bool:
     """Serve ``disk`` (vblk's positional: a path or an rbd: token; or ``server_cmd``), boot
     the guest on it, run DEMO_SCRIPT and report; True if everything checked out. The server
     is stopped before returning."""
@@ -182,17 +188,10 @@ def _serve_and_boot(disk: str, work: Path, say: Callable[[str], None], *, timeou
             return False
         say(f"  server     {'vblk serve' if not server_cmd else Path(cmd[0]).name} "
             f"(pid {proc.pid}) on {sock}")
-        t_build = time.monotonic()
-        try:
-            guest = build_guest()
-        except GuestBuildError as e:
-            say(f"  FAILED     cannot build the test guest: {e}")
+        guest = _build(steps)
+        if guest is None:
             return False
-        built = time.monotonic() - t_build
-        say(f"  guest      Linux {guest.kernel_version} under QEMU ({default_accel()})"
-            + (f", guest built in {built:.0f} s" if built > 1 else ""))
-        res = run_guest(sock, DEMO_SCRIPT, image=guest, timeout=timeout,
-                        log_path=work / "guest.log")
+        res = _boot(steps, sock, guest, work / "guest.log", timeout)
         if res.exit_status != 0 or "READ" not in res.values:
             say("  FAILED     the guest scenario did not finish")
             say(res.describe(40))
@@ -202,6 +201,48 @@ def _serve_and_boot(disk: str, work: Path, say: Callable[[str], None], *, timeou
         return _report(res, say)
     finally:
         stop_group(proc)
+
+
+# What the guest's console says, in order, and what the demo makes of it while it boots.
+MILESTONES = (
+    ("VBLK-GUEST-INIT", "init runs; waiting for /dev/vda"),
+    ("VBLK-GUEST-DISK", "/dev/vda is there (vblk's disk); reading its geometry"),
+    ("CACHE=", "mkfs.ext4 /dev/vda"),
+    ("MKFS_SECONDS=", "mounting"),
+    ("MOUNTED=", f"writing a {DEMO_FILE_MIB} MiB file"),
+    ("WROTE=", "dropping the page cache, reading it back"),
+    ("READ=", "e2fsck"),
+)
+
+
+def _build(steps: Steps) -> GuestImage | None:
+    """The test guest, built (a first run downloads a kernel package) or from the cache."""
+    with steps.step("guest", "building the test guest (the first run downloads a kernel "
+                             "package)") as step:
+        try:
+            guest = build_guest(progress=step.note)
+        except GuestBuildError as e:
+            step.done(f"FAILED: cannot build the test guest: {e}")
+            return None
+        built = step.elapsed()
+        step.done(f"Linux {guest.kernel_version} under QEMU ({default_accel()})"
+                  + (f", guest built in {built:.0f} s" if built > 1 else ""))
+    return guest
+
+
+def _boot(steps: Steps, sock: str, guest: GuestImage, log_path: Path,
+          timeout: float) -> GuestResult:
+    """Boot the guest on ``sock`` and run DEMO_SCRIPT, saying how far it got."""
+    with steps.step("boot", f"starting QEMU ({default_accel()}) on vblk's socket") as step:
+        def on_line(line: str) -> None:
+            for prefix, what in MILESTONES:
+                if line.strip().startswith(prefix):
+                    step.note(what)
+        res = start_guest(sock, DEMO_SCRIPT, image=guest, log_path=log_path,
+                          on_line=on_line).wait(timeout)
+        step.done(f"booted, ran the scenario and powered off in {res.seconds:.1f} s"
+                  if not res.timed_out else f"timed out after {timeout:.0f} s")
+    return res
 
 
 def _report(res: GuestResult, say: Callable[[str], None]) -> bool:
@@ -226,7 +267,7 @@ def _report(res: GuestResult, say: Callable[[str], None]) -> bool:
     ok = match and fsck_ok and size == GiB
     if size != GiB:
         say(f"  FAILED     the guest saw {size} bytes, not {GiB}")
-    say(f"  result     {'OK' if ok else 'FAILED'} (QEMU ran {res.seconds:.1f} s)")
+    say(f"  result     {'OK' if ok else 'FAILED'}")
     return ok
 
 

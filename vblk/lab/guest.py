@@ -59,6 +59,7 @@ __all__ = [
     "GuestProcess",
     "GuestImage",
     "GuestResult",
+    "VERIFY_FILES_SCRIPT",
     "assert_geometry",
     "build_guest",
     "debugfs_cat",
@@ -572,6 +573,7 @@ def _build_into(out_dir: Path, package: str, log) -> GuestImage:
     _run(["depmod", "-b", str(depmod_base), kver])
     modules = _resolve_modules(moddir, ROOT_MODULES)
 
+    log("building the initramfs (busybox, host tools, kernel modules)")
     tree = work / "initramfs"
     for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "mnt", "root", "run",
               "usr/bin", "usr/sbin", f"lib/modules/{kver}"):
@@ -686,7 +688,7 @@ def _find_cached(root: Path, bhash: str, kver: str | None = None) -> GuestImage 
 
 
 def build_guest(cache_dir: Path | None = None, *, rebuild: bool = False,
-                verbose: bool = False) -> GuestImage:
+                verbose: bool = False, progress: Callable[[str], None] | None = None) -> GuestImage:
     """Build the test guest (kernel + base initramfs), or return the cached one.
 
     The cache lives in ``cache_dir``, else ``$VBLK_CACHE_DIR/guest``, else
@@ -695,6 +697,7 @@ def build_guest(cache_dir: Path | None = None, *, rebuild: bool = False,
     ``rebuild=True`` asks apt for the current kernel and builds it if missing.
     Parallel callers (pytest-xdist workers) serialise on a file lock; the build
     goes into a temporary directory that is renamed into place when complete.
+    ``progress(step)`` hears each step of a build (``verbose``: they go to stderr).
     """
     root = cache_root(cache_dir)
     bhash = _builder_hash()
@@ -703,14 +706,15 @@ def build_guest(cache_dir: Path | None = None, *, rebuild: bool = False,
         if img is not None:
             return img
     root.mkdir(parents=True, exist_ok=True)
-    log = (lambda msg: print(f"[vblk guest] {msg}", file=sys.stderr, flush=True)) if verbose \
-        else (lambda msg: None)
+    log = progress or ((lambda msg: print(f"[vblk guest] {msg}", file=sys.stderr, flush=True))
+                       if verbose else (lambda msg: None))
     with open(root / ".lock", "w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)
         if not rebuild:
             img = _find_cached(root, bhash)
             if img is not None:
                 return img
+        log("asking apt for the current kernel package")
         package = kernel_package()
         kver = _kernel_version_of(package)
         img = _find_cached(root, bhash, kver)
@@ -1015,6 +1019,23 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# The end of a file workload that kept each file's sha256 line in /root/all.sums, with ext4
+# on /dev/vda mounted at /mnt: unmount, e2fsck -fn (FSCK=0 when clean), drop the page cache,
+# mount again and check every sum from the disk (CHECK=0, CHECKED= files whose sum matched).
+VERIFY_FILES_SCRIPT = r"""umount /mnt
+rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
+echo FSCK=$rc
+[ $rc = 0 ] || cat /tmp/fsck.log
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext4 /dev/vda /mnt
+rc=0; sha256sum -c /root/all.sums > /tmp/check.log 2>&1 || rc=$?
+echo CHECK=$rc
+echo CHECKED=$(grep -c ': OK$' /tmp/check.log)
+[ $rc = 0 ] || grep -v ': OK$' /tmp/check.log | head
+umount /mnt
+"""
 
 
 GEOMETRY_SCRIPT = r"""

@@ -92,7 +92,7 @@ def scaling(image: str | os.PathLike, workload: Workload, *, workers=WORKERS, qd
         for n in workers:
             sock = os.path.join(sockdir, f"w{n}.sock")
             cmd = vblk_command(copy, sock, writethrough=True,
-                               extra=("--workers", str(n), "--queue-size", str(max(64, max(qds))),
+                               extra=("--workers", str(n), "--slots", str(max(64, max(qds))),
                                       *extra))
             server = Server(f"vblk --workers {n}", cmd, sock, work / f"w{n}.log", env=env)
             try:

@@ -62,7 +62,8 @@ def vblk_command(image: str | os.PathLike, sock: str, *, writethrough: bool,
                  extra: Sequence[str] = ()) -> list[str]:
     """``vblk serve IMAGE`` (a path or an ``rbd:`` token) on ``sock``."""
     return python_command("vblk.cli", "serve", os.fspath(image), "--socket-path", sock,
-            "--log-level", "warning", "--writethru" if writethrough else "--writeback", *extra)
+                          "--log-level", "warning",
+                          "--cache", "writethrough" if writethrough else "writeback", *extra)
 
 
 def group_pids(pgid: int) -> list[int]:

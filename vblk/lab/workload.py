@@ -117,7 +117,7 @@ class Result:
     backend: str = ""
     limit_iops: int = 0            # the rate limits the backend should hold (0: none known)
     limit_bps: int = 0
-    limit_source: str = ""         # where they came from: "control socket" or "--limit-*"
+    limit_source: str = ""         # where they came from: "control socket" or "--iops-limit/..."
 
     @property
     def iops_ratio(self) -> float | None:

@@ -26,7 +26,7 @@ import time
 
 from vblk import sdnotify
 from vblk.device import BlkDevice
-from vblk.logs import RateLimitedLog
+from vblk.logs import RateLimitedLog, quote
 from vblk.stats import Stats
 from vblk.supervisor.loop import EventLoop
 from vblk.supervisor.queues import Queues
@@ -96,7 +96,7 @@ class FrontendLink:
             self.disconnect()
             return
         except Exception as exc:       # OSError, TimeoutError, unreadable framing
-            log.warning("event=frontend_dropped reason=%r", exc)
+            log.warning("event=frontend_dropped reason=%s", quote(repr(exc)))
             self.disconnect()
             return
         log.debug("event=message request=%s size=%d fds=%d", transport.m.request_name(header.request),
@@ -111,7 +111,7 @@ class FrontendLink:
                     for fd in reply_fds:
                         os.close(fd)
         except DropConnection as exc:
-            self.guest_log.warning("frontend", "event=frontend_dropped reason=%r", str(exc))
+            self.guest_log.warning("frontend", "event=frontend_dropped reason=%s", quote(exc))
             if exc.reply is not None:
                 try:
                     self.conn.sendall(exc.reply)
@@ -119,7 +119,7 @@ class FrontendLink:
                     pass
             self.disconnect()
         except OSError as exc:
-            log.warning("event=frontend_dropped reason=%r", exc)
+            log.warning("event=frontend_dropped reason=%s", quote(repr(exc)))
             self.disconnect()
 
     # -- the backend channel -------------------------------------------------------------------
@@ -136,7 +136,7 @@ class FrontendLink:
             send_bounded(fd, message, NOTIFY_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             self.session.drop_backend_channel()
-            log.warning("event=backend_channel_failed action=dropped reason=%r", str(exc))
+            log.warning("event=backend_channel_failed action=dropped reason=%s", quote(exc))
             return False, f"the backend channel failed ({exc}); it is closed now"
         return True, ""
 

@@ -50,7 +50,7 @@ from vblk.device import BlkDevice, Completion
 from vblk.dirtylog import DirtyLog
 from vblk.errors import GuestError, RingBroken
 from vblk.ipc import FLAG_SYNC, FLAG_UNMAP, Op, Pieces
-from vblk.logs import RateLimitedLog
+from vblk.logs import RateLimitedLog, quote
 from vblk.memory import GuestMemory
 from vblk.ratelimit import Limiter
 from vblk.stats import Stats
@@ -228,7 +228,7 @@ class DataPath:
                 if stalled or ring.pending() == 0:
                     break
         except RingBroken as exc:
-            self.guest_log.warning("ring", "event=ring_broken queue=%d reason=%r", q, str(exc))
+            self.guest_log.warning("ring", "event=ring_broken queue=%d reason=%s", q, quote(exc))
             self.broken.add(q)
             self.on_broken(q)
             stalled = False
@@ -265,8 +265,8 @@ class DataPath:
         try:
             req, plan, pieces = admit_chain(ring, self.memory, self.device, head)
         except GuestError as exc:
-            self.guest_log.warning("chain", "event=chain_refused queue=%d head=%d reason=%r",
-                                   q, head, str(exc))
+            self.guest_log.warning("chain", "event=chain_refused queue=%d head=%d reason=%s",
+                                   q, head, quote(exc))
             self.live.refused(q)
             ring.put_used(head, 0)
             return True
@@ -294,7 +294,7 @@ class DataPath:
         """A request that ends without I/O: its data (GET_ID), its status, its used element."""
         if plan.reason:
             self.guest_log.warning("request", "event=request_refused queue=%d head=%d status=%s "
-                                   "reason=%r", q, head, BlkStatus(plan.status).name, plan.reason)
+                                   "reason=%s", q, head, BlkStatus(plan.status).name, quote(plan.reason))
         used = 1
         try:
             if plan.fill:
@@ -306,8 +306,8 @@ class DataPath:
                     self.dirty.mark(addr, n)
                 self.dirty.mark(req.status_addr, 1)
         except GuestError as exc:
-            self.guest_log.warning("chain", "event=status_unwritable queue=%d head=%d reason=%r",
-                                   q, head, str(exc))
+            self.guest_log.warning("chain", "event=status_unwritable queue=%d head=%d reason=%s",
+                                   q, head, quote(exc))
             used = 0
         ring.put_used(head, used)
         self.live.started(q, req.type, len(plan.fill))
@@ -399,7 +399,7 @@ class DataPath:
             try:
                 os.eventfd_write(fd, 1)
             except OSError as exc:
-                log.warning("event=call_failed queue=%d error=%r", q, exc)
+                log.warning("event=call_failed queue=%d error=%s", q, quote(repr(exc)))
 
     def busy(self, q: int | None = None) -> bool:
         """Requests in flight (of queue ``q``, or of any)."""

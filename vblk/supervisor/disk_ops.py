@@ -17,6 +17,7 @@ import time
 
 from vblk.backing import Backing
 from vblk.device import BlkDevice
+from vblk.logs import quote
 from vblk.ratelimit import Limits
 from vblk.resize import check_new_size, parse_new_size
 from vblk.stats import Stats
@@ -49,8 +50,8 @@ class DiskOps:
         old = self.device.resize(size)
         self.live.resized(size)
         notified, reason = self.link.notify_config_change()
-        log.info("event=resized old_bytes=%d new_bytes=%d notified=%s reason=%r",
-                 old, size, notified, reason)
+        log.info("event=resized old_bytes=%d new_bytes=%d notified=%s reason=%s",
+                 old, size, notified, quote(reason))
         return {"ok": True, "old_bytes": old, "new_bytes": size, "notified": notified,
                 "reason": reason}
 

@@ -213,7 +213,7 @@ class ServedDisk:
         limiter = Limiter(config.limits, now=time.monotonic())
         self.stats.limiter = limiter
         inline = backing.caches and os.environ.get("VBLK_INLINE_READS", "1") != "0"
-        data = self.data = DataPath(self.device, backing, config.queue_size, self.stats, limiter,
+        data = self.data = DataPath(self.device, backing, config.slots, self.stats, limiter,
                                     inline_reads=inline)
         data.engine = self.engine
         dloop = self.loop = DiskLoop(loop, self.name)

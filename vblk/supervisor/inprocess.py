@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from vblk.backing import Backing, status_for
 from vblk.ipc import FLAG_SYNC, FLAG_UNMAP, Op, Pieces
+from vblk.logs import quote
 from vblk.memory import GuestMemory
 from vblk.virtio.constants import BlkStatus
 
@@ -95,7 +96,8 @@ class InProcessEngine:
                 raise OSError(errno.EINVAL, f"unknown op {op}")
         except (OSError, IndexError) as exc:
             err = getattr(exc, "errno", None) or errno.EIO
-            log.warning("event=io_error engine=inprocess slot=%d op=%d error=%r", slot, op, exc)
+            log.warning("event=io_error engine=inprocess slot=%d op=%d error=%s", slot, op,
+                        quote(repr(exc)))
             run = self.running.pop(slot, None)
             if run is not None:
                 for v in run.views:

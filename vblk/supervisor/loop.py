@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
+from vblk.logs import quote
+
 log = logging.getLogger("vblk.supervisor")
 
 POLL_US = 50                   # the longest adaptive polling window (VBLK_POLL_US; 0: off)
@@ -190,5 +192,5 @@ class EventLoop:
             sigs = os.read(wake_r, 64)
         except BlockingIOError:
             return
-        log.info("event=shutdown signals=%s", list(sigs))
+        log.info("event=shutdown signals=%s", quote(list(sigs)))
         self.stopping = True

@@ -44,6 +44,7 @@ from vblk import ipc
 from vblk.backing import Backing
 from vblk.interpreter import python_command
 from vblk.ipc import FLAG_SYNC, Op, SlotArea, SlotState
+from vblk.logs import quote
 from vblk.memory import GuestMemory
 from vblk.stats import Stats
 
@@ -78,7 +79,7 @@ class WorkerHandle:
         try:
             ipc.send_control(self.control, msg, fds)
         except OSError as exc:           # a dead worker is noticed through its control socket
-            log.warning("event=worker_control_failed worker=%d error=%r", self.index, exc)
+            log.warning("event=worker_control_failed worker=%d error=%s", self.index, quote(repr(exc)))
 
     def submit(self, slots: list[int]) -> None:
         """Hand slots to the worker. If it has just died they stay outstanding: the death is

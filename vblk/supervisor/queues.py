@@ -33,6 +33,7 @@ import os
 
 from vblk.dirtylog import DirtyLog
 from vblk.errors import FrontendProtocolError, GuestError, VblkError
+from vblk.logs import quote
 from vblk.memory import GuestMemory
 from vblk.stats import Stats
 from vblk.supervisor.datapath import DataPath
@@ -109,7 +110,7 @@ class Queues:
             try:
                 data.backing.take_window()
             except VblkError as exc:
-                log.error("event=lock_not_taken queue=%d reason=%r", q, str(exc))
+                log.error("event=lock_not_taken queue=%d reason=%s", q, quote(exc))
                 raise FrontendProtocolError(f"queue {q} cannot start: {exc}") from exc
             self.holds_lock = True
             log.info("event=lock_taken reason=rings_start")

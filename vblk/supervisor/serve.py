@@ -33,7 +33,7 @@ from vblk.errors import ConfigError
 from vblk.hostconfig import HostConfig
 from vblk.ipc import SlotArea
 from vblk.listening import open_listener
-from vblk.logs import disk_context
+from vblk.logs import disk_context, quote
 from vblk.options import ServeConfig, default_max_discard_sectors
 from vblk.stats import Stats
 from vblk.supervisor.disks import CompletionRouter, ServedDisk, SlotShare, WorkerRestarts
@@ -71,8 +71,9 @@ def open_control(config: ServeConfig, listener: socket.socket, stats: Stats):
         if bound is not None and len(os.fsencode(default_control_path(bound))) <= SUN_PATH_MAX:
             path = default_control_path(bound)
         else:
-            log.info("event=no_control_socket reason=%r",
-                     "the listening socket has no path" if bound is None else "path too long")
+            log.info("event=no_control_socket reason=%s",
+                     quote("the listening socket has no path" if bound is None
+                           else "path too long"))
     metrics = parse_listen_address(config.metrics_listen) if config.metrics_listen else None
     if path is None and metrics is None:
         return None
@@ -117,14 +118,14 @@ def make_pool(host: HostConfig, disks: list[ServedDisk]) -> WorkerPool | None:
             d.engine = InProcessEngine(d.backing)
     if not blocking:
         return None
-    total = sum(d.config.queue_size for d in blocking)
+    total = sum(d.config.slots for d in blocking)
     pool = WorkerPool(host.workers, {d.number: d.backing for d in blocking},
                       SlotArea.create(total), WorkerRestarts([d.stats for d in blocking]),
                       host.log_level)
     base = 0
     for d in blocking:
-        d.engine = SlotShare(pool, d.number, base, d.config.queue_size)
-        base += d.config.queue_size
+        d.engine = SlotShare(pool, d.number, base, d.config.slots)
+        base += d.config.slots
     return pool
 
 
@@ -186,11 +187,11 @@ def _run(host: HostConfig, disks: list[ServedDisk], pool: WorkerPool | None, hos
         if host_control is not None:
             loop.watch(host_control.fileno(), host_control.on_readable, "frontend")
         with loop.signals():
-            slots = sum(d.config.queue_size for d in disks)
+            slots = sum(d.config.slots for d in disks)
             for disk in disks:
                 with disk_context(disk.name):
                     log.info("event=listening workers=%d slots=%d", disk.stats.workers,
-                             disk.config.queue_size)
+                             disk.config.slots)
             if len(disks) > 1:
                 log.info("event=host_listening disks=%d workers=%d slots=%d", len(disks),
                          pool.count if pool is not None else 0, slots)
@@ -237,9 +238,10 @@ def _log_serving(config: ServeConfig, backing: Backing, device: BlkDevice) -> No
     info = backing.info
     d = device.discard
     log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s discard=%s socket=%s "
-             "iops_limit=%d bps_limit=%d incoming=%s", info.path, info.size, info.logical_block_size,
+             "iops_limit=%d bps_limit=%d incoming=%s", quote(info.path), info.size,
+             info.logical_block_size,
              info.physical_block_size, info.readonly,
              "writeback" if info.writeback else "writethrough",
              f"{d.max_sectors}:{d.max_segments}:{d.alignment}" if d else "off",
-             config.socket_path or f"fd:{config.listen_fd}", config.limits.iops,
+             quote(config.socket_path or f"fd:{config.listen_fd}"), config.limits.iops,
              config.limits.bps, config.incoming)

@@ -105,15 +105,24 @@ OSD_UP_TIMEOUT = 30.0
 KILL_TIMEOUT = 10.0
 _SUN_PATH_MAX = 107         # bytes in sockaddr_un.sun_path, without the NUL
 
+AUTH_MODES = ("none", "cephx")
+# keys made for a cephx cluster beside mon.'s: the admin (the CLIs) and the OSD
+_CEPHX_KEYS = (
+    ("client.admin", ("--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr",
+                      "allow *")),
+    ("osd.0", ("--cap", "mon", "allow profile osd", "--cap", "osd", "allow *", "--cap", "mgr",
+               "allow profile osd")),
+)
+
 _CONF = """\
 [global]
 fsid = {fsid}
 mon host = [v2:127.0.0.1:{port}]
 public network = 127.0.0.0/8
 ms bind msgr1 = false
-auth cluster required = none
-auth service required = none
-auth client required = none
+auth cluster required = {auth}
+auth service required = {auth}
+auth client required = {auth}
 auth allow insecure global id reclaim = false
 mon warn on insecure global id reclaim allowed = false
 run dir = {run}
@@ -266,10 +275,11 @@ class CephCluster:
     """
 
     def __init__(self, directory: str | os.PathLike, *, store: str = "memstore",
-                 tie_to_parent: bool = True) -> None:
+                 tie_to_parent: bool = True, auth: str = "none") -> None:
         """A cluster not started yet: use :meth:`start`."""
         self.directory = Path(directory).absolute()
         self.store = store
+        self.auth = auth
         self.tie_to_parent = tie_to_parent
         self.port = 0
         self.fsid = ""
@@ -289,22 +299,26 @@ class CephCluster:
     @classmethod
     def start(cls, directory: str | os.PathLike | None = None, *, store: str = "memstore",
               timeout: float = START_TIMEOUT, extra_conf: str = "",
-              tie_to_parent: bool = True) -> CephCluster:
+              tie_to_parent: bool = True, auth: str = "none") -> CephCluster:
         """Start a cluster in ``directory`` (created if missing, must be empty; a fresh
         ``/tmp/vblk-ceph-*`` if None) and return it once pool ``rbd`` is initialised.
 
         ``store``: "memstore" (RAM, fast, lost on SIGKILL) or "bluestore" (file, survives).
         ``extra_conf``: lines appended to ``[global]``. ``tie_to_parent``: the daemons get
         SIGKILL when the thread that started them exits (False for ``up`` on the command line).
+        ``auth``: "none", or "cephx" (client.admin's key in ``keyring``, which ceph.conf names;
+        :meth:`add_user` makes more users).
         Raises CephError (daemons killed, directory kept for its logs) if a step fails or the
         whole takes longer than ``timeout`` seconds.
         """
         require_binaries()
         if store not in STORES:
             raise CephError(f"store must be one of {', '.join(STORES)}, not {store!r}")
+        if auth not in AUTH_MODES:
+            raise CephError(f"auth must be one of {', '.join(AUTH_MODES)}, not {auth!r}")
         if directory is None:
             directory = tempfile.mkdtemp(prefix="vblk-ceph-", dir="/tmp")
-        cluster = cls(directory, store=store, tie_to_parent=tie_to_parent)
+        cluster = cls(directory, store=store, tie_to_parent=tie_to_parent, auth=auth)
         d = cluster.directory
         d.mkdir(parents=True, exist_ok=True)
         if any(d.iterdir()):
@@ -352,7 +366,8 @@ class CephCluster:
             (d / sub).mkdir(exist_ok=True)
         self.run_dir.mkdir(exist_ok=True)
         self.conf.write_text(_CONF.format(fsid=self.fsid, port=self.port, d=d, run=self.run_dir,
-                                          store=self.store, extra=extra_conf))
+                                          store=self.store, auth=self.auth,
+                                          extra=extra_conf))
         # The OSD's mkfs needs nothing from the monitor (--no-mon-config: all settings are in
         # ceph.conf): it runs while the monitor is made and started.
         self.osd_uuid = str(uuid.uuid4())
@@ -364,10 +379,17 @@ class CephCluster:
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=self.env)
         try:
-            # the keyring only feeds ceph-mon --mkfs (auth is off); monmaptool bakes in the port
-            self._run_step("keyring", ["ceph-authtool", "--create-keyring", str(d / "keyring"),
+            # without auth the keyring only feeds ceph-mon --mkfs; with cephx it also holds
+            # the admin's and the OSD's keys, which the monitor's mkfs imports with their caps
+            # (ceph.conf names it for every daemon and client). monmaptool bakes in the port.
+            keyring = str(d / "keyring")
+            self._run_step("keyring", ["ceph-authtool", "--create-keyring", keyring,
                                        "--gen-key", "-n", "mon.", "--cap", "mon", "allow *"],
                            deadline, logs=())
+            if self.auth == "cephx":
+                for name, caps in _CEPHX_KEYS:
+                    self._run_step(f"key {name}", ["ceph-authtool", keyring, "--gen-key", "-n",
+                                                   name, *caps], deadline, logs=())
             self._run_step("monmap", ["monmaptool", "--create", "--fsid", self.fsid, "--addv",
                                       "a", f"[v2:127.0.0.1:{self.port}]", str(d / "monmap")],
                            deadline, logs=())
@@ -602,6 +624,14 @@ class CephCluster:
     def image_info(self, name: str, *, pool: str = "rbd") -> dict:
         """``rbd info --format json``: size, features, object size, ..."""
         return json.loads(self.rbd("info", "--format", "json", f"{pool}/{name}"))
+
+    def add_user(self, name: str, *caps: str) -> Path:
+        """A cephx user ``client.NAME`` with ``caps`` (pairs: ``"mon", "profile rbd", "osd",
+        "profile rbd pool=rbd"``); its keyring file (``:keyring=PATH`` in an rbd spec)."""
+        path = self.directory / f"ceph.client.{name}.keyring"
+        path.write_bytes(self._command(["ceph", "auth", "get-or-create", f"client.{name}",
+                                        *caps], COMMAND_TIMEOUT))
+        return path
 
     def import_image(self, name: str, source: bytes | str | os.PathLike, *,
                      pool: str = "rbd") -> str:

@@ -32,7 +32,7 @@ from typing import Protocol
 
 from vblk.device import BlkDevice
 from vblk.errors import FrontendProtocolError, GuestError
-from vblk.logs import RateLimitedLog
+from vblk.logs import RateLimitedLog, quote
 from vblk.vhost_user import messages as m
 from vblk.vhost_user.messages import FrontendReq as R
 from vblk.vhost_user.messages import ProtocolFeature as P
@@ -155,7 +155,8 @@ class Session:
             reply = handler(payload, pending)
         except (FrontendProtocolError, GuestError) as exc:
             failed = str(exc)
-            refusals.warning(name, "event=message_refused request=%s reason=%r", name, failed)
+            refusals.warning(name, "event=message_refused request=%s reason=%s", name,
+                             quote(failed))
             nack = None
             if header.need_reply and header.request not in _HAS_REPLY_BODY:
                 nack = m.encode_reply(header.request, m.U64.pack(1))
