@@ -151,8 +151,7 @@ def parse_disk(table: object, index: int, workers: int, log_level: str) -> DiskE
     if "num-queues" in table:
         flags["num_queues"] = _typed(table["num-queues"], int, "num-queues")
     disk = merge_flags(parse_acrn(spec), **flags)
-    limits = parse_limits(**{v: _text(table[k], k) for k, v in _LIMIT_KEYS.items() if k in table},
-                          prefix="", suffix="-limit")
+    limits = parse_limits(**{v: _text(table[k], k) for k, v in _LIMIT_KEYS.items() if k in table})
     serve = ServeConfig(
         disk=disk, socket_path=socket_path, workers=workers, log_level=log_level,
         slots=_typed(table.get("slots", DEFAULT_SLOTS), int, "slots"),

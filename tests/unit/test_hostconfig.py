@@ -52,7 +52,7 @@ def test_one_disk_of_vblk_serve_spec_is_a_host_of_one_without_a_name():
     ({"disk": [disk(**{"num-queues": True})]}, "num-queues = True is not an integer"),
     ({"disk": [disk(spec="/img/a.img,bogus")]}, "disk 1 (a): unknown option 'bogus'"),
     ({"disk": [disk(**{"slots": 3})]}, "disk 1 (a): --slots 3 must be a power of two"),
-    ({"disk": [disk(**{"iops-burst": 5})]}, "disk 1 (a): iops-burst needs iops-limit"),
+    ({"disk": [disk(**{"iops-burst": 5})]}, "disk 1 (a): --iops-burst needs --iops-limit"),
     ({"disk": [disk(name="../x")]}, "name '../x' must be"),
     ({"disk": [disk(), disk(spec="/img/b.img", name="b")]},
      "disk 2 (b): socket-path /run/a.sock is already disk 1 (a)'s socket-path"),

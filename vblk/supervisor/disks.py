@@ -16,8 +16,8 @@ worker processes; ``vblk serve SPEC`` is the same code with a list of one disk (
                completion pipe, the signals, the host-wide control socket (stats of every disk)
 
 Slots. The slot area holds every blocking disk's slots, each disk a contiguous range of its
-own ``queue_size`` (``SlotShare``): disk d's slot k is slot ``base_d + k`` of the area. The
-DataPath keeps numbering its slots 0..queue_size-1 as before; its SlotShare adds the base and
+own ``slots`` (``SlotShare``): disk d's slot k is slot ``base_d + k`` of the area. The
+DataPath keeps numbering its slots 0..slots-1 as before; its SlotShare adds the base and
 stamps the disk number in the slot (vblk.ipc), so a worker knows which backing and which
 memory table the slot's pieces refer to. Each worker holds every disk's backing fd and every
 disk's memory table, generation-tracked per disk (vblk.workers.loop): a disk's new table goes
@@ -43,7 +43,7 @@ Fairness. A disk can never hold more slots than its own range, so one that flood
 another's slots; inside a disk the multiqueue budget (vblk.supervisor.datapath) shares them
 among its rings. The workers are shared: the pool puts each slot with the least busy worker,
 so a neighbour's request waits at most behind the slots already queued at that worker
-(bounded by the flooding disk's queue_size over the worker count). Rate limits are per disk,
+(bounded by the flooding disk's slots over the worker count). Rate limits are per disk,
 as before.
 """
 from __future__ import annotations
