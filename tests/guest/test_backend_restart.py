@@ -14,7 +14,13 @@ import time
 
 import pytest
 
-from vblk.lab.guest import VERIFY_FILES_SCRIPT, host_fsck, make_image, start_guest
+from vblk.lab.guest import (
+    LISTEN_FOR_HOST_SCRIPT,
+    VERIFY_FILES_SCRIPT,
+    host_fsck,
+    make_image,
+    start_guest,
+)
 from vblk.testing.restart import RestartingVblk
 
 pytestmark = pytest.mark.guest
@@ -25,7 +31,7 @@ mkfs.ext4 -q -F /dev/vda
 mount -t ext4 /dev/vda /mnt
 mkdir -p /root/sums
 echo MOUNTED=1
-(read -r said; echo "$said" > /tmp/host-said) </dev/console &
+""" + LISTEN_FOR_HOST_SCRIPT + r"""
 i=0
 while [ ! -e /tmp/host-said ]; do                 # until the host has made its kills
     i=$((i + 1))
@@ -64,14 +70,7 @@ def test_twenty_backend_kills_during_a_file_system_workload(tmp_path, guest_imag
     guest = start_guest(sock, WORKLOAD, image=guest_image, reconnect=1,
                         log_path=tmp_path / "guest.serial")
     try:
-        thread.start()
-        # the workload runs until the kills are made (however long a loaded machine takes)
-        while thread.is_alive() and guest.proc.poll() is None:
-            thread.join(0.2)
-        stop.set()
-        thread.join()
-        guest.send("DONE\n")
-        res = guest.wait(900)
+        res = guest.run_beside(thread, stop, 900)         # the workload runs until the kills are made
         assert res.exit_status == 0, res.describe() + vblk.logs()[-4000:]
     finally:
         stop.set()

@@ -32,6 +32,7 @@ import pytest
 
 from vblk.control import default_control_path, fetch_stats
 from vblk.lab.guest import (
+    LISTEN_FOR_HOST_SCRIPT,
     VERIFY_FILES_SCRIPT,
     GuestProcess,
     GuestResult,
@@ -50,7 +51,7 @@ MIGRATE_TIMEOUT = 120.0
 
 # The guest's side of "the host says stop": a console line, read in the background; the
 # workload runs until /tmp/host-said exists.
-LISTEN = '(read -r said; echo "$said" > /tmp/host-said) </dev/console &'
+LISTEN = LISTEN_FOR_HOST_SCRIPT
 
 # The kernel log after the workload: nothing that says an I/O went wrong.
 DMESG = r"""

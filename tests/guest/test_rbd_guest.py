@@ -24,9 +24,11 @@ import pytest
 from vblk.control import default_control_path, fetch_stats
 from vblk.lab.guest import (
     GEOMETRY_SCRIPT,
+    LISTEN_FOR_HOST_SCRIPT,
     VERIFY_FILES_SCRIPT,
     assert_geometry,
     debugfs_cat,
+    files_script,
     host_fsck,
     start_guest,
 )
@@ -81,32 +83,7 @@ def allocation(cluster, name: str) -> tuple[int, int]:
 
 FILE_SIZES = (0, 1, 4095, 4096, MiB + 3, 8 * MiB)
 
-FILES_SCRIPT = GEOMETRY_SCRIPT + r"""
-mkfs.ext4 -q -F /dev/vda
-mount -t ext4 /dev/vda /mnt
-for n in @SIZES@; do head -c $n /dev/urandom > /mnt/f$n; done
-cd /mnt
-for f in f*; do
-    echo "SHA_$f=$(sha256sum $f | cut -d' ' -f1)"
-    echo "LEN_$f=$(stat -c %s $f)"
-done
-sha256sum f* > /tmp/sums
-cd /
-sync
-umount /mnt
-rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
-echo FSCK=$rc
-[ $rc = 0 ] || cat /tmp/fsck.log
-echo 3 > /proc/sys/vm/drop_caches
-mount -t ext4 /dev/vda /mnt
-cd /mnt
-rc=0; sha256sum -c /tmp/sums > /tmp/check.log 2>&1 || rc=$?
-echo REREAD=$rc
-echo REREAD_OK=$(grep -c ': OK$' /tmp/check.log)
-[ $rc = 0 ] || cat /tmp/check.log
-cd /
-umount /mnt
-""".replace("@SIZES@", " ".join(map(str, FILE_SIZES)))
+FILES_SCRIPT = files_script(FILE_SIZES)
 
 
 @pytest.mark.parametrize("mode", ["writethrough", "writeback"])
@@ -320,7 +297,7 @@ mount -t ext4 /dev/vda /mnt
 mkdir -p /root/sums
 cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }     # centiseconds since boot
 echo MOUNTED=1
-(read -r said; echo "$said" > /tmp/host-said) </dev/console &
+""" + LISTEN_FOR_HOST_SCRIPT + r"""
 i=0; worst=0
 while [ ! -e /tmp/host-said ]; do                 # until the host has made its kills
     t0=$(cs)
@@ -380,14 +357,8 @@ def test_backend_kills_during_ext4_workload_on_rbd(ceph_cluster, rbd_image, gues
     guest = start_guest(sock, WORKLOAD, image=guest_image, reconnect=1,
                         log_path=tmp_path / "guest.serial")
     try:
-        thread.start()
-        # the workload runs until the kills are made (however long a loaded machine takes)
-        while thread.is_alive() and guest.proc.poll() is None:
-            thread.join(0.2)
-        stop.set()
-        thread.join()
-        guest.send("DONE\n")
-        res = guest.wait(600, alive=lambda: not failures)
+        # the workload runs until the kills are made
+        res = guest.run_beside(thread, stop, 600, alive=lambda: not failures)
         assert not failures, f"{failures!r}\n{vblk.logs()[-4000:]}"
         assert res.exit_status == 0, res.describe() + vblk.logs()[-4000:]
     finally:

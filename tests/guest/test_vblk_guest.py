@@ -18,6 +18,7 @@ from vblk.lab.guest import (
     assert_geometry,
     debugfs_cat,
     default_pbs,
+    files_script,
     host_fsck,
     make_image,
     sha256_file,
@@ -36,33 +37,7 @@ BIG = 64 * MiB
 # (a)+(b) default geometry; ext4 with files from 0 bytes to 64 MiB
 
 
-FILES_SCRIPT = GEOMETRY_SCRIPT + r"""
-mkfs.ext4 -q -F /dev/vda
-mount -t ext4 /dev/vda /mnt
-for n in @SIZES@; do head -c $n /dev/urandom > /mnt/f$n; done
-dd if=/dev/urandom of=/mnt/f@BIG@ bs=1M count=@BIGMB@ 2>/dev/null
-cd /mnt
-for f in f*; do
-    echo "SHA_$f=$(sha256sum $f | cut -d' ' -f1)"
-    echo "LEN_$f=$(stat -c %s $f)"
-done
-sha256sum f* > /tmp/sums
-cd /
-sync
-umount /mnt
-rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
-echo FSCK=$rc
-[ $rc = 0 ] || cat /tmp/fsck.log
-echo 3 > /proc/sys/vm/drop_caches
-mount -t ext4 /dev/vda /mnt
-cd /mnt
-rc=0; sha256sum -c /tmp/sums > /tmp/check.log 2>&1 || rc=$?
-echo REREAD=$rc
-[ $rc = 0 ] || cat /tmp/check.log
-cd /
-umount /mnt
-""".replace("@SIZES@", " ".join(map(str, FILE_SIZES))).replace("@BIG@", str(BIG)) \
-   .replace("@BIGMB@", str(BIG // MiB))
+FILES_SCRIPT = files_script(FILE_SIZES, BIG // MiB)
 
 
 def test_default_geometry_and_ext4_files(tmp_path, serve_vblk, boot):

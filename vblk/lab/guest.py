@@ -59,9 +59,11 @@ __all__ = [
     "GuestProcess",
     "GuestImage",
     "GuestResult",
+    "LISTEN_FOR_HOST_SCRIPT",
     "VERIFY_FILES_SCRIPT",
     "assert_geometry",
     "build_guest",
+    "files_script",
     "debugfs_cat",
     "default_accel",
     "default_pbs",
@@ -991,6 +993,20 @@ class GuestProcess:
                            command=tuple(self.cmd), timed_lines=timed,
                            started_at=self.started_at, hook_errors=self._hook_errors)
 
+    def run_beside(self, thread: threading.Thread, stop: threading.Event, timeout: float, *,
+                   alive: Callable[[], bool] | None = None) -> GuestResult:
+        """The host's side of a workload that runs until the host says stop
+        (LISTEN_FOR_HOST_SCRIPT): start ``thread`` and let it work while QEMU runs, however
+        long a loaded machine takes; then set ``stop``, join it, type the stop line and
+        ``wait`` (``timeout``, ``alive``) for what the guest reports."""
+        thread.start()
+        while thread.is_alive() and self.proc.poll() is None:
+            thread.join(0.2)
+        stop.set()
+        thread.join()
+        self.send("DONE\n")
+        return self.wait(timeout, alive=alive)
+
     def kill(self) -> None:
         """Kill QEMU if it still runs (and close its console input)."""
         if self.proc.poll() is None:
@@ -1021,6 +1037,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# A workload that runs until the host says stop: this line (in the background) turns the next
+# line typed into the console (``GuestProcess.send``, ``run_beside``) into /tmp/host-said; the
+# workload loops ``while [ ! -e /tmp/host-said ]``.
+LISTEN_FOR_HOST_SCRIPT = '(read -r said; echo "$said" > /tmp/host-said) </dev/console &'
+
 # The end of a file workload that kept each file's sha256 line in /root/all.sums, with ext4
 # on /dev/vda mounted at /mnt: unmount, e2fsck -fn (FSCK=0 when clean), drop the page cache,
 # mount again and check every sum from the disk (CHECK=0, CHECKED= files whose sum matched).
@@ -1045,6 +1066,41 @@ echo PBS=$(cat /sys/block/vda/queue/physical_block_size)
 echo RO=$(cat /sys/block/vda/ro)
 echo WRITE_CACHE=$(cat /sys/block/vda/queue/write_cache | tr ' ' _)
 echo BYTES=$(blockdev --getsize64 /dev/vda)
+"""
+
+
+def files_script(sizes: Sequence[int], big_mib: int = 0) -> str:
+    """GEOMETRY_SCRIPT, then ext4 on /dev/vda with one file of random bytes per size (and one
+    of ``big_mib`` MiB if given): each file's SHA_f= and LEN_f=; after an unmount, e2fsck -fn
+    (FSCK=) and, with the page cache dropped, every sum checked from the disk (REREAD=0,
+    REREAD_OK= files that matched)."""
+    big = (f"dd if=/dev/urandom of=/mnt/f{big_mib * (1 << 20)} bs=1M count={big_mib} "
+           f"2>/dev/null\n" if big_mib else "")
+    return GEOMETRY_SCRIPT + r"""
+mkfs.ext4 -q -F /dev/vda
+mount -t ext4 /dev/vda /mnt
+for n in @SIZES@; do head -c $n /dev/urandom > /mnt/f$n; done
+""".replace("@SIZES@", " ".join(map(str, sizes))) + big + r"""cd /mnt
+for f in f*; do
+    echo "SHA_$f=$(sha256sum $f | cut -d' ' -f1)"
+    echo "LEN_$f=$(stat -c %s $f)"
+done
+sha256sum f* > /tmp/sums
+cd /
+sync
+umount /mnt
+rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
+echo FSCK=$rc
+[ $rc = 0 ] || cat /tmp/fsck.log
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext4 /dev/vda /mnt
+cd /mnt
+rc=0; sha256sum -c /tmp/sums > /tmp/check.log 2>&1 || rc=$?
+echo REREAD=$rc
+echo REREAD_OK=$(grep -c ': OK$' /tmp/check.log)
+[ $rc = 0 ] || cat /tmp/check.log
+cd /
+umount /mnt
 """
 
 
