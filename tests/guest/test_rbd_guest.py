@@ -13,7 +13,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,24 +31,17 @@ from vblk.lab.guest import (
     host_fsck,
     start_guest,
 )
+from vblk.testing.cli import run_vblk
 from vblk.testing.restart import RestartingVblk
 
 pytestmark = pytest.mark.guest
 
-REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 RBD_PBS = 4096                      # vblk's physical block size for an RBD image (no st_blksize)
 
 
 def spec(cluster, name: str, extra: str = "") -> str:
     return f"rbd:rbd/{name}:conf={cluster.conf}{extra}"
-
-
-def vblk_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "vblk.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
 
 
 def requests(sock) -> dict[str, int]:
@@ -264,10 +256,10 @@ def test_guest_sees_rbd_resize_without_reboot(ceph_cluster, rbd_image, serve_vbl
 
     def on_line(line: str) -> None:
         if line.strip() == "VBLK-RESIZE-WANT=grow":
-            done["early"] = vblk_cli("resize", str(new), "--socket-path", sock)  # not bigger yet
+            done["early"] = run_vblk("resize", str(new), "--socket-path", sock)  # not bigger yet
             ceph_cluster.rbd("resize", "--size", f"{new}B", f"rbd/{name}")
             done["at"] = time.time()
-            done["resize"] = vblk_cli("resize", str(new), "--socket-path", sock)
+            done["resize"] = run_vblk("resize", str(new), "--socket-path", sock)
 
     res = boot(sock, RESIZE_SCRIPT, on_line=on_line).check()
     v = res.values

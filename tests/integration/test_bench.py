@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from vblk.testing.cli import error_line
 from vblk.testing.frontend import BlkClient
 from vblk.virtio.constants import BlkStatus
 
@@ -34,14 +35,6 @@ def bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def ok_json(result: subprocess.CompletedProcess) -> dict:
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     return json.loads(result.stdout)
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("vblk: error: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -98,7 +91,7 @@ def test_text_output_and_a_read_only_sequential_run(vblk_server, image):
 
 def test_more_queues_than_offered_is_refused(vblk_server, image):
     sock = vblk_server(image, "--workers", "1")
-    line = one_error_line(bench("--socket-path", sock, "--queues", 2, "--ops", 10))
+    line = error_line(bench("--socket-path", sock, "--queues", 2, "--ops", 10))
     assert "--queues 2" in line and "GET_QUEUE_NUM" in line
 
 
@@ -118,7 +111,7 @@ def test_more_queues_than_offered_is_refused(vblk_server, image):
     (["--compare", "/nonexistent.img", "--guest"], "not a regular file"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, words):
-    assert words in one_error_line(bench(*args))
+    assert words in error_line(bench(*args))
 
 
 @pytest.mark.parametrize("args, words", [
@@ -128,7 +121,7 @@ def test_bad_arguments_exit_2_with_one_line(args, words):
     (["--vblk-args", "--writeback", "--cache", "writethrough"], "contradicts"),
 ])
 def test_bad_guest_options_are_refused_before_anything_starts(image, tmp_path, args, words):
-    assert words in one_error_line(bench("--compare", image, "--guest", "--workdir", tmp_path,
+    assert words in error_line(bench("--compare", image, "--guest", "--workdir", tmp_path,
                                          *args))
     assert [p.name for p in tmp_path.iterdir()] == ["disk.img"]      # no copies made
 

@@ -9,31 +9,13 @@ and a bad spec or an unknown image is refused in one line before anything is mad
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from vblk.testing.cli import error_line, run_vblk
+
 MiB = 1 << 20
-
-
-def vblk(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "vblk.cli", *map(str, args)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vblk: error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture
@@ -53,7 +35,7 @@ def test_compare_on_rbd_runs_both_backends_and_rbd_bench_and_removes_the_copies(
         ceph_cluster, source, tmp_path):
     before = images(ceph_cluster)
     spec = f"rbd:rbd/{source}:conf={ceph_cluster.conf}"
-    r = vblk("bench", "--compare", spec, "--rounds", 1, "--duration", 0.4,
+    r = run_vblk("bench", "--compare", spec, "--rounds", 1, "--duration", 0.4,
              "--workload", "randread:4k:4", "--workload", "randwrite:4k:2", "--workdir", tmp_path)
     assert r.returncode == 0, (r.stdout, r.stderr)
     out = r.stdout
@@ -76,7 +58,7 @@ def test_compare_on_rbd_runs_both_backends_and_rbd_bench_and_removes_the_copies(
 
 def test_compare_on_rbd_json_writeback_and_keep(ceph_cluster, source, tmp_path):
     before = images(ceph_cluster)
-    r = vblk("bench", "--compare", f"rbd:rbd/{source}:conf={ceph_cluster.conf}:id=admin",
+    r = run_vblk("bench", "--compare", f"rbd:rbd/{source}:conf={ceph_cluster.conf}:id=admin",
              "--rounds", 1, "--ops", 300, "--pattern", "randrw", "--qd", 4,
              "--cache", "writeback", "--keep", "--workdir", tmp_path, "--json")
     kept = images(ceph_cluster) - before
@@ -117,7 +99,7 @@ def test_compare_refuses_a_bad_rbd_source_before_making_anything(ceph_cluster, s
     where = suffix.format(source=source)
     spec = f"rbd:rbd/{where.split(':')[0]}:conf={ceph_cluster.conf}" + \
         "".join(f":{p}" for p in where.split(":")[1:])
-    line = one_error_line(vblk("bench", "--compare", spec, "--rounds", 1, "--duration", 0.2,
+    line = error_line(run_vblk("bench", "--compare", spec, "--rounds", 1, "--duration", 0.2,
                                "--workdir", tmp_path, timeout=60))
     assert words in line
     assert images(ceph_cluster) == before and list(tmp_path.iterdir()) == []
@@ -126,10 +108,10 @@ def test_compare_refuses_a_bad_rbd_source_before_making_anything(ceph_cluster, s
 def test_rbd_bench_option_goes_with_an_rbd_compare(tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(MiB))
-    line = one_error_line(vblk("bench", "--compare", image, "--rbd-bench", "--workdir", tmp_path))
+    line = error_line(run_vblk("bench", "--compare", image, "--rbd-bench", "--workdir", tmp_path))
     assert "--rbd-bench goes with --compare rbd:" in line
     assert [p.name for p in tmp_path.iterdir()] == ["disk.img"]
-    assert "not --guest" in one_error_line(vblk("bench", "--compare", "rbd:rbd/x", "--guest",
+    assert "not --guest" in error_line(run_vblk("bench", "--compare", "rbd:rbd/x", "--guest",
                                                 "--rbd-bench"))
-    assert "not --socket-path" in one_error_line(vblk("bench", "--socket-path", tmp_path / "s.sock",
+    assert "not --socket-path" in error_line(run_vblk("bench", "--socket-path", tmp_path / "s.sock",
                                                  "--no-rbd-bench"))

@@ -15,6 +15,7 @@ import pytest
 
 from vblk.backing import open_backing
 from vblk.options import parse_acrn
+from vblk.testing.cli import error_line
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -29,12 +30,9 @@ def vblk(*args: str, cwd: Path, timeout: float = 60, **kw) -> subprocess.Complet
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("vblk: error: "), lines[0]
+    line = error_line(result)
     assert result.stdout == ""
-    return lines[0][len("vblk: error: "):]
+    return line
 
 
 @pytest.fixture

@@ -5,44 +5,27 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def vblk(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "vblk.cli", *map(str, args)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vblk: error: "), result.stderr
-    return lines[0]
+from vblk.testing.cli import error_line, run_vblk
 
 
 def test_demo_rbd_without_ceph_is_one_line():
-    line = one_error_line(vblk("demo", "--rbd", env=dict(os.environ, PATH="/nonexistent")))
+    line = error_line(run_vblk("demo", "--rbd", env=dict(os.environ, PATH="/nonexistent")))
     assert "needs Ceph" in line and "apt-get install" in line
 
 
 def test_demo_rbd_refuses_an_image_path(tmp_path):
-    line = one_error_line(vblk("demo", "--rbd", "--image", tmp_path / "x.img"))
+    line = error_line(run_vblk("demo", "--rbd", "--image", tmp_path / "x.img"))
     assert "--image goes with the file demo" in line
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.guest
 def test_demo_rbd_boots_the_guest_on_an_rbd_image_and_tears_the_cluster_down():
-    r = vblk("demo", "--rbd", timeout=300)
+    r = run_vblk("demo", "--rbd", timeout=300)
     assert r.returncode == 0, (r.stdout, r.stderr)
     out = r.stdout
     assert "rbd:rbd/vblk-demo:conf=" in out and "1 OSD (memstore)" in out

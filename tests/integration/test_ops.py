@@ -23,6 +23,7 @@ from vblk.control import ControlServer, fetch_stats, request
 from vblk.errors import ConfigError
 from vblk.sdnotify import notify
 from vblk.stats import Stats
+from vblk.testing.cli import error_line
 from vblk.testing.frontend import BlkClient
 from vblk.testing.install import install_into
 from vblk.virtio.constants import BlkStatus, Feature
@@ -112,13 +113,6 @@ def accepts(path: Path) -> bool:
 def run(*args, timeout: float = TIMEOUT, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*VBLK, *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
-
-
-def one_error_line(r: subprocess.CompletedProcess, status: int = 2) -> str:
-    assert r.returncode == status, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vblk: error: "), r.stderr
-    return lines[0][len("vblk: error: "):]
 
 
 class NotifyListener:
@@ -329,9 +323,9 @@ def test_print_capabilities_needs_no_spec_and_ignores_other_options():
 
 
 def test_serve_without_an_image_still_refuses():
-    assert one_error_line(run("serve", "--socket-path", "/tmp/x.sock")) == \
+    assert error_line(run("serve", "--socket-path", "/tmp/x.sock")) == \
         "give the image as SPEC or as --blk-file PATH (exactly one)"
-    assert "exactly one" in one_error_line(run("serve", "a.img", "--blk-file", "a.img"))
+    assert "exactly one" in error_line(run("serve", "a.img", "--blk-file", "a.img"))
 
 
 def test_blk_file_and_read_only_are_the_conventional_spellings(tmp_path, sockdir, procs):
@@ -457,10 +451,10 @@ def test_stats_of_a_stopped_vblk_is_one_line_and_status_1(stats_server, sockdir)
     assert proc.stdout.readline().strip() == "stopped"
     assert proc.wait(TIMEOUT) == 0
     assert not Path(f"{sock}.ctl").exists(), "the control socket is removed at exit"
-    msg = one_error_line(run("stats", "--socket-path", sock), status=1)
+    msg = error_line(run("stats", "--socket-path", sock), status=1)
     assert msg == f"no control socket at {sock}.ctl (is vblk serving there?)"
-    assert "exactly one of" in one_error_line(run("stats"))
-    assert "without --watch" in one_error_line(run("stats", "--socket-path", sock, "3"))
+    assert "exactly one of" in error_line(run("stats"))
+    assert "without --watch" in error_line(run("stats", "--socket-path", sock, "3"))
 
 
 def test_control_socket_survives_bad_and_idle_clients(stats_server):
@@ -987,11 +981,11 @@ def test_activated_vblk_puts_its_control_socket_next_to_the_passed_one(tmp_path,
 def test_bad_ops_flags_refuse_before_anything_is_created(tmp_path, sockdir):
     image = make_image(tmp_path / "disk.img")
     sock = sockdir / "vblk.sock"
-    assert "is not HOST:PORT" in one_error_line(
+    assert "is not HOST:PORT" in error_line(
         run("serve", image, "--socket-path", sock, "--metrics-listen", "9100"))
-    assert one_error_line(run("serve", image, "--socket-path", sock, "--control-socket",
+    assert error_line(run("serve", image, "--socket-path", sock, "--control-socket",
                               sockdir / "no" / "x.ctl")) == \
         f"control socket directory {sockdir / 'no'} does not exist"
-    assert "must differ" in one_error_line(
+    assert "must differ" in error_line(
         run("serve", image, "--socket-path", sock, "--control-socket", sock))
     assert not sock.exists()

@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,22 +19,18 @@ import pytest
 from vblk.control import default_control_path, fetch_stats
 from vblk.lab.client import run_workload
 from vblk.lab.workload import Workload
+from vblk.testing.cli import run_vblk
 from vblk.testing.frontend import BlkClient
 from vblk.virtio.constants import BlkStatus
 
-REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 IMAGE_SIZE = 64 * MiB
 WINDOW_S = 5.0
 BURST_S = 0.1                  # vblk's default burst and QEMU's: 0.1 s of the rate
 
 
-def vblk_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "vblk.cli", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+def vblk_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_vblk(*args, timeout=30)
 
 
 @pytest.fixture

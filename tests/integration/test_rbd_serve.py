@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vblk.testing.cli import error_line, run_vblk
 from vblk.testing.frontend import DEFAULT_PROTOCOL_FEATURES, BlkClient
 from vblk.testing.model import DiskModel, Workload, run_stress, write_initial_image
 from vblk.testing.restart import RestartingVblk, restart_storm
@@ -23,18 +23,6 @@ from vblk.virtio.constants import SECTOR_SIZE, BlkStatus, BlkType
 
 MiB = 1 << 20
 SECTORS = 16 * MiB // SECTOR_SIZE
-
-
-def vblk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vblk.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def refusal(r: subprocess.CompletedProcess) -> str:
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("vblk: error: "), \
-        (r.returncode, r.stderr)
-    return lines[0]
 
 
 def modelled_image(cluster, name: str, tmp_path: Path, salt: int) -> None:
@@ -99,7 +87,7 @@ def test_a_snapshot_serves_read_only_and_byte_identical(ceph_cluster, rbd_image,
                      "--io-pattern", "seq", f"rbd/{name}")
     ceph_cluster.rbd("snap", "create", f"rbd/{name}@frozen")
     want = ceph_cluster.export(f"{name}@frozen")
-    line = refusal(vblk("serve", f"rbd:rbd/{name}@frozen:conf={ceph_cluster.conf}",
+    line = error_line(run_vblk("serve", f"rbd:rbd/{name}@frozen:conf={ceph_cluster.conf}",
                         "--socket-path", "/tmp/never.sock"))
     assert "is a snapshot, which is read-only: pass ro" in line
     sock = vblk_server(f"rbd:rbd/{name}@frozen:conf={ceph_cluster.conf},ro")
@@ -113,7 +101,7 @@ def test_a_snapshot_serves_read_only_and_byte_identical(ceph_cluster, rbd_image,
 def test_info_and_every_refusal_is_one_line_before_anything_is_made(ceph_cluster, rbd_image,
                                                                     tmp_path):
     name = rbd_image(8 * MiB)
-    r = vblk("info", spec(ceph_cluster, name))
+    r = run_vblk("info", spec(ceph_cluster, name))
     assert r.returncode == 0, r.stderr
     assert f"rbd:rbd/{name}:conf={ceph_cluster.conf} (rbd image, {8 * MiB} bytes)" in r.stdout
     sock = tmp_path / "never.sock"
@@ -124,7 +112,7 @@ def test_info_and_every_refusal_is_one_line_before_anything_is_made(ceph_cluster
                         (f"rbd:rbd/{name}@nosnap:conf={conf},ro", "snapshot 'nosnap'"),
                         (f"rbd:rbd/{name}:conf={conf}:no_such_option=1", "Ceph option")):
         for cmd in (("info", text), ("serve", text, "--socket-path", str(sock))):
-            assert match in refusal(vblk(*cmd)), cmd
+            assert match in error_line(run_vblk(*cmd)), cmd
     assert not sock.exists()
 
 
@@ -133,7 +121,7 @@ def test_an_unreachable_cluster_is_refused_within_the_stated_time(tmp_path):
     with socket_listening_nowhere() as port:
         dead.write_text(f"[global]\nmon host = 127.0.0.1:{port}\nauth client required = none\n")
         t0 = time.monotonic()
-        line = refusal(vblk("info", f"rbd:rbd/x:conf={dead}"))
+        line = error_line(run_vblk("info", f"rbd:rbd/x:conf={dead}"))
         elapsed = time.monotonic() - t0
     assert "cannot reach the Ceph cluster" in line and "within 10 s" in line
     assert elapsed < 20, elapsed
@@ -160,7 +148,7 @@ def test_a_second_vblk_is_refused_and_a_second_writer_cannot_write(ceph_cluster,
     sock = vblk_server(spec(ceph_cluster, name))
     with BlkClient.connect(sock) as c:
         assert c.write(0, b"v" * 4096).status == BlkStatus.OK
-        line = refusal(vblk("serve", spec(ceph_cluster, name), "--socket-path", "/tmp/x2.sock"))
+        line = error_line(run_vblk("serve", spec(ceph_cluster, name), "--socket-path", "/tmp/x2.sock"))
         assert "is in use by another client" in line and "vblk client=" in line
         # qemu-storage-daemon takes no lock: it opens the image, but the one writer is vblk
         other = qsd_rbd(ceph_cluster, name)
@@ -305,10 +293,10 @@ def test_rbd_resize_then_vblk_resize_and_the_frontend_is_told(ceph_cluster, rbd_
     sock = vblk_server(spec(ceph_cluster, name))
     features = DEFAULT_PROTOCOL_FEATURES | P.BACKEND_REQ.mask
     with BlkClient.connect(sock, protocol_features=features) as c:
-        r = vblk("resize", "12M", "--socket-path", sock)
+        r = run_vblk("resize", "12M", "--socket-path", sock)
         assert r.returncode == 2 and "never grows" in r.stderr
         ceph_cluster.rbd("resize", "--size", "12M", f"rbd/{name}")
-        r = vblk("resize", "12M", "--socket-path", sock)
+        r = run_vblk("resize", "12M", "--socket-path", sock)
         assert r.returncode == 0 and "the frontend was notified" in r.stdout, r.stderr
         header, _ = c.frontend.recv_backend_request(10)
         assert header.request == m.BackendReq.CONFIG_CHANGE_MSG
@@ -387,8 +375,8 @@ def test_cephx_users_a_wrong_key_and_missing_caps_are_refused_in_one_line(ceph_c
     for what, (spec_, words) in refusals.items():
         t0 = time.monotonic()
         sock = tmp_path / "refused.sock"
-        r = vblk("serve", spec_, "--socket-path", sock)
-        assert words in refusal(r), (what, r.stderr)
+        r = run_vblk("serve", spec_, "--socket-path", sock)
+        assert words in error_line(r), (what, r.stderr)
         assert time.monotonic() - t0 < 20 and not sock.exists(), what
     # the right user writes; the read-only one reads what it wrote
     payload = os.urandom(8192)
