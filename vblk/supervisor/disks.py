@@ -48,7 +48,6 @@ as before.
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 
@@ -63,11 +62,9 @@ from vblk.stats import Stats
 from vblk.supervisor.connection import FrontendLink
 from vblk.supervisor.datapath import DataPath
 from vblk.supervisor.disk_ops import DiskOps
-from vblk.supervisor.loop import EventLoop
+from vblk.supervisor.loop import EventLoop, run_guarded
 from vblk.supervisor.pool import WorkerPool
 from vblk.supervisor.queues import Queues
-
-log = logging.getLogger("vblk.supervisor")
 
 
 class DiskLoop:
@@ -88,14 +85,7 @@ class DiskLoop:
         (and answer None)."""
         outer = enter_disk(self.name)
         try:
-            return handler()
-        except Exception:
-            log.exception("event=internal_error action=drop_frontend")
-            try:
-                self.on_error()
-            except Exception:
-                log.exception("event=internal_error action=disconnect")
-            return None
+            return run_guarded(handler, self.on_error)
         finally:
             leave_disk(outer)
 

@@ -58,6 +58,20 @@ def adapt_poll_window(window: float, slept: float, poll_max: float) -> float:
     return window if window >= POLL_MIN else 0.0
 
 
+def run_guarded(handler: Callable[[], object], on_error: Callable[[], None]) -> object:
+    """``handler()``'s answer; if it raises (a bug in vblk), log it and call ``on_error`` (drop
+    the frontend), and answer None: the process carries on."""
+    try:
+        return handler()
+    except Exception:
+        log.exception("event=internal_error action=drop_frontend")
+        try:
+            on_error()
+        except Exception:
+            log.exception("event=internal_error action=disconnect")
+        return None
+
+
 class EventLoop:
     def __init__(self, on_error: Callable[[], None]) -> None:
         self.epoll = select.epoll()
@@ -131,14 +145,7 @@ class EventLoop:
     def call(self, handler: Handler) -> None:
         """Run one handler; a bug in vblk costs the frontend its connection, not the process
         (the next frontend is served)."""
-        try:
-            handler()
-        except Exception:
-            log.exception("event=internal_error action=drop_frontend")
-            try:
-                self.on_error()
-            except Exception:
-                log.exception("event=internal_error action=disconnect")
+        run_guarded(handler, self.on_error)
 
     def _poll(self, poll: Callable[[], bool]) -> None:
         """Look at the rings (and, without sleeping, at every fd) until nothing turned up for
