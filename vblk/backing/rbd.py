@@ -264,6 +264,14 @@ def _take_over(spec: RbdSpec, image: c_void_p, readonly: bool) -> None:
               "rbd_lock_break")
 
 
+def _lock(spec: RbdSpec, conn: Connection, image: c_void_p, readonly: bool) -> bool:
+    """One writer: refuse a live holder, take a dead local vblk's lock over, and (writable)
+    take the lock; whether we hold it now."""
+    if _refuse_if_held(spec, image):
+        _take_over(spec, image, readonly=readonly)
+    return False if readonly else _acquire(spec, conn, image)
+
+
 def _acquire(spec: RbdSpec, conn: Connection, image: c_void_p) -> bool:
     """Take the exclusive lock and record who holds it; False if the image has no lock to
     take (the exclusive-lock feature is off)."""
@@ -338,10 +346,7 @@ def open_rbd(opts: DiskOptions, lock: bool = True) -> RbdBacking:
         info = _inspect(opts, spec, image)
         locked = False
         if spec.snap is None and lock:
-            if _refuse_if_held(spec, image):
-                _take_over(spec, image, readonly=opts.readonly)
-            if not opts.readonly:
-                locked = _acquire(spec, conn, image)
+            locked = _lock(spec, conn, image, readonly=opts.readonly)
         return RbdBacking(info, spec, conn, image, locked)
     except BaseException:
         if image:
@@ -517,11 +522,8 @@ class RbdBacking(Backing):
 
     def take_window(self) -> None:
         if not self.locked and not self.info.readonly and self.spec.snap is None:
-            # as at open: a live holder refuses; a dead local vblk's lock is taken over (a
-            # restarted --incoming vblk, whose predecessor took the lock and was killed)
-            if _refuse_if_held(self.spec, self.image):
-                _take_over(self.spec, self.image, readonly=False)
-            self.locked = _acquire(self.spec, self.conn, self.image)
+            # as at open (a restarted --incoming vblk takes its killed predecessor's lock over)
+            self.locked = _lock(self.spec, self.conn, self.image, readonly=False)
 
     def owns_lock(self) -> bool:
         owner = c_int()
