@@ -39,7 +39,23 @@ Control messages (msgpack maps on a SOCK_SEQPACKET pair, one per worker, fds by 
     supervisor -> worker  {"op": "memory", "disk": d, "generation": g, "regions": [[gpa, size,
                            uva, mmap_offset], ...]} + one fd per region, whenever disk d's
                            table changes
+                          {"op": "disk-add", "disk": d, "backing": DESC} + the backing's fds
+                                                (``Backing.handoff``), when a disk is added at
+                                                run time (``vblk disk add``); DESC's "fd" is
+                                                the supervisor's number, the worker uses the
+                                                fd that came with the message
+                                                (``received_backing``)
+                          {"op": "disk-remove", "disk": d}   close disk d's backing and drop
+                                                its memory table (``vblk disk remove``; the
+                                                supervisor sends it when none of d's slots is
+                                                in flight)
                           {"op": "stop"}        finish and exit (EOF means the same)
+
+A disk added at run time is announced on the control socket before any of its slots is
+written to a submission pipe (its memory table, and so its first slot, comes later still): a
+worker that meets a slot for a disk it does not know yet finds the announcement already
+waiting on its control socket. A worker started after the add gets the disk in its argv, as
+every disk of the config.
 """
 from __future__ import annotations
 
@@ -219,6 +235,26 @@ def memory_message(generation: int, regions: list[list[int]], disk: int = 0) -> 
     """Disk ``disk``'s new memory table: ``regions`` are [gpa, size, uva, mmap_offset], one fd
     each."""
     return {"op": "memory", "disk": disk, "generation": generation, "regions": regions}
+
+
+def disk_add_message(disk: int, desc: dict) -> dict:
+    """Disk ``disk`` was added: ``desc`` is its ``Backing.handoff()`` description, sent with
+    the handoff's fds."""
+    return {"op": "disk-add", "disk": disk, "backing": desc}
+
+
+def disk_remove_message(disk: int) -> dict:
+    """Disk ``disk`` was removed: close its backing, forget its memory table."""
+    return {"op": "disk-remove", "disk": disk}
+
+
+def received_backing(msg: dict, fds: list[int]) -> dict:
+    """The description to attach from a disk-add message and the fds that came with it: the
+    supervisor's fd number replaced by the receiver's (ValueError unless exactly one fd came,
+    as a file or block device hands off)."""
+    if len(fds) != 1:
+        raise ValueError(f"disk-add of disk {msg.get('disk')} came with {len(fds)} fds, not 1")
+    return {**msg["backing"], "fd": fds[0]}
 
 
 def send_control(sock: socket.socket, msg: dict, fds=()) -> None:

@@ -4,9 +4,11 @@ The worker maps the same slot memfd and guest-memory fds as the supervisor (the 
 arrives on its control socket, msgpack + SCM_RIGHTS, whenever a table changes) and holds
 the backings the supervisor handed off (vblk.backing.attach). A supervisor serving several
 disks shares its workers among them: each slot names its disk, and the worker keeps one
-backing and one memory table (with its own generation) per disk. It waits on two fds: the control
-socket and its submission pipe. Slot numbers arrive in batches; it runs them in order and
-returns all the finished numbers in one write to the completion pipe.
+backing and one memory table (with its own generation) per disk; a disk added at run time
+arrives as a control message with its backing's fd, and one removed goes with another
+(vblk.ipc). It waits on two fds: the control socket and its submission pipe. Slot numbers
+arrive in batches; it runs them in order and returns all the finished numbers in one write
+to the completion pipe.
 
 Group commit (write-through): the writes of a batch that must be durable (FLAG_SYNC) are all
 made first, then one ``flush`` per disk they went to covers every one of them -- each
@@ -24,7 +26,7 @@ import select
 import socket
 
 from vblk import ipc
-from vblk.backing import Backing
+from vblk.backing import Backing, attach
 from vblk.ipc import SlotArea
 from vblk.logs import quote
 from vblk.memory import GuestMemory
@@ -48,8 +50,14 @@ class Worker:
         self.memories: dict[int, GuestMemory] = {}     # disk number -> its table
 
     def backing_for(self, disk: int) -> Backing:
-        """Disk ``disk``'s backing (OSError if this worker was not given that disk)."""
+        """Disk ``disk``'s backing (OSError if this worker was not given that disk). A disk
+        added at run time was announced on the control socket before its first slot was
+        written (vblk.ipc): what is waiting there is read first, without blocking."""
         backing = self.disks.get(disk)
+        while backing is None and select.select([self.control], [], [], 0)[0]:
+            if not self.handle_control():
+                break
+            backing = self.disks.get(disk)
         if backing is None:
             raise OSError(errno.ENODEV, f"slot for disk {disk}, which this worker does not have")
         return backing
@@ -61,18 +69,34 @@ class Worker:
         try:
             if msg is None or msg.get("op") == "stop":
                 return False
-            if msg.get("op") == "memory":
+            op, disk = msg.get("op"), msg.get("disk", 0)
+            if op == "memory":
                 descs = [MemRegion(*r) for r in msg["regions"]]
-                disk = msg.get("disk", 0)
                 new = GuestMemory.from_fds(descs, fds, msg["generation"])
                 old = self.memories.get(disk)
                 if old is not None:
                     old.close()
                 self.memories[disk] = new
+            elif op == "disk-add":
+                self.disks[disk] = attach(ipc.received_backing(msg, fds))
+                fds = []                              # the backing owns its fd now
+                log.info("event=disk_added worker=%d disk=%d", self.index, disk)
+            elif op == "disk-remove":
+                self.remove_disk(disk)
             return True
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def remove_disk(self, disk: int) -> None:
+        """Close disk ``disk``'s backing and its memory table (nothing of it is in flight)."""
+        backing = self.disks.pop(disk, None)
+        if backing is not None:
+            backing.close()
+        memory = self.memories.pop(disk, None)
+        if memory is not None:
+            memory.close()
+        log.info("event=disk_removed worker=%d disk=%d", self.index, disk)
 
     def _generation(self, disk: int) -> int:
         memory = self.memories.get(disk)
