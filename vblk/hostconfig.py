@@ -4,7 +4,10 @@ The file has a few host-wide keys and one ``[[disk]]`` table per disk::
 
     workers = 8                          # the one pool every disk shares (1..64)
     log-level = "info"
-    control-socket = "/run/vblk/host.ctl"   # optional: `vblk stats` of every disk at once
+    control-socket = "/run/vblk/host.ctl"   # optional: `vblk stats` of every disk at once,
+                                         #   `vblk disk add` and `vblk disk remove`
+    slot-capacity = 4096                 # optional, with control-socket: the slots of the
+                                         #   one slot area, room for disks added later
 
     [[disk]]
     name = "vm1-root"                    # optional: default the socket's file name, no suffix
@@ -24,6 +27,13 @@ socket path used twice, two writable disks over the same bytes of one image -- r
 whole file with one ConfigError naming the disk (``disk 2 (vm1-root): ...``), before any
 image is opened for writing or any socket created: ``load_host_config`` parses (pure but for
 reading FILE) and ``check_host_config`` looks at the images and paths (touching nothing).
+
+A disk added at run time (``vblk disk add FILE``: FILE holds one ``[[disk]]`` table,
+``load_disk_file``) is held to the same rules: ``parse_added_disk`` parses its table as
+``parse_disk`` does, and ``check_added_disk`` checks it alone and then against the disks
+being served as if it were the last table of their file (name, socket paths, overlapping
+writable windows), touching nothing. Its paths must be absolute: the vblk that opens them
+does not run in the operator's directory.
 """
 from __future__ import annotations
 
@@ -46,8 +56,12 @@ from vblk.options import (
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_DISKS = 1024
+# The slot area of a host whose disks can change: room for 64 disks of the default 64 slots
+# (each slot is vblk.ipc.SLOT_SIZE bytes of a memfd, touched only once used).
+DEFAULT_SLOT_CAPACITY = 64 * DEFAULT_SLOTS
+MAX_SLOT_CAPACITY = 1 << 18
 
-_HOST_KEYS = {"workers", "log-level", "control-socket", "disk"}
+_HOST_KEYS = {"workers", "log-level", "control-socket", "slot-capacity", "disk"}
 _BOOL_KEYS = {"ro": "readonly", "read-only": "readonly", "writeback": "writeback",
               "nocache": "nocache", "discard": "discard"}
 _TEXT_KEYS = {"sectorsize": "sectorsize", "range": "range_", "serial": "serial",
@@ -73,7 +87,8 @@ class HostConfig:
     disks: tuple[DiskEntry, ...]
     workers: int = 8
     log_level: str = "INFO"
-    control_socket: str | None = None       # host-wide stats of every disk; None: none
+    control_socket: str | None = None       # host-wide stats, disk add/remove; None: none
+    slot_capacity: int | None = None        # slots of the shared area; see slot_area_size
 
     listen_fd = None                        # a host listens on the disks' own sockets
 
@@ -83,16 +98,52 @@ class HostConfig:
         return cls((DiskEntry("", config),), workers=config.workers, log_level=config.log_level)
 
 
+def slot_area_size(host: HostConfig, needed: int) -> int:
+    """The slots of the shared slot area: ``needed`` (the slots of the disks served from the
+    start) -- or, with a host control socket, where ``vblk disk add`` may bring more, the
+    ``slot-capacity`` (default DEFAULT_SLOT_CAPACITY) if that is more."""
+    if host.control_socket is None:
+        return needed
+    return max(needed, host.slot_capacity or DEFAULT_SLOT_CAPACITY)
+
+
 def load_host_config(path: str) -> HostConfig:
     """Read and parse FILE (ConfigError for anything wrong in it)."""
+    return parse_host_config(_read_toml(path, "--config "), where=path)
+
+
+def load_disk_file(path: str) -> dict:
+    """``vblk disk add FILE``: the one ``[[disk]]`` table FILE holds, as tomllib reads it
+    (ConfigError if FILE holds anything else, or a date or time, which no disk key takes and
+    the control socket does not carry). Its keys are checked by ``parse_added_disk``."""
+    data = _read_toml(path, "")
+    tables = data.get("disk")
+    if set(data) != {"disk"} or not isinstance(tables, list) or len(tables) != 1 \
+            or not isinstance(tables[0], dict):
+        raise ConfigError(f"{path}: a disk file holds one [[disk]] table and nothing else "
+                          f"(the host's keys stay in its config)")
+    for key, value in tables[0].items():
+        if not _plain(value):
+            raise ConfigError(f"{path}: {key} = {value!r} is not a value any disk key takes")
+    return tables[0]
+
+
+def _read_toml(path: str, flag: str) -> dict:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as exc:
-        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{flag}{path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
-    return parse_host_config(data, where=path)
+        raise ConfigError(f"{flag}{path}: not valid TOML: {exc}") from None
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(v) for v in value.values())
+    return isinstance(value, (str, int, float, bool))
 
 
 def parse_host_config(data: dict, where: str = "config") -> HostConfig:
@@ -121,9 +172,27 @@ def parse_host_config(data: dict, where: str = "config") -> HostConfig:
             disks.append(parse_disk(table, index, workers, log_level))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {label}: {exc}") from None
-    host = HostConfig(tuple(disks), workers=workers, log_level=log_level, control_socket=control)
-    _check_distinct(host, where)
+    capacity = _slot_capacity(data, control, disks, where)
+    host = HostConfig(tuple(disks), workers=workers, log_level=log_level, control_socket=control,
+                      slot_capacity=capacity)
+    _check_distinct([(f"disk {i} ({e.name})", e) for i, e in enumerate(disks, 1)], control, where)
     return host
+
+
+def _slot_capacity(data: dict, control: str | None, disks: list[DiskEntry],
+                   where: str) -> int | None:
+    if "slot-capacity" not in data:
+        return None
+    capacity = _typed(data["slot-capacity"], int, "slot-capacity", where)
+    if control is None:
+        raise ConfigError(f"{where}: slot-capacity means nothing without control-socket (no "
+                          f"disk can be added)")
+    from vblk.backing.rbd_spec import is_rbd
+    needed = sum(d.serve.slots for d in disks if not is_rbd(d.serve.disk.path))
+    if not needed <= capacity <= MAX_SLOT_CAPACITY:
+        raise ConfigError(f"{where}: slot-capacity {capacity} is out of range {needed}.."
+                          f"{MAX_SLOT_CAPACITY} (at least the slots of the file's disks)")
+    return capacity
 
 
 def check_host_values(workers: int, log_level: str, prefix: str) -> None:
@@ -169,12 +238,14 @@ def parse_disk(table: object, index: int, workers: int, log_level: str) -> DiskE
     return DiskEntry(name, serve)
 
 
-def _check_distinct(host: HostConfig, where: str) -> None:
-    """No two disks share a name, a socket, a control socket or a metrics address."""
+def _check_distinct(disks: list[tuple[str, DiskEntry]], host_control: str | None,
+                    where: str) -> None:
+    """No two disks (labelled) share a name, a socket, a control socket or a metrics
+    address, and none uses the host's control socket."""
     seen: dict[tuple[str, str], str] = {}
-    if host.control_socket is not None:
-        seen[("path", os.path.abspath(host.control_socket))] = "the host's control-socket"
-    for index, entry in enumerate(host.disks, 1):
+    if host_control is not None:
+        seen[("path", os.path.abspath(host_control))] = "the host's control-socket"
+    for label, entry in disks:
         s = entry.serve
         control = s.control_socket or s.socket_path + ".ctl"
         keys = [("name", entry.name, "name"), ("path", os.path.abspath(s.socket_path), "socket-path"),
@@ -184,16 +255,15 @@ def _check_distinct(host: HostConfig, where: str) -> None:
         for kind, value, key in keys:
             other = seen.get((kind, value))
             if other is not None:
-                raise ConfigError(f"{where}: disk {index} ({entry.name}): {key} {value} is "
-                                  f"already {other}")
-            seen[(kind, value)] = f"disk {index} ({entry.name})'s {key}"
+                raise ConfigError(f"{where}: {label}: {key} {value} is already {other}")
+            seen[(kind, value)] = f"{label}'s {key}"
 
 
 def check_host_config(host: HostConfig, where: str = "config") -> None:
     """Every check ``vblk serve`` makes for each disk (image, range, lock, socket paths),
     touching nothing, and that no two disks write the same bytes of one image."""
     from vblk.backing import check_backing
-    windows: list[tuple[object, int, int, bool, str]] = []
+    windows: list[Window] = []
     if host.control_socket is not None:
         from vblk.control import check_control_path
         try:
@@ -207,13 +277,85 @@ def check_host_config(host: HostConfig, where: str = "config") -> None:
             check_disk_paths(entry.serve)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {label}: {exc}") from None
-        image = _image_identity(entry.serve.disk.path)
-        for other_image, start, end, readonly, other in windows:
-            if other_image == image and start < info.start + info.size and info.start < end \
-                    and not (readonly and info.readonly):
-                raise ConfigError(f"{where}: {label}: its window of {entry.serve.disk.path} "
-                                  f"overlaps {other}'s and one of them is writable")
-        windows.append((image, info.start, info.start + info.size, info.readonly, label))
+        window = Window.of(entry, info, label)
+        window.check_apart(windows, where)
+        windows.append(window)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The bytes of an image one disk serves, as the overlap rule sees them."""
+    image: object                      # _image_identity of its path
+    start: int
+    end: int
+    readonly: bool
+    label: str
+    path: str
+
+    @classmethod
+    def of(cls, entry: DiskEntry, info, label: str) -> Window:
+        return cls(_image_identity(entry.serve.disk.path), info.start, info.start + info.size,
+                   info.readonly, label, entry.serve.disk.path)
+
+    def check_apart(self, others: list[Window], where: str) -> None:
+        """ConfigError if this window and one of ``others`` share bytes of one image and
+        either is writable."""
+        for other in others:
+            if other.image == self.image and self.start < other.end and other.start < self.end \
+                    and not (self.readonly and other.readonly):
+                raise ConfigError(f"{where}: {self.label}: its window of {self.path} overlaps "
+                                  f"{other.label}'s and one of them is writable")
+
+
+def parse_added_disk(table: object, number: int, host: HostConfig,
+                     where: str) -> tuple[DiskEntry, str]:
+    """A ``[[disk]]`` table added at run time as disk ``number`` (0-based) of ``host`` -> its
+    entry and its label (``disk N (NAME)``); ConfigError as for a table of the config."""
+    label = _label(number + 1, table)
+    try:
+        entry = parse_disk(table, number + 1, host.workers, host.log_level)
+        _check_absolute(entry)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {label}: {exc}") from None
+    return entry, f"disk {number + 1} ({entry.name})"
+
+
+def check_added_disk(entry: DiskEntry, label: str, served: list[tuple[str, DiskEntry, object]],
+                     host: HostConfig, where: str):
+    """A disk to be added to the ``served`` ones ((label, entry, BackingInfo) each): its own
+    checks and the file's rules between disks, as if it were the last table of their file,
+    touching nothing. Its BackingInfo; ConfigError naming it."""
+    from vblk.backing import check_backing
+    if len(served) >= MAX_DISKS:
+        raise ConfigError(f"{where}: {label}: {len(served)} disks are served; at most {MAX_DISKS}")
+    _check_distinct([(lb, e) for lb, e, _ in served] + [(label, entry)], host.control_socket,
+                    where)
+    try:
+        info = check_backing(entry.serve.disk, lock=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {label}: {exc}") from None
+    # Before the lock is asked about: a served disk's lock would be "another process's".
+    Window.of(entry, info, label).check_apart([Window.of(e, i, lb) for lb, e, i in served],
+                                              where)
+    try:
+        info = check_backing(entry.serve.disk)
+        check_disk_paths(entry.serve)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {label}: {exc}") from None
+    return info
+
+
+def _check_absolute(entry: DiskEntry) -> None:
+    from vblk.backing.rbd_spec import is_rbd
+    s = entry.serve
+    paths = [("socket-path", s.socket_path), ("control-socket", s.control_socket)]
+    if not is_rbd(s.disk.path):
+        paths.append(("spec", s.disk.path))
+    for key, path in paths:
+        if path is not None and not os.path.isabs(path):
+            raise ConfigError(f"{key}: {path} is a relative path: a disk added at run time "
+                              f"names its files by absolute paths (vblk would look for them in "
+                              f"its own directory, not yours)")
 
 
 def check_disk_paths(config: ServeConfig) -> None:

@@ -105,3 +105,102 @@ def test_the_images_are_checked_and_two_writers_of_the_same_bytes_refused(tmp_pa
         check_host_config(parse_host_config({"disk": [{"spec": a, "socket-path":
                                                        str(tmp_path / "no" / "a.sock")}]},
                                             where="h"), where="h")
+
+
+# -- slot-capacity ---------------------------------------------------------------------------
+
+def test_the_slot_area_has_room_for_added_disks_only_where_disks_can_be_added():
+    from vblk.hostconfig import DEFAULT_SLOT_CAPACITY, slot_area_size
+    plain = parse_host_config({"disk": [disk()]})
+    assert slot_area_size(plain, 64) == 64                       # no control socket: no add
+    hosted = parse_host_config({"control-socket": "/run/h.ctl", "disk": [disk()]})
+    assert slot_area_size(hosted, 64) == DEFAULT_SLOT_CAPACITY
+    assert slot_area_size(hosted, DEFAULT_SLOT_CAPACITY + 64) == DEFAULT_SLOT_CAPACITY + 64
+    sized = parse_host_config({"control-socket": "/run/h.ctl", "slot-capacity": 512,
+                               "disk": [disk(slots=256), disk(spec="rbd:p/i", slots=1024,
+                                                              **{"socket-path": "/run/r.sock"})]})
+    assert sized.slot_capacity == 512 and slot_area_size(sized, 256) == 512
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"slot-capacity": 512, "disk": [disk()]}, "slot-capacity means nothing without control-socket"),
+    ({"control-socket": "/run/h.ctl", "slot-capacity": 100, "disk": [disk(slots=128)]},
+     "slot-capacity 100 is out of range 128..262144"),
+    ({"control-socket": "/run/h.ctl", "slot-capacity": "4k", "disk": [disk()]},
+     "slot-capacity = '4k' is not an integer"),
+])
+def test_a_bad_slot_capacity_is_refused(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_host_config(data, where="host.toml")
+
+
+# -- a disk added at run time ----------------------------------------------------------------
+
+def test_a_disk_file_holds_one_disk_table_and_nothing_else(tmp_path):
+    from vblk.hostconfig import load_disk_file
+    good = tmp_path / "vm3.toml"
+    good.write_text('[[disk]]\nname = "vm3"\nspec = "/img/c.img"\nsocket-path = "/run/c.sock"\n'
+                    'num-queues = 2\n')
+    assert load_disk_file(str(good)) == {"name": "vm3", "spec": "/img/c.img",
+                                         "socket-path": "/run/c.sock", "num-queues": 2}
+    for text in ('workers = 2\n[[disk]]\nspec = "/a"\n', '[[disk]]\nspec = "/a"\n[[disk]]\n',
+                 '[disk]\nspec = "/a"\n', 'spec = "/a"\n', ''):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match="holds one \\[\\[disk\\]\\] table and nothing else"):
+            load_disk_file(str(bad))
+    dated = tmp_path / "dated.toml"
+    dated.write_text('[[disk]]\nspec = 1979-05-27\n')
+    with pytest.raises(ConfigError, match="spec = datetime.date.* is not a value any disk key"):
+        load_disk_file(str(dated))
+    with pytest.raises(ConfigError, match="none.toml: No such file"):
+        load_disk_file(str(tmp_path / "none.toml"))
+
+
+def test_an_added_disk_is_parsed_as_a_table_of_the_config_with_absolute_paths():
+    from vblk.hostconfig import parse_added_disk
+    host = parse_host_config({"workers": 3, "disk": [disk()]})
+    entry, label = parse_added_disk(disk(spec="/img/c.img,writeback", name="vm3"), 4, host, "f")
+    assert label == "disk 5 (vm3)" and entry.serve.disk.writeback and entry.serve.workers == 3
+    for table, message in [
+        (disk(frob=1, name="vm3"), "f: disk 5 (vm3): unknown key 'frob'"),
+        (disk(spec="img/c.img"), "f: disk 5 (a): spec: img/c.img is a relative path"),
+        (disk(**{"socket-path": "c.sock"}), "f: disk 5 (c): socket-path: c.sock is a relative path"),
+        (disk(**{"control-socket": "c.ctl"}), "f: disk 5 (a): control-socket: c.ctl is a relative"),
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            parse_added_disk(table, 4, host, "f")
+        assert str(exc.value).startswith(message), str(exc.value)
+    entry, _ = parse_added_disk(disk(spec="rbd:pool/img"), 4, host, "f")    # not a path
+    assert entry.serve.disk.path == "rbd:pool/img"
+
+
+def test_an_added_disk_is_checked_against_the_served_ones_as_the_last_table_of_their_file(
+        tmp_path):
+    from vblk.backing import check_backing
+    from vblk.hostconfig import check_added_disk, parse_added_disk
+    a, b = _image(tmp_path, "a.img", 4 * MiB), _image(tmp_path, "b.img")
+    sock = str(tmp_path / "{}.sock")
+    host = parse_host_config({"control-socket": str(tmp_path / "host.ctl"), "disk": [
+        {"spec": f"{a},range=0/4096", "socket-path": sock.format("a"), "name": "a"}]})
+    served = [("disk 1 (a)", e, check_backing(e.serve.disk)) for e in host.disks]
+
+    def add(**table):
+        entry, label = parse_added_disk({"socket-path": sock.format("new"), **table}, 1, host, "f")
+        return check_added_disk(entry, label, served, host, "f")
+    assert add(spec=b).size == MiB
+    assert add(spec=f"{a},range=4096/4096").start == 4096 * 512            # the other half
+    for table, message in [
+        ({"spec": b, "name": "a"}, "f: disk 2 \\(a\\): name a is already disk 1 \\(a\\)'s name"),
+        ({"spec": b, "name": "x", "socket-path": sock.format("a")},
+         "socket-path .*a.sock is already disk 1 \\(a\\)'s socket-path"),
+        ({"spec": b, "control-socket": str(tmp_path / "host.ctl")},
+         "control-socket .*host.ctl is already the host's control-socket"),
+        ({"spec": f"{a},range=2048/4096"},
+         "f: disk 2 \\(new\\): its window of .*a.img.* overlaps disk 1 \\(a\\)'s and one of them"),
+        ({"spec": str(tmp_path / "missing.img")}, "f: disk 2 \\(new\\): .*missing.img"),
+        ({"spec": b, "socket-path": str(tmp_path / "no" / "x.sock")}, "socket directory"),
+        ({"spec": f"{b},sectorsize=3000"}, "f: disk 2 \\(new\\): "),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            add(**table)

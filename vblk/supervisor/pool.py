@@ -7,7 +7,9 @@ Each worker is ``python -I -m vblk.workers`` (vblk.interpreter) with the argumen
 end of the shared completion pipe, one end of a SOCK_SEQPACKET control socket and every
 disk's backing hand-off (its fd), by disk number. Guest memory fds travel over the control
 socket whenever a disk's memory table changes, and again (every disk's) to a restarted
-worker. One pool serves every disk of the supervisor (vblk.supervisor.disks): the pool knows
+worker. A disk added at run time (``add_disk``) goes to every live worker over the control
+socket, and is in the argv of every worker started after; ``remove_disk`` tells them all to
+drop one. One pool serves every disk of the supervisor (vblk.supervisor.disks): the pool knows
 slots and disk numbers, not which disk a slot belongs to beyond the number it carries.
 
 Starting: a worker says READY on its control socket once it can take slots. ``start`` waits
@@ -336,6 +338,26 @@ class WorkerPool:
         for w in self.workers:
             if w is not None:
                 w.send_control(*msg)
+
+    # -- disks added and removed at run time ------------------------------------------------------
+    def add_disk(self, disk: int, backing: Backing) -> None:
+        """Serve disk ``disk`` too: every live worker gets its backing now (before any of its
+        slots, see vblk.ipc), every worker started later gets it in its argv."""
+        self.disks[disk] = backing
+        desc, fds = backing.handoff()
+        msg = ipc.disk_add_message(disk, desc)
+        for w in self.workers:
+            if w is not None:
+                w.send_control(msg, fds)
+
+    def remove_disk(self, disk: int) -> None:
+        """Stop serving disk ``disk`` (none of its slots is in flight): every worker closes
+        its backing and memory table, and no worker started later hears of it."""
+        self.disks.pop(disk, None)
+        self.memory_msgs.pop(disk, None)        # its fds are closed with its frontend's table
+        for w in self.workers:
+            if w is not None:
+                w.send_control(ipc.disk_remove_message(disk))
 
     @property
     def alive(self) -> int:
