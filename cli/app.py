@@ -1,5 +1,6 @@
 """``vblk``: the command line (typer).  ``serve`` a disk (``serve``) or show its ``info``
-(here); the operator's ``stats``, ``resize`` and ``limit`` (``ops``); ``bench`` and ``demo`` (``lab``).
+(here); the operator's ``stats``, ``resize`` and ``limit`` (``ops``); ``disk add`` and ``disk
+remove`` (``disk``); ``bench`` and ``demo`` (``lab``).
 
 Every command validates everything first (the option string, the flags, the image, its range
 and lock, the socket path) and only then creates or opens anything for writing.  A bad input
@@ -16,6 +17,7 @@ import typer
 
 import vblk
 from vblk.cli import ops
+from vblk.cli.disk import disk_app
 from vblk.cli.errors import fail, run
 from vblk.cli.install import install_app
 from vblk.cli.lab import bench_command, demo_command
@@ -161,6 +163,7 @@ app.command()(ops.resize)
 app.command()(ops.limit)
 app.command("bench")(bench_command)
 app.add_typer(install_app)
+app.add_typer(disk_app)
 
 
 def main() -> None:

@@ -257,6 +257,9 @@ def render_host(snap: dict, previous: dict | None = None) -> str:
     lines = [f"vblk pid {snap['pid']} | up {duration(snap['uptime_s'])} | {len(disks)} disks, "
              f"{connected} with a frontend | workers: {workers['count']} "
              f"({workers['alive']} alive)"]
+    slots = snap.get("slots")
+    if slots:                          # room for vblk disk add
+        lines[0] += f" | slots: {slots['free']} of {slots['capacity']} free"
     before = (previous or {}).get("disks", {})
     for name, disk in disks.items():
         lines += ["", f"== disk {name} ==", render(disk, before.get(name))]

@@ -50,10 +50,18 @@ class FrontendLink:
         self.conn: socket.socket | None = None
         self.session: Session | None = None
         self.guest_log = RateLimitedLog(logger=log)
+        self.closed = False                  # removed (vblk disk remove): never listen again
         listener.setblocking(False)
 
     def listen(self) -> None:
         self.loop.watch(self.listener.fileno(), self._on_accept, "frontend")
+
+    def close(self) -> None:
+        """Drop the frontend (if any) and stop listening for another (the caller closes the
+        listening socket)."""
+        self.closed = True
+        self.disconnect()
+        self.loop.unwatch(self.listener.fileno())
 
     def _on_accept(self) -> None:
         try:
@@ -86,7 +94,7 @@ class FrontendLink:
             log.info("event=frontend_disconnected")
             self.live.frontend_disconnected()
             sdnotify.status("stopping" if self.loop.stopping else "waiting for a frontend")
-            if not self.loop.stopping:
+            if not self.loop.stopping and not self.closed:
                 self.listen()
 
     def _on_message(self) -> None:

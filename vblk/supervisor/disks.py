@@ -13,10 +13,13 @@ worker processes; ``vblk serve SPEC`` is the same code with a list of one disk (
                socket (``SOCKET.ctl``: stats, resize, limit) and metrics endpoint, and a log
                name (``disk=NAME`` on every line logged while its handlers run)
     shared     the EventLoop (one epoll), the WorkerPool and its slot area (one memfd), the
-               completion pipe, the signals, the host-wide control socket (stats of every disk)
+               completion pipe, the signals, the host-wide control socket (stats of every
+               disk; ``vblk disk add`` and ``vblk disk remove``, see vblk.supervisor.host)
 
 Slots. The slot area holds every blocking disk's slots, each disk a contiguous range of its
-own ``slots`` (``SlotShare``): disk d's slot k is slot ``base_d + k`` of the area. The
+own ``slots`` (``SlotShare``): disk d's slot k is slot ``base_d + k`` of the area. With a host
+control socket the area is sized with room for disks added later, and a removed disk's range
+goes back to the free ones (vblk.supervisor.slotranges). The
 DataPath keeps numbering its slots 0..slots-1 as before; its SlotShare adds the base and
 stamps the disk number in the slot (vblk.ipc), so a worker knows which backing and which
 memory table the slot's pieces refer to. Each worker holds every disk's backing fd and every
@@ -26,7 +29,8 @@ back on the one completion pipe; the ``CompletionRouter`` reads them, hands each
 SlotShare its slot number falls in (local number again), and runs each disk's completion
 handler once per wake-up. A worker that dies has its slots re-issued by the pool, whichever
 disk they belong to: the pool deals in slot numbers only, and a re-issued slot still carries
-its disk.
+its disk. A disk added at run time is one more number in the pool's table of backings, and
+its fd goes to every worker (``WorkerPool.add_disk``); a removed one leaves both.
 
 Backings whose I/O completes on an eventfd (RBD) are not in the pool: each such disk has an
 InProcessEngine of its own, watched by the shared loop.
@@ -48,15 +52,20 @@ as before.
 """
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import time
 
-from vblk.backing import Backing
-from vblk.device import BlkDevice
+from vblk.backing import Backing, open_backing
+from vblk.control import listener_path
+from vblk.device import BlkDevice, DiscardLimits, Geometry
+from vblk.hostconfig import DiskEntry
 from vblk.ipc import Pieces
-from vblk.logs import enter_disk, leave_disk
+from vblk.listening import open_listener
+from vblk.logs import enter_disk, leave_disk, quote
 from vblk.memory import GuestMemory
-from vblk.options import ServeConfig
+from vblk.options import ServeConfig, default_max_discard_sectors
 from vblk.ratelimit import Limiter
 from vblk.stats import Stats
 from vblk.supervisor.connection import FrontendLink
@@ -65,6 +74,8 @@ from vblk.supervisor.disk_ops import DiskOps
 from vblk.supervisor.loop import EventLoop, run_guarded
 from vblk.supervisor.pool import WorkerPool
 from vblk.supervisor.queues import Queues
+
+log = logging.getLogger("vblk.supervisor")
 
 
 class DiskLoop:
@@ -148,6 +159,11 @@ class CompletionRouter:
     def add(self, share: SlotShare) -> None:
         self.owner[share.base:share.base + share.count] = [share] * share.count
 
+    def remove(self, share: SlotShare) -> None:
+        """A removed disk's range: completions for it (none, unless its stop timed out) are
+        dropped from now on."""
+        self.owner[share.base:share.base + share.count] = [None] * share.count
+
     def on_completions(self) -> None:
         touched: list[SlotShare] = []
         owner = self.owner
@@ -163,14 +179,66 @@ class CompletionRouter:
 
 
 class WorkerRestarts:
-    """What the pool tells about a worker restart, told to every disk it serves."""
+    """What the pool tells about a worker restart, told to every disk it serves (``disks``:
+    the served disks as they are at the time, added and removed ones included)."""
 
-    def __init__(self, stats: list[Stats]) -> None:
-        self.stats = stats
+    def __init__(self, disks: list[ServedDisk]) -> None:
+        self.disks = disks
 
     def worker_restarted(self) -> None:
-        for s in self.stats:
-            s.worker_restarted()
+        for d in self.disks:
+            if isinstance(d.engine, SlotShare):
+                d.stats.worker_restarted()
+
+
+def make_device(config: ServeConfig, backing: Backing) -> BlkDevice:
+    """ACRN's device for this disk: geometry from the backing, queues and discard from the
+    options."""
+    info = backing.info
+    geometry = Geometry(size_bytes=info.size, logical_block_size=info.logical_block_size,
+                        physical_block_size=info.physical_block_size, readonly=info.readonly,
+                        serial=info.serial)
+    discard = None
+    if config.disk.discard is not None:
+        d = config.disk.discard
+        max_sectors = d.max_sectors if d.max_sectors is not None else \
+            default_max_discard_sectors(info.size)
+        discard = DiscardLimits(max_sectors, d.max_segments, d.alignment)
+    return BlkDevice(geometry, writeback=info.writeback, num_queues=config.disk.num_queues,
+                     discard=discard)
+
+
+def open_control(config: ServeConfig, listener: socket.socket, stats: Stats):
+    """The control socket (``--control-socket``, default: the listening socket's path +
+    ``.ctl``) and the ``--metrics-listen`` endpoint; None if there is neither."""
+    from vblk.control import SUN_PATH_MAX, ControlServer, default_control_path, parse_listen_address
+    path = config.control_socket
+    if path is None:
+        bound = listener_path(listener)
+        if bound is not None and len(os.fsencode(default_control_path(bound))) <= SUN_PATH_MAX:
+            path = default_control_path(bound)
+        else:
+            log.info("event=no_control_socket reason=%s",
+                     quote("the listening socket has no path" if bound is None
+                           else "path too long"))
+    metrics = parse_listen_address(config.metrics_listen) if config.metrics_listen else None
+    if path is None and metrics is None:
+        return None
+    stats.info["control"] = path
+    return ControlServer(stats.snapshot, path=path, metrics=metrics)
+
+
+def log_serving(config: ServeConfig, backing: Backing, device: BlkDevice) -> None:
+    info = backing.info
+    d = device.discard
+    log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s discard=%s socket=%s "
+             "iops_limit=%d bps_limit=%d incoming=%s", quote(info.path), info.size,
+             info.logical_block_size,
+             info.physical_block_size, info.readonly,
+             "writeback" if info.writeback else "writethrough",
+             f"{d.max_sectors}:{d.max_segments}:{d.alignment}" if d else "off",
+             quote(config.socket_path or f"fd:{config.listen_fd}"), config.limits.iops,
+             config.limits.bps, config.incoming)
 
 
 class ServedDisk:
@@ -196,6 +264,28 @@ class ServedDisk:
         self.loop: DiskLoop | None = None
         self.data: DataPath | None = None
         self.link: FrontendLink | None = None
+
+    @classmethod
+    def open(cls, number: int, entry: DiskEntry, workers: int) -> ServedDisk:
+        """Open the disk's backing -- its window locked, unless it is a migration's
+        destination -- and make its device (ConfigError if the backing is refused)."""
+        backing = open_backing(entry.serve.disk, lock=not entry.serve.incoming)
+        try:
+            return cls(number, entry.name, entry.serve, backing,
+                       make_device(entry.serve, backing), workers)
+        except BaseException:
+            backing.close()
+            raise
+
+    def open_sockets(self) -> None:
+        """Its listening socket, then its control socket and metrics endpoint (``close``
+        closes whatever was opened if this raises)."""
+        config = self.config
+        self.listener, self.created = open_listener(config.socket_path, config.listen_fd,
+                                                    config.socket_mode, config.socket_group)
+        self.stats.info["socket"] = listener_path(self.listener)
+        log_serving(config, self.backing, self.device)
+        self.control = open_control(config, self.listener, self.stats)
 
     def build(self, loop: EventLoop, router: CompletionRouter | None) -> None:
         """Its rooms, on the shared loop (the listener and control socket are open)."""
@@ -224,6 +314,30 @@ class ServedDisk:
         """Drop the frontend: its rings stop once their requests are done."""
         if self.link is not None:
             self.link.disconnect()
+
+    def withdraw(self, router: CompletionRouter | None) -> int:
+        """Stop serving, for good (``vblk disk remove``): drop the frontend -- its rings stop
+        once their requests are done -- and stop listening, then unwatch the disk's
+        completions and control socket and close its sockets. What is still in flight (0
+        unless the stop timed out, see vblk.supervisor.queues)."""
+        self.link.close()
+        if isinstance(self.engine, SlotShare):
+            router.remove(self.engine)
+        else:
+            self.loop.unwatch(self.engine.completion_fd)
+        if self.control is not None:
+            self.loop.unwatch(self.control.fileno())
+        self.close()
+        return len(self.data.inflight)
+
+    def release(self) -> None:
+        """Give the image back: unlock the window now -- workers may hold the same open file
+        description a moment longer, until they read the disk's removal -- and close it."""
+        try:
+            self.backing.release_window()
+        except NotImplementedError:
+            pass
+        self.backing.close()
 
     def close(self) -> None:
         if self.data is not None:

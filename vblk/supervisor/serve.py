@@ -15,118 +15,78 @@ everything is closed in the reverse order.
                                    slots) | InProcessEngine (inprocess.py)
     EventLoop (loop.py) runs them all; DiskOps (disk_ops.py) answers resize and limit;
     ServedDisk, SlotShare, CompletionRouter (disks.py) put one disk's rooms on the shared
-    loop and the shared pool.
+    loop and the shared pool; Host (host.py) holds the served disks and adds and removes
+    them at run time (vblk disk add / remove, on the host control socket), over the free
+    ranges of the slot area (slotranges.py).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
-import time
 
 from vblk import sdnotify
-from vblk.backing import Backing, open_backing
-from vblk.control import listener_path
-from vblk.device import BlkDevice, DiscardLimits, Geometry
 from vblk.errors import ConfigError
-from vblk.hostconfig import HostConfig
+from vblk.hostconfig import HostConfig, slot_area_size
 from vblk.ipc import SlotArea
-from vblk.listening import open_listener
-from vblk.logs import disk_context, quote
-from vblk.options import ServeConfig, default_max_discard_sectors
-from vblk.stats import Stats
+from vblk.logs import disk_context
+from vblk.options import ServeConfig
 from vblk.supervisor.disks import CompletionRouter, ServedDisk, SlotShare, WorkerRestarts
+from vblk.supervisor.host import Host
 from vblk.supervisor.inprocess import InProcessEngine
 from vblk.supervisor.loop import EventLoop
 from vblk.supervisor.pool import WorkerPool
+from vblk.supervisor.slotranges import SlotRanges
 
 log = logging.getLogger("vblk.supervisor")
-
-
-def make_device(config: ServeConfig, backing: Backing) -> BlkDevice:
-    """ACRN's device for this disk: geometry from the backing, queues and discard from the
-    options."""
-    info = backing.info
-    geometry = Geometry(size_bytes=info.size, logical_block_size=info.logical_block_size,
-                        physical_block_size=info.physical_block_size, readonly=info.readonly,
-                        serial=info.serial)
-    discard = None
-    if config.disk.discard is not None:
-        d = config.disk.discard
-        max_sectors = d.max_sectors if d.max_sectors is not None else \
-            default_max_discard_sectors(info.size)
-        discard = DiscardLimits(max_sectors, d.max_segments, d.alignment)
-    return BlkDevice(geometry, writeback=info.writeback, num_queues=config.disk.num_queues,
-                     discard=discard)
-
-
-def open_control(config: ServeConfig, listener: socket.socket, stats: Stats):
-    """The control socket (``--control-socket``, default: the listening socket's path +
-    ``.ctl``) and the ``--metrics-listen`` endpoint; None if there is neither."""
-    from vblk.control import SUN_PATH_MAX, ControlServer, default_control_path, parse_listen_address
-    path = config.control_socket
-    if path is None:
-        bound = listener_path(listener)
-        if bound is not None and len(os.fsencode(default_control_path(bound))) <= SUN_PATH_MAX:
-            path = default_control_path(bound)
-        else:
-            log.info("event=no_control_socket reason=%s",
-                     quote("the listening socket has no path" if bound is None
-                           else "path too long"))
-    metrics = parse_listen_address(config.metrics_listen) if config.metrics_listen else None
-    if path is None and metrics is None:
-        return None
-    stats.info["control"] = path
-    return ControlServer(stats.snapshot, path=path, metrics=metrics)
 
 
 def serve(config: ServeConfig | HostConfig) -> int:
     """Run vblk for one disk (a ServeConfig) or many (a HostConfig) until SIGTERM/SIGINT; the
     exit status. WorkerStartError (and ConfigError) propagate before anything is listening."""
     host = config if isinstance(config, HostConfig) else HostConfig.single(config)
-    with contextlib.ExitStack() as stack:
-        disks = []
+    disks: list[ServedDisk] = []          # served now: vblk disk add / remove change it
+    try:
         for number, entry in enumerate(host.disks):
             with disk_context(entry.name), _naming(number, entry.name):
-                backing = stack.enter_context(open_backing(entry.serve.disk,
-                                                           lock=not entry.serve.incoming))
-                disks.append(ServedDisk(number, entry.name, entry.serve, backing,
-                                        make_device(entry.serve, backing), host.workers))
-        pool = make_pool(host, disks)
+                disks.append(ServedDisk.open(number, entry, host.workers))
+        pool, ranges = make_pool(host, disks)
         try:
             if pool is not None:
                 pool.start()
-            return _serve_started(host, disks, pool)
+            return _serve_started(Host(host, disks, pool, ranges))
         finally:
             if pool is not None:
                 pool.stop()
                 pool.close()
             for disk in disks:
-                if not isinstance(disk.engine, SlotShare):
+                if not isinstance(disk.engine, SlotShare) and disk.engine is not None:
                     disk.engine.stop()
                     disk.engine.close()
+    finally:
+        for disk in reversed(disks):
+            disk.backing.close()
 
 
-def make_pool(host: HostConfig, disks: list[ServedDisk]) -> WorkerPool | None:
+def make_pool(host: HostConfig, disks: list[ServedDisk]) -> tuple[WorkerPool | None,
+                                                                    SlotRanges | None]:
     """One pool of worker processes for every disk whose backing blocks, over one slot area
-    where each has a range of its own (its SlotShare); every other disk gets its backing's
-    own submission (InProcessEngine). None if no disk blocks."""
+    where each has a range of its own (its SlotShare), and the area's free ranges: the area
+    has room for disks added later if the host has a control socket (``slot_area_size``).
+    Every other disk gets its backing's own submission (InProcessEngine). (None, None) if no
+    disk blocks."""
     blocking = [d for d in disks if d.backing.blocking]
     for d in disks:
         if not d.backing.blocking:
             d.engine = InProcessEngine(d.backing)
     if not blocking:
-        return None
-    total = sum(d.config.slots for d in blocking)
+        return None, None
+    capacity = slot_area_size(host, sum(d.config.slots for d in blocking))
     pool = WorkerPool(host.workers, {d.number: d.backing for d in blocking},
-                      SlotArea.create(total), WorkerRestarts([d.stats for d in blocking]),
-                      host.log_level)
-    base = 0
+                      SlotArea.create(capacity), WorkerRestarts(disks), host.log_level)
+    ranges = SlotRanges(capacity)
     for d in blocking:
-        d.engine = SlotShare(pool, d.number, base, d.config.slots)
-        base += d.config.slots
-    return pool
+        d.engine = SlotShare(pool, d.number, ranges.take(d.config.slots), d.config.slots)
+    return pool, ranges
 
 
 @contextlib.contextmanager
@@ -140,50 +100,40 @@ def _naming(number: int, name: str):
         raise ConfigError(f"disk {number + 1} ({name}): {exc}") from None
 
 
-def _serve_started(host: HostConfig, disks: list[ServedDisk], pool: WorkerPool | None) -> int:
+def _serve_started(host: Host) -> int:
     with contextlib.ExitStack() as stack:
-        for disk in disks:
-            stack.callback(disk.close)
-            config = disk.config
+        stack.callback(host.close_sockets)
+        for disk in host.disks:
             with disk_context(disk.name), _naming(disk.number, disk.name):
-                disk.listener, disk.created = open_listener(config.socket_path, config.listen_fd,
-                                                            config.socket_mode, config.socket_group)
-                disk.stats.info["socket"] = listener_path(disk.listener)
-                _log_serving(config, disk.backing, disk.device)
-                disk.control = open_control(config, disk.listener, disk.stats)
-        host_control = open_host_control(host, disks, pool)
+                disk.open_sockets()
+        host_control = open_host_control(host)
         if host_control is not None:
             stack.callback(host_control.close)
-        _run(host, disks, pool, host_control)
+        _run(host, host_control)
     return 0
 
 
-def open_host_control(host: HostConfig, disks: list[ServedDisk], pool: WorkerPool | None):
+def open_host_control(host: Host):
     """The host-wide control socket (``control-socket`` in the config): ``stats`` of every
-    disk at once. None if not asked for."""
-    if host.control_socket is None:
+    disk at once, ``disk-add`` and ``disk-remove`` (vblk.supervisor.host). None if not asked
+    for."""
+    if host.config.control_socket is None:
         return None
     from vblk.control import ControlServer
-    started = time.monotonic()
-
-    def snapshot(*, histograms: bool = False) -> dict:
-        return {"pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 3),
-                "time": time.time(),
-                "workers": {"count": pool.count if pool is not None else 0,
-                            "alive": pool.alive if pool is not None else 0},
-                "disks": {d.name: d.stats.snapshot(histograms=histograms) for d in disks}}
-    return ControlServer(snapshot, path=host.control_socket)
+    control = ControlServer(host.snapshot, path=host.config.control_socket)
+    host.register(control)
+    return control
 
 
-def _run(host: HostConfig, disks: list[ServedDisk], pool: WorkerPool | None, host_control) -> None:
+def _run(host: Host, host_control) -> None:
+    disks, pool = host.disks, host.pool
     loop = EventLoop(on_error=lambda: [d.stop() for d in disks])
     router = CompletionRouter(pool) if pool is not None else None
     try:
         if pool is not None:
             pool.attach(loop)
             loop.watch(pool.completion_fd, router.on_completions, "engine")
-        for disk in disks:
-            disk.build(loop, router)
+        host.start(loop, router)
         if host_control is not None:
             loop.watch(host_control.fileno(), host_control.on_readable, "frontend")
         with loop.signals():
@@ -232,16 +182,3 @@ def _poll(disks: list[ServedDisk]) -> bool:
         if d.data.rings:
             found |= bool(d.loop.call(d.data.poll))
     return found
-
-
-def _log_serving(config: ServeConfig, backing: Backing, device: BlkDevice) -> None:
-    info = backing.info
-    d = device.discard
-    log.info("event=serving image=%s size=%d lbs=%d pbs=%d ro=%s cache=%s discard=%s socket=%s "
-             "iops_limit=%d bps_limit=%d incoming=%s", quote(info.path), info.size,
-             info.logical_block_size,
-             info.physical_block_size, info.readonly,
-             "writeback" if info.writeback else "writethrough",
-             f"{d.max_sectors}:{d.max_segments}:{d.alignment}" if d else "off",
-             quote(config.socket_path or f"fd:{config.listen_fd}"), config.limits.iops,
-             config.limits.bps, config.incoming)
