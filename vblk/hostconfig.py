@@ -6,8 +6,9 @@ The file has a few host-wide keys and one ``[[disk]]`` table per disk::
     log-level = "info"
     control-socket = "/run/vblk/host.ctl"   # optional: `vblk stats` of every disk at once,
                                          #   `vblk disk add` and `vblk disk remove`
-    slot-capacity = 4096                 # optional, with control-socket: the slots of the
-                                         #   one slot area, room for disks added later
+    slot-capacity = 8192                 # optional, with control-socket: the slots of the
+                                         #   one slot area, the room for disks added later
+                                         #   (default: the file's disks' + 4096)
 
     [[disk]]
     name = "vm1-root"                    # optional: default the socket's file name, no suffix
@@ -56,9 +57,10 @@ from vblk.options import (
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_DISKS = 1024
-# The slot area of a host whose disks can change: room for 64 disks of the default 64 slots
-# (each slot is vblk.ipc.SLOT_SIZE bytes of a memfd, touched only once used).
-DEFAULT_SLOT_CAPACITY = 64 * DEFAULT_SLOTS
+# The slot area of a host whose disks can change has room for this many slots more than its
+# config's disks take: 64 disks of the default 64 slots (each slot is vblk.ipc.SLOT_SIZE
+# bytes of a memfd, touched only once used; see the README for what room costs).
+DEFAULT_SLOT_ROOM = 64 * DEFAULT_SLOTS
 MAX_SLOT_CAPACITY = 1 << 18
 
 _HOST_KEYS = {"workers", "log-level", "control-socket", "slot-capacity", "disk"}
@@ -101,10 +103,12 @@ class HostConfig:
 def slot_area_size(host: HostConfig, needed: int) -> int:
     """The slots of the shared slot area: ``needed`` (the slots of the disks served from the
     start) -- or, with a host control socket, where ``vblk disk add`` may bring more, the
-    ``slot-capacity`` (default DEFAULT_SLOT_CAPACITY) if that is more."""
+    ``slot-capacity`` (at least ``needed``), by default ``needed`` + DEFAULT_SLOT_ROOM."""
     if host.control_socket is None:
         return needed
-    return max(needed, host.slot_capacity or DEFAULT_SLOT_CAPACITY)
+    if host.slot_capacity is None:
+        return needed + DEFAULT_SLOT_ROOM
+    return max(needed, host.slot_capacity)
 
 
 def load_host_config(path: str) -> HostConfig:

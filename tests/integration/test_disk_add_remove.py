@@ -158,6 +158,10 @@ def test_an_added_disk_serves_verified_io_beside_the_others_and_shows_in_stats(t
     shown = run_vblk("stats", "--control-socket", ctl)
     assert shown.returncode == 0 and "== disk vm1 ==" in shown.stdout and "== disk d0 ==" in shown.stdout
     assert "2 disks" in shown.stdout
+    assert server.stop() == 0                         # SIGTERM: the added disk goes too
+    assert not os.path.exists(sock) and not os.path.exists(sock + ".ctl")
+    assert lock_on(imgs[1]) is None
+    assert "disk=vm1 event=disk_added" in server.log(100_000)
 
 
 def test_an_add_refused_for_any_reason_changes_nothing(tmp_path, serve_many):
@@ -185,8 +189,8 @@ def test_an_add_refused_for_any_reason_changes_nothing(tmp_path, serve_many):
         ("a bad value", {**ok, "num_queues": "2"}, "num-queues = '2' is not an integer"),
         ("a relative path", {**ok, "spec": "fresh.img"}, "spec: fresh.img is a relative path"),
         ("an RBD image", {**ok, "spec": "rbd:rbd/img"}, "an RBD disk cannot be added at run time"),
-        ("no room for its slots", {**ok, "slots": 8192}, "no room for its 8192 slots: 4032 of "
-                                                        "the slot area's 4096 are free"),
+        ("no room for its slots", {**ok, "slots": 8192}, "no room for its 8192 slots: 4096 of "
+                                                        "the slot area's 4160 are free"),
         ("a lock another holds", {**ok, "spec": held}, f"{held} bytes 0..{SECTORS * SECTOR_SIZE} "
                                                        f"are in use by another process"),
     ]
@@ -209,6 +213,7 @@ def test_an_add_refused_for_any_reason_changes_nothing(tmp_path, serve_many):
     finally:
         os.close(held_fd)
     assert verified(socks[0], 1000, 3, 200) == ([], 200)
+    assert server.log(100_000).count("event=disk_add_refused") == len(cases)
     # the same disk, with nothing wrong, is served: what refused it was the one fault
     assert add(ctl, disk_file(tmp_path / "x.toml", **ok)).returncode == 0
     assert unix_listening(new) and lock_on(fresh) == fcntl.F_WRLCK

@@ -110,12 +110,13 @@ def test_the_images_are_checked_and_two_writers_of_the_same_bytes_refused(tmp_pa
 # -- slot-capacity ---------------------------------------------------------------------------
 
 def test_the_slot_area_has_room_for_added_disks_only_where_disks_can_be_added():
-    from vblk.hostconfig import DEFAULT_SLOT_CAPACITY, slot_area_size
+    from vblk.hostconfig import DEFAULT_SLOT_ROOM, slot_area_size
     plain = parse_host_config({"disk": [disk()]})
     assert slot_area_size(plain, 64) == 64                       # no control socket: no add
     hosted = parse_host_config({"control-socket": "/run/h.ctl", "disk": [disk()]})
-    assert slot_area_size(hosted, 64) == DEFAULT_SLOT_CAPACITY
-    assert slot_area_size(hosted, DEFAULT_SLOT_CAPACITY + 64) == DEFAULT_SLOT_CAPACITY + 64
+    assert DEFAULT_SLOT_ROOM == 4096
+    assert slot_area_size(hosted, 64) == 64 + DEFAULT_SLOT_ROOM
+    assert slot_area_size(hosted, 6400) == 6400 + DEFAULT_SLOT_ROOM   # many disks: room still
     sized = parse_host_config({"control-socket": "/run/h.ctl", "slot-capacity": 512,
                                "disk": [disk(slots=256), disk(spec="rbd:p/i", slots=1024,
                                                               **{"socket-path": "/run/r.sock"})]})

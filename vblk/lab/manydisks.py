@@ -43,8 +43,15 @@ def write_images(directory: str, n: int) -> list[str]:
     return paths
 
 
-def vblk_config(directory: str, images: list[str], workers: int) -> str:
+def vblk_config(directory: str, images: list[str], workers: int,
+                slot_capacity: int | None = None) -> str:
+    """The config serving ``images``; with ``slot_capacity``, a host control socket (room for
+    ``vblk disk add``) and a slot area of that many slots (0: the default room)."""
     lines = [f"workers = {workers}", 'log-level = "warning"']
+    if slot_capacity is not None:
+        lines.append(f'control-socket = "{directory}/host.ctl"')
+        if slot_capacity:
+            lines.append(f"slot-capacity = {slot_capacity}")
     for i, image in enumerate(images):
         lines += ["[[disk]]", f'spec = "{image}"', f'socket-path = "{directory}/v{i}.sock"']
     path = os.path.join(directory, "host.toml")
@@ -113,13 +120,14 @@ def _exercised_client(sock: str):
         yield client
 
 
-def measure(counts: list[int], workers: int, qsd: bool, connected: bool = False) -> list[dict]:
+def measure(counts: list[int], workers: int, qsd: bool, connected: bool = False,
+            slot_capacity: int | None = None) -> list[dict]:
     rows = []
     for n in counts:
         directory = tempfile.mkdtemp(prefix="vblk-many-", dir="/tmp")
         try:
             images = write_images(directory, n)
-            config = vblk_config(directory, images, workers)
+            config = vblk_config(directory, images, workers, slot_capacity)
             vblk_cmd = [sys.executable, "-m", "vblk.cli", "serve", "--config", config]
             pss, procs = tree_pss(vblk_cmd, [f"{directory}/v{i}.sock" for i in range(n)],
                                   connected=connected)
@@ -200,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connected", action="store_true",
                         help="a frontend on every disk that has done some I/O (guest RAM "
                              "left out of the PSS)")
+    parser.add_argument("--slot-capacity", type=int, default=None, metavar="N",
+                        help="serve with a host control socket and a slot area of N slots, "
+                             "0: the default room (what room for vblk disk add costs)")
     parser.add_argument("--fairness", action="store_true",
                         help="instead: disk B's QD1 latency alone and while disk A floods at QD32")
     a = parser.parse_args(argv)
@@ -207,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(fairness(a.workers), indent=1))
         return 0
     counts = [int(x) for x in a.disks.split(",")]
-    rows = measure(counts, a.workers, qsd=not a.no_qsd, connected=a.connected)
+    rows = measure(counts, a.workers, qsd=not a.no_qsd, connected=a.connected,
+                   slot_capacity=a.slot_capacity)
     print(json.dumps(rows) if a.json else format_table(rows))
     return 0
 

@@ -96,11 +96,13 @@ class Host:
             disk.close()
 
     def _answer(self, action, request: dict) -> dict:
-        """``action(request)``; a refusal (VblkError) is the control server's to answer, a bug
-        is logged and answered here, without dropping any frontend."""
+        """``action(request)``; a refusal (VblkError) is logged and the control server's to
+        answer, a bug is logged and answered here, without dropping any frontend."""
         try:
             return action(request)
-        except VblkError:
+        except VblkError as exc:
+            log.warning("event=%s_refused reason=%s", str(request.get("op")).replace("-", "_"),
+                        quote(exc))
             raise
         except Exception as exc:
             log.exception("event=internal_error op=%s", quote(request.get("op")))
