@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from vblk.control import request
+from vblk.testing.cli import error_line, run_vblk
 from vblk.testing.frontend import BackendError, BlkClient
 from vblk.testing.model import DiskModel, Workload, run_stress, write_initial_image
 from vblk.testing.processes import unix_listening
@@ -178,6 +179,14 @@ def test_an_rbd_disk_and_a_file_disk_in_one_config(tmp_path, ceph_cluster, rbd_i
     disks = request(host_ctl, {"op": "stats"}, timeout=5)["stats"]["disks"]
     assert disks["d0"]["workers"]["count"] == 0 and disks["d1"]["workers"]["count"] == 2
     assert len(worker_pids(server.proc.pid)) == 2
+    # an RBD disk is not removed at run time (vblk.supervisor.host), forced or not
+    for force in ([], ["--force"]):
+        line = error_line(run_vblk("disk", "remove", "--control-socket", host_ctl, "d0", *force))
+        assert "disk d0 is an RBD disk, and an RBD disk cannot be removed at run time" in line
+    assert sorted(request(host_ctl, {"op": "stats"}, timeout=5)["stats"]["disks"]) == ["d0", "d1"]
+    with BlkClient.connect(socks[0], ram_mib=8) as client:          # and it still serves
+        assert client.write(0, b"\x77" * 4096).status == BlkStatus.OK
+        assert client.read(0, 4096).data == b"\x77" * 4096
 
 
 def test_worker_kills_reissue_the_slots_of_every_disk_and_lose_no_write(tmp_path, serve_many):

@@ -58,6 +58,9 @@ log = logging.getLogger("vblk.supervisor")
 
 
 class Host:
+    """Every disk this supervisor serves, the worker pool they share and its free slot ranges;
+    the host control socket's ``disk-add`` and ``disk-remove`` (see the module doc)."""
+
     def __init__(self, config: HostConfig, disks: list[ServedDisk], pool: WorkerPool | None,
                  ranges: SlotRanges | None) -> None:
         self.config = config
