@@ -156,7 +156,7 @@ def format_table(rows: list[dict]) -> str:
 def bench(sock: str, qd: int, seconds: float) -> subprocess.Popen:
     """``vblk bench`` 4 KiB random reads at ``qd`` on ``sock``, in a process of its own (a
     flooding client in this interpreter would take the GIL from the measuring one)."""
-    return subprocess.Popen([sys.executable, "-m", "vblk.cli", "bench", "--socket", sock,
+    return subprocess.Popen([sys.executable, "-m", "vblk.cli", "bench", "--socket-path", sock,
                              "--pattern", "randread", "--qd", str(qd), "--duration",
                              str(seconds), "--json"], stdout=subprocess.PIPE, text=True)
 

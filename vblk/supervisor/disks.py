@@ -120,7 +120,8 @@ class SlotShare:
         self.count = count
         self.completion_fd = pool.completion_fd
         self.done: list[tuple[int, int, int]] = []      # filled by the CompletionRouter
-        self.deliver = lambda: None                     # the disk's completion handler
+        self.collect = lambda: None        # the disk's: complete what is in ``done``
+        self.refill = lambda: None         # the disk's: give its free slots to its rings
 
     def post(self, slot: int, op: int, flags: int, offset: int, length: int, pieces: Pieces,
              generation: int) -> None:
@@ -149,6 +150,9 @@ class CompletionRouter:
         self.owner[share.base:share.base + share.count] = [share] * share.count
 
     def on_completions(self) -> None:
+        """Every touched disk's completions are published before any disk takes new requests
+        from its rings: a disk that floods refills its slots after its neighbours' requests
+        are answered, not before."""
         touched: list[SlotShare] = []
         owner = self.owner
         for slot, status, err in self.pool.reap():
@@ -159,7 +163,9 @@ class CompletionRouter:
                 touched.append(share)
             share.done.append((slot - share.base, status, err))
         for share in touched:
-            share.deliver()
+            share.collect()
+        for share in touched:
+            share.refill()
 
 
 class WorkerRestarts:
@@ -211,7 +217,8 @@ class ServedDisk:
         link = self.link = FrontendLink(dloop, self.device, queues, self.stats, self.listener)
         dloop.on_error = link.disconnect
         if isinstance(self.engine, SlotShare):
-            self.engine.deliver = dloop.guarded(data.on_completions)
+            self.engine.collect = dloop.guarded(data.collect)
+            self.engine.refill = dloop.guarded(data.refill)
             router.add(self.engine)
         else:
             dloop.watch(self.engine.completion_fd, data.on_completions, "engine")
