@@ -296,3 +296,48 @@ def test_a_config_with_one_bad_disk_is_refused_whole_and_touches_nothing(tmp_pat
     assert "disk 2 (broken)" in lines[0] and "missing.img" in lines[0], lines[0]
     assert os.listdir(d) == []
     assert good.stat().st_mtime_ns == before
+
+
+def test_a_disk_whose_stop_waits_for_stalled_io_does_not_hold_up_another(tmp_path, serve_many):
+    """Disk d0's frontend stops its ring (GET_VRING_BASE) while its write sits at a stopped
+    worker: the stop waits for it, inside the message's handler. Meanwhile disk d1's reads
+    (served from the page cache, in the loop) and its control socket are answered; d0's stop
+    answers once its write is done, and the write is in the image."""
+    imgs = images(tmp_path, 2)
+    socks, host_ctl, server = serve_many(imgs, workers=2)
+    block = os.urandom(4096)
+    with BlkClient.connect(socks[1], ram_mib=32, timeout=30) as b, \
+            BlkClient.connect(socks[0], ram_mib=32, timeout=30) as a:
+        expected = {s: os.urandom(4096) for s in range(0, 256, 8)}
+        for sector, data in expected.items():            # through the workers, into the cache
+            assert b.write(sector, data).status == BlkStatus.OK
+        workers = worker_pids(server.proc.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            tag = a.submit(BlkType.OUT, 800, data=block)
+            stopped = {}
+            stopper = threading.Thread(target=lambda: stopped.update(
+                base=a.frontend.get_vring_base(0)), daemon=True)
+            time.sleep(0.2)                              # the write is at a stopped worker
+            stopper.start()
+            time.sleep(0.3)                              # d0's stop is waiting for it
+            started = time.monotonic()
+            for sector, data in expected.items():
+                r = b.read(sector, 4096)
+                assert (r.status, r.data) == (BlkStatus.OK, data)
+            stats = request(f"{socks[1]}.ctl", {"op": "stats"}, timeout=5)["stats"]
+            took = time.monotonic() - started
+            assert stopper.is_alive() and "base" not in stopped, "d0's stop did not wait"
+            assert took < 5, f"d1 waited {took:.1f} s for d0's stop"
+            assert stats["queues"][0]["types"]["read"]["requests"] >= len(expected)
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        stopper.join(30)
+        assert stopped.get("base") == 1                   # d0's write was taken, and done
+    with open(imgs[0], "rb") as f:
+        f.seek(800 * SECTOR_SIZE)
+        assert f.read(4096) == block
+    assert tag and server.proc.poll() is None
