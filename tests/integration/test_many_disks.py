@@ -296,3 +296,19 @@ def test_a_config_with_one_bad_disk_is_refused_whole_and_touches_nothing(tmp_pat
     assert "disk 2 (broken)" in lines[0] and "missing.img" in lines[0], lines[0]
     assert os.listdir(d) == []
     assert good.stat().st_mtime_ns == before
+
+
+def test_a_configs_old_writeback_key_costs_one_warning_line_naming_the_disk(tmp_path):
+    image = tmp_path / "a.img"
+    image.write_bytes(bytes(MiB))
+    config = tmp_path / "host.toml"
+    config.write_text(f'[[disk]]\nname = "old"\nspec = "{image}"\nwriteback = true\n'
+                      f'socket-path = "{tmp_path}/no/such/dir/a.sock"\n')
+    out = subprocess.run([sys.executable, "-m", "vblk.cli", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    # the warning comes when the file is read, before the (here refused) socket path is checked
+    assert out.returncode == 2, out.stderr
+    warning, error = out.stderr.splitlines()
+    assert warning == (f'vblk: warning: {config}: disk 1 (old): writeback = true is deprecated '
+                       f'(it still works): use cache = "writeback"')
+    assert error.startswith(f"vblk: error: {config}: disk 1 (old): socket directory"), error
