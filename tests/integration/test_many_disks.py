@@ -341,3 +341,19 @@ def test_a_disk_whose_stop_waits_for_stalled_io_does_not_hold_up_another(tmp_pat
         f.seek(800 * SECTOR_SIZE)
         assert f.read(4096) == block
     assert tag and server.proc.poll() is None
+
+
+def test_a_configs_old_writeback_key_costs_one_warning_line_naming_the_disk(tmp_path):
+    image = tmp_path / "a.img"
+    image.write_bytes(bytes(MiB))
+    config = tmp_path / "host.toml"
+    config.write_text(f'[[disk]]\nname = "old"\nspec = "{image}"\nwriteback = true\n'
+                      f'socket-path = "{tmp_path}/no/such/dir/a.sock"\n')
+    out = subprocess.run([sys.executable, "-m", "vblk.cli", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    # the warning comes when the file is read, before the (here refused) socket path is checked
+    assert out.returncode == 2, out.stderr
+    warning, error = out.stderr.splitlines()
+    assert warning == (f'vblk: warning: {config}: disk 1 (old): writeback = true is deprecated '
+                       f'(it still works): use cache = "writeback"')
+    assert error.startswith(f"vblk: error: {config}: disk 1 (old): socket directory"), error
