@@ -125,7 +125,7 @@ def in_threads(jobs) -> list:
 
 def test_three_disks_served_at_once_from_one_process_tree(tmp_path, serve_many):
     imgs = images(tmp_path, 3)
-    socks, host_ctl, server = serve_many(imgs, workers=3, extra={1: {"writeback": True},
+    socks, host_ctl, server = serve_many(imgs, workers=3, extra={1: {"cache": "writeback"},
                                                                  2: {"num-queues": 2}})
     results = in_threads([lambda i=i, s=s: verified(s, 1000 + i, 10 + i, 600)
                           for i, s in enumerate(socks)])
@@ -182,7 +182,7 @@ def test_an_rbd_disk_and_a_file_disk_in_one_config(tmp_path, ceph_cluster, rbd_i
 
 def test_worker_kills_reissue_the_slots_of_every_disk_and_lose_no_write(tmp_path, serve_many):
     imgs = images(tmp_path, 3)
-    socks, host_ctl, server = serve_many(imgs, workers=3, extra={1: {"writeback": True}},
+    socks, host_ctl, server = serve_many(imgs, workers=3, extra={1: {"cache": "writeback"}},
                                          env={"VBLK_INLINE_READS": "0"})
     stop = threading.Event()
     kills = 0
@@ -357,3 +357,22 @@ def test_a_configs_old_writeback_key_costs_one_warning_line_naming_the_disk(tmp_
     assert warning == (f'vblk: warning: {config}: disk 1 (old): writeback = true is deprecated '
                        f'(it still works): use cache = "writeback"')
     assert error.startswith(f"vblk: error: {config}: disk 1 (old): socket directory"), error
+
+
+def test_a_disks_rate_limit_is_its_own(tmp_path, serve_many):
+    """d0 is limited to 200 IOPS, d1 is not; both read at once: d0 keeps to its limit and d1
+    runs far above it."""
+    imgs = images(tmp_path, 2)
+    socks, _, _ = serve_many(imgs, workers=2,
+                             extra={0: {"iops-limit": "200", "iops-burst": "10"}})
+
+    def reads(sock: str, n: int) -> float:
+        with BlkClient.connect(sock, ram_mib=32, timeout=30) as c:
+            started = time.monotonic()
+            for i in range(n):
+                assert c.read(i * 8 % SECTORS, 4096).status == BlkStatus.OK
+            return time.monotonic() - started
+    limited, free = in_threads([lambda: reads(socks[0], 130), lambda: reads(socks[1], 3000)])
+    assert limited >= (130 - 20) / 200, f"d0: 130 reads in {limited:.2f} s"   # the burst, and a margin
+    assert 3000 / free > 5 * 200, f"d1: 3000 reads in {free:.2f} s"
+    print(f"\nd0 (200 IOPS limit) {130 / limited:.0f} IOPS, d1 {3000 / free:.0f} IOPS")
