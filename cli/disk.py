@@ -18,6 +18,7 @@ import json
 import typer
 
 from vblk.cli.errors import fail
+from vblk.cli.spellings import warn
 from vblk.control import ControlError, request
 from vblk.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
 
@@ -50,6 +51,8 @@ def add(
     except ConfigError as exc:
         raise fail(str(exc)) from None
     answer = _ask(control_socket, {"op": "disk-add", "disk": table, "where": file}, timeout)
+    for line in answer.get("warnings", ()):
+        warn(line)
     if as_json:
         typer.echo(json.dumps(answer, sort_keys=True))
         return

@@ -23,12 +23,14 @@ VHOST_USER_DIR = "/etc/qemu/vhost-user"
 @install_app.command("systemd")
 def install_systemd(
     directory: str = typer.Option(SYSTEMD_DIR, "--dir", metavar="DIR",
-                                  help="Where to write vblk@.service and vblk@.socket."),
+                                  help="Where to write vblk@.service, vblk@.socket and "
+                                       "vblk-host.service."),
     vblk_path: Optional[str] = typer.Option(None, "--vblk", metavar="PATH",
                                             help="The vblk the units run (default: this one, "
                                                  "by absolute path)."),
 ) -> None:
-    """Write vblk@.service and vblk@.socket, ExecStart= pointing at this vblk; if it lives
+    """Write vblk@.service + vblk@.socket (one vblk per disk) and vblk-host.service (one vblk
+    for every disk of /etc/vblk/host.toml), ExecStart= pointing at this vblk; if it lives
     under /home, /root or /run/user the sandbox binds exactly what it needs read-only."""
     from vblk import install
     try:
@@ -37,20 +39,21 @@ def install_systemd(
             raise ConfigError(f"--vblk {vblk_path}: give an absolute path")
         bind = install.hidden_by_protect_home(install.runtime_dirs(command))
         units = install.render_units(command, bind)
-        written = install.write_files(directory, {"vblk@.service": units.service,
-                                                  "vblk@.socket": units.socket})
+        written = install.write_files(directory, units.files)
     except ConfigError as exc:
         raise fail(str(exc)) from None
     if units.bound:
         print(f"vblk: warning: this vblk needs {', '.join(units.bound)}, which ProtectHome=yes "
-              f"hides: the unit uses ProtectHome=tmpfs and binds only that, read-only (install "
+              f"hides: the units use ProtectHome=tmpfs and bind only that, read-only (install "
               f"vblk outside /home and /root to keep ProtectHome=yes)", file=sys.stderr)
     for path in written:
         typer.echo(f"wrote {path}")
     typer.echo(f"ExecStart= runs {' '.join(command)} serve ...\n"
-               f"next: mkdir -p /etc/vblk /var/lib/vblk; put VBLK_DISK=<spec> in "
-               f"/etc/vblk/NAME.conf; systemctl daemon-reload; "
-               f"systemctl enable --now vblk@NAME.socket vblk@NAME.service")
+               f"next: mkdir -p /etc/vblk /var/lib/vblk; then either, one vblk per disk: put "
+               f"VBLK_DISK=<spec> in /etc/vblk/NAME.conf; systemctl daemon-reload; "
+               f"systemctl enable --now vblk@NAME.socket vblk@NAME.service\n"
+               f"or, one vblk for every disk: list them in /etc/vblk/host.toml ([[disk]] "
+               f"tables); systemctl daemon-reload; systemctl enable --now vblk-host.service")
 
 
 @install_app.command("vhost-user")

@@ -13,7 +13,7 @@ import typer
 
 from vblk.cli import ops
 from vblk.cli.errors import fail
-from vblk.cli.spellings import cache_writeback, either
+from vblk.cli.spellings import cache_writeback, either, warn
 from vblk.control import check_unix_socket_path
 from vblk.errors import ConfigError
 from vblk.listening import check_listen_fd
@@ -220,6 +220,8 @@ def serve_host(path: str, workers: Optional[int], log_level: str, others: dict) 
             raise ConfigError(f"{flag} cannot be combined with --config: each disk's settings "
                               f"go in its [[disk]] table")
         host = load_host_config(path)
+        for line in host.warnings:
+            warn(line)
         changes = {}
         if workers is not None:
             changes["workers"] = workers

@@ -9,7 +9,9 @@ bench), the rate limits ``--iops-limit``/``--bps-limit`` with ``--iops-burst``/`
 The old spellings (``--socket``, ``limit --iops/--bps``, ``bench --limit-iops/--limit-bps``,
 ``--writeback/--writethru``, ``--queue-size``, ``resize INSTANCE SIZE``) are hidden from
 ``--help`` and still work; each use prints one ``vblk: warning:`` line on stderr naming the
-new spelling. Giving both spellings of one option is an error.
+new spelling. Giving both spellings of one option is an error. A ``vblk serve --config`` file
+keeps the same rule for its one old key, ``writeback = true|false`` (now ``cache = "MODE"``;
+``vblk.hostconfig``).
 """
 from __future__ import annotations
 
@@ -17,16 +19,19 @@ import sys
 from typing import TypeVar
 
 from vblk.cli.errors import fail
+from vblk.options import CACHE_MODES
 
 T = TypeVar("T")
-
-CACHE_MODES = ("writethrough", "writeback")
 
 
 def warn_old(old: str, new: str) -> None:
     """The one line an old spelling costs."""
-    print(f"vblk: warning: {old} is deprecated (it still works): use {new}", file=sys.stderr,
-          flush=True)
+    warn(f"{old} is deprecated (it still works): use {new}")
+
+
+def warn(text: str) -> None:
+    """One ``vblk: warning:`` line on stderr (a config file's old spellings come as text)."""
+    print(f"vblk: warning: {text}", file=sys.stderr, flush=True)
 
 
 def either(new_name: str, new: T | None, old_name: str, old: T | None) -> T | None:

@@ -12,20 +12,27 @@ The file has a few host-wide keys and one ``[[disk]]`` table per disk::
 
     [[disk]]
     name = "vm1-root"                    # optional: default the socket's file name, no suffix
-    spec = "/var/lib/vm1.img,writeback"  # the ACRN option string or a path, as `vblk serve SPEC`
+    spec = "/var/lib/vm1.img"            # the ACRN option string or a path, as `vblk serve SPEC`
     socket-path = "/run/vblk/vm1.sock"
+    cache = "writeback"                  # as --cache: "writethrough" (the default) or "writeback"
     num-queues = 2                       # and every per-disk flag of `vblk serve`, flag-named:
-    iops-limit = "5k"                    #   ro, writeback, nocache, sectorsize, range, serial,
+    iops-limit = "5k"                    #   ro, cache, nocache, sectorsize, range, serial,
                                          #   num-queues, discard, discard-limits, slots,
                                          #   iops-limit, bps-limit, iops-burst, bps-burst,
                                          #   socket-mode, socket-group, control-socket,
                                          #   metrics-listen
 
 A disk's keys mean what the flag of the same name means (``parse_disk`` turns them into the
-same ``ServeConfig`` the command line makes), so one disk has one set of rules. Anything
-wrong -- an unknown key, a value of the wrong type, a bad option string, a missing image, a
-socket path used twice, two writable disks over the same bytes of one image -- refuses the
-whole file with one ConfigError naming the disk (``disk 2 (vm1-root): ...``), before any
+same ``ServeConfig`` the command line makes), so one disk has one set of rules. ``cache``
+overrides the option string's ``writeback``/``writethru`` as ``--cache`` does; ``nocache`` is
+``--nocache`` (O_DIRECT), not a cache mode. The old key ``writeback = true|false`` (the
+command line's old ``--writeback``/``--writethru``) still works: each use is one warning in
+``HostConfig.warnings`` (``vblk serve`` prints them as ``vblk: warning:`` lines, naming the
+disk and the new spelling); a table that gives both ``cache`` and ``writeback`` is refused.
+
+Anything wrong -- an unknown key, a value of the wrong type, a bad option string, a missing
+image, a socket path used twice, two writable disks over the same bytes of one image -- refuses
+the whole file with one ConfigError naming the disk (``disk 2 (vm1-root): ...``), before any
 image is opened for writing or any socket created: ``load_host_config`` parses (pure but for
 reading FILE) and ``check_host_config`` looks at the images and paths (touching nothing).
 
@@ -41,10 +48,11 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vblk.errors import ConfigError
 from vblk.options import (
+    CACHE_MODES,
     DEFAULT_SLOTS,
     LOG_LEVELS,
     MAX_WORKERS,
@@ -64,14 +72,14 @@ DEFAULT_SLOT_ROOM = 64 * DEFAULT_SLOTS
 MAX_SLOT_CAPACITY = 1 << 18
 
 _HOST_KEYS = {"workers", "log-level", "control-socket", "slot-capacity", "disk"}
-_BOOL_KEYS = {"ro": "readonly", "read-only": "readonly", "writeback": "writeback",
-              "nocache": "nocache", "discard": "discard"}
+_BOOL_KEYS = {"ro": "readonly", "read-only": "readonly", "nocache": "nocache",
+              "discard": "discard"}
 _TEXT_KEYS = {"sectorsize": "sectorsize", "range": "range_", "serial": "serial",
               "discard-limits": "discard_limits"}
 _LIMIT_KEYS = {"iops-limit": "iops", "bps-limit": "bps", "iops-burst": "iops_burst",
                "bps-burst": "bps_burst"}
 _DISK_KEYS = ({"name", "spec", "socket-path", "socket-mode", "socket-group", "control-socket",
-               "metrics-listen", "num-queues", "slots"}
+               "metrics-listen", "num-queues", "slots", "cache", "writeback"}
               | set(_BOOL_KEYS) | set(_TEXT_KEYS) | set(_LIMIT_KEYS))
 
 
@@ -91,6 +99,9 @@ class HostConfig:
     log_level: str = "INFO"
     control_socket: str | None = None       # host-wide stats, disk add/remove; None: none
     slot_capacity: int | None = None        # slots of the shared area; see slot_area_size
+    # Old spellings the file used, one line each ("FILE: disk N (NAME): writeback = true is
+    # deprecated ..."), for ``vblk serve`` to print; they change nothing else.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     listen_fd = None                        # a host listens on the disks' own sockets
 
@@ -170,15 +181,18 @@ def parse_host_config(data: dict, where: str = "config") -> HostConfig:
     if len(tables) > MAX_DISKS:
         raise ConfigError(f"{where}: {len(tables)} disks; at most {MAX_DISKS}")
     disks = []
+    warnings: list[str] = []
     for index, table in enumerate(tables, 1):
         label = _label(index, table)
+        deprecated: list[str] = []
         try:
-            disks.append(parse_disk(table, index, workers, log_level))
+            disks.append(parse_disk(table, index, workers, log_level, deprecated))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {label}: {exc}") from None
+        warnings += [f"{where}: {label}: {line}" for line in deprecated]
     capacity = _slot_capacity(data, control, disks, where)
     host = HostConfig(tuple(disks), workers=workers, log_level=log_level, control_socket=control,
-                      slot_capacity=capacity)
+                      slot_capacity=capacity, warnings=tuple(warnings))
     _check_distinct([(f"disk {i} ({e.name})", e) for i, e in enumerate(disks, 1)], control, where)
     return host
 
@@ -207,8 +221,10 @@ def check_host_values(workers: int, log_level: str, prefix: str) -> None:
                           f"{', '.join(LOG_LEVELS).lower()}")
 
 
-def parse_disk(table: object, index: int, workers: int, log_level: str) -> DiskEntry:
-    """One ``[[disk]]`` table -> DiskEntry (ConfigError without the disk's label)."""
+def parse_disk(table: object, index: int, workers: int, log_level: str,
+               deprecated: list[str] | None = None) -> DiskEntry:
+    """One ``[[disk]]`` table -> DiskEntry (ConfigError without the disk's label); an old
+    spelling it uses adds one line to ``deprecated``."""
     if not isinstance(table, dict):
         raise ConfigError("a [[disk]] entry must be a table")
     unknown = sorted(set(table) - _DISK_KEYS)
@@ -223,6 +239,7 @@ def parse_disk(table: object, index: int, workers: int, log_level: str) -> DiskE
     flags.update({v: _text(table[k], k) for k, v in _TEXT_KEYS.items() if k in table})
     if "num-queues" in table:
         flags["num_queues"] = _typed(table["num-queues"], int, "num-queues")
+    flags["writeback"] = _cache_writeback(table, deprecated)
     disk = merge_flags(parse_acrn(spec), **flags)
     limits = parse_limits(**{v: _text(table[k], k) for k, v in _LIMIT_KEYS.items() if k in table})
     serve = ServeConfig(
@@ -240,6 +257,26 @@ def parse_disk(table: object, index: int, workers: int, log_level: str) -> DiskE
         raise ConfigError(f"name {name!r} must be 1..64 of A-Z a-z 0-9 _ . - (not starting "
                           f"with _ . -)")
     return DiskEntry(name, serve)
+
+
+def _cache_writeback(table: dict, deprecated: list[str] | None) -> bool | None:
+    """``cache = "MODE"`` (or the old ``writeback = true|false``) as writeback True/False, None
+    if neither is given: what ``--cache`` (or ``--writeback``/``--writethru``) means."""
+    cache = _typed(table["cache"], str, "cache") if "cache" in table else None
+    if cache is not None and cache not in CACHE_MODES:
+        raise ConfigError(f"cache = {cache!r}: give " + " or ".join(f'"{m}"' for m in CACHE_MODES))
+    if "writeback" in table:
+        old = _typed(table["writeback"], bool, "writeback")
+        old_text = f"writeback = {str(old).lower()}"
+        old_cache = "writeback" if old else "writethrough"
+        if cache is not None:
+            raise ConfigError(f"cache = {cache!r} and its old spelling {old_text} are both "
+                              f"given: give cache only")
+        if deprecated is not None:
+            deprecated.append(f"{old_text} is deprecated (it still works): use "
+                              f'cache = "{old_cache}"')
+        cache = old_cache
+    return None if cache is None else cache == "writeback"
 
 
 def _check_distinct(disks: list[tuple[str, DiskEntry]], host_control: str | None,
@@ -311,16 +348,20 @@ class Window:
                                   f"{other.label}'s and one of them is writable")
 
 
-def parse_added_disk(table: object, number: int, host: HostConfig,
-                     where: str) -> tuple[DiskEntry, str]:
+def parse_added_disk(table: object, number: int, host: HostConfig, where: str,
+                     warnings: list[str] | None = None) -> tuple[DiskEntry, str]:
     """A ``[[disk]]`` table added at run time as disk ``number`` (0-based) of ``host`` -> its
-    entry and its label (``disk N (NAME)``); ConfigError as for a table of the config."""
+    entry and its label (``disk N (NAME)``); ConfigError as for a table of the config. An old
+    spelling it uses adds a line to ``warnings``, as the config's do."""
     label = _label(number + 1, table)
+    deprecated: list[str] = []
     try:
-        entry = parse_disk(table, number + 1, host.workers, host.log_level)
+        entry = parse_disk(table, number + 1, host.workers, host.log_level, deprecated)
         _check_absolute(entry)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {label}: {exc}") from None
+    if warnings is not None:
+        warnings += [f"{where}: {label}: {line}" for line in deprecated]
     return entry, f"disk {number + 1} ({entry.name})"
 
 

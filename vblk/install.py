@@ -1,14 +1,16 @@
 """What ``vblk install`` writes: the systemd units and QEMU's vhost-user backend descriptor,
 each pointing at this installation of vblk by absolute path.
 
-Both files ship inside the package (``vblk/data``) with the paths of a root ``pip install``
-into Debian's Python (``/usr/local/bin``). ``vblk install`` rewrites them for the vblk that
-runs it -- a venv, ``pipx``, an editable checkout, a pyenv interpreter:
+The units -- ``vblk@.service`` + ``vblk@.socket`` (one vblk per disk) and ``vblk-host.service``
+(one vblk for every disk of ``/etc/vblk/host.toml``) -- and the descriptor ship inside the
+package (``vblk/data``, the only copy) with the paths of a root ``pip install`` into Debian's
+Python (``/usr/local/bin``). ``vblk install`` rewrites them for the vblk that runs it -- a
+venv, ``pipx``, an editable checkout, a pyenv interpreter -- each service the same way:
 
-* the units' ``ExecStart=`` runs this vblk's console script (the one beside the running
+* its ``ExecStart=`` runs this vblk's console script (the one beside the running
   ``vblk``, or in this interpreter's scripts directory), or, with no script,
   ``PYTHON -I -m vblk.cli`` with this interpreter;
-* the units keep ``ProtectHome=yes`` unless something this vblk needs lives under ``/home``,
+* it keeps ``ProtectHome=yes`` unless something this vblk needs lives under ``/home``,
   ``/root`` or ``/run/user`` (the interpreter, the venv, the source of an editable install):
   then ``ProtectHome=tmpfs`` (those trees are empty in the service's view) plus one
   ``BindReadOnlyPaths=`` per directory needed, so the service still sees nothing else there;
@@ -31,7 +33,8 @@ from pathlib import Path
 import vblk
 from vblk.errors import ConfigError
 
-UNITS = ("vblk@.service", "vblk@.socket")
+SERVICE, SOCKET, HOST_SERVICE = "vblk@.service", "vblk@.socket", "vblk-host.service"
+UNITS = (SERVICE, SOCKET, HOST_SERVICE)     # vblk/data/systemd: one disk each, or every disk
 DESCRIPTOR = "50-vblk.json"
 BACKEND_SCRIPT = "vblk-vhost-user-blk"
 SHIPPED_VBLK = "/usr/local/bin/vblk"
@@ -119,30 +122,49 @@ def _unit_word(word: str) -> str:
 
 @dataclass(frozen=True)
 class Units:
-    """The two unit files as text, and the directories bound into the sandbox (if any)."""
-    service: str
-    socket: str
+    """The unit files as text (file name -> text), and the directories bound into the
+    sandbox (if any)."""
+    files: dict[str, str]
     bound: tuple[str, ...]
+
+    @property
+    def service(self) -> str:
+        return self.files[SERVICE]
+
+    @property
+    def socket(self) -> str:
+        return self.files[SOCKET]
+
+    @property
+    def host(self) -> str:
+        return self.files[HOST_SERVICE]
 
 
 def render_units(command: list[str], bind: list[str]) -> Units:
-    """The shipped units with ExecStart= running ``command`` and, if ``bind`` is not empty,
-    ProtectHome=tmpfs with those directories bound read-only."""
-    service = shipped("systemd", "vblk@.service")
+    """The shipped units, each service's ExecStart= running ``command`` and, if ``bind`` is not
+    empty, ProtectHome=tmpfs with those directories bound read-only."""
+    files = {name: shipped("systemd", name) for name in UNITS}
+    for name in (SERVICE, HOST_SERVICE):
+        files[name] = render_service(name, files[name], command, bind)
+    return Units(files, tuple(bind))
+
+
+def render_service(name: str, text: str, command: list[str], bind: list[str]) -> str:
+    """One shipped service (``name`` its file name, for errors) rewritten as ``render_units``
+    says."""
     exec_start = " ".join(_unit_word(w) for w in command)
-    service, n = re.subn(rf"^ExecStart={re.escape(SHIPPED_VBLK)} ", lambda _: f"ExecStart={exec_start} ",
-                         service, flags=re.M)
+    text, n = re.subn(rf"^ExecStart={re.escape(SHIPPED_VBLK)} ", lambda _: f"ExecStart={exec_start} ",
+                      text, flags=re.M)
     if n != 1:
-        raise ConfigError("the shipped vblk@.service has no ExecStart= to rewrite")
+        raise ConfigError(f"the shipped {name} has no ExecStart= to rewrite")
     if bind:
         lines = ["# vblk lives under a directory ProtectHome=yes would hide: those trees are",
                  "# empty for the service except what vblk needs, bound read-only.",
                  "ProtectHome=tmpfs"] + [f"BindReadOnlyPaths={_unit_word(d)}" for d in bind]
-        service, n = re.subn(r"^ProtectHome=yes$", lambda _: "\n".join(lines), service,
-                             flags=re.M)
+        text, n = re.subn(r"^ProtectHome=yes$", lambda _: "\n".join(lines), text, flags=re.M)
         if n != 1:
-            raise ConfigError("the shipped vblk@.service has no ProtectHome=yes to widen")
-    return Units(service, shipped("systemd", "vblk@.socket"), tuple(bind))
+            raise ConfigError(f"the shipped {name} has no ProtectHome=yes to widen")
+    return text
 
 
 def render_descriptor(binary: str) -> str:

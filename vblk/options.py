@@ -41,6 +41,7 @@ MAX_SLOTS = 32768                          # --slots: request slots shared by al
 DEFAULT_SLOTS = 64
 MAX_QUEUES = 64                            # virtqueues (mq=N, --num-queues)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+CACHE_MODES = ("writethrough", "writeback")  # --cache MODE, a config's cache = "MODE"
 
 ACRN_SYNTAX = ("[iothread,][mq=N,]PATH[,writeback|writethru][,ro][,nocache]"
                "[,discard[=A:B:C]][,sectorsize=L[/P]][,range=START/COUNT]")

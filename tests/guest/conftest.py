@@ -7,6 +7,8 @@ missing one fails the test with a message naming the package: nothing is skipped
 """
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import shutil
 import socket
@@ -20,7 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from vblk.lab.guest import GuestBuildError, GuestImage, GuestResult, build_guest, run_guest
+from vblk.lab.guest import (
+    GuestBuildError,
+    GuestImage,
+    GuestProcess,
+    GuestResult,
+    build_guest,
+    start_guest,
+)
 from vblk.testing.processes import stop_group, unix_listening
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,23 +70,39 @@ def guest_image() -> GuestImage:
         pytest.fail(f"cannot build the test guest: {e}", pytrace=False)
 
 
-@pytest.fixture
-def boot(guest_image: GuestImage, tmp_path: Path) -> Callable[..., GuestResult]:
-    """boot(socket, script, **run_guest_kwargs) -> GuestResult; the serial log goes to tmp_path."""
-    counter = {"n": 0}
+class Boot:
+    """``boot(socket, script, **run_guest_kwargs) -> GuestResult`` (the serial log goes to
+    tmp_path; with a ``Served`` socket, a dead server ends the boot early and its log is added
+    to a failed result). Guests that must run at the same time: ``guest = boot.start(socket,
+    script, **start_guest_kwargs)`` for each, then ``boot.wait(guest, socket)``."""
 
-    def _boot(sock: str | os.PathLike, script: str, **kw) -> GuestResult:
-        counter["n"] += 1
-        kw.setdefault("log_path", tmp_path / f"guest-{counter['n']}.log")
-        kw.setdefault("timeout", 240)
-        if isinstance(sock, Served):
-            kw.setdefault("alive", lambda: sock.proc.poll() is None)
-        result = run_guest(sock, script, image=guest_image, **kw)
+    def __init__(self, image: GuestImage, log_dir: Path) -> None:
+        self.image, self.log_dir = image, log_dir
+        self.numbers = itertools.count(1)
+
+    def __call__(self, sock: str | os.PathLike, script: str, *, timeout: float = 240,
+                 alive: Callable[[], bool] | None = None, **kw) -> GuestResult:
+        return self.wait(self.start(sock, script, **kw), sock, timeout=timeout, alive=alive)
+
+    def start(self, sock: str | os.PathLike, script: str, **kw) -> GuestProcess:
+        kw.setdefault("log_path", self.log_dir / f"guest-{next(self.numbers)}.log")
+        return start_guest(sock, script, image=self.image, **kw)
+
+    def wait(self, guest: GuestProcess, sock: str | os.PathLike, *, timeout: float = 240,
+             alive: Callable[[], bool] | None = None) -> GuestResult:
+        if alive is None and isinstance(sock, Served):
+            alive = sock.running
+        result = guest.wait(timeout, alive=alive)
         if (result.aborted or not result.ok) and isinstance(sock, Served):
             result.stderr += f"\n--- server log ({sock.log_path}) ---\n{sock.log()[-6000:]}"
         return result
 
-    return _boot
+
+@pytest.fixture
+def boot(guest_image: GuestImage, tmp_path: Path) -> Boot:
+    """boot(socket, script, **run_guest_kwargs) -> GuestResult, and boot.start / boot.wait
+    for guests side by side (``Boot``)."""
+    return Boot(guest_image, tmp_path)
 
 
 def _short_dir() -> Path:
@@ -130,6 +155,9 @@ class Served(str):
 
     def log(self) -> str:
         return _tail(self.log_path, 20000)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
 
     def stop(self) -> int | None:
         """SIGTERM the server's process group, SIGKILL after 5 s; returns the exit status."""
@@ -206,6 +234,56 @@ def serve_vblk(tmp_path: Path):
 
     yield _serve
     servers.stop_all()
+
+
+@pytest.fixture
+def serve_vblk_config(tmp_path: Path):
+    """serve_vblk_config(disks, **host_keys) -> one socket path (a ``Served`` str) per disk.
+
+    Writes a host.toml of one ``[[disk]]`` table per dict of ``disks`` (its keys as in the
+    file: ``spec``, ``cache``, ``num-queues``, ...; ``socket-path`` is set here, ``d1.sock``,
+    ``d2.sock``, ...) and the host keys (``workers=2``: ``workers``), runs one ``vblk serve
+    --config`` on it and waits until every disk's socket accepts a connection. The sockets
+    share the process (``proc``, ``log``, ``stop``); it is stopped at teardown."""
+    servers = _Servers("vblk")
+
+    def _serve(disks: Sequence[dict], **host_keys) -> list[Served]:
+        d = _short_dir()
+        servers.dirs.append(d)
+        socks = [str(d / f"d{i}.sock") for i in range(1, len(disks) + 1)]
+        lines = [f"{key} = {_toml(value)}" for key, value in host_keys.items()]
+        for sock, table in zip(socks, disks):
+            lines += ["[[disk]]", f"socket-path = {_toml(sock)}"]
+            lines += [f"{key} = {_toml(value)}" for key, value in table.items()]
+        config = tmp_path / "host.toml"
+        config.write_text("\n".join(lines) + "\n")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        log = tmp_path / "vblk-serve-config.log"
+        first = _start([sys.executable, "-m", "vblk.cli", "serve", "--config", str(config)],
+                       socks[0], log, "vblk serve --config", cwd=REPO, env=env)
+        servers.started.append(first)
+        served = [first]
+        for sock in socks[1:]:
+            _wait_for_socket(sock, first.proc, log, "vblk serve --config")
+            other = Served(sock)
+            other.proc, other.log_path, other.strace_path, other.command = \
+                first.proc, log, None, first.command
+            served.append(other)
+        return served
+
+    yield _serve
+    servers.stop_all()
+
+
+def _toml(value: object) -> str:
+    """A str, bool or int as a TOML value (a JSON string is a TOML basic string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, str)):
+        return json.dumps(value)
+    raise TypeError(f"no TOML for {value!r}")
 
 
 @pytest.fixture

@@ -165,9 +165,13 @@ def test_an_added_disk_serves_verified_io_beside_the_others_and_shows_in_stats(t
     imgs = images(tmp_path, 2)
     socks, ctl, server = serve_many(imgs[:1], workers=2)
     sock = os.path.join(os.path.dirname(socks[0]), "vm1.sock")
-    result = add(ctl, disk_file(tmp_path / "vm1.toml", name="vm1", spec=imgs[1],
-                                socket_path=sock, num_queues=2))
+    path = disk_file(tmp_path / "vm1.toml", name="vm1", spec=imgs[1], socket_path=sock,
+                     num_queues=2, writeback=True)
+    result = add(ctl, path)
     assert result.returncode == 0, result.stderr
+    assert result.stderr == (f'vblk: warning: {path}: disk 2 (vm1): writeback = true is deprecated '
+                             f'(it still works): use cache = "writeback"\n')
+    assert request(sock + ".ctl", {"op": "stats"})["stats"]["info"]["disk"] == "vm1"
     assert result.stdout == (f"added disk vm1 (disk 2): listening on {sock}, control "
                              f"{sock}.ctl, slots 64..127\n")
     assert unix_listening(sock) and lock_on(imgs[1]) == fcntl.F_WRLCK

@@ -155,18 +155,23 @@ def test_the_conventional_options_serve_a_disk(tmp_path, sockdir):
 
 def test_render_units_points_at_the_install_and_binds_only_what_protect_home_would_hide():
     units = install.render_units(["/home/op/venv/bin/vblk"], ["/home/op/venv", "/root/py"])
-    service = units.service
-    assert re.findall(r"^ExecStart=.*$", service, re.M) == \
-        ["ExecStart=/home/op/venv/bin/vblk serve ${VBLK_DISK} $VBLK_ARGS"]
-    assert re.findall(r"^(ProtectHome=.*|BindReadOnlyPaths=.*)$", service, re.M) == \
-        ["ProtectHome=tmpfs", "BindReadOnlyPaths=/home/op/venv", "BindReadOnlyPaths=/root/py"]
+    assert list(units.files) == ["vblk@.service", "vblk@.socket", "vblk-host.service"]
+    for service, args in ((units.service, "${VBLK_DISK} $VBLK_ARGS"),
+                          (units.host, "--config /etc/vblk/host.toml")):
+        assert re.findall(r"^ExecStart=.*$", service, re.M) == \
+            [f"ExecStart=/home/op/venv/bin/vblk serve {args}"]
+        assert re.findall(r"^(ProtectHome=.*|BindReadOnlyPaths=.*)$", service, re.M) == \
+            ["ProtectHome=tmpfs", "BindReadOnlyPaths=/home/op/venv", "BindReadOnlyPaths=/root/py"]
     plain = install.render_units(["/opt/vblk/bin/python", "-I", "-m", "vblk.cli"], [])
     assert "ExecStart=/opt/vblk/bin/python -I -m vblk.cli serve ${VBLK_DISK} $VBLK_ARGS" \
         in plain.service and "\nProtectHome=yes\n" in plain.service
-    assert "BindReadOnlyPaths" not in plain.service
+    assert "ExecStart=/opt/vblk/bin/python -I -m vblk.cli serve --config /etc/vblk/host.toml" \
+        in plain.host and "\nProtectHome=yes\n" in plain.host
+    assert "BindReadOnlyPaths" not in plain.service + plain.host
     assert plain.socket == install.shipped("systemd", "vblk@.socket")
     odd = install.render_units(["/srv/my tools/vblk 100%"], [])
     assert 'ExecStart="/srv/my tools/vblk 100%%" serve' in odd.service
+    assert 'ExecStart="/srv/my tools/vblk 100%%" serve --config' in odd.host
     assert install.hidden_by_protect_home(["/home/a", "/root", "/run/user/0/x", "/usr", "/homes",
                                            "/opt/root"]) == ["/home/a", "/root", "/run/user/0/x"]
 
@@ -182,36 +187,61 @@ def generated_units(tmp_path: Path) -> tuple[Path, str, list[str]]:
     return units, r.stdout + r.stderr, bound
 
 
+SERVICE_ARGS = {"vblk@.service": "${VBLK_DISK} $VBLK_ARGS",
+                "vblk-host.service": "--config /etc/vblk/host.toml"}
+
+
 def test_install_systemd_writes_units_that_run_this_vblk(tmp_path):
     units, out, bound = generated_units(tmp_path)
-    service = (units / "vblk@.service").read_text()
+    assert sorted(p.name for p in units.iterdir()) == sorted(install.UNITS)
     command = install.vblk_command()
-    assert re.findall(r"^ExecStart=(.*)$", service, re.M) == \
-        [" ".join(command) + " serve ${VBLK_DISK} $VBLK_ARGS"]
     assert os.access(command[0], os.X_OK)
     hidden = install.hidden_by_protect_home(install.runtime_dirs(command))
     assert bound == hidden                     # exactly what ProtectHome=yes would hide
-    protect = re.findall(r"^ProtectHome=(.*)$", service, re.M)
-    assert protect == (["tmpfs"] if hidden else ["yes"])
     assert ("ProtectHome=tmpfs" in out) == bool(hidden)
-    # everything else is the shipped unit, line for line
-    shipped = install.shipped("systemd", "vblk@.service").splitlines()
-    kept = [line for line in service.splitlines() if not line.startswith(
-        ("ExecStart=", "ProtectHome=", "BindReadOnlyPaths=", "# vblk lives", "# empty for"))]
-    assert kept == [line for line in shipped if not line.startswith(("ExecStart=", "ProtectHome="))]
+    for name, args in SERVICE_ARGS.items():    # both services, rewritten the same way
+        service = (units / name).read_text()
+        assert re.findall(r"^ExecStart=(.*)$", service, re.M) == \
+            [" ".join(command) + " serve " + args], name
+        assert re.findall(r"^BindReadOnlyPaths=(.*)$", service, re.M) == hidden, name
+        protect = re.findall(r"^ProtectHome=(.*)$", service, re.M)
+        assert protect == (["tmpfs"] if hidden else ["yes"]), name
+        # everything else is the shipped unit, line for line
+        shipped = install.shipped("systemd", name).splitlines()
+        kept = [line for line in service.splitlines() if not line.startswith(
+            ("ExecStart=", "ProtectHome=", "BindReadOnlyPaths=", "# vblk lives", "# empty for"))]
+        assert kept == [line for line in shipped
+                        if not line.startswith(("ExecStart=", "ProtectHome="))], name
     assert (units / "vblk@.socket").read_text() == install.shipped("systemd", "vblk@.socket")
     # what systemd itself says of the files written
     assert SYSTEMD_ANALYZE, "systemd-analyze is missing: apt-get install systemd"
     for name in ("vblk@.service", "vblk@.socket"):
         shutil.copy(units / name, units / name.replace("@.", "@t."))
     r = analyze("verify", "--man=no", units / "vblk@t.service", units / "vblk@t.socket",
-                unit_dir=units)
-    assert r.returncode == 0 and [li for li in r.stderr.splitlines() if "vblk@" in li] == [], \
+                units / "vblk-host.service", unit_dir=units)
+    assert r.returncode == 0 and [li for li in r.stderr.splitlines() if "vblk" in li] == [], \
         r.stderr
-    r = analyze("security", "--offline=true", "--threshold=20", units / "vblk@t.service",
-                unit_dir=units)
-    level = re.search(r"Overall exposure level for vblk@t\.service: ([0-9.]+)", r.stdout)
-    assert level and float(level.group(1)) <= 2.0, r.stdout + r.stderr
+    for name in ("vblk@t.service", "vblk-host.service"):
+        r = analyze("security", "--offline=true", "--threshold=20", units / name, unit_dir=units)
+        level = re.search(rf"Overall exposure level for {re.escape(name)}: ([0-9.]+)", r.stdout)
+        assert level and float(level.group(1)) <= 2.0, r.stdout + r.stderr
+
+
+def test_the_units_have_one_copy_in_the_package_and_the_source_tree_points_at_it():
+    """vblk/data/systemd is where the units live (shipped, and rewritten by vblk install);
+    the top-level systemd/ folder holds only the README that explains them, naming each."""
+    shipped = sorted(p.name for p in (REPO / "vblk" / "data" / "systemd").iterdir())
+    assert shipped == sorted(install.UNITS)
+    assert [p.name for p in (REPO / "systemd").iterdir()] == ["README.md"]
+    readme = (REPO / "systemd" / "README.md").read_text()
+    assert "vblk/data/systemd/" in readme
+    for name in install.UNITS:
+        assert f"`{name}`" in readme, name
+    host = install.shipped("systemd", "vblk-host.service")
+    for line in ("Type=notify", "RestartPreventExitStatus=2", "KillMode=mixed",
+                 "RuntimeDirectory=vblk", "ReadWritePaths=-/var/lib/vblk", "ProtectHome=yes",
+                 "ExecStart=/usr/local/bin/vblk serve --config /etc/vblk/host.toml"):
+        assert re.search(rf"^{re.escape(line)}$", host, re.M), line
 
 
 RUNNER = r'''
@@ -244,6 +274,18 @@ try:
         results["sees_secret"] = os.path.exists(view + "/root/private/secret")
     results["stop"] = sh("systemctl", "stop", "vblk@disk.service").returncode
     results["journal"] = sh("journalctl", "-u", "vblk@disk.service", "-o", "cat").stdout[-3000:]
+    # the host-wide unit: every disk of /etc/vblk/host.toml from one vblk (Type=notify: start
+    # returns once it serves them all)
+    results["host_start"] = sh("systemctl", "start", "vblk-host.service").returncode
+    results["host"] = show("vblk-host.service", "ActiveState", "SubState", "MainPID")
+    with open(f"/proc/{results['host']['MainPID']}/cmdline", "rb") as f:
+        results["host_cmdline"] = [a.decode() for a in f.read().split(b"\0")[:4]]
+    for i, name in enumerate(("h1", "h2"), 1):
+        with BlkClient.connect(f"/run/vblk/{name}.sock", timeout=60) as c:
+            results[f"{name}_read"] = c.read(8, 4096).data == (1).to_bytes(4, "little") * 1024
+            results[f"{name}_write"] = c.write(16, bytes([i]) * 4096).status
+    results["host_stop"] = sh("systemctl", "stop", "vblk-host.service").returncode
+    results["host_journal"] = sh("journalctl", "-u", "vblk-host.service", "-o", "cat").stdout[-3000:]
     # the control: the same unit with the shipped ProtectHome=yes (a drop-in for one instance)
     os.makedirs("/etc/systemd/system/vblk@plain.service.d")
     with open("/etc/systemd/system/vblk@plain.service.d/home.conf", "w") as f:
@@ -261,7 +303,8 @@ with open("/srv/out/result.json", "w") as f:
 def test_generated_units_run_this_install_under_systemd(tmp_path):
     """The units ``vblk install systemd`` wrote, for this install wherever it lives (here: a
     venv over a pyenv interpreter under /root), started by systemd 252 as PID 1 of a
-    container: socket activation, a read and a write, and the sandbox's view of /root."""
+    container: socket activation, a read and a write, and the sandbox's view of /root; then
+    vblk-host.service serving the two disks of a host.toml, a read and a write on each."""
     assert NSPAWN, "systemd-nspawn is missing: apt-get install systemd-container"
     units, _, bound = generated_units(tmp_path)
     d = {name: tmp_path / name for name in ("conf", "state", "out")}
@@ -271,6 +314,12 @@ def test_generated_units_run_this_install_under_systemd(tmp_path):
     for name in ("disk", "plain"):
         (d["conf"] / f"{name}.conf").write_text("VBLK_DISK=/var/lib/vblk/disk.img\n"
                                                 "VBLK_ARGS=--workers 1\n")
+    for name in ("h1", "h2"):
+        make_image(d["state"] / f"{name}.img")
+    (d["conf"] / "host.toml").write_text(
+        'workers = 1\n[[disk]]\nspec = "/var/lib/vblk/h1.img"\nsocket-path = "/run/vblk/h1.sock"\n'
+        'cache = "writeback"\n[[disk]]\nspec = "/var/lib/vblk/h2.img"\n'
+        'socket-path = "/run/vblk/h2.sock"\nnum-queues = 2\n')
     (d["out"] / "runner.py").write_text(RUNNER)
     python = os.path.realpath(sys.executable)
     (units / "vblk-test.target").write_text("[Unit]\nWants=vblk-test-runner.service\n")
@@ -312,3 +361,14 @@ def test_generated_units_run_this_install_under_systemd(tmp_path):
     with open(d["state"] / "disk.img", "rb") as f:
         f.seek(16 * 512)
         assert f.read(4096) == b"\x07" * 4096
+    # vblk-host.service, as written for this install, served both disks of host.toml
+    assert res["host_start"] == 0 and (res["host"]["ActiveState"], res["host"]["SubState"]) == \
+        ("active", "running"), res
+    assert res["host_cmdline"][1:4] == ["-I", "-m", "vblk.daemon"], res["host_cmdline"]
+    for i, name in enumerate(("h1", "h2"), 1):
+        assert (res[f"{name}_read"], res[f"{name}_write"]) == (True, 0), res
+        with open(d["state"] / f"{name}.img", "rb") as f:
+            f.seek(16 * 512)
+            assert f.read(4096) == bytes([i]) * 4096, name
+        assert f"disk={name} event=frontend_connected" in res["host_journal"], res["host_journal"]
+    assert res["host_stop"] == 0, res["host_journal"]

@@ -122,7 +122,7 @@ def test_the_wheel_installs_one_top_level_package_holding_every_module(tmp_path)
             expected.add(f"{prefix}/{path.relative_to(src / folder).as_posix()}")
     # and the data vblk install rewrites: the systemd units, QEMU's vhost-user descriptor
     expected |= {"vblk/data/systemd/vblk@.service", "vblk/data/systemd/vblk@.socket",
-                 "vblk/data/vhost-user/50-vblk.json"}
+                 "vblk/data/systemd/vblk-host.service", "vblk/data/vhost-user/50-vblk.json"}
     assert expected - set(names) == set()
     assert {n for n in names if not n.split("/")[0].endswith(".dist-info")} == expected
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names

@@ -9,6 +9,7 @@ from vblk.backing.memory import MemoryBacking, drop_store, memory_store
 from vblk.device import DiscardLimits
 from vblk.memory import GuestMemory
 from vblk.ratelimit import Limits
+from vblk.supervisor.datapath import DRAIN_QUANTUM
 from vblk.testing.inprocess import InProcessDisk
 from vblk.virtio.blk import DISCARD_SEGMENT
 from vblk.virtio.constants import BLK_ID_BYTES, BlkStatus, BlkType
@@ -164,3 +165,42 @@ def test_a_slot_for_a_memory_table_the_engine_does_not_have_fails_cleanly():
         finally:
             disk.engine.memory = current
         assert disk.read(0, 4096).data == b"m" * 4096
+
+
+def test_a_driver_refilling_as_fast_as_reads_are_copied_gets_turns_not_the_loop():
+    """Reads the cache holds free no slot, so only DRAIN_QUANTUM ends a drain whose driver puts
+    a new request on the ring for each one copied; the rest waits in ``backlog`` and the
+    other queue is served in between."""
+    store = f"refill-{id(object())}"
+    backing = MemoryBacking.open(store, size=8 * MiB, caches=True)
+    try:
+        with InProcessDisk(queues=2, queue_size=256, backing=backing, inline_reads=True) as disk:
+            copied = []
+            read_cached = backing.read_cached
+
+            def refilling(offset, bufs):
+                copied.append(offset)
+                if len(copied) < 1000:          # the driver reaps and queues the next at once
+                    disk._reap()
+                    disk.submit(BlkType.IN, len(copied) % 64, nbytes=4096, queue=0)
+                return read_cached(offset, bufs)
+
+            backing.read_cached = refilling
+            disk.submit(BlkType.IN, 0, nbytes=4096, queue=0)
+            disk.kick(0)
+            assert len(copied) == DRAIN_QUANTUM
+            assert disk.data.backlog == {0} and disk.data.timeout() == 0
+            other = disk.submit(BlkType.IN, 8, nbytes=512, queue=1)
+            disk.kick(1)                      # the other queue's turn comes at once
+            disk._reap()
+            assert disk.answers.pop(other).status == BlkStatus.OK
+            assert len(copied) == DRAIN_QUANTUM + 1
+            while disk.data.backlog:          # the loop's ticks drain the rest, a quantum each
+                before = len(copied)
+                disk.data.tick()
+                assert len(copied) - before <= DRAIN_QUANTUM
+            disk._reap()
+            assert len(copied) == 1000 + 1 and disk.data.timeout() == -1
+            assert all(a.status == BlkStatus.OK for a in disk.answers.values())
+    finally:
+        drop_store(store)

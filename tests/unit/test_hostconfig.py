@@ -15,6 +15,10 @@ def disk(**kw) -> dict:
     return {"spec": "/img/a.img", "socket-path": "/run/a.sock", **kw}
 
 
+def named(n: str, **kw) -> dict:
+    return {"spec": f"/img/{n}.img", "socket-path": f"/run/{n}.sock", **kw}
+
+
 def test_each_disk_gets_the_flags_of_vblk_serve():
     host = parse_host_config({"workers": 4, "log-level": "warning", "disk": [
         disk(spec="mq=2,/img/a.img,writeback", **{"iops-limit": "5k", "slots": 128}),
@@ -37,6 +41,57 @@ def test_one_disk_of_vblk_serve_spec_is_a_host_of_one_without_a_name():
     config = ServeConfig(disk=parse_acrn("/img/a.img"), socket_path="/run/a.sock", workers=3)
     host = HostConfig.single(config)
     assert host.workers == 3 and [(d.name, d.serve) for d in host.disks] == [("", config)]
+
+
+def writeback_of(*tables: dict) -> tuple[list[bool], tuple[str, ...]]:
+    host = parse_host_config({"disk": list(tables)}, where="host.toml")
+    return [d.serve.disk.writeback for d in host.disks], host.warnings
+
+
+def test_cache_means_what_dash_dash_cache_means():
+    # like --cache, the key wins over the option string's writeback/writethru
+    assert writeback_of(disk(cache="writeback"), named("b", cache="writethrough"),
+                        named("c", spec="/img/c.img,writeback", cache="writethrough"),
+                        named("d", spec="/img/d.img,writethru", cache="writeback"),
+                        named("e", spec="/img/e.img,writeback")) == \
+        ([True, False, False, True, True], ())
+
+
+def test_the_old_writeback_key_still_works_with_one_warning_naming_the_disk():
+    modes, warnings = writeback_of(disk(), named("b", writeback=True),
+                                   named("c", spec="/img/c.img,writeback", writeback=False))
+    assert modes == [False, True, False]
+    assert warnings == (
+        'host.toml: disk 2 (b): writeback = true is deprecated (it still works): use '
+        'cache = "writeback"',
+        'host.toml: disk 3 (c): writeback = false is deprecated (it still works): use '
+        'cache = "writethrough"')
+
+
+def test_nocache_is_o_direct_as_dash_dash_nocache_not_a_cache_mode_and_not_deprecated():
+    host = parse_host_config({"disk": [disk(nocache=True), named("b", nocache=True,
+                                                                 cache="writeback")]})
+    a, b = (d.serve.disk for d in host.disks)
+    assert (a.nocache, a.writeback, b.nocache, b.writeback) == (True, False, True, True)
+    assert host.warnings == ()
+
+
+@pytest.mark.parametrize("table, message", [
+    (disk(cache="none"), 'disk 1 (a): cache = \'none\': give "writethrough" or "writeback"'),
+    (disk(cache="writethru"), "disk 1 (a): cache = 'writethru': give"),
+    (disk(cache=True), "disk 1 (a): cache = True is not a string"),
+    (disk(writeback="yes"), "disk 1 (a): writeback = 'yes' is not true or false"),
+    (disk(cache="writeback", writeback=False), "disk 1 (a): cache = 'writeback' and its old "
+                                               "spelling writeback = false are both given: "
+                                               "give cache only"),
+    (disk(cache="writeback", writeback=True), "disk 1 (a): cache = 'writeback' and its old "
+                                              "spelling writeback = true are both given"),
+])
+def test_a_bad_cache_or_cache_with_its_old_spelling_is_refused_naming_the_disk(table, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_host_config({"disk": [table]}, where="host.toml")
+    assert str(exc.value).startswith("host.toml: " + message), str(exc.value)
+    assert "\n" not in str(exc.value)
 
 
 @pytest.mark.parametrize("data, message", [
@@ -174,6 +229,11 @@ def test_an_added_disk_is_parsed_as_a_table_of_the_config_with_absolute_paths():
         assert str(exc.value).startswith(message), str(exc.value)
     entry, _ = parse_added_disk(disk(spec="rbd:pool/img"), 4, host, "f")    # not a path
     assert entry.serve.disk.path == "rbd:pool/img"
+    warnings: list[str] = []
+    entry, _ = parse_added_disk(disk(writeback=True, name="vm3"), 4, host, "f", warnings)
+    assert entry.serve.disk.writeback
+    assert warnings == ['f: disk 5 (vm3): writeback = true is deprecated (it still works): use '
+                        'cache = "writeback"']
 
 
 def test_an_added_disk_is_checked_against_the_served_ones_as_the_last_table_of_their_file(

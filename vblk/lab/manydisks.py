@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -164,38 +165,97 @@ def format_table(rows: list[dict]) -> str:
 def bench(sock: str, qd: int, seconds: float) -> subprocess.Popen:
     """``vblk bench`` 4 KiB random reads at ``qd`` on ``sock``, in a process of its own (a
     flooding client in this interpreter would take the GIL from the measuring one)."""
-    return subprocess.Popen([sys.executable, "-m", "vblk.cli", "bench", "--socket", sock,
+    return subprocess.Popen([sys.executable, "-m", "vblk.cli", "bench", "--socket-path", sock,
                              "--pattern", "randread", "--qd", str(qd), "--duration",
                              str(seconds), "--json"], stdout=subprocess.PIPE, text=True)
 
 
-def fairness(workers: int, seconds: float = 5.0) -> dict:
-    """Two disks of one vblk (reads go to the workers: VBLK_INLINE_READS=0): disk B at QD1
-    alone, then while disk A floods at QD32. B's latency and IOPS both times, A's IOPS."""
+FAIRNESS_SETUPS = {
+    # name: (what serves the two disks, environment)
+    "vblk": ("one vblk, both disks; reads served from the page cache in the loop", {}),
+    "vblk-workers": ("one vblk, both disks; every read through a worker",
+                     {"VBLK_INLINE_READS": "0"}),
+    "vblk-two-trees": ("two vblks, one disk each; every read through a worker",
+                       {"VBLK_INLINE_READS": "0"}),
+    "qsd": ("one qemu-storage-daemon, both exports", {}),
+}
+
+
+def _start_pair(setup: str, directory: str, images: list[str], workers: int):
+    """Start ``setup`` serving the two images; (processes, the two sockets)."""
+    env = dict(os.environ, **FAIRNESS_SETUPS[setup][1])
+    if setup == "qsd":
+        cmds = [qsd_args(directory, images)]
+        socks = [f"{directory}/q{i}.sock" for i in range(2)]
+    elif setup == "vblk-two-trees":
+        cmds = [[sys.executable, "-m", "vblk.cli", "serve", image, "--socket-path",
+                 f"{directory}/t{i}.sock", "--workers", str(workers)]
+                for i, image in enumerate(images)]
+        socks = [f"{directory}/t{i}.sock" for i in range(2)]
+    else:
+        cmds = [[sys.executable, "-m", "vblk.cli", "serve", "--config",
+                 vblk_config(directory, images, workers)]]
+        socks = [f"{directory}/v{i}.sock" for i in range(2)]
+    procs = [subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+             for cmd in cmds]
+    for sock in socks:
+        while not unix_listening(sock):
+            time.sleep(0.05)
+    return procs, socks
+
+
+def fairness_once(setup: str, directory: str, images: list[str], workers: int,
+                  seconds: float) -> dict:
+    """Disk B at QD1 alone, then while disk A floods at QD32 (4 KiB random reads both)."""
+    procs, socks = _start_pair(setup, directory, images, workers)
+    try:
+        alone = json.loads(bench(socks[1], 1, seconds).communicate()[0])
+        flood = bench(socks[0], 32, seconds + 2)
+        time.sleep(1)
+        shared = json.loads(bench(socks[1], 1, seconds).communicate()[0])
+        flooded = json.loads(flood.communicate()[0])
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(30)
+    return {"alone_p50": alone["lat_us"]["p50"], "alone_p99": alone["lat_us"]["p99"],
+            "alone_iops": alone["iops"], "shared_p50": shared["lat_us"]["p50"],
+            "shared_p99": shared["lat_us"]["p99"], "shared_iops": shared["iops"],
+            "flood_iops": flooded["iops"]}
+
+
+def fairness(workers: int, seconds: float = 4.0, rounds: int = 3,
+             setups: tuple[str, ...] = tuple(FAIRNESS_SETUPS)) -> dict[str, dict]:
+    """Every setup, alternated for ``rounds`` rounds on the same two images (64 MiB, cached):
+    the median of each figure, and the ratio of B's p50 with the flood to B's p50 alone."""
     directory = tempfile.mkdtemp(prefix="vblk-fair-", dir="/tmp")
     try:
         images = write_images(directory, 2)
-        config = vblk_config(directory, images, workers)
-        socks = [f"{directory}/v{i}.sock" for i in range(2)]
-        proc = subprocess.Popen([sys.executable, "-m", "vblk.cli", "serve", "--config", config],
-                                stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=dict(os.environ, VBLK_INLINE_READS="0"),
-                                start_new_session=True)
-        try:
-            for sock in socks:
-                while not unix_listening(sock):
-                    time.sleep(0.05)
-            alone = json.loads(bench(socks[1], 1, seconds).communicate()[0])
-            flood = bench(socks[0], 32, seconds + 2)
-            time.sleep(1)
-            shared = json.loads(bench(socks[1], 1, seconds).communicate()[0])
-            flooded = json.loads(flood.communicate()[0])
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+        runs: dict[str, list[dict]] = {s: [] for s in setups}
+        for _ in range(rounds):
+            for setup in setups:
+                runs[setup].append(fairness_once(setup, directory, images, workers, seconds))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    return {"alone": alone, "with_flood": shared, "flood": flooded}
+    out = {}
+    for setup, results in runs.items():
+        row = {k: statistics.median(r[k] for r in results) for k in results[0]}
+        row["ratio_p50"] = statistics.median(r["shared_p50"] / r["alone_p50"] for r in results)
+        out[setup] = row
+    return out
+
+
+def format_fairness(rows: dict[str, dict]) -> str:
+    lines = [f"{'setup':<15} {'B alone p50/p99 us':>19} {'B flooded p50/p99 us':>21} "
+             f"{'ratio p50':>9} {'B IOPS alone->flooded':>22} {'A flood IOPS':>12}"]
+    for setup, r in rows.items():
+        lines.append(f"{setup:<15} {r['alone_p50']:>9.0f} / {r['alone_p99']:<7.0f} "
+                     f"{r['shared_p50']:>10.0f} / {r['shared_p99']:<8.0f} {r['ratio_p50']:>9.2f} "
+                     f"{r['alone_iops']:>10.0f} -> {r['shared_iops']:<8.0f} "
+                     f"{r['flood_iops']:>12.0f}")
+    lines += [f"  {name}: {what}" for name, (what, _) in FAIRNESS_SETUPS.items() if name in rows]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,10 +272,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve with a host control socket and a slot area of N slots, "
                              "0: the default room (what room for vblk disk add costs)")
     parser.add_argument("--fairness", action="store_true",
-                        help="instead: disk B's QD1 latency alone and while disk A floods at QD32")
+                        help="instead: disk B's QD1 latency alone and while disk A floods at "
+                             "QD32, for each setup (alternated, medians)")
+    parser.add_argument("--rounds", type=int, default=3, help="--fairness rounds")
+    parser.add_argument("--setups", default=",".join(FAIRNESS_SETUPS),
+                        help="--fairness setups, of: " + ", ".join(FAIRNESS_SETUPS))
     a = parser.parse_args(argv)
     if a.fairness:
-        print(json.dumps(fairness(a.workers), indent=1))
+        rows = fairness(a.workers, rounds=a.rounds, setups=tuple(a.setups.split(",")))
+        print(json.dumps(rows, indent=1) if a.json else format_fairness(rows))
         return 0
     counts = [int(x) for x in a.disks.split(",")]
     rows = measure(counts, a.workers, qsd=not a.no_qsd, connected=a.connected,

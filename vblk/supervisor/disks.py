@@ -38,17 +38,21 @@ InProcessEngine of its own, watched by the shared loop.
 Isolation. Every handler a disk's rooms watch runs through its ``DiskLoop``: in the disk's log
 context, and if it raises, only that disk's frontend is dropped. A frontend's protocol errors,
 a guest's broken rings and a backing's I/O errors stay in the disk's own Session, DataPath and
-Stats. The one thing a disk's frontend can make others wait for is the nested wait of a stop or
-a new memory table (vblk.supervisor.queues): it serves only the engine's fds -- every disk's
-completions keep flowing and their rings are drained again as slots free -- but kicks and
-frontend messages of the other disks wait until that disk's requests in flight are done.
+Stats. The nested wait of a stop or a new memory table (vblk.supervisor.queues), which waits
+for a disk's requests in flight inside its frontend's message, holds up that disk only: the
+loop serves the engine and every other disk's fds meanwhile (each fd is watched with its
+DiskLoop as owner; vblk.supervisor.loop.serve_until), so an image that stalls stalls its own
+guest, not its neighbours.
 
 Fairness. A disk can never hold more slots than its own range, so one that floods cannot take
 another's slots; inside a disk the multiqueue budget (vblk.supervisor.datapath) shares them
-among its rings. The workers are shared: the pool puts each slot with the least busy worker,
-so a neighbour's request waits at most behind the slots already queued at that worker
-(bounded by the flooding disk's slots over the worker count). Rate limits are per disk,
-as before.
+among its rings. The loop is shared: a drain takes at most DRAIN_QUANTUM heads before the
+other disks' events are served (vblk.supervisor.datapath), and after a batch of completions
+every disk's are published before any disk refills (``CompletionRouter``). The workers are
+shared: the pool puts each slot with the least busy worker, but keeps the last idle worker
+for a disk with nothing at the workers while more than one disk has a frontend
+(vblk.supervisor.pool), so a light disk's request does not queue behind a flooding
+neighbour's. Rate limits are per disk, as before.
 """
 from __future__ import annotations
 
@@ -104,8 +108,13 @@ class DiskLoop:
         """``handler``, to be run through ``call``."""
         return lambda: self.call(handler)
 
+    @property
+    def waiting(self) -> bool:
+        """Inside a nested wait (vblk.supervisor.loop.serve_until): its fds wait."""
+        return self in self.loop.waiting
+
     def watch(self, fd: int, handler, group: str) -> None:
-        self.loop.watch(fd, self.guarded(handler), group)
+        self.loop.watch(fd, self.guarded(handler), group, owner=self)
 
     def unwatch(self, fd: int) -> None:
         self.loop.unwatch(fd)
@@ -117,7 +126,7 @@ class DiskLoop:
         self.loop.call_later(delay, self.guarded(handler))
 
     def serve_until(self, done, group: str, timeout: float) -> bool:
-        return self.loop.serve_until(done, group, timeout)
+        return self.loop.serve_until(done, group, timeout, owner=self)
 
 
 class SlotShare:
@@ -131,7 +140,8 @@ class SlotShare:
         self.count = count
         self.completion_fd = pool.completion_fd
         self.done: list[tuple[int, int, int]] = []      # filled by the CompletionRouter
-        self.deliver = lambda: None                     # the disk's completion handler
+        self.collect = lambda: None        # the disk's: complete what is in ``done``
+        self.refill = lambda: None         # the disk's: give its free slots to its rings
 
     def post(self, slot: int, op: int, flags: int, offset: int, length: int, pieces: Pieces,
              generation: int) -> None:
@@ -165,6 +175,9 @@ class CompletionRouter:
         self.owner[share.base:share.base + share.count] = [None] * share.count
 
     def on_completions(self) -> None:
+        """Every touched disk's completions are published before any disk takes new requests
+        from its rings: a disk that floods refills its slots after its neighbours' requests
+        are answered, not before."""
         touched: list[SlotShare] = []
         owner = self.owner
         for slot, status, err in self.pool.reap():
@@ -175,7 +188,9 @@ class CompletionRouter:
                 touched.append(share)
             share.done.append((slot - share.base, status, err))
         for share in touched:
-            share.deliver()
+            share.collect()
+        for share in touched:
+            share.refill()
 
 
 class WorkerRestarts:
@@ -301,7 +316,8 @@ class ServedDisk:
         link = self.link = FrontendLink(dloop, self.device, queues, self.stats, self.listener)
         dloop.on_error = link.disconnect
         if isinstance(self.engine, SlotShare):
-            self.engine.deliver = dloop.guarded(data.on_completions)
+            self.engine.collect = dloop.guarded(data.collect)
+            self.engine.refill = dloop.guarded(data.refill)
             router.add(self.engine)
         else:
             dloop.watch(self.engine.completion_fd, data.on_completions, "engine")

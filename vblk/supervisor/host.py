@@ -118,7 +118,9 @@ class Host:
         where = request.get("where")
         where = where if isinstance(where, str) and where else "disk add"
         number = self.next_number
-        entry, label = parse_added_disk(request.get("disk"), number, self.config, where)
+        warnings: list[str] = []
+        entry, label = parse_added_disk(request.get("disk"), number, self.config, where,
+                                        warnings)
         self._check(entry, label, where)
         with disk_context(entry.name):
             disk = self._open(number, entry, label, where)
@@ -133,7 +135,7 @@ class Host:
             log.info("event=listening workers=%d slots=%d", disk.stats.workers, disk.config.slots)
         return {"ok": True, "disk": entry.name, "number": number + 1,
                 "socket": disk.config.socket_path, "control": disk.stats.info.get("control"),
-                "slots": [base, disk.config.slots]}
+                "slots": [base, disk.config.slots], "warnings": warnings}
 
     def _check(self, entry: DiskEntry, label: str, where: str) -> None:
         """Everything that refuses the disk before anything is opened."""

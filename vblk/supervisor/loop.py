@@ -9,11 +9,18 @@ each worker's control socket, whose EOF means the worker died). ``run`` sleeps i
 calls the handler of each fd that is ready; a handler that raises costs the frontend its
 connection (``on_error``), never the process.
 
-``serve_until(done, "engine")`` is the one nested loop: it runs only the engine's handlers
-until ``done()`` or a timeout. The queue lifecycle uses it to wait for requests in flight
-while it is itself inside a frontend message's handler (GET_VRING_BASE, a new memory table):
-the frontend's socket is not read again until that message is answered, kicks wait, and the
-control socket waits (a resize would re-enter the session).
+``serve_until(done, "engine", owner)`` is the one nested loop: it runs until ``done()`` or a
+timeout. The queue lifecycle uses it to wait for requests in flight while it is itself inside
+a frontend message's handler (GET_VRING_BASE, a new memory table). It runs the engine's
+handlers (completions, worker deaths) and every fd of the *other* disks (each fd is watched
+with its owner, a disk's DiskLoop; see vblk.supervisor.disks), but none of the waiting disk's:
+its frontend's socket is not read again until that message is answered, its kicks wait, and
+its control socket waits (a resize would re-enter the session). A disk whose own message
+nests a second wait inside the first joins ``waiting``: no waiting disk's fds are served
+until its wait is over, so no handler is ever re-entered. Shared fds that are no disk's (the
+signal pipe, the host-wide control socket, timers) wait too. So a disk whose image stalls
+holds up its own frontend only; before, one disk's stop could freeze every disk of the
+supervisor for as long as its I/O took (up to the stop's 60 s timeout).
 
 Adaptive polling (QEMU's rule, ``adapt_poll_window``): after activity, ``poll`` -- the data
 path's look at every ring -- runs in a loop, with epoll asked without sleeping, for up to the
@@ -77,6 +84,9 @@ class EventLoop:
         self.epoll = select.epoll()
         self.handlers: dict[int, Handler] = {}
         self.groups: dict[int, str] = {}
+        self.owners: dict[int, object] = {}      # fd -> the disk it is of (see serve_until)
+        self.waiting: list[object] = []          # disks inside a nested wait, outermost first
+        self.tick: Handler = lambda: None        # run's, also run by nested waits
         self.on_error = on_error                 # after a handler raised: drop the frontend
         self.stopping = False
         self.poll_max = float(os.environ.get("VBLK_POLL_US", POLL_US)) / 1e6
@@ -84,14 +94,18 @@ class EventLoop:
         self.timers: list[tuple[float, int, Handler]] = []
         self._seq = itertools.count()
 
-    def watch(self, fd: int, handler: Handler, group: str) -> None:
+    def watch(self, fd: int, handler: Handler, group: str, owner: object = None) -> None:
+        """Call ``handler`` when ``fd`` is readable; ``owner``: the disk it is of, if any."""
         self.epoll.register(fd, select.EPOLLIN)
         self.handlers[fd] = handler
         self.groups[fd] = group
+        if owner is not None:
+            self.owners[fd] = owner
 
     def unwatch(self, fd: int) -> None:
         if self.handlers.pop(fd, None) is not None:
             del self.groups[fd]
+            self.owners.pop(fd, None)
             if not self.epoll.closed:
                 self.epoll.unregister(fd)
 
@@ -122,6 +136,7 @@ class EventLoop:
         """Serve events until ``stopping``. ``timeout()``: how long epoll may sleep (-1: until
         an event); ``tick``: after every wake-up (the data path's timer); ``poll``: one look at the rings,
         True if it found work (the adaptive polling body; None: no polling)."""
+        self.tick = tick
         while not self.stopping:
             slept = time.monotonic()
             events = self.epoll.poll(self._sleep_for(timeout()))
@@ -160,21 +175,36 @@ class EventLoop:
             if found:
                 deadline = time.monotonic() + self.poll_window
 
-    def serve_until(self, done: Callable[[], bool], group: str, timeout: float) -> bool:
-        """Run only ``group``'s handlers until ``done()`` (True) or ``timeout`` seconds pass
-        (False). See the module doc for why only one group."""
+    def serve_until(self, done: Callable[[], bool], group: str, timeout: float,
+                    owner: object = None) -> bool:
+        """Run ``group``'s handlers, and those of every disk but ``owner`` and the disks
+        already waiting, until ``done()`` (True) or ``timeout`` seconds pass (False). See the
+        module doc for what waits."""
         deadline = time.monotonic() + timeout
-        while not done():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            fds = [fd for fd, g in self.groups.items() if g == group]
-            ready, _, _ = select.select(fds, [], [], min(left, 1.0))
-            for fd in ready:
-                handler = self.handlers.get(fd)
-                if handler is not None:
-                    handler()
-        return True
+        if owner is not None:
+            self.waiting.append(owner)
+        try:
+            while not done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                waiting, owners = self.waiting, self.owners
+                fds = [fd for fd, g in self.groups.items()
+                       if g == group or (fd in owners and owners[fd] not in waiting)]
+                poller = select.poll()        # select() cannot take fds past 1023
+                for fd in fds:
+                    poller.register(fd, select.POLLIN)
+                ready = poller.poll(1000 * min(left, 0.01 if owner is not None else 1.0))
+                for fd, _ in ready:
+                    handler = self.handlers.get(fd)
+                    if handler is not None:
+                        self.call(handler)
+                if owner is not None:
+                    self.call(self.tick)     # the other disks' rate limits and backlogs
+            return True
+        finally:
+            if owner is not None:
+                self.waiting.remove(owner)
 
     # -- signals -----------------------------------------------------------------------------
     @contextmanager

@@ -12,9 +12,10 @@ table first wait for the requests in flight -- of that ring, or of all rings for
 -- so GET_VRING_BASE answers the true next avail index and no worker ever writes into memory
 that is about to go. That wait (``_wait_idle``) happens *inside* the frontend message's
 handler: the session is in the middle of ``handle`` and the frontend's socket must not be
-read again until its answer is sent. So it runs the event loop's nested ``serve_until`` over
-the I/O engine's fds only (completions and worker deaths; see vblk.supervisor.loop): the
-frontend socket, the kicks and the control socket wait until the message is answered.
+read again until its answer is sent. So it runs the event loop's nested ``serve_until``:
+the I/O engine's fds (completions and worker deaths) and the other disks' fds are served
+(see vblk.supervisor.loop); this disk's frontend socket, kicks and control socket wait
+until the message is answered.
 
 Migration (docs/interop/vhost-user.rst; vblk.dirtylog): SET_LOG_BASE maps the dirty log and
 VHOST_F_LOG_ALL switches logging on and off (``set_log``, ``set_logging``); the data path marks
@@ -66,7 +67,7 @@ class Queues:
         data.on_broken = self._ring_broken
 
     def _wait_idle(self, busy) -> None:
-        """Serve completions and worker deaths (only) until ``busy()`` is false."""
+        """Serve completions, worker deaths and the other disks until ``busy()`` is false."""
         if not self.loop.serve_until(lambda: not busy(), "engine", STOP_TIMEOUT):
             log.error("event=stop_timeout inflight=%d", len(self.data.inflight))
 

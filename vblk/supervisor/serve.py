@@ -172,7 +172,7 @@ def _soonest(disks: list[ServedDisk]) -> float:
 
 def _tick(disks: list[ServedDisk]) -> None:
     for d in disks:
-        if d.data.throttled:
+        if (d.data.throttled or d.data.backlog) and not d.loop.waiting:
             d.loop.call(d.data.tick)
 
 
