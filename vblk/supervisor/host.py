@@ -30,9 +30,11 @@ slot range freed for the next disk (kept, and logged, in the one case where a re
 with a worker: a stop that timed out).
 
 Isolation: the other disks are not touched by either. An add or remove runs in the host
-control socket's handler, between two turns of the loop; during a forced remove's wait the
-other disks' kicks wait as they do for any disk's ring stop. A bug in either handler is logged
-and answered as an error; it drops no frontend (the loop's own guard would drop them all).
+control socket's handler, between two turns of the loop. A forced remove's wait is the
+removed disk's nested wait (vblk.supervisor.loop): the other disks are served meanwhile, and
+the host control socket -- no disk's -- waits, so no add or remove ever runs inside another.
+A bug in either handler is logged and answered as an error; it drops no frontend (the loop's
+own guard would drop them all).
 
 RBD disks are neither added nor removed at run time: connecting to a cluster and opening an
 image (and closing them) block for as long as the cluster takes, and this is the one thread
