@@ -6,6 +6,7 @@ SIGKILLed under all of them, and with a hostile frontend on one disk while anoth
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -385,3 +386,32 @@ def test_a_disks_rate_limit_is_its_own(tmp_path, serve_many):
     assert limited >= (130 - 20) / 200, f"d0: 130 reads in {limited:.2f} s"   # the burst, and a margin
     assert 3000 / free > 5 * 200, f"d1: 3000 reads in {free:.2f} s"
     print(f"\nd0 (200 IOPS limit) {130 / limited:.0f} IOPS, d1 {3000 / free:.0f} IOPS")
+
+
+def test_a_disk_reading_from_the_cache_at_full_speed_leaves_the_loop_to_its_neighbour(
+        tmp_path, serve_many):
+    """d0 floods with cached 4k reads at QD32 (vblk bench, its own process), which the loop
+    serves without a worker; d1's QD1 reads beside it still get turns. Without turns d1 got
+    ~45 reads a second (one drain of d0 kept the loop as long as its driver refilled)."""
+    imgs = images(tmp_path, 2)
+    socks, _, _ = serve_many(imgs, workers=2)
+    for sock in socks:                                   # the images into the page cache
+        with BlkClient.connect(sock, ram_mib=32, timeout=30) as c:
+            for s in range(0, SECTORS, 256):
+                assert c.read(s, 128 * 1024).status == BlkStatus.OK
+    flood = subprocess.Popen([sys.executable, "-m", "vblk.cli", "bench", "--socket-path", socks[0],
+                              "--pattern", "randread", "--qd", "32", "--duration", "6", "--json"],
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        time.sleep(1.5)
+        with BlkClient.connect(socks[1], ram_mib=32, timeout=30) as c:
+            done, started = 0, time.monotonic()
+            while time.monotonic() - started < 2:
+                assert c.read(done * 8 % SECTORS, 4096).status == BlkStatus.OK
+                done += 1
+        assert flood.poll() is None, "the flood ended before d1 was measured"
+    finally:
+        flooded = json.loads(flood.communicate(timeout=30)[0])
+    assert flooded["errors"] == 0 and flooded["iops"] > 1000, flooded
+    assert done >= 1000, f"d1 did {done} reads in 2 s beside d0's {flooded['iops']:.0f} IOPS"
+    print(f"\nd1 {done / 2:.0f} IOPS at QD1 beside d0's flood of {flooded['iops']:.0f} IOPS")

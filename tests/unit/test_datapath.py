@@ -204,3 +204,31 @@ def test_a_driver_refilling_as_fast_as_reads_are_copied_gets_turns_not_the_loop(
             assert all(a.status == BlkStatus.OK for a in disk.answers.values())
     finally:
         drop_store(store)
+
+
+def test_a_drain_ends_its_turn_when_the_loop_says_something_waits_and_only_then():
+    """turns() gives the drain its peek at the loop: while it sees nothing waiting the drain
+    serves every read the driver offers (work-conserving); once it sees something, the drain
+    stops after the read in hand and the ring goes to ``backlog``."""
+    store = f"turns-{id(object())}"
+    backing = MemoryBacking.open(store, size=8 * MiB, caches=True)
+    try:
+        with InProcessDisk(queue_size=256, backing=backing, inline_reads=True) as disk:
+            waiting = []
+            disk.data.turns = lambda: (lambda timeout: bool(waiting), 1)
+            tags = [disk.submit(BlkType.IN, i * 8, nbytes=4096) for i in range(100)]
+            disk.kick(0)
+            disk._reap()
+            assert all(disk.answers.pop(t).status == BlkStatus.OK for t in tags)
+            assert not disk.data.backlog                 # nobody waited: all 100 in one drain
+            tags = [disk.submit(BlkType.IN, i * 8, nbytes=4096) for i in range(100)]
+            waiting.append("a neighbour's kick")
+            disk.kick(0)
+            disk._reap()
+            assert len(disk.answers) == 1 and disk.data.backlog == {0}
+            waiting.clear()
+            disk.data.tick()                             # the loop's next turn: the rest
+            disk._reap()
+            assert sorted(disk.answers) == tags and not disk.data.backlog
+    finally:
+        drop_store(store)

@@ -20,10 +20,10 @@ ring.
 
 Budgets (multiqueue): while another ring waits, no ring holds more than an equal share of
 the slots (``slot_budget``), and the ring drained first after completions rotates, so a
-queue that floods the device cannot starve the others. Turns: one drain takes at most
-``DRAIN_QUANTUM`` heads; a ring with more waiting is in ``backlog`` and the loop drains it
-again after serving whatever else is ready, so no ring (of this disk or another disk of the
-same supervisor) holds the loop while the others wait.
+queue that floods the device cannot starve the others. Turns (see DRAIN_QUANTUM): a drain
+serving reads from the page cache peeks at the loop between reads and ends its turn when
+anything else waits, so no ring -- of this disk or another disk of the same supervisor --
+holds the loop while the others wait, and one that nobody waits for is never held back.
 
 Rate limits (``--iops-limit``/``--bps-limit``, ``vblk limit``): before a chain is popped the
 drain asks the ``Limiter`` whether it may admit one more; once parsed, a request that does
@@ -100,13 +100,24 @@ class InFlight:
     pieces: Pieces | None = None     # a read's buffers (for the dirty log)
 
 
-# The most heads one drain takes. Reads the page cache holds complete inside the drain and
-# free no slot, so without a bound a driver that refills as fast as the loop copies keeps one
-# drain going for as long as it likes, and every other ring and disk of the supervisor waits
-# (seen: a QD1 disk beside a flooding one fell from 28.8k to 45 IOPS, p99 581 ms). A ring left
-# with requests when its quantum ends is in ``backlog``: the loop does not sleep, serves what
-# else is ready, and drains it again (``tick``).
+# Turns. Reads the page cache holds complete inside the drain and free no slot, so without a
+# bound a driver that refills as fast as the loop copies keeps one drain going for as long as
+# it likes, and every other ring and disk of the supervisor waits (seen: a QD1 disk beside a
+# flooding one fell from 28.8k to 45 IOPS, p99 581 ms). So every ``every`` reads served from
+# the cache the drain peeks at the loop's ready fds (``peek(0)``: epoll, level-triggered,
+# nothing consumed): if anything waits -- another ring's kick, completions, a frontend
+# message -- its turn is over: the ring is in ``backlog``, the loop does not sleep, serves
+# what is ready, and drains it again (``tick``). ``every`` is 1 while the supervisor runs
+# another ring (a neighbour's request waits behind at most one read: 0.3 µs a peek), and
+# DRAIN_QUANTUM while this ring is the only one (its frontend's messages and the control
+# socket are all that can wait). Requests for the workers need no turns: free slots bound
+# them.
 DRAIN_QUANTUM = 32
+
+
+def _always(timeout: float) -> bool:
+    """The peek of a DataPath without a loop: something always waits."""
+    return True
 
 
 def slot_budget(free: int, total: int, held: int, rings: int, others_waiting: bool) -> int:
@@ -141,6 +152,11 @@ class DataPath:
         self.inflight: dict[int, InFlight] = {}
         self.throttled: set[int] = set()         # rings with requests left waiting for tokens
         self.backlog: set[int] = set()           # rings whose drain ended at DRAIN_QUANTUM
+        # turns() -> (peek, every): see Turns. The composition root's peeks at the loop
+        # (vblk.supervisor.disks); this one, for a DataPath without a loop, ends a drain after
+        # DRAIN_QUANTUM reads served from the cache.
+        self.turns: Callable[[], tuple[Callable[[float], object], int]] = \
+            lambda: (_always, DRAIN_QUANTUM)
         self.wake_at = 0.0                       # monotonic time tokens are due for them
         self._drain_from = 0                     # rotates which ring is drained first
         self.guest_log = RateLimitedLog(logger=log)
@@ -209,18 +225,15 @@ class DataPath:
         read_cached = self.backing.read_cached
         dirty = self.dirty
         served = served_bytes = 0           # reads served from the cache in this drain
-        quantum = DRAIN_QUANTUM             # heads this drain may still take
+        peek, every = self.turns()        # see Turns
+        countdown, yielded = every, False
         try:
             while self.free:
                 budget = self._slot_budget(q) if len(self.rings) > 1 else len(self.free)
                 if budget <= 0:
                     break           # other rings wait: this one goes on as its slots return
-                if quantum <= 0:
-                    break           # its turn is over: the loop comes back (``backlog``)
                 ring.set_kicks_wanted(False)
-                taking = min(ring.pending(), budget, quantum)
-                quantum -= taking
-                for _ in range(taking):
+                for _ in range(min(ring.pending(), budget)):
                     if limiter is not None and not limiter.ready(time.monotonic()):
                         stalled = True
                         break
@@ -243,6 +256,12 @@ class DataPath:
                         # Published at once: the driver can take it (and queue the next
                         # request) while this loop copies the rest of the batch.
                         self.publish(q, ring)
+                        countdown -= 1
+                        if not countdown:
+                            if peek(0):
+                                yielded = True      # its turn is over (``backlog``)
+                                break
+                            countdown = every
                     else:
                         rtype = _IN if op == _READ else _OUT
                         self.live.started(q, rtype, length)
@@ -250,9 +269,9 @@ class DataPath:
                 ring.set_kicks_wanted(True)
                 if dirty is not None:           # avail_event lives in the used ring
                     dirty.mark(ring.used_gpa, ring.used_bytes)
-                if stalled or ring.pending() == 0:
+                if stalled or yielded or ring.pending() == 0:
                     break
-            if quantum <= 0 and not stalled and self.free and ring.pending():
+            if yielded and self.free and ring.pending():
                 self.backlog.add(q)
             else:
                 self.backlog.discard(q)

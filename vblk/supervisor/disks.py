@@ -73,7 +73,7 @@ from vblk.options import ServeConfig, default_max_discard_sectors
 from vblk.ratelimit import Limiter
 from vblk.stats import Stats
 from vblk.supervisor.connection import FrontendLink
-from vblk.supervisor.datapath import DataPath
+from vblk.supervisor.datapath import DRAIN_QUANTUM, DataPath
 from vblk.supervisor.disk_ops import DiskOps
 from vblk.supervisor.loop import EventLoop, run_guarded
 from vblk.supervisor.pool import WorkerPool
@@ -121,6 +121,12 @@ class DiskLoop:
 
     def watching(self, fd: int) -> bool:
         return self.loop.watching(fd)
+
+    def turns(self) -> tuple:
+        """A drain's turns (vblk.supervisor.datapath, Turns): the loop's peek, and how many
+        reads served from the cache between two peeks: 1 while another ring runs."""
+        loop = self.loop
+        return loop.epoll.poll, 1 if loop.kicks > 1 else DRAIN_QUANTUM
 
     def call_later(self, delay: float, handler) -> None:
         self.loop.call_later(delay, self.guarded(handler))
@@ -313,6 +319,7 @@ class ServedDisk:
         data.engine = self.engine
         dloop = self.loop = DiskLoop(loop, self.name)
         queues = Queues(dloop, data, self.stats, holds_lock=not config.incoming)
+        data.turns = dloop.turns
         link = self.link = FrontendLink(dloop, self.device, queues, self.stats, self.listener)
         dloop.on_error = link.disconnect
         if isinstance(self.engine, SlotShare):

@@ -87,6 +87,7 @@ class EventLoop:
         self.owners: dict[int, object] = {}      # fd -> the disk it is of (see serve_until)
         self.waiting: list[object] = []          # disks inside a nested wait, outermost first
         self.tick: Handler = lambda: None        # run's, also run by nested waits
+        self.kicks = 0                           # kick fds watched: rings running, all disks
         self.on_error = on_error                 # after a handler raised: drop the frontend
         self.stopping = False
         self.poll_max = float(os.environ.get("VBLK_POLL_US", POLL_US)) / 1e6
@@ -99,12 +100,15 @@ class EventLoop:
         self.epoll.register(fd, select.EPOLLIN)
         self.handlers[fd] = handler
         self.groups[fd] = group
+        if group == "rings":
+            self.kicks += 1
         if owner is not None:
             self.owners[fd] = owner
 
     def unwatch(self, fd: int) -> None:
         if self.handlers.pop(fd, None) is not None:
-            del self.groups[fd]
+            if self.groups.pop(fd) == "rings":
+                self.kicks -= 1
             self.owners.pop(fd, None)
             if not self.epoll.closed:
                 self.epoll.unregister(fd)
