@@ -46,13 +46,14 @@ guest, not its neighbours.
 
 Fairness. A disk can never hold more slots than its own range, so one that floods cannot take
 another's slots; inside a disk the multiqueue budget (vblk.supervisor.datapath) shares them
-among its rings. The loop is shared: a drain takes at most DRAIN_QUANTUM heads before the
-other disks' events are served (vblk.supervisor.datapath), and after a batch of completions
-every disk's are published before any disk refills (``CompletionRouter``). The workers are
-shared: the pool puts each slot with the least busy worker, but keeps the last idle worker
-for a disk with nothing at the workers while more than one disk has a frontend
-(vblk.supervisor.pool), so a light disk's request does not queue behind a flooding
-neighbour's. Rate limits are per disk, as before.
+among its rings. The loop is shared: a drain serving reads from the page cache ends its
+turn as soon as another disk's kick (or anything else) is ready (``DiskLoop.turns``; Turns in
+vblk.supervisor.datapath), and after a batch of completions every disk's are published
+before any disk refills (``CompletionRouter``). The workers are
+shared: the pool puts each slot with the least busy worker, so a neighbour's request may
+queue behind a flooding disk's (keeping the last idle worker for a disk with nothing at the
+workers was tried: no gain beyond the noise on a quiet machine). Rate limits are per disk,
+as before.
 """
 from __future__ import annotations
 

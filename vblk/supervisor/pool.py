@@ -24,14 +24,6 @@ writes (write-through), which all go to one worker per batch so that one fdatasy
 them (see vblk.workers) -- and ``flush`` writes each batch to its worker's pipe at once.
 ``reap`` reads finished slot numbers from the completion pipe.
 
-Fairness between disks (``reserve``, while more than one disk has a frontend): the last idle
-worker is not given to a disk that already has requests at the workers; that disk's request
-goes to its least busy working one instead, and the idle worker stays free for the first
-request of a disk that has none there -- a light disk's request then finds a worker that
-starts it at once instead of queueing behind a flooding neighbour's. It holds a flooding disk
-to one worker fewer only while every other worker is busy, and never holds back a request:
-each is handed to a worker at once.
-
 Dying: EOF on a worker's control socket means it died. What it had finished but not reported
 is reported; the rest is re-issued at once to the least busy live worker (or, with none
 alive, to the first one that becomes ready), whichever disks they belong to, so requests in
@@ -125,9 +117,6 @@ class WorkerPool:
         self.batches: dict[int, list[int]] = {}
         self._sync_worker: WorkerHandle | None = None
         self.memory_msgs: dict[int, tuple[dict, list[int]]] = {}   # disk -> its latest table
-        self.slot_disk = [0] * slots.count     # the disk of each slot posted
-        self.disk_load = dict.fromkeys(self.disks, 0)   # disk -> its slots at the workers
-        self.reserve = False                   # keep a worker for the disks not at the workers
         self.loop = None                       # set by attach
         self.stopping = False
 
@@ -297,19 +286,6 @@ class WorkerPool:
             candidates = self._candidates = [w for w in live if w.ready] or live
         return min(candidates, key=_load) if candidates else None
 
-    def _spare_the_last_idle(self, idle: WorkerHandle) -> WorkerHandle:
-        """``idle`` for a disk that already has requests at the workers, unless it is the
-        last idle worker: then the least busy working one, and ``idle`` stays free for a disk
-        with nothing at the workers (see the module doc, Fairness)."""
-        busy = None
-        for w in self._candidates:
-            if w is not idle:
-                if not w.outstanding:
-                    return idle                 # another is idle too
-                if busy is None or len(w.outstanding) < len(busy.outstanding):
-                    busy = w
-        return busy if busy is not None else idle
-
     def post(self, slot: int, op: int, flags: int, offset: int, length: int, pieces,
              generation: int, disk: int = 0) -> None:
         self.slots.post(slot, op, flags, offset, length, generation, pieces, disk)
@@ -320,16 +296,11 @@ class WorkerPool:
             worker = self._sync_worker
         else:
             worker = self._least_busy()
-            if worker is not None and not worker.outstanding and self.reserve \
-                    and self.disk_load[disk]:
-                worker = self._spare_the_last_idle(worker)
         if worker is None:
             self.slots.set_state(slot, SlotState.PENDING)
             self.orphans.append(slot)
             return
         self.owner[slot] = worker.index
-        self.slot_disk[slot] = disk
-        self.disk_load[disk] += 1
         worker.outstanding.add(slot)
         batch = self.batches.get(worker.index)
         if batch is None:
@@ -351,12 +322,10 @@ class WorkerPool:
             return []
         out = []
         workers, result = self.workers, self.slots.result
-        disk_load, slot_disk = self.disk_load, self.slot_disk
         for slot in ipc.unpack_slots(data):
             w = workers[self.owner[slot]]
             if w is not None:
                 w.outstanding.discard(slot)
-            disk_load[slot_disk[slot]] -= 1
             _, status, err = result(slot)
             out.append((slot, status, err))
         return out
@@ -366,21 +335,15 @@ class WorkerPool:
         """Tell every worker disk ``disk``'s new table (the fds stay owned by the caller)."""
         msg = self.memory_msgs[disk] = (ipc.memory_message(memory.generation, regions, disk),
                                         list(fds))
-        self._update_reserve()
         for w in self.workers:
             if w is not None:
                 w.send_control(*msg)
-
-    def _update_reserve(self) -> None:
-        """Fairness between disks is on while more than one has a frontend (its memory)."""
-        self.reserve = sum(1 for m, _ in self.memory_msgs.values() if m["regions"]) > 1
 
     # -- disks added and removed at run time ------------------------------------------------------
     def add_disk(self, disk: int, backing: Backing) -> None:
         """Serve disk ``disk`` too: every live worker gets its backing now (before any of its
         slots, see vblk.ipc), every worker started later gets it in its argv."""
         self.disks[disk] = backing
-        self.disk_load[disk] = 0
         desc, fds = backing.handoff()
         msg = ipc.disk_add_message(disk, desc)
         for w in self.workers:
@@ -392,9 +355,6 @@ class WorkerPool:
         its backing and memory table, and no worker started later hears of it."""
         self.disks.pop(disk, None)
         self.memory_msgs.pop(disk, None)        # its fds are closed with its frontend's table
-        self._update_reserve()
-        if not self.disk_load.get(disk):        # else a late completion still counts it down
-            self.disk_load.pop(disk, None)
         for w in self.workers:
             if w is not None:
                 w.send_control(ipc.disk_remove_message(disk))
