@@ -258,6 +258,41 @@ def format_fairness(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def aggregate(disks: int, qd: int, workers: int, seconds: float = 4.0,
+              rounds: int = 3) -> dict[str, dict]:
+    """4 KiB random reads on every one of ``disks`` disks of one vblk at once (one ``vblk
+    bench`` process per disk at ``qd``), against one disk of the same vblk alone at ``disks``
+    x ``qd``, and the same two for qemu-storage-daemon; alternated, the median total IOPS."""
+    directory = tempfile.mkdtemp(prefix="vblk-agg-", dir="/tmp")
+    runs: dict[str, list[float]] = {}
+    try:
+        images = write_images(directory, disks)
+        vblk_socks = [f"{directory}/v{i}.sock" for i in range(disks)]
+        qsd_socks = [f"{directory}/q{i}.sock" for i in range(disks)]
+        servers = {"vblk": ([sys.executable, "-m", "vblk.cli", "serve", "--config",
+                             vblk_config(directory, images, workers)], vblk_socks),
+                   "qsd": (qsd_args(directory, images), qsd_socks)}
+        for _ in range(rounds):
+            for name, (cmd, socks) in servers.items():
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+                try:
+                    for sock in socks:
+                        while not unix_listening(sock):
+                            time.sleep(0.05)
+                    one = json.loads(bench(socks[0], disks * qd, seconds).communicate()[0])
+                    runs.setdefault(f"{name} 1 disk at QD{disks * qd}", []).append(one["iops"])
+                    clients = [bench(sock, qd, seconds) for sock in socks]
+                    total = sum(json.loads(c.communicate()[0])["iops"] for c in clients)
+                    runs.setdefault(f"{name} {disks} disks at QD{qd} each", []).append(total)
+                finally:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(30)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return {k: {"iops": statistics.median(v), "runs": v} for k, v in runs.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vblk.lab.manydisks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,10 +309,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fairness", action="store_true",
                         help="instead: disk B's QD1 latency alone and while disk A floods at "
                              "QD32, for each setup (alternated, medians)")
-    parser.add_argument("--rounds", type=int, default=3, help="--fairness rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="--fairness/--aggregate rounds")
+    parser.add_argument("--aggregate", type=int, metavar="N",
+                        help="instead: total 4k randread IOPS of N disks at once (--qd each) "
+                             "against one disk alone at N x --qd, vblk and qsd")
+    parser.add_argument("--qd", type=int, default=2, help="--aggregate: queue depth per disk")
     parser.add_argument("--setups", default=",".join(FAIRNESS_SETUPS),
                         help="--fairness setups, of: " + ", ".join(FAIRNESS_SETUPS))
     a = parser.parse_args(argv)
+    if a.aggregate:
+        rows = aggregate(a.aggregate, a.qd, a.workers, rounds=a.rounds)
+        print(json.dumps(rows, indent=1) if a.json else "\n".join(
+            f"{k:<32} {v['iops']:>9.0f} IOPS  (rounds: {', '.join(f'{x:.0f}' for x in v['runs'])})"
+            for k, v in rows.items()))
+        return 0
     if a.fairness:
         rows = fairness(a.workers, rounds=a.rounds, setups=tuple(a.setups.split(",")))
         print(json.dumps(rows, indent=1) if a.json else format_fairness(rows))
