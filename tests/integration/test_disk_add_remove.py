@@ -29,6 +29,7 @@ from vblk.control import request
 from vblk.testing.cli import error_line, run_vblk
 from vblk.testing.frontend import BlkClient
 from vblk.testing.model import DiskModel, Workload, run_stress
+from vblk.testing.model import read_back as read_all
 from vblk.testing.processes import unix_listening
 from vblk.virtio.constants import SECTOR_SIZE, BlkStatus, BlkType
 
@@ -112,12 +113,8 @@ def stress_and_model(sock: str, salt: int, seed: int, ops: int, *, qd: int,
 
 def read_back(sock: str, model: DiskModel) -> list[str]:
     """Every sector of the disk, read by a new frontend, against ``model``."""
-    problems = []
     with BlkClient.connect(sock, ram_mib=32, timeout=30) as client:
-        for sector in range(0, SECTORS, 256):
-            token = model.begin_read(sector, 256)
-            problems += model.end_read(token, client.read(sector, 256 * SECTOR_SIZE).data)
-    return problems
+        return read_all(client, model)
 
 
 def zeroed_image(path: Path) -> Path:

@@ -221,6 +221,17 @@ class StressReport:
                 f"{len(self.mismatches)} mismatches, {len(self.bad_status)} bad statuses")
 
 
+def read_back(client, model: DiskModel, *, chunk: int = 256) -> list[str]:
+    """Every sector of the disk, read through ``client`` in ``chunk``-sector reads and checked
+    against ``model`` (with nothing in flight, each sector must hold what the model says)."""
+    problems: list[str] = []
+    for sector in range(0, model.nsectors, chunk):
+        count = min(chunk, model.nsectors - sector)
+        token = model.begin_read(sector, count)
+        problems += model.end_read(token, client.read(sector, count * SECTOR_SIZE).data)
+    return problems
+
+
 def run_stress(client, model: DiskModel, workload: Workload, ops: int, *, qd: int = 16,
                seed: int = 0, max_errors: int = 50) -> StressReport:
     """Run ``ops`` operations keeping up to ``qd`` in flight; verify every read against ``model``.
