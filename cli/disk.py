@@ -18,9 +18,9 @@ import json
 import typer
 
 from vblk.cli.errors import fail
+from vblk.cli.ops import ask
 from vblk.cli.spellings import warn
-from vblk.control import ControlError, request
-from vblk.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
+from vblk.errors import ConfigError
 
 disk_app = typer.Typer(name="disk", no_args_is_help=True, rich_markup_mode=None,
                        help="Add or remove a disk of a running 'vblk serve --config', over its "
@@ -85,16 +85,9 @@ def remove(
 
 
 def _ask(path: str, message: dict, timeout: float) -> dict:
-    """vblk's answer; fails with status 1 if it cannot be reached, 2 if it refused."""
-    if not 0 < timeout <= 600:
-        raise fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
-    try:
-        answer = request(path, message, timeout=timeout)
-    except ControlError as exc:
-        raise fail(str(exc), EXIT_FAILED) from None
-    if not answer.get("ok"):
-        error = answer.get("error", "no reason given")
+    """vblk's answer (vblk.cli.ops.ask), a per-disk control socket's refusal said plainly."""
+    def refused(error: str) -> str:
         if error.startswith("unknown op"):
-            error = f"{path} is not the control socket of a vblk serve --config ({error})"
-        raise fail(error, EXIT_USAGE)
-    return answer
+            return f"{path} is not the control socket of a vblk serve --config ({error})"
+        return error
+    return ask(path, message, timeout, refused=refused)

@@ -149,20 +149,29 @@ def resize(
         size_bytes = parse_new_size(new_size)
     except ResizeRefused as exc:
         raise fail(str(exc), EXIT_USAGE) from None
-    if not 0 < timeout <= 600:
-        raise fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
-    try:
-        answer = request(path, {"op": "resize", "size": size_bytes}, timeout=timeout)
-    except ControlError as exc:
-        raise fail(str(exc), EXIT_FAILED) from None
-    if not answer.get("ok"):
-        raise fail(f"resize refused: {answer.get('error', 'no reason given')}", EXIT_USAGE)
+    answer = ask(path, {"op": "resize", "size": size_bytes}, timeout,
+                 refused=lambda error: f"resize refused: {error}")
     if as_json:
         typer.echo(json.dumps({k: answer.get(k) for k in ("old_bytes", "new_bytes", "notified",
                                                            "reason")}, sort_keys=True))
         return
     typer.echo(describe(answer["old_bytes"], answer["new_bytes"], answer["notified"],
                         answer.get("reason", "")))
+
+
+def ask(path: str, message: dict, timeout: float, *, refused=lambda error: error) -> dict:
+    """vblk's answer to ``message`` on control socket ``path``: fails with status 1 if vblk
+    cannot be reached, 2 (``refused(its error)``) if it said no, 2 for a --timeout out of
+    range."""
+    if not 0 < timeout <= 600:
+        raise fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
+    try:
+        answer = request(path, message, timeout=timeout)
+    except ControlError as exc:
+        raise fail(str(exc), EXIT_FAILED) from None
+    if not answer.get("ok"):
+        raise fail(refused(answer.get("error", "no reason given")), EXIT_USAGE)
+    return answer
 
 
 def control_path(instance: str) -> str:
@@ -236,15 +245,8 @@ def limit(
                                burst_needs_rate=False)
     except ConfigError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
-    message = {"op": "limit", **changes}
-    if not 0 < timeout <= 600:
-        raise fail(f"--timeout {timeout:g} must be more than 0 and at most 600 seconds", EXIT_USAGE)
-    try:
-        answer = request(path, message, timeout=timeout)
-    except ControlError as exc:
-        raise fail(str(exc), EXIT_FAILED) from None
-    if not answer.get("ok"):                  # refused input, as a refused resize: status 2
-        raise fail(f"{path}: {answer.get('error', 'request failed')}", EXIT_USAGE)
+    answer = ask(path, {"op": "limit", **changes}, timeout,
+                 refused=lambda error: f"{path}: {error}")
     limits = answer["limits"]
     typer.echo(json.dumps(limits, sort_keys=True) if as_json else render_limits(limits))
 

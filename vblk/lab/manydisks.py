@@ -26,7 +26,7 @@ import tempfile
 import time
 
 from vblk.lab.scaling import pss_bytes
-from vblk.lab.servers import group_pids
+from vblk.lab.servers import group_cpu_seconds, group_pids
 from vblk.testing.processes import unix_listening
 from vblk.units import MiB
 
@@ -262,9 +262,12 @@ def aggregate(disks: int, qd: int, workers: int, seconds: float = 4.0,
               rounds: int = 3) -> dict[str, dict]:
     """4 KiB random reads on every one of ``disks`` disks of one vblk at once (one ``vblk
     bench`` process per disk at ``qd``), against one disk of the same vblk alone at ``disks``
-    x ``qd``, and the same two for qemu-storage-daemon; alternated, the median total IOPS."""
+    x ``qd``, and the same two for qemu-storage-daemon; alternated, the median total IOPS and
+    the server's CPU per request (its process group's user + system time over the requests
+    done: the clients share the CPUs, so it is the figure that says what sharing costs)."""
     directory = tempfile.mkdtemp(prefix="vblk-agg-", dir="/tmp")
     runs: dict[str, list[float]] = {}
+    cpu_us: dict[str, list[float]] = {}       # the server's CPU per request
     try:
         images = write_images(directory, disks)
         vblk_socks = [f"{directory}/v{i}.sock" for i in range(disks)]
@@ -280,17 +283,26 @@ def aggregate(disks: int, qd: int, workers: int, seconds: float = 4.0,
                     for sock in socks:
                         while not unix_listening(sock):
                             time.sleep(0.05)
+                    cpu = group_cpu_seconds(proc.pid)
                     one = json.loads(bench(socks[0], disks * qd, seconds).communicate()[0])
-                    runs.setdefault(f"{name} 1 disk at QD{disks * qd}", []).append(one["iops"])
+                    cpu, used = group_cpu_seconds(proc.pid), group_cpu_seconds(proc.pid) - cpu
+                    key = f"{name} 1 disk at QD{disks * qd}"
+                    runs.setdefault(key, []).append(one["iops"])
+                    cpu_us.setdefault(key, []).append(used / one["ops"] * 1e6)
                     clients = [bench(sock, qd, seconds) for sock in socks]
-                    total = sum(json.loads(c.communicate()[0])["iops"] for c in clients)
-                    runs.setdefault(f"{name} {disks} disks at QD{qd} each", []).append(total)
+                    results = [json.loads(c.communicate()[0]) for c in clients]
+                    used = group_cpu_seconds(proc.pid) - cpu
+                    key = f"{name} {disks} disks at QD{qd} each"
+                    runs.setdefault(key, []).append(sum(r["iops"] for r in results))
+                    cpu_us.setdefault(key, []).append(used / sum(r["ops"] for r in results) * 1e6)
                 finally:
                     os.killpg(proc.pid, signal.SIGTERM)
                     proc.wait(30)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    return {k: {"iops": statistics.median(v), "runs": v} for k, v in runs.items()}
+    return {k: {"iops": statistics.median(v), "runs": v,
+                "server_cpu_us_per_request": statistics.median(cpu_us[k])}
+            for k, v in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.aggregate:
         rows = aggregate(a.aggregate, a.qd, a.workers, rounds=a.rounds)
         print(json.dumps(rows, indent=1) if a.json else "\n".join(
-            f"{k:<32} {v['iops']:>9.0f} IOPS  (rounds: {', '.join(f'{x:.0f}' for x in v['runs'])})"
+            f"{k:<32} {v['iops']:>9.0f} IOPS  server CPU {v['server_cpu_us_per_request']:5.1f} us"
+            f" a request  (rounds: {', '.join(f'{x:.0f}' for x in v['runs'])})"
             for k, v in rows.items()))
         return 0
     if a.fairness:
