@@ -1,0 +1,64 @@
+"""Where the WorkerPool puts a slot: reads with the least busy ready worker, buffered writes on
+at most WRITE_SPREAD workers at once, durable writes of a batch all with one. The workers here
+are handles with real pipes and no process: placement only."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from vblk.ipc import FLAG_SYNC, Op, SlotArea, pack_slots
+from vblk.supervisor import pool as pool_module
+from vblk.supervisor.pool import WorkerHandle, WorkerPool
+
+
+class Restarts:
+    def worker_restarted(self) -> None:
+        pass
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    monkeypatch.setattr(pool_module, "WRITE_SPREAD", 2)
+    p = WorkerPool(4, {0: None}, SlotArea.create(32), Restarts())
+    ends = []
+    for i in range(4):
+        r, w = os.pipe()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        p.workers[i] = WorkerHandle(i, None, w, a, ready=True)
+        ends += [r, b]
+    yield p
+    for w in p.workers:
+        w.close()
+    for e in ends:
+        e.close() if isinstance(e, socket.socket) else os.close(e)
+    p.close()
+
+
+def post(pool: WorkerPool, slot: int, op: Op, flags: int = 0) -> int:
+    pool.post(slot, int(op), flags, 0, 4096, [], 1, 0)
+    return pool.owner[slot]
+
+
+def test_reads_spread_over_every_worker(pool):
+    assert sorted(post(pool, s, Op.READ) for s in range(4)) == [0, 1, 2, 3]
+
+
+def test_buffered_writes_keep_to_as_many_workers_as_cpus(pool):
+    placed = [post(pool, s, Op.WRITE) for s in range(8)]
+    assert len(set(placed)) == 2 and placed.count(placed[0]) == 4
+    pool.flush()
+    # once they are done, the next writes may take any idle worker again
+    os.write(pool.complete_w, pack_slots(list(range(8))))
+    assert len(pool.reap()) == 8
+    assert len({post(pool, s, Op.WRITE) for s in range(8, 16)}) == 2
+
+
+def test_a_read_still_finds_an_idle_worker_beside_buffered_writes(pool):
+    writers = {post(pool, s, Op.WRITE) for s in range(6)}
+    assert post(pool, 6, Op.READ) not in writers
+
+
+def test_durable_writes_of_one_batch_go_to_one_worker(pool):
+    assert len({post(pool, s, Op.WRITE, FLAG_SYNC) for s in range(5)}) == 1
