@@ -72,6 +72,9 @@ def bench_command(
                                           help="randread|randwrite|read|write|randrw "
                                                "(default randread)."),
     rwmix: int = typer.Option(50, "--rwmix", metavar="PCT", help="randrw: percent of reads."),
+    flush_every: int = typer.Option(0, "--flush-every", metavar="N",
+                                    help="A FLUSH after every N writes, per queue (with "
+                                         "--compare: in every workload that writes)."),
     bs: Optional[str] = typer.Option(None, "--bs", metavar="SIZE",
                                      help="Block size, K/M suffixes (default 4k)."),
     qd: Optional[int] = typer.Option(None, "--qd", metavar="N",
@@ -152,9 +155,11 @@ def bench_command(
                                    "--keep": keep or None, "--rbd-bench": rbd_bench},
                      guest_only={"--ramp": ramp, "--smp": smp, "--guest-memory": guest_memory},
                      frontend_only={"--ops": ops, "--busy-poll": busy_poll or None,
+                                    "--flush-every": flush_every or None,
                                     "--plot": plot, "--plot-workload": plot_workload,
                                     "--queues": queues if queues != 1 else None})
-        plan = _plan(pattern=pattern, bs=bs, qd=qd, rwmix=rwmix, queues=queues,
+        plan = _plan(pattern=pattern, bs=bs, qd=qd, rwmix=rwmix, flush_every=flush_every,
+                     queues=queues,
                      duration=duration, ops=ops, size=size, offset=offset, seed=seed,
                      timeout=timeout, specs=workload, plot=plot, plot_workload=plot_workload,
                      limit_iops=limit_iops, limit_bps=limit_bps,
@@ -233,7 +238,8 @@ class _Plan:
     expected: Limits
 
 
-def _plan(*, pattern: str | None, bs: str | None, qd: int | None, rwmix: int, queues: int,
+def _plan(*, pattern: str | None, bs: str | None, qd: int | None, rwmix: int,
+          flush_every: int, queues: int,
           duration: float | None, ops: int | None, size: str | None, offset: str, seed: int,
           timeout: float, specs: list[str] | None, plot: str | None,
           plot_workload: str | None, limit_iops: str | None, limit_bps: str | None,
@@ -258,14 +264,14 @@ def _plan(*, pattern: str | None, bs: str | None, qd: int | None, rwmix: int, qu
         raise BenchError(f"--timeout {timeout:g}: more than 0, at most 3600 seconds")
     single = Workload(pattern=pattern or "randread",
                       bs=size_option(bs, "--bs") if bs is not None else 4096,
-                      qd=1 if qd is None else qd, **common).checked()
+                      qd=1 if qd is None else qd, flush_every=flush_every, **common).checked()
     if not listed:
         return _Plan(single, [single], None, expected)
     explicit = pattern is not None or bs is not None or qd is not None
     if explicit and specs:
         raise BenchError("give --workload, or --pattern/--bs/--qd, not both")
     chosen = specs or ([] if explicit else list(DEFAULT_WORKLOADS))
-    workloads = [Workload.parse(s, **common) for s in chosen] or [single]
+    workloads = [_flushing(Workload.parse(s, **common), flush_every) for s in chosen] or [single]
     sweep = None
     if plot is not None:
         check_plot_support()
@@ -273,6 +279,12 @@ def _plan(*, pattern: str | None, bs: str | None, qd: int | None, rwmix: int, qu
     elif plot_workload is not None:
         raise BenchError("--plot-workload goes with --plot")
     return _Plan(single, workloads, sweep, expected)
+
+
+def _flushing(w, flush_every: int):
+    """``w`` with a FLUSH after every ``flush_every`` writes, if it writes."""
+    import dataclasses
+    return dataclasses.replace(w, flush_every=flush_every).checked() if w.writes else w
 
 
 def _run_socket(socket_path: str, plan: _Plan, *, timeout: float, busy_poll: bool,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from vblk.control import fetch_stats
 from vblk.testing.cli import error_line
 from vblk.testing.frontend import BlkClient
 from vblk.virtio.constants import BlkStatus
@@ -66,6 +67,21 @@ def test_json_numbers_are_sane(backend_server, image, pattern):
     assert 0 < d["client_cpu_pct"] <= 200
 
 
+def test_flush_every_n_writes_reaches_the_backend_as_flush_requests(vblk_server, image):
+    """--flush-every 16 on a 70/30 mix: the FLUSHes the client counts are the ones vblk's
+    stats count, about one per 16 writes (one in flight at a time, so never more)."""
+    sock = vblk_server(image, "--cache", "writeback")
+    d = ok_json(bench("--socket-path", sock, "--pattern", "randrw", "--rwmix", 70, "--qd", 8,
+                      "--flush-every", 16, "--ops", 3000, "--json"))
+    assert d["errors"] == 0 and d["ops"] == 3000
+    assert d["reads"] + d["writes"] + d["flushes"] == 3000
+    assert d["bytes"] == (d["reads"] + d["writes"]) * 4096
+    assert d["writes"] // 16 - 8 <= d["flushes"] <= d["writes"] // 16
+    assert d["workload"]["label"] == "4k randrw70 QD8 flush/16"
+    served = fetch_stats(sock + ".ctl")["queues"][0]["types"]
+    assert (served["flush"]["requests"], served["write"]["requests"]) == (d["flushes"], d["writes"])
+
+
 def test_randwrite_changes_the_region_and_nothing_else(backend_server, image):
     sock = backend_server(image)
     before = image.read_bytes()
@@ -102,6 +118,9 @@ def test_more_queues_than_offered_is_refused(vblk_server, image):
     (["--socket-path", "/nonexistent.sock", "--duration", "1", "--ops", "5"], "not both"),
     (["--socket-path", "/nonexistent.sock", "--rounds", "2"], "--rounds goes with --compare"),
     (["--socket-path", "/nonexistent.sock"], "no such socket"),
+    (["--socket-path", "/nonexistent.sock", "--flush-every", "8"], "writes nothing to flush"),
+    (["--compare", "/nonexistent.img", "--guest", "--flush-every", "8"],
+     "--flush-every does not go with --guest"),
     (["--ops", "5"], "exactly one of --socket"),
     (["--compare", "/nonexistent.img", "--workload", "randread:4k"], "PATTERN:BS:QD"),
     (["--socket-path", "/nonexistent.sock", "--guest"], "--guest goes with --compare"),

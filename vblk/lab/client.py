@@ -65,25 +65,27 @@ HEADER_BLOCK = 64               # 16-byte header + status byte, cache-line apart
 STATUS_UNSET = 0xFF
 
 _NEXT, _WRITE, _INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
-_T_IN, _T_OUT = 0, 1
+_T_IN, _T_OUT, _T_FLUSH = 0, 1, 4
 
 Progress = Callable[[int, int, int], None]      # (elapsed ns, completed, errors)
 
 
 class _Slot:
     """One preallocated request: its head, where its header, status byte and data live."""
-    __slots__ = ("head", "hdr", "status", "data_descs", "is_read", "t0")
+    __slots__ = ("head", "hdr", "status", "data_descs", "is_read", "is_flush", "t0")
 
     def __init__(self, head: int, hdr: int, data_descs: list[tuple[int, int, int, int, int]],
-                 is_read: bool) -> None:
+                 is_read: bool, is_flush: bool = False) -> None:
         self.head, self.hdr, self.status = head, hdr, hdr + OUTHDR.size
         self.data_descs = data_descs     # (ram offset, addr, len, flags without WRITE, next)
         self.is_read = is_read
+        self.is_flush = is_flush         # the queue's one FLUSH chain (--flush-every)
         self.t0 = -1                     # publish time; -1 when not in flight
 
 
 class _Queue:
-    __slots__ = ("index", "driver", "kick", "used_off", "mask", "slots", "free", "by_head")
+    __slots__ = ("index", "driver", "kick", "used_off", "mask", "slots", "free", "by_head",
+                 "flush", "flush_free", "writes")
 
     def __init__(self, index: int, driver: SplitDriver, used_off: int, size: int) -> None:
         self.index, self.driver, self.kick = index, driver, -1
@@ -91,6 +93,9 @@ class _Queue:
         self.slots: list[_Slot] = []
         self.free: list[_Slot] = []
         self.by_head: list[_Slot | None] = [None] * size
+        self.flush: _Slot | None = None        # its FLUSH chain (--flush-every)
+        self.flush_free = True
+        self.writes = 0                         # writes submitted since its last FLUSH
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +145,7 @@ class Runner:
         self.ram: GuestRam | None = None
         self.queues: list[_Queue] = []
         self.broken = False
+        self.flushes = 0                # FLUSH requests done (--flush-every)
         try:
             self._setup(socket_path, timeout)
         except BaseException:
@@ -201,8 +207,9 @@ class Runner:
                              "backend has no indirect descriptors")
         if indirect and descs > MAX_INDIRECT:
             raise BenchError(f"--bs {spell_size(w.bs)}: {descs} descriptors per request")
+        flush = 2 if w.flush_every else 0     # a FLUSH chain: header, status
         return _Shape(capacity, size, piece, pieces, descs, indirect,
-                      _pow2(w.qd if indirect else w.qd * descs))
+                      _pow2((w.qd if indirect else w.qd * descs) + flush))
 
     def _areas(self, shape: _Shape) -> _Areas:
         """Guest RAM: the rings, then headers, indirect tables and page-aligned data buffers."""
@@ -212,7 +219,8 @@ class Runner:
             layouts.append(RingLayout.at(cursor, shape.ring_size))
             cursor = _align(layouts[-1].end, PAGE)
         nslots = w.qd * w.queues
-        headers, cursor = cursor, _align(cursor + HEADER_BLOCK * nslots, PAGE)
+        flush_headers = w.queues if w.flush_every else 0
+        headers, cursor = cursor, _align(cursor + HEADER_BLOCK * (nslots + flush_headers), PAGE)
         tables_bytes = 16 * shape.descs * nslots if shape.indirect else 0
         tables, cursor = cursor, _align(cursor + tables_bytes, PAGE)
         data, cursor = cursor, cursor + _align(w.bs, PAGE) * nslots
@@ -264,6 +272,15 @@ class Runner:
             q.slots.append(slot)
             q.by_head[head] = slot
         q.free = list(reversed(q.slots))
+        if w.flush_every:
+            hdr = areas.headers + HEADER_BLOCK * (w.qd * w.queues + qi)
+            OUTHDR.pack_into(view, hdr, _T_FLUSH, 0, 0)
+            view[hdr + OUTHDR.size] = STATUS_UNSET
+            idx = driver.alloc_descriptors(2)
+            driver.write_descriptor(idx[0], hdr, OUTHDR.size, _NEXT, idx[1])
+            driver.write_descriptor(idx[1], hdr + OUTHDR.size, 1, _WRITE, 0)
+            q.flush = _Slot(idx[0], hdr, [], False, is_flush=True)
+            q.by_head[idx[0]] = q.flush
         return q
 
     # -- the load loop ---------------------------------------------------------------------
@@ -316,8 +333,9 @@ class Runner:
         server = None if server0 is None else (server1 - server0) / wall * 100
         if progress is not None:
             progress(last_done - t_start, completed, errors)
-        return Result(workload=w, ops=completed, reads=reads, writes=completed - reads,
-                      errors=errors, bytes=completed * w.bs, seconds=seconds,
+        return Result(workload=w, ops=completed, reads=reads,
+                      writes=completed - reads - self.flushes, flushes=self.flushes,
+                      errors=errors, bytes=(completed - self.flushes) * w.bs, seconds=seconds,
                       lat_us=latency_summary(lat), client_cpu=client, server_cpu=server)
 
     def _submitter(self) -> Callable[[int], int]:
@@ -331,6 +349,7 @@ class Runner:
         nblocks, spb, first = self.nblocks, w.bs // SECTOR_SIZE, w.offset // SECTOR_SIZE
         rand, mixed, share = w.pattern.startswith("rand"), w.pattern == "randrw", w.rwmix / 100
         fixed_read = w.pattern in ("read", "randread")
+        flush_every = w.flush_every
         batch: list[_Slot] = []
         cursor = 0
 
@@ -339,9 +358,9 @@ class Runner:
             n = 0
             for q in queues:
                 free = q.free
-                if not free:
-                    continue
                 push = q.driver.push_head
+                if not free and not (flush_every and q.flush_free and q.writes >= flush_every):
+                    continue
                 while free and n != budget:
                     s = free.pop()
                     if rand:
@@ -362,6 +381,18 @@ class Runner:
                     view[s.status] = STATUS_UNSET
                     push(s.head)
                     batch.append(s)
+                    n += 1
+                    if flush_every and not is_read:
+                        q.writes += 1
+                if flush_every and q.writes >= flush_every and q.flush_free and n != budget:
+                    # After the writes submitted before it (a database's fsync cadence, not a
+                    # barrier: writes still in flight need not be covered); one in flight per
+                    # queue, the next as soon as it is back and due.
+                    f = q.flush
+                    view[f.status] = STATUS_UNSET
+                    push(f.head)
+                    batch.append(f)
+                    q.flush_free, q.writes = False, 0
                     n += 1
                 # Stamp before publishing: the kick can let the backend run (and finish)
                 # before eventfd_write returns.
@@ -385,6 +416,7 @@ class Runner:
 
         def reap() -> tuple[int, int, int, int]:
             done = errors = reads = t = 0
+            flushes = 0
             for q in queues:
                 driver = q.driver
                 n = driver.used_pending()
@@ -407,9 +439,14 @@ class Runner:
                         errors += 1
                     if s.is_read:
                         reads += 1
-                    free.append(s)
+                    if s.is_flush:
+                        flushes += 1
+                        q.flush_free = True
+                    else:
+                        free.append(s)
                 driver.last_used_idx = idx
                 done += n
+            self.flushes += flushes
             return (done, t, errors, reads) if done else nothing
 
         return reap

@@ -49,6 +49,7 @@ class Workload:
     size: int | None = None              # bytes of the region; None: to the end of the disk
     offset: int = 0
     seed: int = 1
+    flush_every: int = 0                 # a FLUSH after every this many writes, per queue (0: none)
 
     @classmethod
     def parse(cls, spec: str, **kw) -> Workload:
@@ -81,6 +82,11 @@ class Workload:
             raise BenchError(f"--ops {self.ops}: at least 1")
         if self.offset < 0 or self.offset % SECTOR_SIZE:
             raise BenchError(f"--offset {self.offset}: a multiple of 512 bytes")
+        if not 0 <= self.flush_every <= 1_000_000:
+            raise BenchError(f"--flush-every {self.flush_every}: 0 (none) to 1000000 writes")
+        if self.flush_every and not self.writes:
+            raise BenchError(f"--flush-every {self.flush_every}: --pattern {self.pattern} "
+                             f"writes nothing to flush")
         if self.size is not None and self.size < self.bs:
             raise BenchError(f"--size {self.size}: smaller than one block of {self.bs} bytes")
         return self
@@ -97,7 +103,8 @@ class Workload:
     def label(self) -> str:
         mix = f"{self.rwmix}" if self.pattern == "randrw" else ""
         queues = f" x{self.queues}q" if self.queues > 1 else ""
-        return f"{spell_size(self.bs)} {self.pattern}{mix} QD{self.qd}{queues}"
+        flush = f" flush/{self.flush_every}" if self.flush_every else ""
+        return f"{spell_size(self.bs)} {self.pattern}{mix} QD{self.qd}{queues}{flush}"
 
 
 # -- what came out --------------------------------------------------------------------------
@@ -118,6 +125,7 @@ class Result:
     limit_iops: int = 0            # the rate limits the backend should hold (0: none known)
     limit_bps: int = 0
     limit_source: str = ""         # where they came from: "control socket" or "--iops-limit/..."
+    flushes: int = 0               # FLUSH requests done (--flush-every), in ``ops`` too
 
     @property
     def iops_ratio(self) -> float | None:
@@ -143,6 +151,7 @@ class Result:
         w = asdict(self.workload)
         return {"backend": self.backend, "workload": {**w, "label": self.workload.label},
                 "ops": self.ops, "reads": self.reads, "writes": self.writes,
+                "flushes": self.flushes,
                 "errors": self.errors, "bytes": self.bytes, "seconds": round(self.seconds, 6),
                 "iops": round(self.iops, 1), "mb_per_s": round(self.mb_per_s, 3),
                 "lat_us": {k: round(v, 2) for k, v in self.lat_us.items()},
