@@ -264,9 +264,12 @@ def _plan(*, pattern: str | None, bs: str | None, qd: int | None, rwmix: int,
         raise BenchError(f"--timeout {timeout:g}: more than 0, at most 3600 seconds")
     single = Workload(pattern=pattern or "randread",
                       bs=size_option(bs, "--bs") if bs is not None else 4096,
-                      qd=1 if qd is None else qd, flush_every=flush_every, **common).checked()
+                      qd=1 if qd is None else qd, **common).checked()
     if not listed:
+        import dataclasses
+        single = dataclasses.replace(single, flush_every=flush_every).checked()
         return _Plan(single, [single], None, expected)
+    single = _flushing(single, flush_every)
     explicit = pattern is not None or bs is not None or qd is not None
     if explicit and specs:
         raise BenchError("give --workload, or --pattern/--bs/--qd, not both")
