@@ -106,6 +106,10 @@ Incoming = typer.Option(False, "--incoming",
                         help="Serve the destination of a live migration: open the image while "
                              "the source vblk still serves it, and take its lock only when the "
                              "guest's rings start here (after the source gave it up).")
+Check = typer.Option(False, "--check",
+                     help="Check everything serving would (options, images and their locks, "
+                          "socket paths; with --config every disk of FILE), say what would be "
+                          "served, and exit without serving: 0 if it would start, 2 if not.")
 PrintCapabilities = typer.Option(False, "--print-capabilities", is_eager=True,
                                  callback=ops.print_capabilities,
                                  help="Print the vhost-user backend capabilities (JSON) and exit.")
@@ -163,6 +167,7 @@ def serve(
     iops_burst: Optional[str] = IopsBurst,
     bps_burst: Optional[str] = BpsBurst,
     incoming: bool = Incoming,
+    check: bool = Check,
     print_capabilities: bool = PrintCapabilities,
 ) -> None:
     """Serve SPEC to one vhost-user frontend at a time until SIGTERM or SIGINT.
@@ -170,8 +175,8 @@ def serve(
     Without --socket-path or --fd, listens on the socket systemd passes (LISTEN_FDS)."""
     from vblk.backing import check_backing
     if config_file is not None:
-        return serve_host(config_file, workers, log_level, {k: v for k, v in locals().items()
-                                                            if k not in HOST_FLAGS})
+        return serve_host(config_file, workers, log_level, check,
+                          {k: v for k, v in locals().items() if k not in HOST_FLAGS})
     workers = 8 if workers is None else workers
     slots = either("--slots", slots, "--queue-size", old_queue_size)
     try:
@@ -198,15 +203,21 @@ def serve(
             check_listen_fd(config.listen_fd)
     except ConfigError as e:
         raise fail(str(e)) from None
+    if check:
+        typer.echo(f"ok: would serve {disk.path} on "
+                   f"{config.socket_path or f'fd {config.listen_fd}'} ({workers} workers)")
+        return
     from vblk.daemon import exec_serve
     exec_serve(config)                  # the same process, without the CLI's imports
 
 
-HOST_FLAGS = {"config_file", "workers", "log_level", "check_backing", "print_capabilities"}
+HOST_FLAGS = {"config_file", "workers", "log_level", "check", "check_backing",
+              "print_capabilities"}
 _FLAG_DEFAULTS = {"incoming": False, "socket_mode": "0600"}
 
 
-def serve_host(path: str, workers: Optional[int], log_level: str, others: dict) -> None:
+def serve_host(path: str, workers: Optional[int], log_level: str, check: bool,
+               others: dict) -> None:
     """``vblk serve --config FILE``: every disk of FILE checked, then served by one vblk.
     ``--workers`` and ``--log-level`` override the file's; a disk's own flags belong in it."""
     from dataclasses import replace
@@ -233,5 +244,12 @@ def serve_host(path: str, workers: Optional[int], log_level: str, others: dict) 
         check_host_config(host, where=path)
     except ConfigError as e:
         raise fail(str(e)) from None
+    if check:
+        typer.echo(f"ok: {path}: would serve {len(host.disks)} disk"
+                   f"{'s' * (len(host.disks) != 1)} with {host.workers} workers")
+        for number, entry in enumerate(host.disks, 1):
+            typer.echo(f"  disk {number} ({entry.name}): {entry.serve.disk.path} on "
+                       f"{entry.serve.socket_path}")
+        return
     from vblk.daemon import exec_serve
     exec_serve(host)

@@ -417,3 +417,28 @@ def test_a_disk_reading_from_the_cache_at_full_speed_leaves_the_loop_to_its_neig
     assert flooded["errors"] == 0 and flooded["iops"] > 1000, flooded
     assert done >= 1000, f"d1 did {done} reads in 2 s beside d0's {flooded['iops']:.0f} IOPS"
     print(f"\nd1 {done / 2:.0f} IOPS at QD1 beside d0's flood of {flooded['iops']:.0f} IOPS")
+
+
+def test_serve_check_says_what_would_be_served_and_serves_nothing(tmp_path, serve_many):
+    """``--check`` runs every check serving would -- the config, the images, their locks -- and
+    exits: 0 with what would be served, or the refusal serving would give, creating nothing."""
+    imgs = images(tmp_path, 2)
+    d = tmp_path / "check"
+    d.mkdir()
+    config = tmp_path / "check.toml"
+    config.write_text("workers = 3\n" + "".join(
+        f'[[disk]]\nname = "c{i}"\nspec = "{img}"\nsocket-path = "{d}/c{i}.sock"\n'
+        for i, img in enumerate(imgs)))
+    ok = run_vblk("serve", "--config", config, "--check")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines() == [
+        f"ok: {config}: would serve 2 disks with 3 workers",
+        f"  disk 1 (c0): {imgs[0]} on {d}/c0.sock", f"  disk 2 (c1): {imgs[1]} on {d}/c1.sock"]
+    single = run_vblk("serve", imgs[0], "--socket-path", d / "one.sock", "--check")
+    assert single.returncode == 0 and single.stdout.startswith(f"ok: would serve {imgs[0]}")
+    assert os.listdir(d) == []
+    # the same image while a vblk serves it: its lock refuses it, as serving would
+    serve_many([imgs[1]], workers=1)
+    line = error_line(run_vblk("serve", "--config", config, "--check"))
+    assert "disk 2 (c1)" in line and "in use by another process" in line, line
+    assert os.listdir(d) == []
