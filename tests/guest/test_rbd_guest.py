@@ -24,6 +24,7 @@ from vblk.control import default_control_path, fetch_stats
 from vblk.lab.guest import (
     GEOMETRY_SCRIPT,
     LISTEN_FOR_HOST_SCRIPT,
+    UNMOUNT_AND_FSCK_SCRIPT,
     VERIFY_FILES_SCRIPT,
     assert_geometry,
     debugfs_cat,
@@ -193,11 +194,7 @@ TRIM = r"""
 mount -t ext4 /dev/vda /mnt
 /sbin/fstrim -v /mnt
 echo KEEP=$(cat /mnt/keep.txt)
-umount /mnt
-rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
-echo FSCK=$rc
-[ $rc = 0 ] || cat /tmp/fsck.log
-"""
+""" + UNMOUNT_AND_FSCK_SCRIPT
 
 
 def test_fstrim_frees_space_in_the_cluster(ceph_cluster, rbd_image, serve_vblk, boot, tmp_path):

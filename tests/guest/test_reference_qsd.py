@@ -8,7 +8,13 @@ import hashlib
 
 import pytest
 
-from vblk.lab.guest import GEOMETRY_SCRIPT, debugfs_cat, host_fsck, make_image
+from vblk.lab.guest import (
+    GEOMETRY_SCRIPT,
+    UNMOUNT_AND_FSCK_SCRIPT,
+    debugfs_cat,
+    host_fsck,
+    make_image,
+)
 
 pytestmark = pytest.mark.guest
 
@@ -21,11 +27,7 @@ head -c 1048579 /dev/urandom > /mnt/data
 echo hello > /mnt/hello.txt
 echo SHA_DATA=$(sha256sum /mnt/data | cut -d' ' -f1)
 sync
-umount /mnt
-rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
-echo FSCK=$rc
-[ $rc = 0 ] || cat /tmp/fsck.log
-echo 3 > /proc/sys/vm/drop_caches
+""" + UNMOUNT_AND_FSCK_SCRIPT + r"""echo 3 > /proc/sys/vm/drop_caches
 mount -t ext4 -o ro /dev/vda /mnt
 echo SHA_AGAIN=$(sha256sum /mnt/data | cut -d' ' -f1)
 umount /mnt

@@ -15,6 +15,7 @@ import pytest
 
 from vblk.lab.guest import (
     GEOMETRY_SCRIPT,
+    UNMOUNT_AND_FSCK_SCRIPT,
     assert_geometry,
     debugfs_cat,
     default_pbs,
@@ -77,11 +78,7 @@ mkfs.ext4 -q -F -b 4096 /dev/vda 32M
 mount -t ext4 /dev/vda /mnt
 head -c 1048579 /dev/urandom > /mnt/data
 echo SHA=$(sha256sum /mnt/data | cut -d' ' -f1)
-umount /mnt
-rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
-echo FSCK=$rc
-[ $rc = 0 ] || cat /tmp/fsck.log
-""".replace("@BLOCK@", str(block))).check()
+""".replace("@BLOCK@", str(block)) + UNMOUNT_AND_FSCK_SCRIPT).check()
     assert_geometry(res, size_bytes=64 * MiB, lbs=4096, pbs=4096)
     v = res.values
     assert v["BACK"] == f"VBLK4K-BLOCK-{block}", res.describe()

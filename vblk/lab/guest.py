@@ -1042,14 +1042,18 @@ def sha256_file(path: Path) -> str:
 # workload loops ``while [ ! -e /tmp/host-said ]``.
 LISTEN_FOR_HOST_SCRIPT = '(read -r said; echo "$said" > /tmp/host-said) </dev/console &'
 
-# The end of a file workload that kept each file's sha256 line in /root/all.sums, with ext4
-# on /dev/vda mounted at /mnt: unmount, e2fsck -fn (FSCK=0 when clean), drop the page cache,
-# mount again and check every sum from the disk (CHECK=0, CHECKED= files whose sum matched).
-VERIFY_FILES_SCRIPT = r"""umount /mnt
+# With ext4 on /dev/vda mounted at /mnt: unmount, e2fsck -fn (FSCK=0 when clean; the log
+# printed when not).
+UNMOUNT_AND_FSCK_SCRIPT = r"""umount /mnt
 rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
 echo FSCK=$rc
 [ $rc = 0 ] || cat /tmp/fsck.log
-echo 3 > /proc/sys/vm/drop_caches
+"""
+
+# The end of a file workload that kept each file's sha256 line in /root/all.sums, with ext4
+# on /dev/vda mounted at /mnt: unmount, e2fsck -fn (FSCK=0 when clean), drop the page cache,
+# mount again and check every sum from the disk (CHECK=0, CHECKED= files whose sum matched).
+VERIFY_FILES_SCRIPT = UNMOUNT_AND_FSCK_SCRIPT + r"""echo 3 > /proc/sys/vm/drop_caches
 mount -t ext4 /dev/vda /mnt
 rc=0; sha256sum -c /root/all.sums > /tmp/check.log 2>&1 || rc=$?
 echo CHECK=$rc
@@ -1088,11 +1092,7 @@ done
 sha256sum f* > /tmp/sums
 cd /
 sync
-umount /mnt
-rc=0; e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || rc=$?
-echo FSCK=$rc
-[ $rc = 0 ] || cat /tmp/fsck.log
-echo 3 > /proc/sys/vm/drop_caches
+""" + UNMOUNT_AND_FSCK_SCRIPT + r"""echo 3 > /proc/sys/vm/drop_caches
 mount -t ext4 /dev/vda /mnt
 cd /mnt
 rc=0; sha256sum -c /tmp/sums > /tmp/check.log 2>&1 || rc=$?
