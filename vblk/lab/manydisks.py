@@ -71,6 +71,42 @@ def qsd_args(directory: str, images: list[str]) -> list[str]:
     return args
 
 
+@contextlib.contextmanager
+def serving(cmds: list[list[str]], sockets: list[str], env: dict | None = None,
+            timeout: float = 120.0):
+    """Start each command in a process group of its own and wait until every socket listens
+    (RuntimeError if a server exits first or ``timeout`` passes); the processes, stopped
+    (SIGTERM, SIGKILL after 30 s) on the way out."""
+    procs = []
+    log = tempfile.TemporaryFile()            # the servers' stderr: a pipe could fill up
+    try:
+        for cmd in cmds:
+            procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=log, env=env, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        for sock in sockets:
+            while not unix_listening(sock):
+                for proc in procs:
+                    if proc.poll() is not None:
+                        log.seek(0)
+                        raise RuntimeError(f"{proc.args[0]} exited: "
+                                           f"{log.read().decode(errors='replace')[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{sock} not listening within {timeout:g} s")
+                time.sleep(0.05)
+        yield procs
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
 def tree_pss(cmd: list[str], sockets: list[str], timeout: float = 120.0,
              connected: bool = False) -> tuple[int, int]:
     """Start ``cmd`` in a process group of its own, wait until every socket listens, then
@@ -78,37 +114,19 @@ def tree_pss(cmd: list[str], sockets: list[str], timeout: float = 120.0,
     ``connected``, a test frontend (32 MiB of guest RAM) is connected to every socket and has
     written and read 1 MiB through it when PSS is read, the guest RAM left out of the
     figure (it is the frontend's)."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        for sock in sockets:
-            while not unix_listening(sock):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{cmd[0]} exited: {proc.stderr.read().decode()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{sock} not listening within {timeout:g} s")
-                time.sleep(0.05)
-        with contextlib.ExitStack() as clients:
-            if connected:
-                for sock in sockets:
-                    clients.enter_context(_exercised_client(sock))
-            time.sleep(SETTLE_SECONDS)
-            pids = group_pids(proc.pid)
-            total = 0
-            for pid in pids:
-                try:
-                    total += pss_bytes(pid, without_guest_ram=connected)
-                except OSError:
-                    pass
+    with serving([cmd], sockets, timeout=timeout) as (proc,), contextlib.ExitStack() as clients:
+        if connected:
+            for sock in sockets:
+                clients.enter_context(_exercised_client(sock))
+        time.sleep(SETTLE_SECONDS)
+        pids = group_pids(proc.pid)
+        total = 0
+        for pid in pids:
+            try:
+                total += pss_bytes(pid, without_guest_ram=connected)
+            except OSError:
+                pass
         return total, len(pids)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @contextlib.contextmanager
@@ -181,8 +199,8 @@ FAIRNESS_SETUPS = {
 }
 
 
-def _start_pair(setup: str, directory: str, images: list[str], workers: int):
-    """Start ``setup`` serving the two images; (processes, the two sockets)."""
+def _pair_setup(setup: str, directory: str, images: list[str], workers: int):
+    """What serves the two images in ``setup``: (commands, the two sockets, environment)."""
     env = dict(os.environ, **FAIRNESS_SETUPS[setup][1])
     if setup == "qsd":
         cmds = [qsd_args(directory, images)]
@@ -196,29 +214,19 @@ def _start_pair(setup: str, directory: str, images: list[str], workers: int):
         cmds = [[sys.executable, "-m", "vblk.cli", "serve", "--config",
                  vblk_config(directory, images, workers)]]
         socks = [f"{directory}/v{i}.sock" for i in range(2)]
-    procs = [subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-             for cmd in cmds]
-    for sock in socks:
-        while not unix_listening(sock):
-            time.sleep(0.05)
-    return procs, socks
+    return cmds, socks, env
 
 
 def fairness_once(setup: str, directory: str, images: list[str], workers: int,
                   seconds: float) -> dict:
     """Disk B at QD1 alone, then while disk A floods at QD32 (4 KiB random reads both)."""
-    procs, socks = _start_pair(setup, directory, images, workers)
-    try:
+    cmds, socks, env = _pair_setup(setup, directory, images, workers)
+    with serving(cmds, socks, env):
         alone = json.loads(bench(socks[1], 1, seconds).communicate()[0])
         flood = bench(socks[0], 32, seconds + 2)
         time.sleep(1)
         shared = json.loads(bench(socks[1], 1, seconds).communicate()[0])
         flooded = json.loads(flood.communicate()[0])
-    finally:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(30)
     return {"alone_p50": alone["lat_us"]["p50"], "alone_p99": alone["lat_us"]["p99"],
             "alone_iops": alone["iops"], "shared_p50": shared["lat_us"]["p50"],
             "shared_p99": shared["lat_us"]["p99"], "shared_iops": shared["iops"],
@@ -277,27 +285,19 @@ def aggregate(disks: int, qd: int, workers: int, seconds: float = 4.0,
                    "qsd": (qsd_args(directory, images), qsd_socks)}
         for _ in range(rounds):
             for name, (cmd, socks) in servers.items():
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
-                try:
-                    for sock in socks:
-                        while not unix_listening(sock):
-                            time.sleep(0.05)
-                    cpu = group_cpu_seconds(proc.pid)
+                with serving([cmd], socks) as (proc,):
+                    before = group_cpu_seconds(proc.pid)
                     one = json.loads(bench(socks[0], disks * qd, seconds).communicate()[0])
-                    cpu, used = group_cpu_seconds(proc.pid), group_cpu_seconds(proc.pid) - cpu
+                    between = group_cpu_seconds(proc.pid)
                     key = f"{name} 1 disk at QD{disks * qd}"
                     runs.setdefault(key, []).append(one["iops"])
-                    cpu_us.setdefault(key, []).append(used / one["ops"] * 1e6)
+                    cpu_us.setdefault(key, []).append((between - before) / one["ops"] * 1e6)
                     clients = [bench(sock, qd, seconds) for sock in socks]
                     results = [json.loads(c.communicate()[0]) for c in clients]
-                    used = group_cpu_seconds(proc.pid) - cpu
+                    used = group_cpu_seconds(proc.pid) - between
                     key = f"{name} {disks} disks at QD{qd} each"
                     runs.setdefault(key, []).append(sum(r["iops"] for r in results))
                     cpu_us.setdefault(key, []).append(used / sum(r["ops"] for r in results) * 1e6)
-                finally:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(30)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return {k: {"iops": statistics.median(v), "runs": v,
