@@ -151,7 +151,7 @@ class DataPath:
         self.held = [0] * device.num_queues      # slots each queue's requests hold
         self.inflight: dict[int, InFlight] = {}
         self.throttled: set[int] = set()         # rings with requests left waiting for tokens
-        self.backlog: set[int] = set()           # rings whose drain ended at DRAIN_QUANTUM
+        self.backlog: set[int] = set()           # rings whose turn ended with requests left
         # turns() -> (peek, every): see Turns. The composition root's peeks at the loop
         # (vblk.supervisor.disks); this one, for a DataPath without a loop, ends a drain after
         # DRAIN_QUANTUM reads served from the cache.
@@ -184,7 +184,7 @@ class DataPath:
             self._unthrottle()
         if self.backlog:
             for q in sorted(self.backlog):
-                self.drain(q)               # stays in the backlog if its quantum ends again
+                self.drain(q)               # stays in the backlog if its turn ends again
 
     def poll(self) -> bool:
         """One look at every running ring (adaptive polling); True if it found requests."""
