@@ -1,5 +1,6 @@
 """Where the WorkerPool puts a slot: reads with the least busy ready worker, buffered writes on
-at most WRITE_SPREAD workers at once, durable writes of a batch all with one. The workers here
+at most WRITE_SPREAD workers at once, durable writes of a batch all with one; with more than
+one disk, the last worker kept for disks with nothing at the workers. The workers here
 are handles with real pipes and no process: placement only."""
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ class Restarts:
 
 
 @pytest.fixture
-def pool(monkeypatch):
+def pool(monkeypatch, request):
+    """Four workers serving disk 0 (and disk 1 with ``@pytest.mark.parametrize("pool", [2],
+    indirect=True)``)."""
     monkeypatch.setattr(pool_module, "WRITE_SPREAD", 2)
-    p = WorkerPool(4, {0: None}, SlotArea.create(32), Restarts())
+    disks = getattr(request, "param", 1)
+    p = WorkerPool(4, {d: None for d in range(disks)}, SlotArea.create(32), Restarts())
     ends = []
     for i in range(4):
         r, w = os.pipe()
@@ -36,9 +40,14 @@ def pool(monkeypatch):
     p.close()
 
 
-def post(pool: WorkerPool, slot: int, op: Op, flags: int = 0) -> int:
-    pool.post(slot, int(op), flags, 0, 4096, [], 1, 0)
+def post(pool: WorkerPool, slot: int, op: Op, flags: int = 0, disk: int = 0) -> int:
+    pool.post(slot, int(op), flags, 0, 4096, [], 1, disk)
     return pool.owner[slot]
+
+
+def reap(pool: WorkerPool, slots: list[int]) -> None:
+    os.write(pool.complete_w, pack_slots(slots))
+    assert sorted(s for s, _, _ in pool.reap()) == sorted(slots)
 
 
 def test_reads_spread_over_every_worker(pool):
@@ -62,3 +71,23 @@ def test_a_read_still_finds_an_idle_worker_beside_buffered_writes(pool):
 
 def test_durable_writes_of_one_batch_go_to_one_worker(pool):
     assert len({post(pool, s, Op.WRITE, FLAG_SYNC) for s in range(5)}) == 1
+
+
+def test_one_disk_has_every_worker(pool):
+    assert sorted(post(pool, s, Op.READ) for s in range(8)) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("pool", [2], indirect=True)
+def test_with_two_disks_a_flood_leaves_the_quiet_worker_to_a_quiet_disk(pool):
+    flood = [post(pool, s, Op.READ, disk=0) for s in range(1, 13)]
+    assert flood.count(3) == 1 and flood[0] == 3       # its first request found disk 0 idle
+    assert sorted(set(flood[1:])) == [0, 1, 2]          # the rest never went to worker 3
+    reap(pool, [1])                                     # worker 3 is free again
+    assert post(pool, 13, Op.WRITE, FLAG_SYNC, disk=1) == 3   # disk 1 had nothing at the workers
+    assert post(pool, 14, Op.READ, disk=1) != 3         # now it has: the least busy rule
+    # the flood goes on: still never on worker 3, even while worker 3 has nothing to do
+    reap(pool, [13, 14])
+    assert 3 not in {post(pool, s, Op.READ, disk=0) for s in range(15, 24)}
+    # a slot reported twice (a dying worker's) counts once: disk 1 is still quiet
+    reap(pool, [14])
+    assert post(pool, 24, Op.READ, disk=1) == 3

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -34,37 +35,46 @@ IMAGE_BYTES = 64 * MiB
 SETTLE_SECONDS = 2.0          # after the last socket listens: let start-up garbage go
 
 
-def write_images(directory: str, n: int) -> list[str]:
+def write_images(directory: str, n: int, filled: bool = False) -> list[str]:
+    """``n`` images of IMAGE_BYTES, sparse (or ``filled`` with random bytes: blocks on the
+    device, for reads that reach it)."""
     paths = []
     for i in range(n):
         path = os.path.join(directory, f"disk{i}.img")
         with open(path, "wb") as f:
-            f.truncate(IMAGE_BYTES)
+            if filled:
+                for _ in range(IMAGE_BYTES // MiB):
+                    f.write(os.urandom(MiB))
+            else:
+                f.truncate(IMAGE_BYTES)
         paths.append(path)
     return paths
 
 
 def vblk_config(directory: str, images: list[str], workers: int,
-                slot_capacity: int | None = None) -> str:
+                slot_capacity: int | None = None, disk_keys: tuple[str, ...] = ()) -> str:
     """The config serving ``images``; with ``slot_capacity``, a host control socket (room for
-    ``vblk disk add``) and a slot area of that many slots (0: the default room)."""
+    ``vblk disk add``) and a slot area of that many slots (0: the default room);
+    ``disk_keys``: lines every ``[[disk]]`` table gets."""
     lines = [f"workers = {workers}", 'log-level = "warning"']
     if slot_capacity is not None:
         lines.append(f'control-socket = "{directory}/host.ctl"')
         if slot_capacity:
             lines.append(f"slot-capacity = {slot_capacity}")
     for i, image in enumerate(images):
-        lines += ["[[disk]]", f'spec = "{image}"', f'socket-path = "{directory}/v{i}.sock"']
+        lines += ["[[disk]]", f'spec = "{image}"', f'socket-path = "{directory}/v{i}.sock"',
+                  *disk_keys]
     path = os.path.join(directory, "host.toml")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
 
 
-def qsd_args(directory: str, images: list[str]) -> list[str]:
+def qsd_args(directory: str, images: list[str], direct: bool = False) -> list[str]:
     args = ["qemu-storage-daemon"]
+    cache = "on" if direct else "off"
     for i, image in enumerate(images):
-        args += ["--blockdev", f"driver=file,node-name=f{i},filename={image},cache.direct=off",
+        args += ["--blockdev", f"driver=file,node-name=f{i},filename={image},cache.direct={cache}",
                  "--blockdev", f"driver=raw,node-name=d{i},file=f{i}",
                  "--export", f"type=vhost-user-blk,id=e{i},node-name=d{i},addr.type=unix,"
                              f"addr.path={directory}/q{i}.sock,writable=on"]
@@ -180,52 +190,72 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench(sock: str, qd: int, seconds: float) -> subprocess.Popen:
-    """``vblk bench`` 4 KiB random reads at ``qd`` on ``sock``, in a process of its own (a
+def bench(sock: str, qd: int, seconds: float, pattern: str = "randread") -> subprocess.Popen:
+    """``vblk bench`` 4 KiB ``pattern`` at ``qd`` on ``sock``, in a process of its own (a
     flooding client in this interpreter would take the GIL from the measuring one)."""
     return subprocess.Popen([sys.executable, "-m", "vblk.cli", "bench", "--socket-path", sock,
-                             "--pattern", "randread", "--qd", str(qd), "--duration",
+                             "--pattern", pattern, "--qd", str(qd), "--duration",
                              str(seconds), "--json"], stdout=subprocess.PIPE, text=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class FairnessSetup:
+    what: str                       # what serves the two disks, and how their I/O goes
+    server: str = "vblk"            # "vblk" (one, both disks), "two-vblks" or "qsd"
+    pattern: str = "randread"       # both disks' 4 KiB pattern
+    cache: str = "page"             # "page": the page cache; "direct": O_DIRECT to the device;
+    #                                 "writeback": writes to the page cache
+    env: tuple[tuple[str, str], ...] = ()
+
+
+_THROUGH_WORKERS = (("VBLK_INLINE_READS", "0"),)
 FAIRNESS_SETUPS = {
-    # name: (what serves the two disks, environment)
-    "vblk": ("one vblk, both disks; reads served from the page cache in the loop", {}),
-    "vblk-workers": ("one vblk, both disks; every read through a worker",
-                     {"VBLK_INLINE_READS": "0"}),
-    "vblk-two-trees": ("two vblks, one disk each; every read through a worker",
-                       {"VBLK_INLINE_READS": "0"}),
-    "qsd": ("one qemu-storage-daemon, both exports", {}),
+    "vblk": FairnessSetup("one vblk, both disks; reads served from the page cache in the loop"),
+    "vblk-workers": FairnessSetup("one vblk, both disks; every read through a worker (from "
+                                  "the page cache: CPU-bound)", env=_THROUGH_WORKERS),
+    "vblk-two-trees": FairnessSetup("two vblks, one disk each; every read through a worker",
+                                    server="two-vblks", env=_THROUGH_WORKERS),
+    "qsd": FairnessSetup("one qemu-storage-daemon, both exports", server="qsd"),
+    "vblk-direct": FairnessSetup("one vblk, both disks nocache: O_DIRECT reads of the device",
+                                 cache="direct"),
+    "qsd-direct": FairnessSetup("one qsd, both exports cache.direct=on", server="qsd",
+                                cache="direct"),
+    "vblk-writes": FairnessSetup("one vblk, both disks write-back: 4 KiB random writes",
+                                 pattern="randwrite", cache="writeback"),
+    "qsd-writes": FairnessSetup("one qsd, both exports write-back: 4 KiB random writes",
+                                server="qsd", pattern="randwrite", cache="writeback"),
 }
 
 
-def _pair_setup(setup: str, directory: str, images: list[str], workers: int):
+def _pair_setup(setup: FairnessSetup, directory: str, images: list[str], workers: int):
     """What serves the two images in ``setup``: (commands, the two sockets, environment)."""
-    env = dict(os.environ, **FAIRNESS_SETUPS[setup][1])
-    if setup == "qsd":
-        cmds = [qsd_args(directory, images)]
+    env = dict(os.environ, **dict(setup.env))
+    if setup.server == "qsd":
+        cmds = [qsd_args(directory, images, direct=setup.cache == "direct")]
         socks = [f"{directory}/q{i}.sock" for i in range(2)]
-    elif setup == "vblk-two-trees":
+    elif setup.server == "two-vblks":
         cmds = [[sys.executable, "-m", "vblk.cli", "serve", image, "--socket-path",
                  f"{directory}/t{i}.sock", "--workers", str(workers)]
                 for i, image in enumerate(images)]
         socks = [f"{directory}/t{i}.sock" for i in range(2)]
     else:
+        keys = {"page": (), "direct": ("nocache = true",),
+                "writeback": ('cache = "writeback"',)}[setup.cache]
         cmds = [[sys.executable, "-m", "vblk.cli", "serve", "--config",
-                 vblk_config(directory, images, workers)]]
+                 vblk_config(directory, images, workers, disk_keys=keys)]]
         socks = [f"{directory}/v{i}.sock" for i in range(2)]
     return cmds, socks, env
 
 
-def fairness_once(setup: str, directory: str, images: list[str], workers: int,
+def fairness_once(setup: FairnessSetup, directory: str, images: list[str], workers: int,
                   seconds: float) -> dict:
-    """Disk B at QD1 alone, then while disk A floods at QD32 (4 KiB random reads both)."""
+    """Disk B at QD1 alone, then while disk A floods at QD32 (both ``setup.pattern``)."""
     cmds, socks, env = _pair_setup(setup, directory, images, workers)
     with serving(cmds, socks, env):
-        alone = json.loads(bench(socks[1], 1, seconds).communicate()[0])
-        flood = bench(socks[0], 32, seconds + 2)
+        alone = json.loads(bench(socks[1], 1, seconds, setup.pattern).communicate()[0])
+        flood = bench(socks[0], 32, seconds + 2, setup.pattern)
         time.sleep(1)
-        shared = json.loads(bench(socks[1], 1, seconds).communicate()[0])
+        shared = json.loads(bench(socks[1], 1, seconds, setup.pattern).communicate()[0])
         flooded = json.loads(flood.communicate()[0])
     return {"alone_p50": alone["lat_us"]["p50"], "alone_p99": alone["lat_us"]["p99"],
             "alone_iops": alone["iops"], "shared_p50": shared["lat_us"]["p50"],
@@ -235,15 +265,17 @@ def fairness_once(setup: str, directory: str, images: list[str], workers: int,
 
 def fairness(workers: int, seconds: float = 4.0, rounds: int = 3,
              setups: tuple[str, ...] = tuple(FAIRNESS_SETUPS)) -> dict[str, dict]:
-    """Every setup, alternated for ``rounds`` rounds on the same two images (64 MiB, cached):
-    the median of each figure, and the ratio of B's p50 with the flood to B's p50 alone."""
-    directory = tempfile.mkdtemp(prefix="vblk-fair-", dir="/tmp")
+    """Every setup, alternated for ``rounds`` rounds on the same two images (64 MiB of random
+    bytes, so that O_DIRECT reads reach the device; in the page cache for the others): the
+    median of each figure, and the ratio of B's p50 with the flood to B's p50 alone."""
+    directory = tempfile.mkdtemp(prefix="vblk-fair-", dir="/var/tmp")
     try:
-        images = write_images(directory, 2)
+        images = write_images(directory, 2, filled=True)
         runs: dict[str, list[dict]] = {s: [] for s in setups}
         for _ in range(rounds):
             for setup in setups:
-                runs[setup].append(fairness_once(setup, directory, images, workers, seconds))
+                runs[setup].append(fairness_once(FAIRNESS_SETUPS[setup], directory, images,
+                                                 workers, seconds))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     out = {}
@@ -262,7 +294,7 @@ def format_fairness(rows: dict[str, dict]) -> str:
                      f"{r['shared_p50']:>10.0f} / {r['shared_p99']:<8.0f} {r['ratio_p50']:>9.2f} "
                      f"{r['alone_iops']:>10.0f} -> {r['shared_iops']:<8.0f} "
                      f"{r['flood_iops']:>12.0f}")
-    lines += [f"  {name}: {what}" for name, (what, _) in FAIRNESS_SETUPS.items() if name in rows]
+    lines += [f"  {name}: {s.what}" for name, s in FAIRNESS_SETUPS.items() if name in rows]
     return "\n".join(lines)
 
 
