@@ -23,3 +23,20 @@ def test_long_sleeps_close_it():
 
 def test_a_closed_window_stays_closed_while_the_guest_is_slow():
     assert adapt_poll_window(0.0, 1e-3, MAX) == 0.0
+
+
+def test_the_waiting_window_holds_only_while_requests_are_awaited():
+    from vblk.supervisor.loop import EventLoop
+    loop = EventLoop(on_error=lambda: None)
+    try:
+        loop.poll_window, loop.wait_window = 10e-6, 300e-6
+        awaited = [True]
+        loop.awaiting = lambda: awaited[0]
+        assert loop._window() == 300e-6
+        awaited[0] = False                      # the completion came: back to the short one
+        assert loop._window() == 10e-6
+        loop.wait_window = 4e-6                 # a closing waiting window never shortens
+        awaited[0] = True
+        assert loop._window() == 10e-6
+    finally:
+        loop.close()

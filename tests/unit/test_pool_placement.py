@@ -91,3 +91,20 @@ def test_with_two_disks_a_flood_leaves_the_quiet_worker_to_a_quiet_disk(pool):
     # a slot reported twice (a dying worker's) counts once: disk 1 is still quiet
     reap(pool, [14])
     assert post(pool, 24, Op.READ, disk=1) == 3
+
+
+def test_awaiting_while_a_few_requests_are_at_the_workers(pool, monkeypatch):
+    monkeypatch.setattr(pool_module, "AWAIT_AT_MOST", 2)
+    assert not pool.awaiting()                  # nothing at the workers: nothing to wait for
+    post(pool, 0, Op.READ)
+    assert pool.awaiting()
+    post(pool, 1, Op.READ)
+    assert pool.awaiting()
+    post(pool, 2, Op.READ)
+    assert not pool.awaiting()                  # more: the workers need the CPUs
+    reap(pool, [0, 1])
+    assert pool.awaiting()
+    reap(pool, [1])                             # reported twice: counted once
+    assert pool.awaiting()
+    reap(pool, [2])
+    assert not pool.awaiting()

@@ -70,6 +70,9 @@ _WRITE = int(Op.WRITE)
 # this process may run on only add wake-ups (A/B, 2 CPUs, 8 workers, write-back: 4k randwrite
 # QD32 47.0k -> 53.3k IOPS, 128k write QD8 18.1k -> 24.1k; at 1: 40.3k and 21.3k).
 WRITE_SPREAD = len(os.sched_getaffinity(0))
+# The supervisor polls through the workers' time while no more than this many requests are at
+# them (vblk.supervisor.loop, Waiting polls): beyond it the workers need the CPUs.
+AWAIT_AT_MOST = max(1, WRITE_SPREAD // 2)
 START_ATTEMPTS = 5             # consecutive deaths before READY that end a start
 START_TIMEOUT = 60.0           # the longest ``start`` waits for every worker to be ready
 BACKOFF_FIRST = 0.05
@@ -135,6 +138,7 @@ class WorkerPool:
         self.memory_msgs: dict[int, tuple[dict, list[int]]] = {}   # disk -> its latest table
         self.disk_of = [-1] * slots.count      # slot -> its disk while posted, else -1
         self.in_pool: dict[int, int] = {}      # disk -> its slots posted and not yet reaped
+        self.posted = 0                        # every disk's
         self.loop = None                       # set by attach
         self.stopping = False
 
@@ -331,6 +335,7 @@ class WorkerPool:
         quiet = self._quiet() if not self.in_pool.get(disk) else None
         self.disk_of[slot] = disk
         self.in_pool[disk] = self.in_pool.get(disk, 0) + 1
+        self.posted += 1
         if quiet is not None and not quiet.outstanding:
             worker = quiet
         elif op == _WRITE and flags & FLAG_SYNC:
@@ -377,9 +382,14 @@ class WorkerPool:
             if disk >= 0:               # (a slot a dying worker reported twice counts once)
                 in_pool[disk] -= 1
                 disk_of[slot] = -1
+                self.posted -= 1
             _, status, err = result(slot)
             out.append((slot, status, err))
         return out
+
+    def awaiting(self) -> bool:
+        """A few requests are at the workers (vblk.supervisor.loop, Waiting polls)."""
+        return 0 < self.posted <= AWAIT_AT_MOST
 
     def set_memory(self, memory: GuestMemory, regions: list[list[int]], fds: list[int],
                    disk: int = 0) -> None:

@@ -133,6 +133,7 @@ def _run(host: Host, host_control) -> None:
         if pool is not None:
             pool.attach(loop)
             loop.watch(pool.completion_fd, router.on_completions, "engine")
+            loop.awaiting = pool.awaiting
         host.start(loop, router)
         if host_control is not None:
             loop.watch(host_control.fileno(), host_control.on_readable, "frontend")
