@@ -17,13 +17,16 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import mmap
 import os
+import random
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from vblk.lab.scaling import pss_bytes
@@ -286,6 +289,48 @@ def fairness(workers: int, seconds: float = 4.0, rounds: int = 3,
     return out
 
 
+def device_floor(readers: int = 7, seconds: float = 3.0) -> dict:
+    """The device's own share of the O_DIRECT rows, no server at all: a 4 KiB O_DIRECT
+    ``preadv`` at random on image B alone, then beside ``readers`` threads doing the same on
+    image A (the flood's requests at vblk's other workers); the p50s in µs and their ratio."""
+    directory = tempfile.mkdtemp(prefix="vblk-floor-", dir="/var/tmp")
+    stop = threading.Event()
+
+    def reads(path: str, until: float | None, out: list) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        try:
+            while not stop.is_set() and (until is None or time.monotonic() < until):
+                offset = random.randrange(IMAGE_BYTES // 4096) * 4096
+                t0 = time.perf_counter_ns()
+                os.preadv(fd, [buf], offset)
+                out.append((time.perf_counter_ns() - t0) / 1000)
+        finally:
+            os.close(fd)
+            buf.close()
+
+    try:
+        a, b = write_images(directory, 2, filled=True)
+        alone: list[float] = []
+        reads(b, time.monotonic() + seconds, alone)
+        flood = [threading.Thread(target=reads, args=(a, None, [])) for _ in range(readers)]
+        for t in flood:
+            t.start()
+        shared: list[float] = []
+        try:
+            time.sleep(0.5)
+            reads(b, time.monotonic() + seconds, shared)
+        finally:
+            stop.set()
+            for t in flood:
+                t.join()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    p50 = statistics.median(alone), statistics.median(shared)
+    return {"alone_p50": p50[0], "shared_p50": p50[1], "ratio_p50": p50[1] / p50[0],
+            "readers": readers}
+
+
 def format_fairness(rows: dict[str, dict]) -> str:
     lines = [f"{'setup':<15} {'B alone p50/p99 us':>19} {'B flooded p50/p99 us':>21} "
              f"{'ratio p50':>9} {'B IOPS alone->flooded':>22} {'A flood IOPS':>12}"]
@@ -353,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fairness", action="store_true",
                         help="instead: disk B's QD1 latency alone and while disk A floods at "
                              "QD32, for each setup (alternated, medians)")
+    parser.add_argument("--device-floor", action="store_true",
+                        help="instead: B's O_DIRECT read p50 alone and beside 7 threads of "
+                             "O_DIRECT reads on A, no server (the device's share)")
     parser.add_argument("--rounds", type=int, default=3, help="--fairness/--aggregate rounds")
     parser.add_argument("--aggregate", type=int, metavar="N",
                         help="instead: total 4k randread IOPS of N disks at once (--qd each) "
@@ -367,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{k:<32} {v['iops']:>9.0f} IOPS  server CPU {v['server_cpu_us_per_request']:5.1f} us"
             f" a request  (rounds: {', '.join(f'{x:.0f}' for x in v['runs'])})"
             for k, v in rows.items()))
+        return 0
+    if a.device_floor:
+        r = device_floor()
+        print(json.dumps(r) if a.json else
+              f"device, no server: B alone {r['alone_p50']:.0f} us p50, beside {r['readers']} "
+              f"O_DIRECT readers {r['shared_p50']:.0f} us ({r['ratio_p50']:.2f}x)")
         return 0
     if a.fairness:
         rows = fairness(a.workers, rounds=a.rounds, setups=tuple(a.setups.split(",")))
