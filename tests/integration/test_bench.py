@@ -69,16 +69,17 @@ def test_json_numbers_are_sane(backend_server, image, pattern):
 
 def test_flush_every_n_writes_reaches_the_backend_as_flush_requests(vblk_server, image):
     """--flush-every 16 on a 70/30 mix: the FLUSHes the client counts are the ones vblk's
-    stats count; at least 16 writes between two of them, so never more than one per 16 (one
-    in flight at a time: writes submitted while it is out count for none, so how many fewer
-    depends on how long the backend takes to flush -- 42 for 861 writes was seen)."""
+    stats count, one per 16 writes whatever the FLUSHes take: each stands for 16, the rest
+    carry over, and a queue whose next FLUSH is due while the last is out waits for it (so at
+    most 16 + QD writes are not yet covered at the end). Before, writes made while a FLUSH was
+    out counted for none: under load 861 writes got 42 FLUSHes, a slow flusher fewer."""
     sock = vblk_server(image, "--cache", "writeback")
     d = ok_json(bench("--socket-path", sock, "--pattern", "randrw", "--rwmix", 70, "--qd", 8,
                       "--flush-every", 16, "--ops", 3000, "--json"))
     assert d["errors"] == 0 and d["ops"] == 3000
     assert d["reads"] + d["writes"] + d["flushes"] == 3000
     assert d["bytes"] == (d["reads"] + d["writes"]) * 4096
-    assert 0 < d["flushes"] <= d["writes"] // 16
+    assert d["writes"] // 16 - 2 <= d["flushes"] <= d["writes"] // 16
     assert d["workload"]["label"] == "4k randrw70 QD8 flush/16"
     served = fetch_stats(sock + ".ctl")["queues"][0]["types"]
     assert (served["flush"]["requests"], served["write"]["requests"]) == (d["flushes"], d["writes"])

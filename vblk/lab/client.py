@@ -362,6 +362,8 @@ class Runner:
                 if not free and not (flush_every and q.flush_free and q.writes >= flush_every):
                     continue
                 while free and n != budget:
+                    if flush_every and q.writes >= flush_every and not q.flush_free:
+                        break       # a FLUSH is due and the last is still out: wait for it
                     s = free.pop()
                     if rand:
                         block = int(rnd() * nblocks)
@@ -387,12 +389,16 @@ class Runner:
                 if flush_every and q.writes >= flush_every and q.flush_free and n != budget:
                     # After the writes submitted before it (a database's fsync cadence, not a
                     # barrier: writes still in flight need not be covered); one in flight per
-                    # queue, the next as soon as it is back and due.
+                    # queue. It stands for ``flush_every`` writes and the rest carry over, and
+                    # while the next is due and this one is out the queue waits: so every
+                    # backend gets one FLUSH per ``flush_every`` writes, however long its
+                    # FLUSHes take (resetting the count instead gave a slow flusher fewer).
                     f = q.flush
                     view[f.status] = STATUS_UNSET
                     push(f.head)
                     batch.append(f)
-                    q.flush_free, q.writes = False, 0
+                    q.flush_free = False
+                    q.writes -= flush_every
                     n += 1
                 # Stamp before publishing: the kick can let the backend run (and finish)
                 # before eventfd_write returns.

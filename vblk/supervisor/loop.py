@@ -35,7 +35,10 @@ loop polls through it). So a second window, ``wait_window``, adapted by the same
 the sleeps taken while awaiting, up to WAIT_POLL_US, covers that wait: a device that answers
 within it costs no wake-up; a slow one (a disk at milliseconds) closes it. With more requests
 at the workers the short window holds: completions come often, and the workers need the CPU
-the polling would take (A/B with 4 requests: a write-back flood lost 8 %).
+the polling would take (A/B with 4 requests: a write-back flood lost 8 %). And a waiting poll
+that finds the CPU wanted -- it ran over PREEMPTED_AFTER and got less than half that wall
+time on the CPU, so something else was made to wait, such as a TCG guest's vCPU threads --
+closes the window: it opens again from the start only through short sleeps.
 
 Signals: SIGTERM and SIGINT only set ``stopping`` (through a wake-up pipe); the loop ends and
 its owner shuts down in order.
@@ -59,6 +62,7 @@ log = logging.getLogger("vblk.supervisor")
 POLL_US = 50                   # the longest adaptive polling window (VBLK_POLL_US; 0: off)
 POLL_MIN = 4e-6                # a window that shrinks below this closes
 WAIT_POLL_US = 400             # the longest waiting poll (VBLK_WAIT_POLL_US; 0: off)
+PREEMPTED_AFTER = 100e-6       # a shorter poll is not judged: a wake-up's preemption is noise
 
 Handler = Callable[[], None]
 
@@ -192,7 +196,10 @@ class EventLoop:
     def _poll(self, poll: Callable[[], bool]) -> None:
         """Look at the rings (and, without sleeping, at every fd) until nothing turned up for
         the window's seconds (``wait_window`` while awaiting, else ``poll_window``)."""
-        deadline = time.monotonic() + self._window()
+        start = time.monotonic()
+        waiting = self.wait_window > self.poll_window and self.awaiting()
+        cpu = time.thread_time() if waiting else 0.0
+        deadline = start + self._window()
         while time.monotonic() < deadline and not self.stopping:
             found = poll()
             events = self.epoll.poll(0)
@@ -201,6 +208,10 @@ class EventLoop:
                 found = True
             if found:
                 deadline = time.monotonic() + self._window()
+        if waiting:
+            ran = time.monotonic() - start
+            if ran > PREEMPTED_AFTER and time.thread_time() - cpu < ran / 2:
+                self.wait_window = 0.0      # the CPU was wanted: see Waiting polls
 
     def serve_until(self, done: Callable[[], bool], group: str, timeout: float,
                     owner: object = None) -> bool:
