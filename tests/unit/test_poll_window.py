@@ -63,3 +63,33 @@ def test_a_waiting_poll_that_finds_the_cpu_wanted_closes_its_window():
         assert looks and loop.wait_window == 0.0 and loop.poll_window == 10e-6
     finally:
         loop.close()
+
+
+def test_requests_at_an_in_process_engine_are_awaited_too(monkeypatch):
+    """RBD's requests run in the supervisor's own engine: the loop's ``awaiting`` counts them
+    with the workers' (here: no pool, one in-process engine over a memory backing)."""
+    from types import SimpleNamespace
+
+    from vblk.backing.memory import MemoryBacking, drop_store
+    from vblk.ipc import Op
+    from vblk.supervisor import serve
+    from vblk.supervisor.inprocess import InProcessEngine
+
+    monkeypatch.setattr(serve, "AWAIT_AT_MOST", 1)
+    backing = MemoryBacking.open("awaiting-test", size=1 << 20)
+    try:
+        engine = InProcessEngine(backing)
+        awaiting = serve._awaiting(None, [SimpleNamespace(engine=engine)])
+        assert not awaiting()
+        engine.post(0, int(Op.FLUSH), 0, 0, 0, [], 0)
+        engine.flush()
+        assert awaiting()                        # one request at the engine
+        engine.post(1, int(Op.FLUSH), 0, 0, 0, [], 0)
+        engine.flush()
+        assert not awaiting()                    # more than AWAIT_AT_MOST
+        assert sorted(slot for slot, _, _ in engine.reap()) == [0, 1]
+        assert not awaiting()
+        assert serve._awaiting(None, [])() is False
+    finally:
+        backing.close()
+        drop_store("awaiting-test")

@@ -27,8 +27,9 @@ path's look at every ring -- runs in a loop, with epoll asked without sleeping, 
 polling window, so a request the guest adds meanwhile costs no wake-up; the window grows
 while the sleeps it replaces are short and closes when they are long (a slow TCG guest).
 
-Waiting polls: while a few requests are at the workers and nothing else is running
-(``awaiting()``, the composition root's: at most half the CPUs' worth), the loop would sleep
+Waiting polls: while a few requests are at the workers or an in-process engine (RBD's) and
+nothing else is running (``awaiting()``, the composition root's: at most half the CPUs'
+worth, vblk.supervisor.pool.AWAIT_AT_MOST), the loop would sleep
 through the device's time and pay a wake-up when the completion comes -- in a VM with idle
 CPUs, 70 µs of a 4k O_DIRECT read's 250 (measured: server-side p50 192 -> 121 µs when the
 loop polls through it). So a second window, ``wait_window``, adapted by the same rule from

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 from vblk import sdnotify
 from vblk.errors import ConfigError
@@ -34,7 +35,7 @@ from vblk.supervisor.disks import CompletionRouter, ServedDisk, SlotShare, Worke
 from vblk.supervisor.host import Host
 from vblk.supervisor.inprocess import InProcessEngine
 from vblk.supervisor.loop import EventLoop
-from vblk.supervisor.pool import WorkerPool
+from vblk.supervisor.pool import AWAIT_AT_MOST, WorkerPool
 from vblk.supervisor.slotranges import SlotRanges
 
 log = logging.getLogger("vblk.supervisor")
@@ -133,8 +134,8 @@ def _run(host: Host, host_control) -> None:
         if pool is not None:
             pool.attach(loop)
             loop.watch(pool.completion_fd, router.on_completions, "engine")
-            loop.awaiting = pool.awaiting
         host.start(loop, router)
+        loop.awaiting = _awaiting(pool, disks)
         if host_control is not None:
             loop.watch(host_control.fileno(), host_control.on_readable, "frontend")
         with loop.signals():
@@ -159,6 +160,21 @@ def _run(host: Host, host_control) -> None:
     finally:
         loop.close()
         log.info("event=stopped")
+
+
+def _awaiting(pool: WorkerPool | None, disks: list[ServedDisk]) -> Callable[[], bool]:
+    """The loop's ``awaiting`` (vblk.supervisor.loop, Waiting polls): a few requests at the
+    workers and the in-process engines (RBD's: a disk added at run time never has one) together."""
+    engines = [d.engine for d in disks if isinstance(d.engine, InProcessEngine)]
+    if not engines:
+        return pool.awaiting if pool is not None else (lambda: False)
+
+    def awaiting() -> bool:
+        n = pool.posted if pool is not None else 0
+        for engine in engines:
+            n += len(engine.running)
+        return 0 < n <= AWAIT_AT_MOST
+    return awaiting
 
 
 def _soonest(disks: list[ServedDisk]) -> float:
