@@ -93,3 +93,35 @@ def test_requests_at_an_in_process_engine_are_awaited_too(monkeypatch):
     finally:
         backing.close()
         drop_store("awaiting-test")
+
+
+def test_polling_looks_only_at_disks_that_drained_since_the_loop_slept():
+    """serve's poll goes over ``loop.hot`` only (a connected disk whose driver is idle costs it
+    nothing), and a polling run that ends -- the loop is about to sleep -- clears the list and
+    each data path's flag, so the next drain puts its disk back."""
+    from types import SimpleNamespace
+
+    from vblk.supervisor import serve
+    from vblk.supervisor.loop import EventLoop
+
+    class Data:
+        def __init__(self) -> None:
+            self.rings, self.hot, self.looks = {0: object()}, False, 0
+
+        def poll(self) -> bool:
+            self.looks += 1
+            return False
+
+    dloop = SimpleNamespace(call=lambda f: f())
+    busy, idle = Data(), Data()
+    loop = EventLoop(on_error=lambda: None)
+    try:
+        busy.hot = True
+        loop.hot.append((dloop, busy))          # what busy's first drain did
+        assert serve._poll(loop) is False
+        assert (busy.looks, idle.looks) == (1, 0)
+        loop.poll_window = 1e-6
+        loop._poll(lambda: False)               # nothing turned up: the loop will sleep
+        assert loop.hot == [] and busy.hot is False
+    finally:
+        loop.close()

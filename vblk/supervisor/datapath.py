@@ -158,6 +158,11 @@ class DataPath:
         self.turns: Callable[[], tuple[Callable[[float], object], int]] = \
             lambda: (_always, DRAIN_QUANTUM)
         self.wake_at = 0.0                       # monotonic time tokens are due for them
+        # Polling (vblk.supervisor.loop): ``hot`` is set by the first drain since the loop
+        # last slept, which calls ``on_hot`` -- the loop polls only the rings of hot disks,
+        # and clears the flag when its polling ends.
+        self.hot = False
+        self.on_hot: Callable[[], None] = lambda: None
         self._drain_from = 0                     # rotates which ring is drained first
         self.guest_log = RateLimitedLog(logger=log)
         self.on_broken: Callable[[int], None] = lambda q: None   # the queue lifecycle's
@@ -227,6 +232,9 @@ class DataPath:
         served = served_bytes = 0           # reads served from the cache in this drain
         peek, every = self.turns()        # see Turns
         countdown, yielded = every, False
+        if not self.hot:
+            self.hot = True
+            self.on_hot()
         try:
             while self.free:
                 budget = self._slot_budget(q) if len(self.rings) > 1 else len(self.free)

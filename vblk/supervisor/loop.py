@@ -27,6 +27,13 @@ path's look at every ring -- runs in a loop, with epoll asked without sleeping, 
 polling window, so a request the guest adds meanwhile costs no wake-up; the window grows
 while the sleeps it replaces are short and closes when they are long (a slow TCG guest).
 
+Polling looks only at hot disks: ``hot`` lists the (disk loop, data path) of each disk that
+drained since the loop last slept (the data path appends itself on its first drain, see
+DataPath.hot); when a polling run ends, the loop is about to sleep and the list is cleared. A
+ring that needs looking at after a sleep sends a kick, so nothing is missed, and a disk whose
+driver is idle costs the polling nothing (before, each look went over every ring of every
+connected disk: a QD1 disk beside 50 idle connected ones went from 19 to 51 µs p50).
+
 Waiting polls: while a few requests are at the workers or an in-process engine (RBD's) and
 nothing else is running (``awaiting()``, the composition root's: at most half the CPUs'
 worth, vblk.supervisor.pool.AWAIT_AT_MOST), the loop would sleep
@@ -111,6 +118,7 @@ class EventLoop:
         self.wait_max = float(os.environ.get("VBLK_WAIT_POLL_US", WAIT_POLL_US)) / 1e6
         self.wait_window = 0.0
         self.awaiting: Callable[[], bool] = lambda: False    # see Waiting polls
+        self.hot: list[tuple[object, object]] = []           # see Polling
         self.timers: list[tuple[float, int, Handler]] = []
         self._seq = itertools.count()
 
@@ -209,6 +217,9 @@ class EventLoop:
                 found = True
             if found:
                 deadline = time.monotonic() + self._window()
+        for _, data in self.hot:
+            data.hot = False
+        self.hot.clear()
         if waiting:
             ran = time.monotonic() - start
             if ran > PREEMPTED_AFTER and time.thread_time() - cpu < ran / 2:

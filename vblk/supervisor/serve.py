@@ -151,7 +151,7 @@ def _run(host: Host, host_control) -> None:
                            else f"serving {len(disks)} disks")
             try:
                 loop.run(timeout=lambda: _soonest(disks), tick=lambda: _tick(disks),
-                         poll=lambda: _poll(disks))
+                         poll=lambda: _poll(loop))
             finally:
                 loop.stopping = True
                 sdnotify.stopping()
@@ -193,9 +193,11 @@ def _tick(disks: list[ServedDisk]) -> None:
             d.loop.call(d.data.tick)
 
 
-def _poll(disks: list[ServedDisk]) -> bool:
+def _poll(loop: EventLoop) -> bool:
+    """One look at the rings of the disks that took requests since the loop last slept
+    (vblk.supervisor.loop, Polling)."""
     found = False
-    for d in disks:
-        if d.data.rings:
-            found |= bool(d.loop.call(d.data.poll))
+    for dloop, data in loop.hot:
+        if data.rings:
+            found |= bool(dloop.call(data.poll))
     return found
