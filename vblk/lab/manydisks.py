@@ -331,6 +331,33 @@ def device_floor(readers: int = 7, seconds: float = 3.0) -> dict:
             "readers": readers}
 
 
+def beside_idle(counts: list[int], workers: int, seconds: float = 3.0) -> list[dict]:
+    """One disk's 4 KiB cached random reads (QD32, then QD1) while ``n`` other disks of the
+    same vblk have a frontend connected that does nothing: what an idle VM's disk costs a busy
+    one (each connected disk first reads one block, as a booted guest has)."""
+    from vblk.testing.frontend import BlkClient
+    rows = []
+    for n in counts:
+        directory = tempfile.mkdtemp(prefix="vblk-idle-", dir="/var/tmp")
+        try:
+            images = write_images(directory, n + 1)
+            socks = [f"{directory}/v{i}.sock" for i in range(n + 1)]
+            cmd = [sys.executable, "-m", "vblk.cli", "serve", "--config",
+                   vblk_config(directory, images, workers)]
+            with serving([cmd], socks), contextlib.ExitStack() as clients:
+                for sock in socks[1:]:
+                    clients.enter_context(BlkClient.connect(sock, ram_mib=4, timeout=30)) \
+                        .read(0, 4096)
+                row = {"idle": n}
+                for qd in (32, 1):
+                    r = json.loads(bench(socks[0], qd, seconds).communicate()[0])
+                    row[f"qd{qd}_iops"], row[f"qd{qd}_p50"] = r["iops"], r["lat_us"]["p50"]
+                rows.append(row)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    return rows
+
+
 def format_fairness(rows: dict[str, dict]) -> str:
     lines = [f"{'setup':<15} {'B alone p50/p99 us':>19} {'B flooded p50/p99 us':>21} "
              f"{'ratio p50':>9} {'B IOPS alone->flooded':>22} {'A flood IOPS':>12}"]
@@ -401,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-floor", action="store_true",
                         help="instead: B's O_DIRECT read p50 alone and beside 7 threads of "
                              "O_DIRECT reads on A, no server (the device's share)")
+    parser.add_argument("--beside-idle", metavar="N,N..",
+                        help="instead: one disk's QD32 and QD1 cached reads beside N connected "
+                             "idle disks of the same vblk, for each N")
     parser.add_argument("--rounds", type=int, default=3, help="--fairness/--aggregate rounds")
     parser.add_argument("--aggregate", type=int, metavar="N",
                         help="instead: total 4k randread IOPS of N disks at once (--qd each) "
@@ -415,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{k:<32} {v['iops']:>9.0f} IOPS  server CPU {v['server_cpu_us_per_request']:5.1f} us"
             f" a request  (rounds: {', '.join(f'{x:.0f}' for x in v['runs'])})"
             for k, v in rows.items()))
+        return 0
+    if a.beside_idle:
+        rows = beside_idle([int(x) for x in a.beside_idle.split(",")], a.workers)
+        print(json.dumps(rows, indent=1) if a.json else "\n".join(
+            f"{r['idle']:>4} idle connected disks: QD32 {r['qd32_iops']:>8.0f} IOPS, "
+            f"QD1 {r['qd1_iops']:>7.0f} IOPS p50 {r['qd1_p50']:.1f} us" for r in rows))
         return 0
     if a.device_floor:
         r = device_floor()

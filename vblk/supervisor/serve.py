@@ -181,16 +181,19 @@ def _soonest(disks: list[ServedDisk]) -> float:
     """How long the loop may sleep: until the first disk's tokens are due, else -1."""
     soonest = -1.0
     for d in disks:
-        t = d.data.timeout()
-        if t >= 0 and (soonest < 0 or t < soonest):
-            soonest = t
+        data = d.data
+        if data.backlog or data.throttled:      # (every other disk's timeout is -1)
+            t = data.timeout()
+            if t >= 0 and (soonest < 0 or t < soonest):
+                soonest = t
     return soonest
 
 
 def _tick(disks: list[ServedDisk]) -> None:
     for d in disks:
-        if (d.data.throttled or d.data.backlog) and not d.loop.waiting:
-            d.loop.call(d.data.tick)
+        data = d.data
+        if (data.throttled or data.backlog) and not d.loop.waiting:
+            d.loop.call(data.tick)
 
 
 def _poll(loop: EventLoop) -> bool:
