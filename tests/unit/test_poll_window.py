@@ -1,5 +1,13 @@
-"""Adaptive polling: the supervisor's polling window (vblk.supervisor.loop.adapt_poll_window)."""
-from vblk.supervisor.loop import POLL_MIN, adapt_poll_window
+"""Adaptive polling: the supervisor's polling window (vblk.supervisor.loop.adapt_poll_window),
+the waiting window and what polling looks at."""
+import time
+from types import SimpleNamespace
+
+from vblk.backing.memory import MemoryBacking, drop_store
+from vblk.ipc import Op
+from vblk.supervisor import pool, serve
+from vblk.supervisor.inprocess import InProcessEngine
+from vblk.supervisor.loop import POLL_MIN, EventLoop, adapt_poll_window
 
 MAX = 50e-6
 
@@ -26,7 +34,6 @@ def test_a_closed_window_stays_closed_while_the_guest_is_slow():
 
 
 def test_the_waiting_window_holds_only_while_requests_are_awaited():
-    from vblk.supervisor.loop import EventLoop
     loop = EventLoop(on_error=lambda: None)
     try:
         loop.poll_window, loop.wait_window = 10e-6, 300e-6
@@ -47,9 +54,6 @@ def test_a_waiting_poll_that_finds_the_cpu_wanted_closes_its_window():
     would be) closes the waiting window; the short window is left as it was. (The window is
     20 ms, not the real 400 µs, so that even on a loaded machine the poll runs before its
     deadline passes.)"""
-    import time
-
-    from vblk.supervisor.loop import EventLoop
     loop = EventLoop(on_error=lambda: None)
     try:
         loop.poll_window, loop.wait_window = 10e-6, 20e-3
@@ -70,14 +74,8 @@ def test_a_waiting_poll_that_finds_the_cpu_wanted_closes_its_window():
 def test_requests_at_an_in_process_engine_are_awaited_too(monkeypatch):
     """RBD's requests run in the supervisor's own engine: the loop's ``awaiting`` counts them
     with the workers' (here: no pool, one in-process engine over a memory backing)."""
-    from types import SimpleNamespace
 
-    from vblk.backing.memory import MemoryBacking, drop_store
-    from vblk.ipc import Op
-    from vblk.supervisor import serve
-    from vblk.supervisor.inprocess import InProcessEngine
-
-    monkeypatch.setattr(serve, "AWAIT_AT_MOST", 1)
+    monkeypatch.setattr(pool, "AWAIT_AT_MOST", 1)
     backing = MemoryBacking.open("awaiting-test", size=1 << 20)
     try:
         engine = InProcessEngine(backing)
@@ -101,10 +99,6 @@ def test_polling_looks_only_at_disks_that_drained_since_the_loop_slept():
     """serve's poll goes over ``loop.hot`` only (a connected disk whose driver is idle costs it
     nothing), and a polling run that ends -- the loop is about to sleep -- clears the list and
     each data path's flag, so the next drain puts its disk back."""
-    from types import SimpleNamespace
-
-    from vblk.supervisor import serve
-    from vblk.supervisor.loop import EventLoop
 
     class Data:
         def __init__(self) -> None:

@@ -208,7 +208,7 @@ class EventLoop:
         start = time.monotonic()
         waiting = self.wait_window > self.poll_window and self.awaiting()
         cpu = time.thread_time() if waiting else 0.0
-        deadline = start + self._window()
+        deadline = start + (self.wait_window if waiting else self.poll_window)
         while time.monotonic() < deadline and not self.stopping:
             found = poll()
             events = self.epoll.poll(0)

@@ -79,6 +79,11 @@ BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
 
 
+def awaited(in_flight: int) -> bool:
+    """Whether the loop polls through the wait of ``in_flight`` requests (see AWAIT_AT_MOST)."""
+    return 0 < in_flight <= AWAIT_AT_MOST
+
+
 def _load(w: WorkerHandle) -> int:
     return len(w.outstanding)
 
@@ -389,7 +394,7 @@ class WorkerPool:
 
     def awaiting(self) -> bool:
         """A few requests are at the workers (vblk.supervisor.loop, Waiting polls)."""
-        return 0 < self.posted <= AWAIT_AT_MOST
+        return awaited(self.posted)
 
     def set_memory(self, memory: GuestMemory, regions: list[list[int]], fds: list[int],
                    disk: int = 0) -> None:

@@ -35,7 +35,7 @@ from vblk.supervisor.disks import CompletionRouter, ServedDisk, SlotShare, Worke
 from vblk.supervisor.host import Host
 from vblk.supervisor.inprocess import InProcessEngine
 from vblk.supervisor.loop import EventLoop
-from vblk.supervisor.pool import AWAIT_AT_MOST, WorkerPool
+from vblk.supervisor.pool import WorkerPool, awaited
 from vblk.supervisor.slotranges import SlotRanges
 
 log = logging.getLogger("vblk.supervisor")
@@ -173,7 +173,7 @@ def _awaiting(pool: WorkerPool | None, disks: list[ServedDisk]) -> Callable[[], 
         n = pool.posted if pool is not None else 0
         for engine in engines:
             n += len(engine.running)
-        return 0 < n <= AWAIT_AT_MOST
+        return awaited(n)
     return awaiting
 
 
