@@ -33,11 +33,12 @@ def image(tmp_path, size=16 * MiB):
     return path
 
 
-def serve(img, *args, prefix=(), log=None):
+def serve(img, *args, prefix=(), log=None, env=None):
     sock = os.path.join(tempfile.mkdtemp(prefix="vblk-rel-", dir="/tmp"), "vblk.sock")
     proc = subprocess.Popen([*prefix, sys.executable, "-m", "vblk.cli", "serve", str(img),
                              "--socket-path", sock, "--log-level", "info", *args],
-                            cwd=REPO, stdin=subprocess.DEVNULL, stdout=log or subprocess.DEVNULL,
+                            cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                            stdout=log or subprocess.DEVNULL,
                             stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -115,11 +116,12 @@ def worker_calls(trace: str):
                 yield pid, "complete"
 
 
-def traced_run(tmp_path, *args, work):
+def traced_run(tmp_path, *args, work, env=None):
     trace = tmp_path / "strace.txt"
-    proc, sock = serve(image(tmp_path), "--workers", "2", *args,
+    proc, sock = serve(image(tmp_path), "--workers", "2", *args, env=env,
                        prefix=["strace", "-f", "-qq", "-s", "200", "-o", str(trace),
-                               "-e", "trace=execve,pwritev,pwritev2,pwrite64,fdatasync,fsync,write"])
+                               "-e", "trace=execve,pwritev,pwritev2,pwrite64,fdatasync,fsync,"
+                                     "write,io_uring_enter"])
     try:
         with BlkClient.connect(sock) as c:
             work(c)
@@ -149,21 +151,34 @@ def test_writethrough_completes_a_write_only_after_fdatasync(tmp_path):
     assert 1 <= syncs < 24, f"{syncs} fdatasyncs for 24 writes taken together"
 
 
-def test_writeback_writes_are_not_synced_but_flush_is(tmp_path):
+@pytest.mark.parametrize("ring", [True, False], ids=["write-ring", "workers"])
+def test_writeback_writes_are_not_synced_but_flush_is(tmp_path, ring):
+    """Write-back writes go to the disk's io_uring (vblk.supervisor.ringwrites), or with
+    VBLK_RING_WRITES=0 to the workers; either way no write is synced, and the FLUSH is."""
     def work(c):
         for i in range(16):
             assert c.write(8 * i, bytes([i]) * 4096).status == BlkStatus.OK
         assert c.flush().status == BlkStatus.OK
 
-    calls = list(worker_calls(traced_run(tmp_path, "--cache", "writeback", work=work)))
+    env = None if ring else {**os.environ, "VBLK_RING_WRITES": "0"}
+    trace = traced_run(tmp_path, "--cache", "writeback", work=work, env=env)
+    calls = list(worker_calls(trace))
     kinds = [kind for _, kind in calls]
-    assert kinds.count("write") == 16
-    first_sync = kinds.index("sync")
-    assert kinds[:first_sync].count("complete") == 16, "a write was synced in write-back mode"
+    submitted = len(re.findall(r"^\d+ +io_uring_enter\(\d+, 1, .*= 1$", trace, re.M))
+    if ring:   # one io_uring_enter per write (each was alone in its drain), none by a worker
+        assert (kinds.count("write"), submitted) == (0, 16)
+    else:
+        assert (kinds.count("write"), submitted) == (16, 0)
+        first_sync = kinds.index("sync")
+        assert kinds[:first_sync].count("complete") == 16
+    assert kinds.count("sync") == 1, "a write was synced in write-back mode"
     # the flush: its worker syncs, then completes
+    first_sync = kinds.index("sync")
     pid = calls[first_sync][0]
     after = [kind for p, kind in calls[first_sync:] if p == pid]
     assert after[:2] == ["sync", "complete"]
+    with open(tmp_path / "disk.img", "rb") as f:
+        assert [f.read(4096) for _ in range(16)] == [bytes([i]) * 4096 for i in range(16)]
 
 
 # -- shutdown ------------------------------------------------------------------------------

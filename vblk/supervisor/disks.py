@@ -50,10 +50,14 @@ among its rings. The loop is shared: a drain serving reads from the page cache e
 turn as soon as another disk's kick (or anything else) is ready (``DiskLoop.turns``; Turns in
 vblk.supervisor.datapath), and after a batch of completions every disk's are published
 before any disk refills (``CompletionRouter``). The workers are
-shared: the pool puts each slot with the least busy worker, so a neighbour's request may
-queue behind a flooding disk's (keeping the last idle worker for a disk with nothing at the
-workers was tried: no gain beyond the noise on a quiet machine). Rate limits are per disk,
-as before.
+shared: the pool puts each slot with the least busy worker, and keeps its last worker for
+a disk with nothing at the workers (the quiet worker, vblk.supervisor.pool). Rate limits are
+per disk, as before.
+
+Buffered writes. A file disk in write-back sends its writes that need no durability to an
+io_uring of its own instead of the workers (``SlotShare.ring``, vblk.supervisor.ringwrites):
+the ring's eventfd is watched by the disk's loop like an in-process engine's, and a write the
+ring could not finish goes to the workers under the same slot.
 """
 from __future__ import annotations
 
@@ -79,6 +83,7 @@ from vblk.supervisor.disk_ops import DiskOps
 from vblk.supervisor.loop import EventLoop, run_guarded
 from vblk.supervisor.pool import WorkerPool
 from vblk.supervisor.queues import Queues
+from vblk.supervisor.ringwrites import RingWrites
 
 log = logging.getLogger("vblk.supervisor")
 
@@ -140,7 +145,8 @@ class SlotShare:
     """One disk's engine over the shared pool: its slots ``base .. base + count - 1`` of the
     slot area, known to its DataPath as 0 .. count - 1."""
 
-    def __init__(self, pool: WorkerPool, disk: int, base: int, count: int) -> None:
+    def __init__(self, pool: WorkerPool, disk: int, base: int, count: int,
+                 ring: RingWrites | None = None) -> None:
         self.pool = pool
         self.disk = disk
         self.base = base
@@ -149,21 +155,42 @@ class SlotShare:
         self.done: list[tuple[int, int, int]] = []      # filled by the CompletionRouter
         self.collect = lambda: None        # the disk's: complete what is in ``done``
         self.refill = lambda: None         # the disk's: give its free slots to its rings
+        self.ring = ring                   # its buffered writes' io_uring, if any
 
     def post(self, slot: int, op: int, flags: int, offset: int, length: int, pieces: Pieces,
              generation: int) -> None:
+        ring = self.ring
+        if ring is not None and ring.take(slot, op, flags, offset, length, pieces, generation):
+            return
         self.pool.post(self.base + slot, op, flags, offset, length, pieces, generation,
                        self.disk)
 
     def flush(self) -> None:
         self.pool.flush()
+        if self.ring is not None:
+            self.ring.submit()
 
     def reap(self) -> list[tuple[int, int, int]]:
         done, self.done = self.done, []
+        if self.ring is not None:
+            finished, redo = self.ring.reap()
+            done += finished
+            for request in redo:
+                slot, *rest = request
+                self.pool.post(self.base + slot, *rest, self.disk)
+            if redo:
+                self.pool.flush()
         return done
 
     def set_memory(self, memory: GuestMemory, regions: list[list[int]], fds: list[int]) -> None:
+        if self.ring is not None:
+            self.ring.set_memory(memory)
         self.pool.set_memory(memory, regions, fds, self.disk)
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
 
 
 class CompletionRouter:
@@ -330,6 +357,8 @@ class ServedDisk:
             router.add(self.engine)
         else:
             dloop.watch(self.engine.completion_fd, data.on_completions, "engine")
+        if isinstance(self.engine, SlotShare) and self.engine.ring is not None:
+            dloop.watch(self.engine.ring.completion_fd, data.on_completions, "engine")
         if self.control is not None:
             DiskOps(self.device, backing, data, link, self.stats).register(self.control)
             dloop.watch(self.control.fileno(), self.control.on_readable, "frontend")
@@ -348,6 +377,8 @@ class ServedDisk:
         self.link.close()
         if isinstance(self.engine, SlotShare):
             router.remove(self.engine)
+            if self.engine.ring is not None:
+                self.loop.unwatch(self.engine.ring.completion_fd)
         else:
             self.loop.unwatch(self.engine.completion_fd)
         if self.control is not None:

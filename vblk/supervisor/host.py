@@ -54,6 +54,7 @@ from vblk.logs import disk_context, quote
 from vblk.supervisor.disks import CompletionRouter, ServedDisk, SlotShare
 from vblk.supervisor.loop import EventLoop
 from vblk.supervisor.pool import WorkerPool
+from vblk.supervisor.ringwrites import ring_for
 from vblk.supervisor.slotranges import SlotRanges
 
 log = logging.getLogger("vblk.supervisor")
@@ -128,7 +129,8 @@ class Host:
             disk = self._open(number, entry, label, where)
             self.next_number += 1
             base = self.ranges.take(disk.config.slots)
-            disk.engine = SlotShare(self.pool, number, base, disk.config.slots)
+            disk.engine = SlotShare(self.pool, number, base, disk.config.slots,
+                                    ring_for(disk.backing, disk.config.slots))
             self.pool.add_disk(number, disk.backing)
             self.disks.append(disk)
             disk.build(self.loop, self.router)
@@ -202,11 +204,12 @@ class Host:
             self.pool.remove_disk(disk.number)
             disk.release()
             share = disk.engine
-            if left:
+            if left:                # (and its ring, whose writes may still be running)
                 log.error("event=slot_range_kept slots=%d..%d in_flight=%d", share.base,
                           share.base + share.count - 1, left)
             else:
                 self.ranges.give_back(share.base, share.count)
+                share.close()
             log.info("event=disk_removed forced=%s frontend=%s completed=%d", force, connected,
                      in_flight - left)
         return {"ok": True, "disk": disk.name, "frontend_dropped": connected,

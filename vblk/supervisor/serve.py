@@ -36,6 +36,7 @@ from vblk.supervisor.host import Host
 from vblk.supervisor.inprocess import InProcessEngine
 from vblk.supervisor.loop import EventLoop
 from vblk.supervisor.pool import WorkerPool, awaited
+from vblk.supervisor.ringwrites import ring_for
 from vblk.supervisor.slotranges import SlotRanges
 
 log = logging.getLogger("vblk.supervisor")
@@ -60,7 +61,9 @@ def serve(config: ServeConfig | HostConfig) -> int:
                 pool.stop()
                 pool.close()
             for disk in disks:
-                if not isinstance(disk.engine, SlotShare) and disk.engine is not None:
+                if isinstance(disk.engine, SlotShare):
+                    disk.engine.close()
+                elif disk.engine is not None:
                     disk.engine.stop()
                     disk.engine.close()
     finally:
@@ -86,7 +89,8 @@ def make_pool(host: HostConfig, disks: list[ServedDisk]) -> tuple[WorkerPool | N
                       SlotArea.create(capacity), WorkerRestarts(disks), host.log_level)
     ranges = SlotRanges(capacity)
     for d in blocking:
-        d.engine = SlotShare(pool, d.number, ranges.take(d.config.slots), d.config.slots)
+        d.engine = SlotShare(pool, d.number, ranges.take(d.config.slots), d.config.slots,
+                             ring_for(d.backing, d.config.slots))
     return pool, ranges
 
 
@@ -164,15 +168,18 @@ def _run(host: Host, host_control) -> None:
 
 def _awaiting(pool: WorkerPool | None, disks: list[ServedDisk]) -> Callable[[], bool]:
     """The loop's ``awaiting`` (vblk.supervisor.loop, Waiting polls): a few requests at the
-    workers and the in-process engines (RBD's: a disk added at run time never has one) together."""
-    engines = [d.engine for d in disks if isinstance(d.engine, InProcessEngine)]
-    if not engines:
+    workers, the in-process engines (RBD's) and the write rings together (of the disks served
+    at the start: one added at run time is not counted)."""
+    running = [d.engine.running for d in disks if isinstance(d.engine, InProcessEngine)]
+    running += [d.engine.ring.running for d in disks
+                if isinstance(d.engine, SlotShare) and d.engine.ring is not None]
+    if not running:
         return pool.awaiting if pool is not None else (lambda: False)
 
     def awaiting() -> bool:
         n = pool.posted if pool is not None else 0
-        for engine in engines:
-            n += len(engine.running)
+        for requests in running:
+            n += len(requests)
         return awaited(n)
     return awaiting
 

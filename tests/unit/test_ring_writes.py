@@ -1,0 +1,210 @@
+"""Buffered writes through an io_uring (vblk.uring, vblk.supervisor.ringwrites), against a real
+file and a real memfd as guest memory: what the ring writes lands in the file, what it cannot
+finish goes to the workers whole, and only a write-back write is ever taken."""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import select
+
+import pytest
+
+from vblk.backing.local import open_local
+from vblk.ipc import FLAG_SYNC, Op
+from vblk.memory import GuestMemory
+from vblk.options import parse_acrn
+from vblk.supervisor.disks import SlotShare
+from vblk.supervisor.ringwrites import RingWrites, ring_for
+from vblk.uring import Ring, available
+from vblk.vhost_user.messages import MemRegion
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
+
+RAM = 1 << 20
+WRITE, READ = int(Op.WRITE), int(Op.READ)
+
+
+@pytest.fixture
+def guest():
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, RAM)
+    memory = GuestMemory.from_fds([MemRegion(0, RAM, 0x7000_0000, 0)], [fd], 1)
+    ram = mmap.mmap(fd, RAM)
+    yield memory, ram
+    ram.close()
+    memory.close()
+    os.close(fd)
+
+
+@pytest.fixture
+def backing(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(1 << 20))
+    with open_local(parse_acrn(f"{path},writeback,range=0/1024")) as b:
+        assert b.reach == 512 * 1024
+        yield b
+
+
+def wait(ring, timeout=5.0):
+    """Every completion until one arrives (the eventfd says when)."""
+    assert select.select([ring.completion_fd], [], [], timeout)[0], "no completion came"
+    return ring.reap()
+
+
+def test_ring_writes_guest_buffers_to_the_file_and_signals_its_eventfd(tmp_path, guest):
+    memory, ram = guest
+    ram[4096:8192] = b"A" * 4096
+    ram[65536:65536 + 512] = b"B" * 512
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    ring = Ring(8)
+    try:
+        base = memory.addresses([(0, 0, 1)])[0][0]
+        ring.writev(7, fd, 1024, [(base + 4096, 4096), (base + 65536, 512)])
+        ring.writev(8, 12345, 0, [(base, 512)])              # not an fd: -EBADF
+        ring.submit()
+        got = []
+        while len(got) < 2:
+            assert select.select([ring.event_fd], [], [], 5)[0]
+            got += ring.completions()
+        assert sorted(got) == [(7, 4608), (8, -errno.EBADF)]
+        assert os.pread(fd, 4608, 1024) == b"A" * 4096 + b"B" * 512
+        assert ring.space() == 8
+    finally:
+        ring.close()
+        os.close(fd)
+
+
+def test_a_full_ring_refuses_more():
+    ring = Ring(2)
+    try:
+        r, w = os.pipe()
+        ring.writev(1, w, 0, [])
+        ring.writev(2, w, 0, [])
+        assert ring.space() == 0
+        with pytest.raises(OSError) as exc:
+            ring.writev(3, w, 0, [])
+        assert exc.value.errno == errno.EBUSY
+    finally:
+        ring.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_only_write_back_writes_of_the_current_table_inside_the_window_are_taken(backing,
+                                                                                 guest):
+    memory, _ = guest
+    rw = ring_for(backing, 4)
+    assert isinstance(rw, RingWrites)
+    try:
+        rw.set_memory(memory)
+        piece = [(0, 0, 4096)]
+        assert not rw.take(0, WRITE, FLAG_SYNC, 0, 4096, piece, 1)     # durable: workers
+        assert not rw.take(0, READ, 0, 0, 4096, piece, 1)
+        assert not rw.take(0, WRITE, 0, 0, 4096, piece, 2)             # another table
+        assert not rw.take(0, WRITE, 0, backing.reach - 512, 4096, piece, 1)   # past the end
+        assert rw.running == {}
+        for slot in range(4):
+            assert rw.take(slot, WRITE, 0, 4096 * slot, 4096, piece, 1)
+        assert not rw.take(4, WRITE, 0, 0, 4096, piece, 1)             # no room: workers
+        rw.submit()
+        done = []
+        while len(done) < 4:
+            finished, redo = wait(rw)
+            assert redo == []
+            done += finished
+        assert sorted(done) == [(s, 0, 0) for s in range(4)]
+    finally:
+        rw.close()
+
+
+def test_a_write_the_ring_could_not_finish_goes_to_the_workers_whole(backing, guest):
+    memory, _ = guest
+    rw = ring_for(backing, 2)
+    try:
+        rw.set_memory(memory)
+        rw.backing = type("Gone", (), {"fd": 999_999, "start": 0,
+                                       "check_window": backing.check_window})()
+        assert rw.take(1, WRITE, 0, 512, 1024, [(0, 0, 1024)], 1)
+        rw.submit()
+        finished, redo = wait(rw)
+        assert finished == [] and redo == [(1, WRITE, 0, 512, 1024, [(0, 0, 1024)], 1)]
+    finally:
+        rw.close()
+
+
+class Pool:
+    def __init__(self):
+        self.posted, self.flushes, self.memory = [], 0, None
+        self.completion_fd = -1
+
+    def post(self, *request):
+        self.posted.append(request)
+
+    def flush(self):
+        self.flushes += 1
+
+    def set_memory(self, memory, regions, fds, disk):
+        self.memory = memory
+
+
+def test_a_share_sends_write_back_writes_to_its_ring_and_the_rest_to_the_pool(backing, guest,
+                                                                                 tmp_path):
+    memory, ram = guest
+    ram[0:4096] = b"W" * 4096
+    pool = Pool()
+    share = SlotShare(pool, 3, 100, 8, ring_for(backing, 8))
+    try:
+        share.set_memory(memory, [], [])
+        assert pool.memory is memory and share.ring.memory is memory
+        share.post(0, WRITE, 0, 8192, 4096, [(0, 0, 4096)], 1)
+        share.post(1, WRITE, FLAG_SYNC, 0, 4096, [(0, 0, 4096)], 1)
+        share.post(2, READ, 0, 0, 4096, [(0, 0, 4096)], 1)
+        share.flush()
+        assert [p[0] for p in pool.posted] == [101, 102]
+        assert all(p[-1] == 3 for p in pool.posted)
+        assert list(share.ring.running) == [0]
+        assert select.select([share.ring.completion_fd], [], [], 5)[0]
+        assert share.reap() == [(0, 0, 0)]
+        assert os.pread(backing.fd, 4096, 8192) == b"W" * 4096
+        assert share.ring.running == {}
+    finally:
+        share.close()
+
+
+def test_no_ring_for_a_direct_or_read_only_disk_or_when_turned_off(tmp_path, monkeypatch):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(1 << 20))
+    with open_local(parse_acrn(f"{path},ro")) as ro:
+        assert ring_for(ro, 4) is None
+    with open_local(parse_acrn(f"{path},writeback")) as b:
+        monkeypatch.setenv("VBLK_RING_WRITES", "0")
+        assert ring_for(b, 4) is None
+
+
+def test_iovec_lists_short_and_longer_than_the_standing_area(tmp_path, guest):
+    """Each SQE's list has a standing place of IOVECS_KEPT; a longer one its own array."""
+    from vblk.uring import IOVECS_KEPT
+    memory, ram = guest
+    n = IOVECS_KEPT + 6
+    for k in range(n):
+        ram[1024 * k:1024 * k + 512] = bytes([k % 251 + 1]) * 512     # every other 512 bytes
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    ring = Ring(4)
+    try:
+        base = memory.addresses([(0, 0, 1)])[0][0]
+        long_list = [(base + 1024 * k, 512) for k in range(n)]
+        for round_ in range(3):                # the same SQE places, used again
+            ring.writev(1, fd, 0, long_list)
+            ring.writev(2, fd, 512 * n, long_list[:3])
+            ring.submit()
+            got = []
+            while len(got) < 2:
+                assert select.select([ring.event_fd], [], [], 5)[0]
+                got += ring.completions()
+            assert sorted(got) == [(1, 512 * n), (2, 1536)]
+        want = b"".join(bytes([k % 251 + 1]) * 512 for k in range(n))
+        assert os.pread(fd, 512 * (n + 3), 0) == want + want[:1536]
+    finally:
+        ring.close()
+        os.close(fd)

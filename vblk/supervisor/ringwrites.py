@@ -1,0 +1,115 @@
+"""Buffered writes through an io_uring: a write-back write without a worker.
+
+Theory of operation
+-------------------
+A write-back write to a file is a copy into the page cache. Through a worker it costs two
+wake-ups and two pipe writes besides the copy, and the worker's Python per request; the
+supervisor cannot make the copy itself, because a buffered write can block (dirty-page
+throttling, the journal) and ext4 refuses ``RWF_NOWAIT`` on one. An io_uring (vblk.uring)
+runs it on the kernel's own io-wq threads instead: the supervisor writes one SQE per write
+pointing at the guest's buffers (the addresses of its memory table, as for librbd), one
+``io_uring_enter`` per drain sends them, and the ring's eventfd, on the disk's loop, brings
+the completions back. Nothing the supervisor calls blocks.
+
+Only writes that need no durability take this way (no FLAG_SYNC: the disk is in write-back);
+durable writes keep the workers' group commit, and reads, flushes, discards and zeroes keep
+the workers. Nothing orders requests in flight against each other, and FLUSH covers what has
+*completed* before it: a write reaped from the ring is in the page cache, where the worker's
+``fdatasync`` finds it.
+
+A write that is short or fails (ENOSPC, EIO, anything) is not finished here: it is posted to
+the workers whole, under the same slot, and the worker's ``pwritev`` -- which writes every
+byte or says why, through the one place that turns a store's errors into statuses
+(vblk.workers.execute) -- decides. Writing the same bytes twice is harmless: the guest's
+buffer does not change before the request completes. The same goes for a write the ring has
+no room for, or whose memory table is not the current one.
+
+The guest memory the SQEs point at stays mapped while they run: the data path changes the
+memory table only when no request is in flight (so does librbd's engine).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from vblk.backing.file import FileBacking
+from vblk.ipc import FLAG_SYNC, Op, Pieces
+from vblk.logs import quote
+from vblk.memory import GuestMemory
+from vblk.uring import Ring
+from vblk.virtio.constants import BlkStatus
+
+log = logging.getLogger("vblk.supervisor")
+
+_WRITE = int(Op.WRITE)
+_OK = int(BlkStatus.OK)
+
+
+def ring_for(backing, slots: int) -> RingWrites | None:
+    """A RingWrites for ``backing`` if its writes can take one: a regular file or block
+    device without O_DIRECT (a direct write is the device's time, not a copy, and the workers
+    already overlap those), on a machine and kernel with io_uring. ``VBLK_RING_WRITES=0``
+    turns it off. None otherwise (logged)."""
+    if not isinstance(backing, FileBacking) or backing.direct or backing.info.readonly:
+        return None
+    if os.environ.get("VBLK_RING_WRITES", "1") == "0":
+        return None
+    try:
+        ring = Ring(1 << max(slots - 1, 1).bit_length())
+    except OSError as exc:
+        log.info("event=no_write_ring reason=%s", quote(str(exc)))
+        return None
+    return RingWrites(backing, ring)
+
+
+class RingWrites:
+    """One disk's buffered writes on its own io_uring; see the module doc."""
+
+    def __init__(self, backing: FileBacking, ring: Ring) -> None:
+        self.backing = backing
+        self.ring = ring
+        self.completion_fd = ring.event_fd
+        self.memory = GuestMemory.empty()
+        self.running: dict[int, tuple] = {}      # slot -> its request, as posted
+
+    def take(self, slot: int, op: int, flags: int, offset: int, length: int, pieces: Pieces,
+             generation: int) -> bool:
+        """Start the request if it is a buffered write this ring can run now (at the next
+        ``submit``); False: it is the workers'."""
+        if op != _WRITE or flags & FLAG_SYNC or generation != self.memory.generation \
+                or not self.ring.space():
+            return False
+        backing = self.backing
+        try:
+            backing.check_window(offset, length, True)
+        except OSError:
+            return False                  # the worker refuses it, and says why
+        self.running[slot] = (slot, op, flags, offset, length, pieces, generation)
+        self.ring.writev(slot, backing.fd, backing.start + offset,
+                         self.memory.addresses(pieces))
+        return True
+
+    def submit(self) -> None:
+        self.ring.submit()
+
+    def reap(self) -> tuple[list[tuple[int, int, int]], list[tuple]]:
+        """(slot, status, errno) of the writes done, and the requests to post to the workers
+        instead (short or failed: see the module doc)."""
+        done, redo = [], []
+        for slot, res in self.ring.completions():
+            request = self.running.pop(slot, None)
+            if request is None:
+                continue
+            if res == request[4]:
+                done.append((slot, _OK, 0))
+            else:
+                log.info("event=ring_write_retried slot=%d length=%d result=%d", slot,
+                         request[4], res)
+                redo.append(request)
+        return done, redo
+
+    def set_memory(self, memory: GuestMemory) -> None:
+        self.memory = memory
+
+    def close(self) -> None:
+        self.ring.close()
