@@ -121,3 +121,48 @@ def test_polling_looks_only_at_disks_that_drained_since_the_loop_slept():
         assert loop.hot == [] and busy.hot is False
     finally:
         loop.close()
+
+
+def test_the_loop_does_not_poll_while_the_write_rings_are_crowded():
+    """Polling gives way: with more than AWAIT_AT_MOST writes on the rings the loop sleeps
+    after activity instead of polling (the kernel's threads need the CPU)."""
+    import os
+    seen = {}
+    for crowded in (False, True):
+        loop = EventLoop(on_error=lambda: None)
+        fd = os.eventfd(1)
+        polls, ticks = [], []
+        try:
+            loop.poll_window = 20e-3
+            loop.crowded = lambda c=crowded: c
+            loop.watch(fd, lambda fd=fd: os.eventfd_read(fd), "rings")
+
+            def tick(ticks=ticks, loop=loop) -> None:
+                ticks.append(1)
+                if len(ticks) >= 3:
+                    loop.stopping = True
+
+            loop.run(timeout=lambda: 0.001, tick=tick, poll=lambda p=polls: p.append(1) or False)
+            seen[crowded] = len(polls)
+        finally:
+            loop.close()
+            os.close(fd)
+    assert seen[False] > 0 and seen[True] == 0
+
+
+def test_crowded_counts_the_writes_on_every_ring(monkeypatch):
+    from vblk.supervisor.disks import SlotShare
+    monkeypatch.setattr(serve, "AWAIT_AT_MOST", 1)
+    pool_ = SimpleNamespace(completion_fd=-1)
+    rings = [SimpleNamespace(running={}), SimpleNamespace(running={})]
+    disks = [SimpleNamespace(engine=SlotShare(pool_, n, 4 * n, 4, ring)) for n, ring in
+             enumerate(rings)]
+    disks.append(SimpleNamespace(engine=SlotShare(pool_, 2, 8, 4)))     # no ring
+    crowded = serve._crowded(disks)
+    assert not crowded()
+    rings[0].running[0] = ()
+    assert not crowded()                        # one write: awaited, not crowded
+    rings[1].running[3] = ()
+    assert crowded()
+    assert serve._crowded(disks[:1])() is False
+    assert serve._crowded([])() is False

@@ -35,7 +35,7 @@ from vblk.supervisor.disks import CompletionRouter, ServedDisk, SlotShare, Worke
 from vblk.supervisor.host import Host
 from vblk.supervisor.inprocess import InProcessEngine
 from vblk.supervisor.loop import EventLoop
-from vblk.supervisor.pool import WorkerPool, awaited
+from vblk.supervisor.pool import AWAIT_AT_MOST, WorkerPool, awaited
 from vblk.supervisor.ringwrites import ring_for
 from vblk.supervisor.slotranges import SlotRanges
 
@@ -140,6 +140,7 @@ def _run(host: Host, host_control) -> None:
             loop.watch(pool.completion_fd, router.on_completions, "engine")
         host.start(loop, router)
         loop.awaiting = _awaiting(pool, disks)
+        loop.crowded = _crowded(disks)
         if host_control is not None:
             loop.watch(host_control.fileno(), host_control.on_readable, "frontend")
         with loop.signals():
@@ -182,6 +183,19 @@ def _awaiting(pool: WorkerPool | None, disks: list[ServedDisk]) -> Callable[[], 
             n += len(requests)
         return awaited(n)
     return awaiting
+
+
+def _crowded(disks: list[ServedDisk]) -> Callable[[], bool]:
+    """The loop's ``crowded`` (vblk.supervisor.loop, Polling gives way): more than
+    AWAIT_AT_MOST writes on the write rings of the disks served at the start."""
+    running = [d.engine.ring.running for d in disks
+               if isinstance(d.engine, SlotShare) and d.engine.ring is not None]
+    if not running:
+        return lambda: False
+    if len(running) == 1:
+        only = running[0]
+        return lambda: len(only) > AWAIT_AT_MOST
+    return lambda: sum(map(len, running)) > AWAIT_AT_MOST
 
 
 def _soonest(disks: list[ServedDisk]) -> float:
