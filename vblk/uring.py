@@ -41,7 +41,9 @@ IOVECS_KEPT = 64                             # iovecs per SQE in the standing ar
 _REGISTER_EVENTFD = 4
 _ENTER_GETEVENTS = 1 << 0
 _SQ_CQ_OVERFLOW = 1 << 1
-OP_WRITEV = 2
+OP_WRITEV, OP_FSYNC = 2, 3
+_SQE_IO_LINK = 1 << 2                        # the next SQE starts only after this one succeeded
+_FSYNC_DATASYNC = 1
 _MAP_POPULATE = 0x8000
 
 _SQE = struct.Struct("=BBHiQQIIQHHiQQ")      # opcode flags ioprio fd off addr len rw_flags
@@ -134,13 +136,23 @@ class Ring:
         """How many more operations may be started before some are reaped."""
         return self.entries - self.in_flight
 
-    def writev(self, tag: int, fd: int, offset: int, iov: list[tuple[int, int]]) -> None:
-        """Queue a pwritev of ``iov`` ((address, length) pairs) to ``fd`` at ``offset``; its
-        completion carries ``tag``. It starts at the next ``submit``."""
+    def _next(self) -> int:
         if self.in_flight >= self.entries:
             raise OSError(errno.EBUSY, "the ring is full")
-        tail = self._tail
-        index = tail & self._sq_mask
+        return self._tail & self._sq_mask
+
+    def _queued(self) -> None:
+        self._tail = (self._tail + 1) & 0xFFFFFFFF
+        self._unsubmitted += 1
+        self.in_flight += 1
+
+    def writev(self, tag: int, fd: int, offset: int, iov: list[tuple[int, int]],
+               link: bool = False) -> None:
+        """Queue a pwritev of ``iov`` ((address, length) pairs) to ``fd`` at ``offset``; its
+        completion carries ``tag``. It starts at the next ``submit``. ``link``: the next
+        operation queued starts only after this one wrote every byte; if it does not, the
+        rest of the chain completes with -ECANCELED."""
+        index = self._next()
         if len(iov) <= IOVECS_KEPT:
             area, at = self._iov_area, index * IOVECS_KEPT * _IOVEC.size
             for addr, n in iov:
@@ -151,11 +163,16 @@ class Ring:
             arr = self._iov_more[index] = (ctypes.c_uint64 * (2 * len(iov)))(
                 *(x for pair in iov for x in pair))
             iov_addr = ctypes.addressof(arr)
-        _SQE.pack_into(self._sqes, index * _SQE.size, OP_WRITEV, 0, 0, fd, offset, iov_addr,
-                       len(iov), 0, tag, 0, 0, 0, 0, 0)
-        self._tail = (tail + 1) & 0xFFFFFFFF
-        self._unsubmitted += 1
-        self.in_flight += 1
+        _SQE.pack_into(self._sqes, index * _SQE.size, OP_WRITEV, _SQE_IO_LINK if link else 0,
+                       0, fd, offset, iov_addr, len(iov), 0, tag, 0, 0, 0, 0, 0)
+        self._queued()
+
+    def fdatasync(self, tag: int, fd: int) -> None:
+        """Queue an fdatasync of ``fd`` (the end of a chain of linked writes: it covers them)."""
+        index = self._next()
+        _SQE.pack_into(self._sqes, index * _SQE.size, OP_FSYNC, 0, 0, fd, 0, 0, 0,
+                       _FSYNC_DATASYNC, tag, 0, 0, 0, 0, 0)
+        self._queued()
 
     def submit(self) -> None:
         """Hand every queued operation to the kernel. What it cannot take now (EAGAIN,

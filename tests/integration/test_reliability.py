@@ -131,12 +131,15 @@ def traced_run(tmp_path, *args, work, env=None):
 
 
 def test_writethrough_completes_a_write_only_after_fdatasync(tmp_path):
+    """With the write ring off (VBLK_RING_WRITES=0): the workers' system calls show it. (The
+    ring's io-wq threads cannot be traced: see the next test and tests/unit/test_ring_writes.)"""
     def work(c):
         tags = [c.submit(BlkType.OUT, 8 * i, data=bytes([i]) * 4096, publish=False) for i in range(24)]
         c.publish()
         assert all(d.status == BlkStatus.OK for d in c.wait(len(tags), timeout=30))
 
-    calls = list(worker_calls(traced_run(tmp_path, work=work)))
+    env = {**os.environ, "VBLK_RING_WRITES": "0"}
+    calls = list(worker_calls(traced_run(tmp_path, work=work, env=env)))
     assert sum(kind == "write" for _, kind in calls) == 24
     dirty: dict[int, bool] = {}
     for pid, kind in calls:
@@ -149,6 +152,28 @@ def test_writethrough_completes_a_write_only_after_fdatasync(tmp_path):
     # group commit: the 24 writes were published together, so they share fdatasyncs
     syncs = sum(kind == "sync" for _, kind in calls)
     assert 1 <= syncs < 24, f"{syncs} fdatasyncs for 24 writes taken together"
+
+
+def test_writethrough_writes_on_the_ring_share_fdatasyncs(tmp_path):
+    """Durable writes on the write ring: no worker writes them, and the SQEs submitted are the
+    24 writes plus the fdatasyncs that end their chains -- fewer than one per write (group
+    commit). Each chain's fdatasync is linked after its writes, and a write completes only
+    after its chain's fdatasync returned 0 (tests/unit/test_ring_writes)."""
+    def work(c):
+        tags = [c.submit(BlkType.OUT, 8 * i, data=bytes([i]) * 4096, publish=False)
+                for i in range(24)]
+        c.publish()
+        assert all(d.status == BlkStatus.OK for d in c.wait(len(tags), timeout=30))
+
+    trace = traced_run(tmp_path, work=work)
+    kinds = [kind for _, kind in worker_calls(trace)]
+    assert kinds.count("write") == 0 and kinds.count("sync") == 0
+    sqes = sum(int(n) for n in re.findall(r"^\d+ +io_uring_enter\(\d+, (\d+), .*= \d+$",
+                                          trace, re.M))
+    fdatasyncs = sqes - 24
+    assert 1 <= fdatasyncs < 24, f"{fdatasyncs} fdatasyncs for 24 writes taken together"
+    with open(tmp_path / "disk.img", "rb") as f:
+        assert [f.read(4096) for _ in range(24)] == [bytes([i]) * 4096 for i in range(24)]
 
 
 @pytest.mark.parametrize("ring", [True, False], ids=["write-ring", "workers"])

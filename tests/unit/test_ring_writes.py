@@ -91,29 +91,28 @@ def test_a_full_ring_refuses_more():
         os.close(w)
 
 
-def test_only_write_back_writes_of_the_current_table_inside_the_window_are_taken(backing,
-                                                                                 guest):
+def test_only_writes_of_the_current_table_inside_the_window_are_taken(backing, guest):
     memory, _ = guest
     rw = ring_for(backing, 4)
     assert isinstance(rw, RingWrites)
     try:
         rw.set_memory(memory)
         piece = [(0, 0, 4096)]
-        assert not rw.take(0, WRITE, FLAG_SYNC, 0, 4096, piece, 1)     # durable: workers
         assert not rw.take(0, READ, 0, 0, 4096, piece, 1)
         assert not rw.take(0, WRITE, 0, 0, 4096, piece, 2)             # another table
         assert not rw.take(0, WRITE, 0, backing.reach - 512, 4096, piece, 1)   # past the end
         assert rw.running == {}
-        for slot in range(4):
-            assert rw.take(slot, WRITE, 0, 4096 * slot, 4096, piece, 1)
-        assert not rw.take(4, WRITE, 0, 0, 4096, piece, 1)             # no room: workers
+        room = rw.ring.entries - 1                # one entry is kept for a chain's fdatasync
+        for slot in range(room):
+            assert rw.take(slot, WRITE, 0, 512 * slot, 512, [(0, 0, 512)], 1)
+        assert not rw.take(room, WRITE, 0, 0, 4096, piece, 1)          # no room: workers
         rw.submit()
         done = []
-        while len(done) < 4:
+        while len(done) < room:
             finished, redo = wait(rw)
             assert redo == []
             done += finished
-        assert sorted(done) == [(s, 0, 0) for s in range(4)]
+        assert sorted(done) == [(s, 0, 0) for s in range(room)]
     finally:
         rw.close()
 
@@ -148,8 +147,7 @@ class Pool:
         self.memory = memory
 
 
-def test_a_share_sends_write_back_writes_to_its_ring_and_the_rest_to_the_pool(backing, guest,
-                                                                                 tmp_path):
+def test_a_share_sends_writes_to_its_ring_and_the_rest_to_the_pool(backing, guest):
     memory, ram = guest
     ram[0:4096] = b"W" * 4096
     pool = Pool()
@@ -159,17 +157,116 @@ def test_a_share_sends_write_back_writes_to_its_ring_and_the_rest_to_the_pool(ba
         assert pool.memory is memory and share.ring.memory is memory
         share.post(0, WRITE, 0, 8192, 4096, [(0, 0, 4096)], 1)
         share.post(1, WRITE, FLAG_SYNC, 0, 4096, [(0, 0, 4096)], 1)
-        share.post(2, READ, 0, 0, 4096, [(0, 0, 4096)], 1)
+        share.post(2, WRITE, 0, 4096, 4096, [(0, 0, 4096)], 1)     # a chain is open: workers
+        share.post(3, READ, 0, 0, 4096, [(0, 0, 4096)], 1)
         share.flush()
-        assert [p[0] for p in pool.posted] == [101, 102]
+        assert [p[0] for p in pool.posted] == [102, 103]
         assert all(p[-1] == 3 for p in pool.posted)
-        assert list(share.ring.running) == [0]
-        assert select.select([share.ring.completion_fd], [], [], 5)[0]
-        assert share.reap() == [(0, 0, 0)]
-        assert os.pread(backing.fd, 4096, 8192) == b"W" * 4096
+        assert sorted(share.ring.running) == [0, 1]
+        done = []
+        while len(done) < 2:
+            assert select.select([share.ring.completion_fd], [], [], 5)[0]
+            done += share.reap()
+        assert sorted(done) == [(0, 0, 0), (1, 0, 0)]
+        assert os.pread(backing.fd, 4096, 8192) == os.pread(backing.fd, 4096, 0) == b"W" * 4096
         assert share.ring.running == {}
     finally:
         share.close()
+
+
+class FakeRing:
+    """Records what RingWrites queues, and hands back the completions a test chooses."""
+
+    def __init__(self) -> None:
+        self.event_fd, self.entries, self.queued, self.cqes = -1, 64, [], []
+
+    def space(self):
+        return self.entries - len(self.queued)
+
+    def writev(self, tag, fd, offset, iov, link=False):
+        self.queued.append(("writev", tag, link))
+
+    def fdatasync(self, tag, fd):
+        self.queued.append(("fdatasync", tag))
+
+    def submit(self):
+        pass
+
+    def completions(self):
+        cqes, self.cqes = self.cqes, []
+        return cqes
+
+
+def test_durable_writes_are_one_chain_that_completes_only_when_its_fdatasync_returns_0(
+        backing, guest):
+    memory, _ = guest
+    ring = FakeRing()
+    rw = RingWrites(backing, ring)
+    rw.set_memory(memory)
+    for slot in (4, 5, 6):
+        assert rw.take(slot, WRITE, FLAG_SYNC, 4096 * slot, 4096, [(0, 0, 4096)], 1)
+    rw.submit()
+    (_, sync_tag), = [q for q in ring.queued if q[0] == "fdatasync"]
+    assert ring.queued == [("writev", 4, True), ("writev", 5, True), ("writev", 6, True),
+                           ("fdatasync", sync_tag)]
+    ring.cqes = [(4, 4096), (5, 4096), (6, 4096)]
+    assert rw.reap() == ([], [])                     # written, not yet durable
+    ring.cqes = [(sync_tag, 0)]
+    assert rw.reap() == ([(4, 0, 0), (5, 0, 0), (6, 0, 0)], [])
+    assert rw.running == {}
+
+
+def test_a_chain_that_fell_short_or_whose_fdatasync_failed_goes_to_the_workers(backing,
+                                                                              guest):
+    memory, _ = guest
+    ring = FakeRing()
+    rw = RingWrites(backing, ring)
+    rw.set_memory(memory)
+    requests = {}
+    for slot in (1, 2):
+        assert rw.take(slot, WRITE, FLAG_SYNC, 0, 4096, [(0, 0, 4096)], 1)
+        requests[slot] = (slot, WRITE, FLAG_SYNC, 0, 4096, [(0, 0, 4096)], 1)
+    rw.submit()
+    first_sync = ring.queued[-1][1]
+    for slot in (3, 4):                             # the next drain's chain
+        assert rw.take(slot, WRITE, FLAG_SYNC, 0, 4096, [(0, 0, 4096)], 1)
+        requests[slot] = (slot, WRITE, FLAG_SYNC, 0, 4096, [(0, 0, 4096)], 1)
+    rw.submit()
+    second_sync = ring.queued[-1][1]
+    assert first_sync != second_sync
+    # chain 1: the first write fell short, the rest was cancelled
+    ring.cqes = [(1, 512), (2, -errno.ECANCELED), (first_sync, -errno.ECANCELED)]
+    assert rw.reap() == ([], [requests[1], requests[2]])
+    # chain 2: every write went through, its fdatasync failed
+    ring.cqes = [(3, 4096), (4, 4096), (second_sync, -errno.EIO)]
+    assert rw.reap() == ([], [requests[3], requests[4]])
+    assert rw.running == {} and rw.failed == set()
+
+
+def test_a_real_chain_whose_fdatasync_fails_goes_to_the_workers(backing, guest):
+    """On a real ring: writes into a pipe go through, the fdatasync of a pipe fails
+    (EINVAL), so the chain's writes are handed back, not completed."""
+    memory, _ = guest
+    rw = ring_for(backing, 4)
+    r, w = os.pipe()
+    try:
+        rw.set_memory(memory)
+        rw.backing = type("Pipe", (), {"fd": w, "start": 0,
+                                       "check_window": backing.check_window})()
+        assert rw.take(1, WRITE, FLAG_SYNC, 0, 512, [(0, 0, 512)], 1)
+        assert rw.take(2, WRITE, FLAG_SYNC, 512, 512, [(0, 0, 512)], 1)
+        rw.submit()
+        redo = []
+        while len(redo) < 2:
+            finished, more = wait(rw)
+            assert finished == []
+            redo += more
+        assert [req[0] for req in redo] == [1, 2]
+        assert len(os.read(r, 4096)) == 1024         # both writes ran before the fdatasync
+    finally:
+        rw.close()
+        os.close(r)
+        os.close(w)
 
 
 def test_no_ring_for_a_direct_or_read_only_disk_or_when_turned_off(tmp_path, monkeypatch):
@@ -194,7 +291,7 @@ def test_iovec_lists_short_and_longer_than_the_standing_area(tmp_path, guest):
     try:
         base = memory.addresses([(0, 0, 1)])[0][0]
         long_list = [(base + 1024 * k, 512) for k in range(n)]
-        for round_ in range(3):                # the same SQE places, used again
+        for _ in range(3):                     # the same SQE places, used again
             ring.writev(1, fd, 0, long_list)
             ring.writev(2, fd, 512 * n, long_list[:3])
             ring.submit()

@@ -1,28 +1,34 @@
-"""Buffered writes through an io_uring: a write-back write without a worker.
+"""Writes to a file through an io_uring: a write without a worker.
 
 Theory of operation
 -------------------
-A write-back write to a file is a copy into the page cache. Through a worker it costs two
-wake-ups and two pipe writes besides the copy, and the worker's Python per request; the
-supervisor cannot make the copy itself, because a buffered write can block (dirty-page
-throttling, the journal) and ext4 refuses ``RWF_NOWAIT`` on one. An io_uring (vblk.uring)
-runs it on the kernel's own io-wq threads instead: the supervisor writes one SQE per write
-pointing at the guest's buffers (the addresses of its memory table, as for librbd), one
-``io_uring_enter`` per drain sends them, and the ring's eventfd, on the disk's loop, brings
-the completions back. Nothing the supervisor calls blocks.
+A write to a file without O_DIRECT is a copy into the page cache (and, in write-through, an
+fdatasync). Through a worker it costs two wake-ups and two pipe writes besides the copy, and
+the worker's Python per request; the supervisor cannot make the copy itself, because a
+buffered write can block (dirty-page throttling, the journal) and ext4 refuses
+``RWF_NOWAIT`` on one. An io_uring (vblk.uring) runs it on the kernel's own io-wq threads
+instead: the supervisor writes one SQE per write pointing at the guest's buffers (the
+addresses of its memory table, as for librbd), one ``io_uring_enter`` per drain sends them,
+and the ring's eventfd, on the disk's loop, brings the completions back. Nothing the
+supervisor calls blocks.
 
-Only writes that need no durability take this way (no FLAG_SYNC: the disk is in write-back);
-durable writes keep the workers' group commit, and reads, flushes, discards and zeroes keep
-the workers. Nothing orders requests in flight against each other, and FLUSH covers what has
-*completed* before it: a write reaped from the ring is in the page cache, where the worker's
-``fdatasync`` finds it.
+Durable writes (FLAG_SYNC: write-through) keep group commit: a drain's durable writes are
+linked into one chain (IOSQE_IO_LINK: each starts when the one before it wrote every byte)
+that ends with an fdatasync, so that fdatasync covers every one of them, and none completes
+before it returned 0. While a chain is open a write-back write goes to the workers instead
+(it would end the chain). Reads, flushes, discards and zeroes keep the workers. Nothing
+orders requests in flight against each other, and FLUSH covers what has *completed* before
+it: a write reaped from the ring is in the page cache, where the worker's ``fdatasync`` finds
+it.
 
-A write that is short or fails (ENOSPC, EIO, anything) is not finished here: it is posted to
-the workers whole, under the same slot, and the worker's ``pwritev`` -- which writes every
-byte or says why, through the one place that turns a store's errors into statuses
-(vblk.workers.execute) -- decides. Writing the same bytes twice is harmless: the guest's
-buffer does not change before the request completes. The same goes for a write the ring has
-no room for, or whose memory table is not the current one.
+A write that is short or fails (ENOSPC, EIO, anything), or whose chain's fdatasync did not
+return 0 (it failed, or was cancelled because a write before it fell short), is not
+finished here: it is posted to the workers whole, under the same slot, and the worker's
+``pwritev`` (and its group commit) -- which writes every byte or says why, through the one
+place that turns a store's errors into statuses (vblk.workers.execute) -- decides. Writing
+the same bytes twice is harmless: the guest's buffer does not change before the request
+completes. The same goes for a write the ring has no room for, or whose memory table is not
+the current one.
 
 The guest memory the SQEs point at stays mapped while they run: the data path changes the
 memory table only when no request is in flight (so does librbd's engine).
@@ -55,15 +61,18 @@ def ring_for(backing, slots: int) -> RingWrites | None:
     if os.environ.get("VBLK_RING_WRITES", "1") == "0":
         return None
     try:
-        ring = Ring(1 << max(slots - 1, 1).bit_length())
+        ring = Ring(2 << max(slots - 1, 1).bit_length())    # writes and their fdatasyncs
     except OSError as exc:
         log.info("event=no_write_ring reason=%s", quote(str(exc)))
         return None
     return RingWrites(backing, ring)
 
 
+_GROUP = 1 << 32          # the user data of a chain's fdatasync: _GROUP | its number
+
+
 class RingWrites:
-    """One disk's buffered writes on its own io_uring; see the module doc."""
+    """One disk's writes on its own io_uring; see the module doc."""
 
     def __init__(self, backing: FileBacking, ring: Ring) -> None:
         self.backing = backing
@@ -71,14 +80,20 @@ class RingWrites:
         self.completion_fd = ring.event_fd
         self.memory = GuestMemory.empty()
         self.running: dict[int, tuple] = {}      # slot -> its request, as posted
+        self.chain: list[int] = []               # this drain's durable writes, linked
+        self.groups: dict[int, list[int]] = {}   # a chain's fdatasync tag -> its writes
+        self.failed: set[int] = set()            # durable writes that did not write it all
+        self._groups = 0
 
     def take(self, slot: int, op: int, flags: int, offset: int, length: int, pieces: Pieces,
              generation: int) -> bool:
-        """Start the request if it is a buffered write this ring can run now (at the next
-        ``submit``); False: it is the workers'."""
-        if op != _WRITE or flags & FLAG_SYNC or generation != self.memory.generation \
-                or not self.ring.space():
-            return False
+        """Start the request if it is a write this ring can run now (at the next ``submit``);
+        False: it is the workers'."""
+        if op != _WRITE or generation != self.memory.generation or self.ring.space() < 2:
+            return False                  # (one entry is kept for the chain's fdatasync)
+        sync = bool(flags & FLAG_SYNC)
+        if self.chain and not sync:
+            return False                  # it would end the chain before its fdatasync
         backing = self.backing
         try:
             backing.check_window(offset, length, True)
@@ -86,26 +101,54 @@ class RingWrites:
             return False                  # the worker refuses it, and says why
         self.running[slot] = (slot, op, flags, offset, length, pieces, generation)
         self.ring.writev(slot, backing.fd, backing.start + offset,
-                         self.memory.addresses(pieces))
+                         self.memory.addresses(pieces), link=sync)
+        if sync:
+            self.chain.append(slot)
         return True
 
     def submit(self) -> None:
+        """Send what was taken; a chain of durable writes ends with the fdatasync that covers
+        them all (group commit, as a worker's batch)."""
+        if self.chain:
+            self._groups += 1
+            tag = _GROUP | self._groups
+            self.ring.fdatasync(tag, self.backing.fd)
+            self.groups[tag] = self.chain
+            self.chain = []
         self.ring.submit()
 
     def reap(self) -> tuple[list[tuple[int, int, int]], list[tuple]]:
         """(slot, status, errno) of the writes done, and the requests to post to the workers
-        instead (short or failed: see the module doc)."""
+        instead (short or failed, or their chain's fdatasync did not succeed: see the module
+        doc)."""
         done, redo = [], []
-        for slot, res in self.ring.completions():
-            request = self.running.pop(slot, None)
+        running = self.running
+        for tag, res in self.ring.completions():
+            if tag & _GROUP:
+                for slot in self.groups.pop(tag, ()):
+                    request = running.pop(slot, None)
+                    if request is None:
+                        continue
+                    if res == 0 and slot not in self.failed:
+                        done.append((slot, _OK, 0))
+                    else:
+                        self.failed.discard(slot)
+                        redo.append(request)
+                continue
+            request = running.get(tag)
             if request is None:
                 continue
+            if request[2] & FLAG_SYNC:            # durable: its chain's fdatasync decides
+                if res != request[4]:
+                    self.failed.add(tag)
+                continue
+            del running[tag]
             if res == request[4]:
-                done.append((slot, _OK, 0))
+                done.append((tag, _OK, 0))
             else:
-                log.info("event=ring_write_retried slot=%d length=%d result=%d", slot,
-                         request[4], res)
                 redo.append(request)
+        if redo:
+            log.info("event=ring_writes_retried count=%d", len(redo))
         return done, redo
 
     def set_memory(self, memory: GuestMemory) -> None:
