@@ -37,6 +37,11 @@ F_OFD_GETLK = 36
 serve_many = test_many_disks.serve_many          # the fixture: a vblk serve --config
 
 
+# Every request through the workers (reads and writes alike), so that stopping or killing
+# them holds or re-issues what is in flight.
+THROUGH_WORKERS = {"VBLK_INLINE_READS": "0", "VBLK_RING_WRITES": "0"}
+
+
 def disk_file(path: Path, **keys) -> Path:
     """A ``vblk disk add`` file: one [[disk]] table with ``keys`` (``_`` spelled ``-``)."""
     lines = ["[[disk]]"]
@@ -281,7 +286,7 @@ def test_remove_is_refused_while_a_frontend_is_connected_then_frees_socket_lock_
 def test_a_forced_remove_completes_every_request_in_flight_then_lets_go(tmp_path, serve_many,
                                                                        vblk_server):
     imgs = images(tmp_path, 2)
-    socks, ctl, server = serve_many(imgs, workers=2, env={"VBLK_INLINE_READS": "0"})
+    socks, ctl, server = serve_many(imgs, workers=2, env=THROUGH_WORKERS)
     n = 40                                           # 3 descriptors each: 120 of 128
 
     def still_held():
@@ -306,7 +311,7 @@ def test_a_disk_added_and_force_removed_again_and_again_beside_a_busy_one(tmp_pa
     """Disk d0 runs a verified workload the whole time; disk a comes and goes with requests
     in flight (its and d0's), and gets the same slot range back every time."""
     imgs = images(tmp_path, 2)
-    socks, ctl, server = serve_many(imgs[:1], workers=2, env={"VBLK_INLINE_READS": "0"})
+    socks, ctl, server = serve_many(imgs[:1], workers=2, env=THROUGH_WORKERS)
     sock = os.path.join(os.path.dirname(socks[0]), "a.sock")
     path = disk_file(tmp_path / "a.toml", name="a", spec=imgs[1], socket_path=sock)
     stop = threading.Event()
@@ -342,7 +347,7 @@ def test_a_disk_added_and_force_removed_again_and_again_beside_a_busy_one(tmp_pa
 
 def test_worker_kills_lose_no_write_of_a_disk_added_at_run_time(tmp_path, serve_many):
     imgs = images(tmp_path, 2)
-    socks, ctl, server = serve_many(imgs[:1], workers=3, env={"VBLK_INLINE_READS": "0"})
+    socks, ctl, server = serve_many(imgs[:1], workers=3, env=THROUGH_WORKERS)
     sock = os.path.join(os.path.dirname(socks[0]), "a.sock")
     result = add(ctl, disk_file(tmp_path / "a.toml", name="a", spec=imgs[1], socket_path=sock))
     assert result.returncode == 0, result.stderr

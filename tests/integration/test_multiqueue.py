@@ -102,11 +102,13 @@ def test_a_queue_beyond_the_count_cannot_be_started(backend, request, image):
         first.close(graceful=False)
 
 
-def test_a_flooded_queue_does_not_starve_another(vblk_server, image):
+def test_a_flooded_queue_does_not_starve_another(vblk_server, image, monkeypatch):
     """With the only worker stopped, queue 0 fills all 16 slots and keeps 44 more requests
     waiting; queue 1 then asks for 8. Once the worker runs again every request of both
     queues completes with the right data (which queue gets the freed slots first is the
-    slot_budget policy, unit-tested in tests/unit/test_slot_budget.py)."""
+    slot_budget policy, unit-tested in tests/unit/test_slot_budget.py). Writes go to the
+    worker, not the write ring, so that stopping it holds them."""
+    monkeypatch.setenv("VBLK_RING_WRITES", "0")
     sock = vblk_server(image, "--num-queues", "2", "--slots", "16", "--workers", "1")
     flood, other = clients = connect(sock, 2)
     pid = sock.proc.pid

@@ -53,18 +53,21 @@ class Killer(threading.Thread):
 
 
 @pytest.mark.stress
-@pytest.mark.parametrize("mode", ["writethrough", "writeback"])
+@pytest.mark.parametrize("mode", ["writethrough", "writeback", "writeback-ring"])
 def test_hundred_worker_kills_lose_nothing(vblk_server, tmp_path, mode, monkeypatch):
+    """writethrough / writeback: writes go to the workers (the write ring off), so killed
+    workers hold writes; in writeback every read does too (page-cache hits are normally read
+    by the supervisor itself). writeback-ring: the writes run on the disk's io_uring while
+    the killed workers hold the reads and FLUSHes."""
     kills = int(os.environ.get("VBLK_WORKER_KILLS", 100))
-    seed = 7100 + (mode == "writeback")
+    seed = 7100 + ("writeback" in mode) + 2 * (mode == "writeback-ring")
     salt = seed * 31
     image = tmp_path / "kill.img"
     write_initial_image(str(image), SECTORS, salt)
-    # page-cache hits are normally read by the supervisor itself; here every read goes to the
-    # workers in one of the two runs, so killed workers hold reads as well as writes
-    monkeypatch.setenv("VBLK_INLINE_READS", "0" if mode == "writeback" else "1")
+    monkeypatch.setenv("VBLK_INLINE_READS", "1" if mode == "writethrough" else "0")
+    monkeypatch.setenv("VBLK_RING_WRITES", "1" if mode == "writeback-ring" else "0")
     args = ["--workers", "4", "--log-level", os.environ.get("VBLK_LOG", "info")]
-    args += ["--cache", "writeback"] if mode == "writeback" else []
+    args += ["--cache", "writeback"] if "writeback" in mode else []
     sock = vblk_server(image, *args)
     model = DiskModel(SECTORS, salt)
     workload = Workload(seed, SECTORS, indirect_share=0.25, max_segments=4)
