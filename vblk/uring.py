@@ -41,7 +41,7 @@ IOVECS_KEPT = 64                             # iovecs per SQE in the standing ar
 _REGISTER_EVENTFD = 4
 _ENTER_GETEVENTS = 1 << 0
 _SQ_CQ_OVERFLOW = 1 << 1
-OP_WRITEV, OP_FSYNC = 2, 3
+OP_READV, OP_WRITEV, OP_FSYNC = 1, 2, 3
 _SQE_IO_LINK = 1 << 2                        # the next SQE starts only after this one succeeded
 _FSYNC_DATASYNC = 1
 _MAP_POPULATE = 0x8000
@@ -152,6 +152,14 @@ class Ring:
         completion carries ``tag``. It starts at the next ``submit``. ``link``: the next
         operation queued starts only after this one wrote every byte; if it does not, the
         rest of the chain completes with -ECANCELED."""
+        self._rw(OP_WRITEV, tag, fd, offset, iov, link)
+
+    def readv(self, tag: int, fd: int, offset: int, iov: list[tuple[int, int]]) -> None:
+        """Queue a preadv into ``iov`` from ``fd`` at ``offset``, as ``writev``."""
+        self._rw(OP_READV, tag, fd, offset, iov, False)
+
+    def _rw(self, opcode: int, tag: int, fd: int, offset: int, iov: list[tuple[int, int]],
+            link: bool) -> None:
         index = self._next()
         if len(iov) <= IOVECS_KEPT:
             area, at = self._iov_area, index * IOVECS_KEPT * _IOVEC.size
@@ -163,7 +171,7 @@ class Ring:
             arr = self._iov_more[index] = (ctypes.c_uint64 * (2 * len(iov)))(
                 *(x for pair in iov for x in pair))
             iov_addr = ctypes.addressof(arr)
-        _SQE.pack_into(self._sqes, index * _SQE.size, OP_WRITEV, _SQE_IO_LINK if link else 0,
+        _SQE.pack_into(self._sqes, index * _SQE.size, opcode, _SQE_IO_LINK if link else 0,
                        0, fd, offset, iov_addr, len(iov), 0, tag, 0, 0, 0, 0, 0)
         self._queued()
 

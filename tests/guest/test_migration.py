@@ -562,10 +562,10 @@ def test_migrate_writeback_two_queues_from_a_throttled_stalling_source_after_a_c
     image = make_image(tmp_path / "disk.img", 256 * MiB)
     common = ("--cache", "writeback", "--num-queues", "2", "--workers", "4")
     monkeypatch.setenv("VBLK_INLINE_READS", "0")   # the source's reads too stall with its workers
-    monkeypatch.setenv("VBLK_RING_WRITES", "0")    # and its writes
+    monkeypatch.setenv("VBLK_URING", "0")    # and its writes
     a = serve_vblk(image, *common, "--iops-limit", "40")
     monkeypatch.delenv("VBLK_INLINE_READS")
-    monkeypatch.delenv("VBLK_RING_WRITES")
+    monkeypatch.delenv("VBLK_URING")
     b = serve_vblk(image, *common, "--incoming")
     m = lab(files_script(writers=2, extra=DIRECT_READERS), num_queues=2, smp=2)
     qa = m.boot(a)

@@ -41,9 +41,12 @@ BIG = 64 * MiB
 FILES_SCRIPT = files_script(FILE_SIZES, BIG // MiB)
 
 
-def test_default_geometry_and_ext4_files(tmp_path, serve_vblk, boot):
+@pytest.mark.parametrize("cache", ["", ",nocache"], ids=["default", "nocache"])
+def test_default_geometry_and_ext4_files(tmp_path, serve_vblk, boot, cache):
+    """nocache: O_DIRECT, where reads and writes go through the disk's io_uring
+    (vblk.supervisor.ringio) and a buffer O_DIRECT refuses through a worker."""
     image = make_image(tmp_path / "disk.img", 256 * MiB)
-    sock = serve_vblk(image)
+    sock = serve_vblk(f"{image}{cache}")
     res = boot(sock, FILES_SCRIPT).check()
     assert_geometry(res, size_bytes=256 * MiB, lbs=512, pbs=default_pbs(image))
     v = res.values
@@ -278,8 +281,8 @@ echo PHASE=end
 def test_writethru_then_guest_switches_to_writeback(tmp_path, serve_vblk, boot, monkeypatch):
     """Counted from the server's fdatasync/fsync calls: with the write ring off, since its
     fdatasyncs run on the kernel's io-wq threads, which strace cannot follow (the ring's
-    group commit: tests/unit/test_ring_writes.py, tests/integration/test_reliability.py)."""
-    monkeypatch.setenv("VBLK_RING_WRITES", "0")
+    group commit: tests/unit/test_ring_io.py, tests/integration/test_reliability.py)."""
+    monkeypatch.setenv("VBLK_URING", "0")
     image = make_image(tmp_path / "disk.img", 64 * MiB)
     sock = serve_vblk(image, strace=True)
     res = boot(sock, WRITETHRU_SWITCH_SCRIPT).check()

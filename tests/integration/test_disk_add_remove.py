@@ -39,7 +39,7 @@ serve_many = test_many_disks.serve_many          # the fixture: a vblk serve --c
 
 # Every request through the workers (reads and writes alike), so that stopping or killing
 # them holds or re-issues what is in flight.
-THROUGH_WORKERS = {"VBLK_INLINE_READS": "0", "VBLK_RING_WRITES": "0"}
+THROUGH_WORKERS = {"VBLK_INLINE_READS": "0", "VBLK_URING": "0"}
 
 
 def disk_file(path: Path, **keys) -> Path:

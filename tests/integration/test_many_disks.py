@@ -195,7 +195,7 @@ def test_worker_kills_reissue_the_slots_of_every_disk_and_lose_no_write(tmp_path
     imgs = images(tmp_path, 3)
     socks, host_ctl, server = serve_many(imgs, workers=3, extra={1: {"cache": "writeback"}},
                                          env={"VBLK_INLINE_READS": "0",
-                                              "VBLK_RING_WRITES": "0"})
+                                              "VBLK_URING": "0"})
     stop = threading.Event()
     kills = 0
 
@@ -318,7 +318,7 @@ def test_a_disk_whose_stop_waits_for_stalled_io_does_not_hold_up_another(tmp_pat
     answers once its write is done, and the write is in the image. (Writes go to the workers
     here, not to the write ring, so that stopping the workers holds one.)"""
     imgs = images(tmp_path, 2)
-    socks, host_ctl, server = serve_many(imgs, workers=2, env={"VBLK_RING_WRITES": "0"})
+    socks, host_ctl, server = serve_many(imgs, workers=2, env={"VBLK_URING": "0"})
     block = os.urandom(4096)
     with BlkClient.connect(socks[1], ram_mib=32, timeout=30) as b, \
             BlkClient.connect(socks[0], ram_mib=32, timeout=30) as a:

@@ -64,7 +64,7 @@ def connect(sock, **kw) -> BlkClient:
 def test_every_page_vblk_writes_while_logging_is_on_is_marked(tmp_path, vblk_server,
                                                               monkeypatch):
     monkeypatch.setenv("VBLK_INLINE_READS", "0")        # every read through a worker
-    monkeypatch.setenv("VBLK_RING_WRITES", "0")         # and every write
+    monkeypatch.setenv("VBLK_URING", "0")         # and every write
     img = image(tmp_path)
     with open(img, "r+b") as f:
         f.write(os.urandom(2 * MiB))
@@ -170,7 +170,7 @@ def test_a_replaced_log_gets_the_marks_from_then_on_and_the_old_one_none(tmp_pat
     the new log from then on -- also for a request in flight through a worker when the log
     was replaced -- and never touches the old one again."""
     monkeypatch.setenv("VBLK_INLINE_READS", "0")
-    monkeypatch.setenv("VBLK_RING_WRITES", "0")
+    monkeypatch.setenv("VBLK_URING", "0")
     img = image(tmp_path)
     with open(img, "r+b") as f:
         f.write(os.urandom(MiB))

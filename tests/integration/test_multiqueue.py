@@ -108,7 +108,7 @@ def test_a_flooded_queue_does_not_starve_another(vblk_server, image, monkeypatch
     queues completes with the right data (which queue gets the freed slots first is the
     slot_budget policy, unit-tested in tests/unit/test_slot_budget.py). Writes go to the
     worker, not the write ring, so that stopping it holds them."""
-    monkeypatch.setenv("VBLK_RING_WRITES", "0")
+    monkeypatch.setenv("VBLK_URING", "0")
     sock = vblk_server(image, "--num-queues", "2", "--slots", "16", "--workers", "1")
     flood, other = clients = connect(sock, 2)
     pid = sock.proc.pid

@@ -131,14 +131,14 @@ def traced_run(tmp_path, *args, work, env=None):
 
 
 def test_writethrough_completes_a_write_only_after_fdatasync(tmp_path):
-    """With the write ring off (VBLK_RING_WRITES=0): the workers' system calls show it. (The
-    ring's io-wq threads cannot be traced: see the next test and tests/unit/test_ring_writes.)"""
+    """With the write ring off (VBLK_URING=0): the workers' system calls show it. (The
+    ring's io-wq threads cannot be traced: see the next test and tests/unit/test_ring_io.)"""
     def work(c):
         tags = [c.submit(BlkType.OUT, 8 * i, data=bytes([i]) * 4096, publish=False) for i in range(24)]
         c.publish()
         assert all(d.status == BlkStatus.OK for d in c.wait(len(tags), timeout=30))
 
-    env = {**os.environ, "VBLK_RING_WRITES": "0"}
+    env = {**os.environ, "VBLK_URING": "0"}
     calls = list(worker_calls(traced_run(tmp_path, work=work, env=env)))
     assert sum(kind == "write" for _, kind in calls) == 24
     dirty: dict[int, bool] = {}
@@ -158,7 +158,7 @@ def test_writethrough_writes_on_the_ring_share_fdatasyncs(tmp_path):
     """Durable writes on the write ring: no worker writes them, and the SQEs submitted are the
     24 writes plus the fdatasyncs that end their chains -- fewer than one per write (group
     commit). Each chain's fdatasync is linked after its writes, and a write completes only
-    after its chain's fdatasync returned 0 (tests/unit/test_ring_writes)."""
+    after its chain's fdatasync returned 0 (tests/unit/test_ring_io)."""
     def work(c):
         tags = [c.submit(BlkType.OUT, 8 * i, data=bytes([i]) * 4096, publish=False)
                 for i in range(24)]
@@ -178,14 +178,14 @@ def test_writethrough_writes_on_the_ring_share_fdatasyncs(tmp_path):
 
 @pytest.mark.parametrize("ring", [True, False], ids=["write-ring", "workers"])
 def test_writeback_writes_are_not_synced_but_flush_is(tmp_path, ring):
-    """Write-back writes go to the disk's io_uring (vblk.supervisor.ringwrites), or with
-    VBLK_RING_WRITES=0 to the workers; either way no write is synced, and the FLUSH is."""
+    """Write-back writes go to the disk's io_uring (vblk.supervisor.ringio), or with
+    VBLK_URING=0 to the workers; either way no write is synced, and the FLUSH is."""
     def work(c):
         for i in range(16):
             assert c.write(8 * i, bytes([i]) * 4096).status == BlkStatus.OK
         assert c.flush().status == BlkStatus.OK
 
-    env = None if ring else {**os.environ, "VBLK_RING_WRITES": "0"}
+    env = None if ring else {**os.environ, "VBLK_URING": "0"}
     trace = traced_run(tmp_path, "--cache", "writeback", work=work, env=env)
     calls = list(worker_calls(trace))
     kinds = [kind for _, kind in calls]

@@ -65,7 +65,7 @@ def test_hundred_worker_kills_lose_nothing(vblk_server, tmp_path, mode, monkeypa
     image = tmp_path / "kill.img"
     write_initial_image(str(image), SECTORS, salt)
     monkeypatch.setenv("VBLK_INLINE_READS", "1" if mode == "writethrough" else "0")
-    monkeypatch.setenv("VBLK_RING_WRITES", "1" if mode == "writeback-ring" else "0")
+    monkeypatch.setenv("VBLK_URING", "1" if mode == "writeback-ring" else "0")
     args = ["--workers", "4", "--log-level", os.environ.get("VBLK_LOG", "info")]
     args += ["--cache", "writeback"] if "writeback" in mode else []
     sock = vblk_server(image, *args)

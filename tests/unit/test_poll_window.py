@@ -150,15 +150,19 @@ def test_the_loop_does_not_poll_while_the_write_rings_are_crowded():
     assert seen[False] > 0 and seen[True] == 0
 
 
-def test_crowded_counts_the_writes_on_every_ring(monkeypatch):
+def test_crowded_counts_the_requests_on_every_buffered_disks_ring(monkeypatch):
     from vblk.supervisor.disks import SlotShare
     monkeypatch.setattr(serve, "AWAIT_AT_MOST", 1)
     pool_ = SimpleNamespace(completion_fd=-1)
-    rings = [SimpleNamespace(running={}), SimpleNamespace(running={})]
+    rings = [SimpleNamespace(running={}, reads=False), SimpleNamespace(running={}, reads=False)]
+    direct = SimpleNamespace(running={}, reads=True)      # O_DIRECT: no kernel thread
     disks = [SimpleNamespace(engine=SlotShare(pool_, n, 4 * n, 4, ring)) for n, ring in
              enumerate(rings)]
     disks.append(SimpleNamespace(engine=SlotShare(pool_, 2, 8, 4)))     # no ring
+    disks.append(SimpleNamespace(engine=SlotShare(pool_, 3, 12, 4, direct)))
     crowded = serve._crowded(disks)
+    assert not crowded()
+    direct.running.update({0: (), 1: (), 2: ()})
     assert not crowded()
     rings[0].running[0] = ()
     assert not crowded()                        # one write: awaited, not crowded

@@ -55,7 +55,7 @@ a disk with nothing at the workers (the quiet worker, vblk.supervisor.pool). Rat
 per disk, as before.
 
 Buffered writes. A file disk in write-back sends its writes that need no durability to an
-io_uring of its own instead of the workers (``SlotShare.ring``, vblk.supervisor.ringwrites):
+io_uring of its own instead of the workers (``SlotShare.ring``, vblk.supervisor.ringio):
 the ring's eventfd is watched by the disk's loop like an in-process engine's, and a write the
 ring could not finish goes to the workers under the same slot.
 """
@@ -83,7 +83,7 @@ from vblk.supervisor.disk_ops import DiskOps
 from vblk.supervisor.loop import EventLoop, run_guarded
 from vblk.supervisor.pool import WorkerPool
 from vblk.supervisor.queues import Queues
-from vblk.supervisor.ringwrites import RingWrites
+from vblk.supervisor.ringio import RingIO
 
 log = logging.getLogger("vblk.supervisor")
 
@@ -146,7 +146,7 @@ class SlotShare:
     slot area, known to its DataPath as 0 .. count - 1."""
 
     def __init__(self, pool: WorkerPool, disk: int, base: int, count: int,
-                 ring: RingWrites | None = None) -> None:
+                 ring: RingIO | None = None) -> None:
         self.pool = pool
         self.disk = disk
         self.base = base

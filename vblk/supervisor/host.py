@@ -54,7 +54,7 @@ from vblk.logs import disk_context, quote
 from vblk.supervisor.disks import CompletionRouter, ServedDisk, SlotShare
 from vblk.supervisor.loop import EventLoop
 from vblk.supervisor.pool import WorkerPool
-from vblk.supervisor.ringwrites import ring_for
+from vblk.supervisor.ringio import ring_for
 from vblk.supervisor.slotranges import SlotRanges
 
 log = logging.getLogger("vblk.supervisor")

@@ -50,7 +50,7 @@ closes the window: it opens again from the start only through short sleeps.
 
 Polling gives way to the kernel's threads: while ``crowded()`` (the composition root's: more
 than AWAIT_AT_MOST writes are on the disks' io_uring rings, see
-vblk.supervisor.ringwrites) the loop does not poll after activity but sleeps until an fd is
+vblk.supervisor.ringio) the loop does not poll after activity but sleeps until an fd is
 ready. Those writes are copies the kernel's io-wq threads make on the same CPUs, and a
 polling loop takes one of them: A/B, 5 alternated rounds, write-back, 4k randwrite QD32 50.0k
 -> 62.0k IOPS, 128k write QD8 20.9k -> 24.2k.

@@ -36,7 +36,7 @@ from vblk.supervisor.host import Host
 from vblk.supervisor.inprocess import InProcessEngine
 from vblk.supervisor.loop import EventLoop
 from vblk.supervisor.pool import AWAIT_AT_MOST, WorkerPool, awaited
-from vblk.supervisor.ringwrites import ring_for
+from vblk.supervisor.ringio import ring_for
 from vblk.supervisor.slotranges import SlotRanges
 
 log = logging.getLogger("vblk.supervisor")
@@ -187,9 +187,11 @@ def _awaiting(pool: WorkerPool | None, disks: list[ServedDisk]) -> Callable[[], 
 
 def _crowded(disks: list[ServedDisk]) -> Callable[[], bool]:
     """The loop's ``crowded`` (vblk.supervisor.loop, Polling gives way): more than
-    AWAIT_AT_MOST writes on the write rings of the disks served at the start."""
+    AWAIT_AT_MOST requests on the rings of buffered disks served at the start (an O_DIRECT
+    disk's ring needs no kernel thread: its requests are the device's time)."""
     running = [d.engine.ring.running for d in disks
-               if isinstance(d.engine, SlotShare) and d.engine.ring is not None]
+               if isinstance(d.engine, SlotShare) and d.engine.ring is not None
+               and not d.engine.ring.reads]
     if not running:
         return lambda: False
     if len(running) == 1:

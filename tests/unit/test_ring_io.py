@@ -1,4 +1,4 @@
-"""Buffered writes through an io_uring (vblk.uring, vblk.supervisor.ringwrites), against a real
+"""Buffered writes through an io_uring (vblk.uring, vblk.supervisor.ringio), against a real
 file and a real memfd as guest memory: what the ring writes lands in the file, what it cannot
 finish goes to the workers whole, and only a write-back write is ever taken."""
 from __future__ import annotations
@@ -7,6 +7,8 @@ import errno
 import mmap
 import os
 import select
+import shutil
+import tempfile
 
 import pytest
 
@@ -15,7 +17,7 @@ from vblk.ipc import FLAG_SYNC, Op
 from vblk.memory import GuestMemory
 from vblk.options import parse_acrn
 from vblk.supervisor.disks import SlotShare
-from vblk.supervisor.ringwrites import RingWrites, ring_for
+from vblk.supervisor.ringio import RingIO, ring_for
 from vblk.uring import Ring, available
 from vblk.vhost_user.messages import MemRegion
 
@@ -52,7 +54,7 @@ def wait(ring, timeout=5.0):
     return ring.reap()
 
 
-def test_ring_writes_guest_buffers_to_the_file_and_signals_its_eventfd(tmp_path, guest):
+def test_ring_io_guest_buffers_to_the_file_and_signals_its_eventfd(tmp_path, guest):
     memory, ram = guest
     ram[4096:8192] = b"A" * 4096
     ram[65536:65536 + 512] = b"B" * 512
@@ -94,7 +96,7 @@ def test_a_full_ring_refuses_more():
 def test_only_writes_of_the_current_table_inside_the_window_are_taken(backing, guest):
     memory, _ = guest
     rw = ring_for(backing, 4)
-    assert isinstance(rw, RingWrites)
+    assert isinstance(rw, RingIO)
     try:
         rw.set_memory(memory)
         piece = [(0, 0, 4096)]
@@ -175,7 +177,7 @@ def test_a_share_sends_writes_to_its_ring_and_the_rest_to_the_pool(backing, gues
 
 
 class FakeRing:
-    """Records what RingWrites queues, and hands back the completions a test chooses."""
+    """Records what RingIO queues, and hands back the completions a test chooses."""
 
     def __init__(self) -> None:
         self.event_fd, self.entries, self.queued, self.cqes = -1, 64, [], []
@@ -201,7 +203,7 @@ def test_durable_writes_are_one_chain_that_completes_only_when_its_fdatasync_ret
         backing, guest):
     memory, _ = guest
     ring = FakeRing()
-    rw = RingWrites(backing, ring)
+    rw = RingIO(backing, ring)
     rw.set_memory(memory)
     for slot in (4, 5, 6):
         assert rw.take(slot, WRITE, FLAG_SYNC, 4096 * slot, 4096, [(0, 0, 4096)], 1)
@@ -220,7 +222,7 @@ def test_a_chain_that_fell_short_or_whose_fdatasync_failed_goes_to_the_workers(b
                                                                               guest):
     memory, _ = guest
     ring = FakeRing()
-    rw = RingWrites(backing, ring)
+    rw = RingIO(backing, ring)
     rw.set_memory(memory)
     requests = {}
     for slot in (1, 2):
@@ -275,7 +277,7 @@ def test_no_ring_for_a_direct_or_read_only_disk_or_when_turned_off(tmp_path, mon
     with open_local(parse_acrn(f"{path},ro")) as ro:
         assert ring_for(ro, 4) is None
     with open_local(parse_acrn(f"{path},writeback")) as b:
-        monkeypatch.setenv("VBLK_RING_WRITES", "0")
+        monkeypatch.setenv("VBLK_URING", "0")
         assert ring_for(b, 4) is None
 
 
@@ -305,3 +307,65 @@ def test_iovec_lists_short_and_longer_than_the_standing_area(tmp_path, guest):
     finally:
         ring.close()
         os.close(fd)
+
+
+@pytest.fixture
+def direct(tmp_path):
+    """A nocache (O_DIRECT) disk of 1 MiB of known bytes (on /var/tmp: tmpfs has no
+    O_DIRECT)."""
+    d = tempfile.mkdtemp(dir="/var/tmp", prefix="vblk-ringio-")
+    path = os.path.join(d, "direct.img")
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * 4096)
+    try:
+        with open_local(parse_acrn(f"{path},nocache")) as b:
+            yield b
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_o_direct_disk_reads_and_writes_on_its_ring(direct, guest):
+    memory, ram = guest
+    rw = ring_for(direct, 8)
+    assert rw is not None and rw.reads
+    try:
+        rw.set_memory(memory)
+        ram[8192:12288] = b"D" * 4096
+        assert rw.take(1, READ, FLAG_SYNC, 4096, 4096, [(0, 0, 4096)], 1)    # (reads are
+        assert rw.take(2, WRITE, 0, 65536, 4096, [(0, 8192, 4096)], 1)       # never chained)
+        rw.submit()
+        done = []
+        while len(done) < 2:
+            finished, redo = wait(rw)
+            assert redo == []
+            done += finished
+        assert sorted(done) == [(1, 0, 0), (2, 0, 0)]
+        assert ram[0:4096] == bytes(range(256)) * 16
+        with open(direct.info.path, "rb") as f:           # (not through the O_DIRECT fd)
+            assert os.pread(f.fileno(), 4096, 65536) == b"D" * 4096
+    finally:
+        rw.close()
+
+
+def test_a_misaligned_o_direct_buffer_goes_to_the_workers(direct, guest):
+    """O_DIRECT refuses a buffer that is not aligned (EINVAL): the worker bounces it."""
+    memory, _ = guest
+    rw = ring_for(direct, 8)
+    try:
+        rw.set_memory(memory)
+        assert rw.take(3, READ, 0, 0, 4096, [(0, 100, 4096)], 1)
+        rw.submit()
+        finished, redo = wait(rw)
+        assert finished == [] and redo == [(3, READ, 0, 0, 4096, [(0, 100, 4096)], 1)]
+    finally:
+        rw.close()
+
+
+def test_a_buffered_disk_keeps_its_reads_for_the_loop_and_the_workers(backing, guest):
+    memory, _ = guest
+    rw = ring_for(backing, 8)
+    try:
+        rw.set_memory(memory)
+        assert not rw.reads and not rw.take(1, READ, 0, 0, 4096, [(0, 0, 4096)], 1)
+    finally:
+        rw.close()

@@ -1,4 +1,4 @@
-"""Writes to a file through an io_uring: a write without a worker.
+"""A file disk's I/O through an io_uring: writes (and O_DIRECT reads) without a worker.
 
 Theory of operation
 -------------------
@@ -12,23 +12,29 @@ addresses of its memory table, as for librbd), one ``io_uring_enter`` per drain 
 and the ring's eventfd, on the disk's loop, brings the completions back. Nothing the
 supervisor calls blocks.
 
+On an O_DIRECT disk (``nocache``) the ring takes reads as well as writes, and there the
+kernel needs no thread at all: it issues them to the device from ``io_uring_enter`` and posts
+the completion when the device answers -- the worker's hop and wake-ups are gone from the
+device's time. Reads of a buffered file stay as they are: page-cache hits in the loop
+(``Backing.read_cached``), misses at the workers.
+
 Durable writes (FLAG_SYNC: write-through) keep group commit: a drain's durable writes are
 linked into one chain (IOSQE_IO_LINK: each starts when the one before it wrote every byte)
 that ends with an fdatasync, so that fdatasync covers every one of them, and none completes
-before it returned 0. While a chain is open a write-back write goes to the workers instead
-(it would end the chain). Reads, flushes, discards and zeroes keep the workers. Nothing
-orders requests in flight against each other, and FLUSH covers what has *completed* before
-it: a write reaped from the ring is in the page cache, where the worker's ``fdatasync`` finds
-it.
+before it returned 0. While a chain is open any other request goes to the workers instead
+(it would end the chain). Flushes, discards and zeroes keep the workers. Nothing orders
+requests in flight against each other, and FLUSH covers what has *completed* before it: a
+write reaped from the ring is in the page cache (or on the device), where the worker's
+``fdatasync`` finds it.
 
-A write that is short or fails (ENOSPC, EIO, anything), or whose chain's fdatasync did not
-return 0 (it failed, or was cancelled because a write before it fell short), is not
-finished here: it is posted to the workers whole, under the same slot, and the worker's
-``pwritev`` (and its group commit) -- which writes every byte or says why, through the one
-place that turns a store's errors into statuses (vblk.workers.execute) -- decides. Writing
-the same bytes twice is harmless: the guest's buffer does not change before the request
-completes. The same goes for a write the ring has no room for, or whose memory table is not
-the current one.
+A request that is short or fails (ENOSPC, EIO, EINVAL for an O_DIRECT buffer that is not
+aligned, anything), or a write whose chain's fdatasync did not return 0 (it failed, or was
+cancelled because a write before it fell short), is not finished here: it is posted to the
+workers whole, under the same slot, and the worker -- which moves every byte or says why,
+bouncing misaligned O_DIRECT buffers, through the one place that turns a store's errors into
+statuses (vblk.workers.execute) -- decides. Doing it twice is harmless: the guest's buffer
+does not change before the request completes. The same goes for a request the ring has no
+room for, or whose memory table is not the current one.
 
 The guest memory the SQEs point at stays mapped while they run: the data path changes the
 memory table only when no request is in flight (so does librbd's engine).
@@ -48,34 +54,35 @@ from vblk.virtio.constants import BlkStatus
 log = logging.getLogger("vblk.supervisor")
 
 _WRITE = int(Op.WRITE)
+_READ = int(Op.READ)
 _OK = int(BlkStatus.OK)
 
 
-def ring_for(backing, slots: int) -> RingWrites | None:
-    """A RingWrites for ``backing`` if its writes can take one: a regular file or block
-    device without O_DIRECT (a direct write is the device's time, not a copy, and the workers
-    already overlap those), on a machine and kernel with io_uring. ``VBLK_RING_WRITES=0``
-    turns it off. None otherwise (logged)."""
-    if not isinstance(backing, FileBacking) or backing.direct or backing.info.readonly:
+def ring_for(backing, slots: int) -> RingIO | None:
+    """A RingIO for ``backing`` if it can take one: a writable regular file or block device,
+    on a machine and kernel with io_uring (reads too with O_DIRECT). ``VBLK_URING=0`` turns
+    it off. None otherwise (logged)."""
+    if not isinstance(backing, FileBacking) or backing.info.readonly:
         return None
-    if os.environ.get("VBLK_RING_WRITES", "1") == "0":
+    if os.environ.get("VBLK_URING", "1") == "0":
         return None
     try:
         ring = Ring(2 << max(slots - 1, 1).bit_length())    # writes and their fdatasyncs
     except OSError as exc:
         log.info("event=no_write_ring reason=%s", quote(str(exc)))
         return None
-    return RingWrites(backing, ring)
+    return RingIO(backing, ring, reads=backing.direct)
 
 
 _GROUP = 1 << 32          # the user data of a chain's fdatasync: _GROUP | its number
 
 
-class RingWrites:
+class RingIO:
     """One disk's writes on its own io_uring; see the module doc."""
 
-    def __init__(self, backing: FileBacking, ring: Ring) -> None:
+    def __init__(self, backing: FileBacking, ring: Ring, reads: bool = False) -> None:
         self.backing = backing
+        self.reads = reads                       # O_DIRECT: reads too, and no io-wq thread
         self.ring = ring
         self.completion_fd = ring.event_fd
         self.memory = GuestMemory.empty()
@@ -89,8 +96,22 @@ class RingWrites:
              generation: int) -> bool:
         """Start the request if it is a write this ring can run now (at the next ``submit``);
         False: it is the workers'."""
-        if op != _WRITE or generation != self.memory.generation or self.ring.space() < 2:
+        if generation != self.memory.generation or self.ring.space() < 2:
             return False                  # (one entry is kept for the chain's fdatasync)
+        if op == _READ:
+            if not self.reads or self.chain:
+                return False
+            backing = self.backing
+            try:
+                backing.check_window(offset, length, False)
+            except OSError:
+                return False
+            self.running[slot] = (slot, op, flags, offset, length, pieces, generation)
+            self.ring.readv(slot, backing.fd, backing.start + offset,
+                            self.memory.addresses(pieces))
+            return True
+        if op != _WRITE:
+            return False
         sync = bool(flags & FLAG_SYNC)
         if self.chain and not sync:
             return False                  # it would end the chain before its fdatasync
@@ -138,7 +159,7 @@ class RingWrites:
             request = running.get(tag)
             if request is None:
                 continue
-            if request[2] & FLAG_SYNC:            # durable: its chain's fdatasync decides
+            if request[1] == _WRITE and request[2] & FLAG_SYNC:    # its chain's fdatasync decides
                 if res != request[4]:
                     self.failed.add(tag)
                 continue
