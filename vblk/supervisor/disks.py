@@ -54,9 +54,9 @@ shared: the pool puts each slot with the least busy worker, and keeps its last w
 a disk with nothing at the workers (the quiet worker, vblk.supervisor.pool). Rate limits are
 per disk, as before.
 
-Buffered writes. A file disk in write-back sends its writes that need no durability to an
-io_uring of its own instead of the workers (``SlotShare.ring``, vblk.supervisor.ringio):
-the ring's eventfd is watched by the disk's loop like an in-process engine's, and a write the
+The io_uring. A writable file disk sends its writes (and, with O_DIRECT, its reads) to an
+io_uring of its own instead of the workers (``SlotShare.ring``, vblk.supervisor.ringio): the
+ring's eventfd is watched by the disk's loop like an in-process engine's, and a request the
 ring could not finish goes to the workers under the same slot.
 """
 from __future__ import annotations
