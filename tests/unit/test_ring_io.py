@@ -159,17 +159,17 @@ def test_a_share_sends_writes_to_its_ring_and_the_rest_to_the_pool(backing, gues
         assert pool.memory is memory and share.ring.memory is memory
         share.post(0, WRITE, 0, 8192, 4096, [(0, 0, 4096)], 1)
         share.post(1, WRITE, FLAG_SYNC, 0, 4096, [(0, 0, 4096)], 1)
-        share.post(2, WRITE, 0, 4096, 4096, [(0, 0, 4096)], 1)     # a chain is open: workers
-        share.post(3, READ, 0, 0, 4096, [(0, 0, 4096)], 1)
+        share.post(2, WRITE, 0, 4096, 4096, [(0, 0, 4096)], 1)
+        share.post(3, READ, 0, 0, 4096, [(0, 0, 4096)], 1)      # a buffered disk's read
         share.flush()
-        assert [p[0] for p in pool.posted] == [102, 103]
+        assert [p[0] for p in pool.posted] == [103]
         assert all(p[-1] == 3 for p in pool.posted)
-        assert sorted(share.ring.running) == [0, 1]
+        assert sorted(share.ring.running) == [0, 1, 2]
         done = []
-        while len(done) < 2:
+        while len(done) < 3:
             assert select.select([share.ring.completion_fd], [], [], 5)[0]
             done += share.reap()
-        assert sorted(done) == [(0, 0, 0), (1, 0, 0)]
+        assert sorted(done) == [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
         assert os.pread(backing.fd, 4096, 8192) == os.pread(backing.fd, 4096, 0) == b"W" * 4096
         assert share.ring.running == {}
     finally:
@@ -188,6 +188,9 @@ class FakeRing:
     def writev(self, tag, fd, offset, iov, link=False):
         self.queued.append(("writev", tag, link))
 
+    def readv(self, tag, fd, offset, iov):
+        self.queued.append(("readv", tag, False))
+
     def fdatasync(self, tag, fd):
         self.queued.append(("fdatasync", tag))
 
@@ -205,14 +208,20 @@ def test_durable_writes_are_one_chain_that_completes_only_when_its_fdatasync_ret
     ring = FakeRing()
     rw = RingIO(backing, ring)
     rw.set_memory(memory)
-    for slot in (4, 5, 6):
-        assert rw.take(slot, WRITE, FLAG_SYNC, 4096 * slot, 4096, [(0, 0, 4096)], 1)
+    rw.reads = True                                  # (as on an O_DIRECT disk)
+    assert rw.take(4, WRITE, FLAG_SYNC, 4096 * 4, 4096, [(0, 0, 4096)], 1)
+    assert rw.take(7, READ, FLAG_SYNC, 0, 4096, [(0, 0, 4096)], 1)
+    assert rw.take(5, WRITE, FLAG_SYNC, 4096 * 5, 4096, [(0, 0, 4096)], 1)
+    assert rw.take(8, WRITE, 0, 0, 4096, [(0, 0, 4096)], 1)      # not durable: no chain
+    assert rw.take(6, WRITE, FLAG_SYNC, 4096 * 6, 4096, [(0, 0, 4096)], 1)
     rw.submit()
     (_, sync_tag), = [q for q in ring.queued if q[0] == "fdatasync"]
-    assert ring.queued == [("writev", 4, True), ("writev", 5, True), ("writev", 6, True),
+    # the chain goes last and whole: nothing else falls inside it
+    assert ring.queued == [("readv", 7, False), ("writev", 8, False),
+                           ("writev", 4, True), ("writev", 5, True), ("writev", 6, True),
                            ("fdatasync", sync_tag)]
-    ring.cqes = [(4, 4096), (5, 4096), (6, 4096)]
-    assert rw.reap() == ([], [])                     # written, not yet durable
+    ring.cqes = [(7, 4096), (8, 4096), (4, 4096), (5, 4096), (6, 4096)]
+    assert rw.reap() == ([(7, 0, 0), (8, 0, 0)], [])   # 4-6 written, not yet durable
     ring.cqes = [(sync_tag, 0)]
     assert rw.reap() == ([(4, 0, 0), (5, 0, 0), (6, 0, 0)], [])
     assert rw.running == {}

@@ -21,8 +21,9 @@ device's time. Reads of a buffered file stay as they are: page-cache hits in the
 Durable writes (FLAG_SYNC: write-through) keep group commit: a drain's durable writes are
 linked into one chain (IOSQE_IO_LINK: each starts when the one before it wrote every byte)
 that ends with an fdatasync, so that fdatasync covers every one of them, and none completes
-before it returned 0. While a chain is open any other request goes to the workers instead
-(it would end the chain). Flushes, discards and zeroes keep the workers. Nothing orders
+before it returned 0. The chain is queued as a whole at the drain's ``submit``, after the
+drain's other requests, so nothing else falls inside it. Flushes, discards and zeroes keep
+the workers. Nothing orders
 requests in flight against each other, and FLUSH covers what has *completed* before it: a
 write reaped from the ring is in the page cache (or on the device), where the worker's
 ``fdatasync`` finds it.
@@ -87,54 +88,51 @@ class RingIO:
         self.completion_fd = ring.event_fd
         self.memory = GuestMemory.empty()
         self.running: dict[int, tuple] = {}      # slot -> its request, as posted
-        self.chain: list[int] = []               # this drain's durable writes, linked
+        self.chain: list[tuple] = []             # this drain's durable writes (slot, at, iov)
         self.groups: dict[int, list[int]] = {}   # a chain's fdatasync tag -> its writes
         self.failed: set[int] = set()            # durable writes that did not write it all
         self._groups = 0
 
     def take(self, slot: int, op: int, flags: int, offset: int, length: int, pieces: Pieces,
              generation: int) -> bool:
-        """Start the request if it is a write this ring can run now (at the next ``submit``);
-        False: it is the workers'."""
-        if generation != self.memory.generation or self.ring.space() < 2:
-            return False                  # (one entry is kept for the chain's fdatasync)
-        if op == _READ:
-            if not self.reads or self.chain:
-                return False
-            backing = self.backing
-            try:
-                backing.check_window(offset, length, False)
-            except OSError:
-                return False
-            self.running[slot] = (slot, op, flags, offset, length, pieces, generation)
-            self.ring.readv(slot, backing.fd, backing.start + offset,
-                            self.memory.addresses(pieces))
-            return True
-        if op != _WRITE:
+        """Start the request if it is one this ring runs (at the next ``submit``); False: it
+        is the workers'."""
+        if op == _WRITE:
+            write = True
+        elif op == _READ and self.reads:
+            write = False
+        else:
             return False
-        sync = bool(flags & FLAG_SYNC)
-        if self.chain and not sync:
-            return False                  # it would end the chain before its fdatasync
+        # room for it, the chain's writes waiting for ``submit`` and the chain's fdatasync
+        if generation != self.memory.generation or self.ring.space() - len(self.chain) < 2:
+            return False
         backing = self.backing
         try:
-            backing.check_window(offset, length, True)
+            backing.check_window(offset, length, write)
         except OSError:
             return False                  # the worker refuses it, and says why
         self.running[slot] = (slot, op, flags, offset, length, pieces, generation)
-        self.ring.writev(slot, backing.fd, backing.start + offset,
-                         self.memory.addresses(pieces), link=sync)
-        if sync:
-            self.chain.append(slot)
+        at, iov = backing.start + offset, self.memory.addresses(pieces)
+        if not write:
+            self.ring.readv(slot, backing.fd, at, iov)
+        elif flags & FLAG_SYNC:
+            self.chain.append((slot, at, iov))       # queued together at ``submit``
+        else:
+            self.ring.writev(slot, backing.fd, at, iov)
         return True
 
     def submit(self) -> None:
-        """Send what was taken; a chain of durable writes ends with the fdatasync that covers
-        them all (group commit, as a worker's batch)."""
+        """Send what was taken; the drain's durable writes go last, as one chain of linked
+        writes that ends with the fdatasync covering them all (group commit, as a worker's
+        batch)."""
         if self.chain:
+            fd = self.backing.fd
+            for slot, at, iov in self.chain:
+                self.ring.writev(slot, fd, at, iov, link=True)
             self._groups += 1
             tag = _GROUP | self._groups
-            self.ring.fdatasync(tag, self.backing.fd)
-            self.groups[tag] = self.chain
+            self.ring.fdatasync(tag, fd)
+            self.groups[tag] = [slot for slot, _, _ in self.chain]
             self.chain = []
         self.ring.submit()
 
