@@ -3,6 +3,7 @@ file and a real memfd as guest memory: what the ring writes lands in the file, w
 finish goes to the workers whole, and only a write-back write is ever taken."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -48,10 +49,32 @@ def backing(tmp_path):
         yield b
 
 
+@contextlib.contextmanager
+def ring_over(backing, memory, slots):
+    """``ring_for(backing, slots)`` over ``memory``, closed at the end."""
+    rw = ring_for(backing, slots)
+    assert isinstance(rw, RingIO)
+    rw.set_memory(memory)
+    try:
+        yield rw
+    finally:
+        rw.close()
+
+
 def wait(ring, timeout=5.0):
     """Every completion until one arrives (the eventfd says when)."""
     assert select.select([ring.completion_fd], [], [], timeout)[0], "no completion came"
     return ring.reap()
+
+
+def collect(rw, n):
+    """Reap until ``n`` requests are finished or handed back: (finished, handed back)."""
+    done, redo = [], []
+    while len(done) + len(redo) < n:
+        finished, more = wait(rw)
+        done += finished
+        redo += more
+    return done, redo
 
 
 def test_ring_io_guest_buffers_to_the_file_and_signals_its_eventfd(tmp_path, guest):
@@ -95,10 +118,7 @@ def test_a_full_ring_refuses_more():
 
 def test_only_writes_of_the_current_table_inside_the_window_are_taken(backing, guest):
     memory, _ = guest
-    rw = ring_for(backing, 4)
-    assert isinstance(rw, RingIO)
-    try:
-        rw.set_memory(memory)
+    with ring_over(backing, memory, 4) as rw:
         piece = [(0, 0, 4096)]
         assert not rw.take(0, READ, 0, 0, 4096, piece, 1)
         assert not rw.take(0, WRITE, 0, 0, 4096, piece, 2)             # another table
@@ -109,29 +129,19 @@ def test_only_writes_of_the_current_table_inside_the_window_are_taken(backing, g
             assert rw.take(slot, WRITE, 0, 512 * slot, 512, [(0, 0, 512)], 1)
         assert not rw.take(room, WRITE, 0, 0, 4096, piece, 1)          # no room: workers
         rw.submit()
-        done = []
-        while len(done) < room:
-            finished, redo = wait(rw)
-            assert redo == []
-            done += finished
-        assert sorted(done) == [(s, 0, 0) for s in range(room)]
-    finally:
-        rw.close()
+        done, redo = collect(rw, room)
+        assert redo == [] and sorted(done) == [(s, 0, 0) for s in range(room)]
 
 
 def test_a_write_the_ring_could_not_finish_goes_to_the_workers_whole(backing, guest):
     memory, _ = guest
-    rw = ring_for(backing, 2)
-    try:
-        rw.set_memory(memory)
+    with ring_over(backing, memory, 2) as rw:
         rw.backing = type("Gone", (), {"fd": 999_999, "start": 0,
                                        "check_window": backing.check_window})()
         assert rw.take(1, WRITE, 0, 512, 1024, [(0, 0, 1024)], 1)
         rw.submit()
         finished, redo = wait(rw)
         assert finished == [] and redo == [(1, WRITE, 0, 512, 1024, [(0, 0, 1024)], 1)]
-    finally:
-        rw.close()
 
 
 class Pool:
@@ -258,29 +268,23 @@ def test_a_real_chain_whose_fdatasync_fails_goes_to_the_workers(backing, guest):
     """On a real ring: writes into a pipe go through, the fdatasync of a pipe fails
     (EINVAL), so the chain's writes are handed back, not completed."""
     memory, _ = guest
-    rw = ring_for(backing, 4)
     r, w = os.pipe()
     try:
-        rw.set_memory(memory)
-        rw.backing = type("Pipe", (), {"fd": w, "start": 0,
-                                       "check_window": backing.check_window})()
-        assert rw.take(1, WRITE, FLAG_SYNC, 0, 512, [(0, 0, 512)], 1)
-        assert rw.take(2, WRITE, FLAG_SYNC, 512, 512, [(0, 0, 512)], 1)
-        rw.submit()
-        redo = []
-        while len(redo) < 2:
-            finished, more = wait(rw)
-            assert finished == []
-            redo += more
-        assert [req[0] for req in redo] == [1, 2]
-        assert len(os.read(r, 4096)) == 1024         # both writes ran before the fdatasync
+        with ring_over(backing, memory, 4) as rw:
+            rw.backing = type("Pipe", (), {"fd": w, "start": 0,
+                                           "check_window": backing.check_window})()
+            assert rw.take(1, WRITE, FLAG_SYNC, 0, 512, [(0, 0, 512)], 1)
+            assert rw.take(2, WRITE, FLAG_SYNC, 512, 512, [(0, 0, 512)], 1)
+            rw.submit()
+            finished, redo = collect(rw, 2)
+            assert finished == [] and [req[0] for req in redo] == [1, 2]
+            assert len(os.read(r, 4096)) == 1024     # both writes ran before the fdatasync
     finally:
-        rw.close()
         os.close(r)
         os.close(w)
 
 
-def test_no_ring_for_a_direct_or_read_only_disk_or_when_turned_off(tmp_path, monkeypatch):
+def test_no_ring_for_a_read_only_disk_or_when_turned_off(tmp_path, monkeypatch):
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(1 << 20))
     with open_local(parse_acrn(f"{path},ro")) as ro:
@@ -335,46 +339,30 @@ def direct(tmp_path):
 
 def test_an_o_direct_disk_reads_and_writes_on_its_ring(direct, guest):
     memory, ram = guest
-    rw = ring_for(direct, 8)
-    assert rw is not None and rw.reads
-    try:
-        rw.set_memory(memory)
+    with ring_over(direct, memory, 8) as rw:
+        assert rw.reads
         ram[8192:12288] = b"D" * 4096
         assert rw.take(1, READ, FLAG_SYNC, 4096, 4096, [(0, 0, 4096)], 1)    # (reads are
         assert rw.take(2, WRITE, 0, 65536, 4096, [(0, 8192, 4096)], 1)       # never chained)
         rw.submit()
-        done = []
-        while len(done) < 2:
-            finished, redo = wait(rw)
-            assert redo == []
-            done += finished
-        assert sorted(done) == [(1, 0, 0), (2, 0, 0)]
+        done, redo = collect(rw, 2)
+        assert redo == [] and sorted(done) == [(1, 0, 0), (2, 0, 0)]
         assert ram[0:4096] == bytes(range(256)) * 16
         with open(direct.info.path, "rb") as f:           # (not through the O_DIRECT fd)
             assert os.pread(f.fileno(), 4096, 65536) == b"D" * 4096
-    finally:
-        rw.close()
 
 
 def test_a_misaligned_o_direct_buffer_goes_to_the_workers(direct, guest):
     """O_DIRECT refuses a buffer that is not aligned (EINVAL): the worker bounces it."""
     memory, _ = guest
-    rw = ring_for(direct, 8)
-    try:
-        rw.set_memory(memory)
+    with ring_over(direct, memory, 8) as rw:
         assert rw.take(3, READ, 0, 0, 4096, [(0, 100, 4096)], 1)
         rw.submit()
         finished, redo = wait(rw)
         assert finished == [] and redo == [(3, READ, 0, 0, 4096, [(0, 100, 4096)], 1)]
-    finally:
-        rw.close()
 
 
 def test_a_buffered_disk_keeps_its_reads_for_the_loop_and_the_workers(backing, guest):
     memory, _ = guest
-    rw = ring_for(backing, 8)
-    try:
-        rw.set_memory(memory)
+    with ring_over(backing, memory, 8) as rw:
         assert not rw.reads and not rw.take(1, READ, 0, 0, 4096, [(0, 0, 4096)], 1)
-    finally:
-        rw.close()
