@@ -33,6 +33,8 @@ import os
 import platform
 import struct
 
+from vblk.backing.syscalls import libc
+
 _SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427      # x86-64 (and every arch since 5.1)
 _OFF_SQ_RING, _OFF_SQES = 0, 0x10000000
 _FEAT_SINGLE_MMAP, _FEAT_NODROP, _FEAT_SUBMIT_STABLE = 1 << 0, 1 << 1, 1 << 2
@@ -63,15 +65,12 @@ class _Params(ctypes.Structure):
                 ("cq_off", ctypes.c_uint32 * 8), ("cq_user_addr", ctypes.c_uint64)]
 
 
-_libc = None
+_libc_syscall = libc.syscall
+_libc_syscall.restype = ctypes.c_long
 
 
 def _syscall(*args) -> int:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-    ret = _libc.syscall(*args)
+    ret = _libc_syscall(*args)
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

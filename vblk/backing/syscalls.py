@@ -25,8 +25,8 @@ _RANGE = struct.Struct("=QQ")
 
 ZERO_CHUNK = 1 << 20              # the pwritev fallback writes at most this much per call
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
+libc = ctypes.CDLL(None, use_errno=True)      # this process's libc, errno kept (vblk.uring too)
+_fallocate = libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
 
