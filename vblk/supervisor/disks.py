@@ -355,10 +355,10 @@ class ServedDisk:
             self.engine.collect = dloop.guarded(data.collect)
             self.engine.refill = dloop.guarded(data.refill)
             router.add(self.engine)
+            if self.engine.ring is not None:
+                dloop.watch(self.engine.ring.completion_fd, data.on_completions, "engine")
         else:
             dloop.watch(self.engine.completion_fd, data.on_completions, "engine")
-        if isinstance(self.engine, SlotShare) and self.engine.ring is not None:
-            dloop.watch(self.engine.ring.completion_fd, data.on_completions, "engine")
         if self.control is not None:
             DiskOps(self.device, backing, data, link, self.stats).register(self.control)
             dloop.watch(self.control.fileno(), self.control.on_readable, "frontend")

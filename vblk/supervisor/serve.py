@@ -172,8 +172,7 @@ def _awaiting(pool: WorkerPool | None, disks: list[ServedDisk]) -> Callable[[], 
     workers, the in-process engines (RBD's) and the write rings together (of the disks served
     at the start: one added at run time is not counted)."""
     running = [d.engine.running for d in disks if isinstance(d.engine, InProcessEngine)]
-    running += [d.engine.ring.running for d in disks
-                if isinstance(d.engine, SlotShare) and d.engine.ring is not None]
+    running += [ring.running for ring in _rings(disks)]
     if not running:
         return pool.awaiting if pool is not None else (lambda: False)
 
@@ -189,15 +188,16 @@ def _crowded(disks: list[ServedDisk]) -> Callable[[], bool]:
     """The loop's ``crowded`` (vblk.supervisor.loop, Polling gives way): more than
     AWAIT_AT_MOST requests on the rings of buffered disks served at the start (an O_DIRECT
     disk's ring needs no kernel thread: its requests are the device's time)."""
-    running = [d.engine.ring.running for d in disks
-               if isinstance(d.engine, SlotShare) and d.engine.ring is not None
-               and not d.engine.ring.reads]
+    running = [ring.running for ring in _rings(disks) if not ring.reads]
     if not running:
         return lambda: False
-    if len(running) == 1:
-        only = running[0]
-        return lambda: len(only) > AWAIT_AT_MOST
     return lambda: sum(map(len, running)) > AWAIT_AT_MOST
+
+
+def _rings(disks: list[ServedDisk]) -> list:
+    """The io_uring (vblk.supervisor.ringio) of each disk that has one."""
+    return [d.engine.ring for d in disks
+            if isinstance(d.engine, SlotShare) and d.engine.ring is not None]
 
 
 def _soonest(disks: list[ServedDisk]) -> float:
