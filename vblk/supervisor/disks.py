@@ -155,7 +155,7 @@ class SlotShare:
         self.done: list[tuple[int, int, int]] = []      # filled by the CompletionRouter
         self.collect = lambda: None        # the disk's: complete what is in ``done``
         self.refill = lambda: None         # the disk's: give its free slots to its rings
-        self.ring = ring                   # its buffered writes' io_uring, if any
+        self.ring = ring                   # its io_uring (vblk.supervisor.ringio), if any
 
     def post(self, slot: int, op: int, flags: int, offset: int, length: int, pieces: Pieces,
              generation: int) -> None:

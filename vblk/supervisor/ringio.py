@@ -23,10 +23,9 @@ linked into one chain (IOSQE_IO_LINK: each starts when the one before it wrote e
 that ends with an fdatasync, so that fdatasync covers every one of them, and none completes
 before it returned 0. The chain is queued as a whole at the drain's ``submit``, after the
 drain's other requests, so nothing else falls inside it. Flushes, discards and zeroes keep
-the workers. Nothing orders
-requests in flight against each other, and FLUSH covers what has *completed* before it: a
-write reaped from the ring is in the page cache (or on the device), where the worker's
-``fdatasync`` finds it.
+the workers. Nothing orders requests in flight against each other, and FLUSH covers what
+has *completed* before it: a write reaped from the ring is in the page cache (or on the
+device), where the worker's ``fdatasync`` finds it.
 
 A request that is short or fails (ENOSPC, EIO, EINVAL for an O_DIRECT buffer that is not
 aligned, anything), or a write whose chain's fdatasync did not return 0 (it failed, or was
@@ -70,7 +69,7 @@ def ring_for(backing, slots: int) -> RingIO | None:
     try:
         ring = Ring(2 << max(slots - 1, 1).bit_length())    # writes and their fdatasyncs
     except OSError as exc:
-        log.info("event=no_write_ring reason=%s", quote(str(exc)))
+        log.info("event=no_io_ring reason=%s", quote(str(exc)))
         return None
     return RingIO(backing, ring, reads=backing.direct)
 
@@ -79,7 +78,7 @@ _GROUP = 1 << 32          # the user data of a chain's fdatasync: _GROUP | its n
 
 
 class RingIO:
-    """One disk's writes on its own io_uring; see the module doc."""
+    """One disk's writes (and O_DIRECT reads) on its own io_uring; see the module doc."""
 
     def __init__(self, backing: FileBacking, ring: Ring, reads: bool = False) -> None:
         self.backing = backing
@@ -137,7 +136,7 @@ class RingIO:
         self.ring.submit()
 
     def reap(self) -> tuple[list[tuple[int, int, int]], list[tuple]]:
-        """(slot, status, errno) of the writes done, and the requests to post to the workers
+        """(slot, status, errno) of the requests done, and those to post to the workers
         instead (short or failed, or their chain's fdatasync did not succeed: see the module
         doc)."""
         done, redo = [], []
@@ -167,7 +166,7 @@ class RingIO:
             else:
                 redo.append(request)
         if redo:
-            log.info("event=ring_writes_retried count=%d", len(redo))
+            log.info("event=ring_requests_retried count=%d", len(redo))
         return done, redo
 
     def set_memory(self, memory: GuestMemory) -> None:
