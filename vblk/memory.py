@@ -86,6 +86,10 @@ class GuestMemory:
         self.regions = regions
         self.generation = generation
         self._last = 0                 # the region the last translation found
+        # (first guest-physical address, end, mapping offset minus gpa) of each region: what
+        # ``locate`` reads per buffer, without the attribute chains
+        self._spans = [(r.desc.guest_phys_addr, r.desc.guest_phys_addr + r.desc.memory_size,
+                        r.desc.mmap_offset - r.desc.guest_phys_addr) for r in regions]
 
     @classmethod
     def empty(cls) -> GuestMemory:
@@ -108,6 +112,7 @@ class GuestMemory:
         for r in self.regions:
             _unmap(r)
         self.regions = []
+        self._spans = []
 
     # -- translation ---------------------------------------------------------------------
     def _find_gpa(self, gpa: int) -> int:
@@ -137,18 +142,15 @@ class GuestMemory:
         question; anything it refuses goes through ``translate``, which says why."""
         if length <= 0:
             return None
-        last = self._last
-        regions = self.regions
-        if last < len(regions):                   # the region the last lookup found
-            r = regions[last]
-            lo = r.desc.guest_phys_addr
-            if lo <= gpa and gpa + length <= lo + r.desc.memory_size:
-                return last, r.desc.mmap_offset + gpa - lo
-        for i, r in enumerate(regions):
-            lo = r.desc.guest_phys_addr
-            if lo <= gpa and gpa + length <= lo + r.desc.memory_size:
+        spans, last = self._spans, self._last
+        if last < len(spans):                     # the region the last lookup found
+            lo, hi, shift = spans[last]
+            if lo <= gpa and gpa + length <= hi:
+                return last, gpa + shift
+        for i, (lo, hi, shift) in enumerate(spans):
+            if lo <= gpa and gpa + length <= hi:
                 self._last = i
-                return i, r.desc.mmap_offset + gpa - lo
+                return i, gpa + shift
         return None
 
     def translate_qva(self, qva: int, length: int) -> tuple[int, int]:
