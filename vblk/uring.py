@@ -38,12 +38,15 @@ from vblk.backing.syscalls import libc
 _SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427      # x86-64 (and every arch since 5.1)
 _OFF_SQ_RING, _OFF_SQES = 0, 0x10000000
 _FEAT_SINGLE_MMAP, _FEAT_NODROP, _FEAT_SUBMIT_STABLE = 1 << 0, 1 << 1, 1 << 2
-_NEEDED = _FEAT_SINGLE_MMAP | _FEAT_NODROP | _FEAT_SUBMIT_STABLE
+_FEAT_RW_CUR_POS = 1 << 3                    # Linux 5.6, with IORING_OP_READ and _WRITE
+_NEEDED = _FEAT_SINGLE_MMAP | _FEAT_NODROP | _FEAT_SUBMIT_STABLE | _FEAT_RW_CUR_POS
 IOVECS_KEPT = 64                             # iovecs per SQE in the standing area (see writev)
 _REGISTER_EVENTFD = 4
 _ENTER_GETEVENTS = 1 << 0
 _SQ_CQ_OVERFLOW = 1 << 1
 OP_READV, OP_WRITEV, OP_FSYNC = 1, 2, 3
+OP_READ, OP_WRITE = 22, 23                   # one buffer, no iovec
+_ONE_BUFFER = {OP_READV: OP_READ, OP_WRITEV: OP_WRITE}
 _SQE_IO_LINK = 1 << 2                        # the next SQE starts only after this one succeeded
 _FSYNC_DATASYNC = 1
 _MAP_POPULATE = 0x8000
@@ -52,6 +55,7 @@ _SQE = struct.Struct("=BBHiQQIIQHHiQQ")      # opcode flags ioprio fd off addr l
 _CQE = struct.Struct("=QiI")                 # user_data res flags                (user_data ...)
 _U32 = struct.Struct("=I")
 _IOVEC = struct.Struct("=QQ")
+_SQE_SIZE, _IOVEC_SIZE = _SQE.size, _IOVEC.size
 
 
 class _Params(ctypes.Structure):
@@ -99,7 +103,8 @@ class Ring:
         try:
             if params.features & _NEEDED != _NEEDED:
                 raise OSError(errno.ENOSYS, "this kernel's io_uring is too old (no single "
-                                            "mmap, no-drop completions or stable submissions)")
+                                            "mmap, no-drop completions, stable submissions "
+                                            "or IORING_OP_WRITE: Linux 5.6)")
             so, co = list(params.sq_off), list(params.cq_off)
             size = max(so[6] + params.sq_entries * 4, co[5] + params.cq_entries * _CQE.size)
             prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_POPULATE
@@ -159,20 +164,28 @@ class Ring:
 
     def _rw(self, opcode: int, tag: int, fd: int, offset: int, iov: list[tuple[int, int]],
             link: bool) -> None:
-        index = self._next()
-        if len(iov) <= IOVECS_KEPT:
+        if self.in_flight >= self.entries:
+            raise OSError(errno.EBUSY, "the ring is full")
+        index = self._tail & self._sq_mask
+        count = len(iov)
+        if count == 1:                      # one buffer: IORING_OP_READ / _WRITE, no iovec
+            opcode = _ONE_BUFFER[opcode]
+            addr, count = iov[0]
+        elif count <= IOVECS_KEPT:
             area, at = self._iov_area, index * IOVECS_KEPT * _IOVEC.size
-            for addr, n in iov:
-                _IOVEC.pack_into(area, at, addr, n)
-                at += _IOVEC.size
-            iov_addr = self._iov_at + index * IOVECS_KEPT * _IOVEC.size
+            addr = self._iov_at + at
+            for piece in iov:
+                _IOVEC.pack_into(area, at, *piece)
+                at += _IOVEC_SIZE
         else:
-            arr = self._iov_more[index] = (ctypes.c_uint64 * (2 * len(iov)))(
+            arr = self._iov_more[index] = (ctypes.c_uint64 * (2 * count))(
                 *(x for pair in iov for x in pair))
-            iov_addr = ctypes.addressof(arr)
-        _SQE.pack_into(self._sqes, index * _SQE.size, opcode, _SQE_IO_LINK if link else 0,
-                       0, fd, offset, iov_addr, len(iov), 0, tag, 0, 0, 0, 0, 0)
-        self._queued()
+            addr = ctypes.addressof(arr)
+        _SQE.pack_into(self._sqes, index * _SQE_SIZE, opcode, _SQE_IO_LINK if link else 0,
+                       0, fd, offset, addr, count, 0, tag, 0, 0, 0, 0, 0)
+        self._tail = (self._tail + 1) & 0xFFFFFFFF
+        self._unsubmitted += 1
+        self.in_flight += 1
 
     def fdatasync(self, tag: int, fd: int) -> None:
         """Queue an fdatasync of ``fd`` (the end of a chain of linked writes: it covers them)."""

@@ -299,8 +299,9 @@ def test_no_ring_for_a_read_only_disk_or_when_turned_off(tmp_path, monkeypatch):
         assert ring_for(b, 4) is None
 
 
-def test_iovec_lists_short_and_longer_than_the_standing_area(tmp_path, guest):
-    """Each SQE's list has a standing place of IOVECS_KEPT; a longer one its own array."""
+def test_iovec_lists_of_one_short_and_longer_than_the_standing_area(tmp_path, guest):
+    """One buffer goes without an iovec (IORING_OP_WRITE / _READ); each SQE's list has a
+    standing place of IOVECS_KEPT; a longer one its own array."""
     from vblk.uring import IOVECS_KEPT
     memory, ram = guest
     n = IOVECS_KEPT + 6
@@ -314,14 +315,21 @@ def test_iovec_lists_short_and_longer_than_the_standing_area(tmp_path, guest):
         for _ in range(3):                     # the same SQE places, used again
             ring.writev(1, fd, 0, long_list)
             ring.writev(2, fd, 512 * n, long_list[:3])
+            ring.writev(3, fd, 512 * (n + 3), long_list[5:6])
             ring.submit()
             got = []
-            while len(got) < 2:
+            while len(got) < 3:
                 assert select.select([ring.event_fd], [], [], 5)[0]
                 got += ring.completions()
-            assert sorted(got) == [(1, 512 * n), (2, 1536)]
+            assert sorted(got) == [(1, 512 * n), (2, 1536), (3, 512)]
         want = b"".join(bytes([k % 251 + 1]) * 512 for k in range(n))
-        assert os.pread(fd, 512 * (n + 3), 0) == want + want[:1536]
+        assert os.pread(fd, 512 * (n + 4), 0) == want + want[:1536] + want[2560:3072]
+        ram[0:512] = bytes(512)
+        ring.readv(4, fd, 512 * (n + 3), long_list[:1])       # one buffer back in
+        ring.submit()
+        assert select.select([ring.event_fd], [], [], 5)[0]
+        assert ring.completions() == [(4, 512)]
+        assert bytes(ram[0:512]) == want[2560:3072]
     finally:
         ring.close()
         os.close(fd)

@@ -98,6 +98,10 @@ class InFlight:
     rtype: int = 0
     t0: int = 0                  # time.monotonic_ns() at admission
     pieces: Pieces | None = None     # a read's buffers (for the dirty log)
+    # the status byte in the memory table of ``generation``: (region, offset in its mapping)
+    status_region: int = -1
+    status_off: int = 0
+    generation: int = -1
 
 
 # Turns. Reads the page cache holds complete inside the drain and free no slot, so without a
@@ -273,7 +277,8 @@ class DataPath:
                     else:
                         rtype = _IN if op == _READ else _OUT
                         self.live.started(q, rtype, length)
-                        self._post(q, head, op, 0, offset, length, pieces, status_addr, rtype)
+                        self._post(q, head, op, 0, offset, length, pieces, status_addr, rtype,
+                                   status_region, status_off)
                 ring.set_kicks_wanted(True)
                 if dirty is not None:           # avail_event lives in the used ring
                     dirty.mark(ring.used_gpa, ring.used_bytes)
@@ -343,8 +348,9 @@ class DataPath:
             self.live.finished(q, req.type, BlkStatus.OK, 0)
             return True
         flags = FLAG_UNMAP if plan.unmap else 0
+        where = self.memory.locate(req.status_addr, 1) or (-1, 0)
         self._post(q, head, plan.op, flags, plan.offset, plan.length, pieces, req.status_addr,
-                   req.type)
+                   req.type, *where)
         return False
 
     def _complete_now(self, q: int, ring: SplitRing, head: int, req, plan: Completion) -> None:
@@ -371,16 +377,20 @@ class DataPath:
         self.live.finished(q, req.type, plan.status, 0)
 
     def _post(self, q: int, head: int, op: int, flags: int, offset: int, length: int,
-              pieces: Pieces, status_addr: int, rtype: int) -> None:
-        """Hand a request to the engine under a free slot number."""
+              pieces: Pieces, status_addr: int, rtype: int, status_region: int,
+              status_off: int) -> None:
+        """Hand a request to the engine under a free slot number (its status byte at
+        ``status_region``/``status_off`` of the current memory table, region -1: unknown)."""
         slot = self.free.popleft()
         self.held[q] += 1
         if not self.device.writeback:
             flags |= FLAG_SYNC
         used = length + 1 if op == _READ else 1
+        generation = self.memory.generation
         self.inflight[slot] = InFlight(q, head, status_addr, used, rtype, time.monotonic_ns(),
-                                       pieces if op == _READ else None)
-        self.engine.post(slot, op, flags, offset, length, pieces, self.memory.generation)
+                                       pieces if op == _READ else None, status_region,
+                                       status_off, generation)
+        self.engine.post(slot, op, flags, offset, length, pieces, generation)
 
     def _read_cached(self, read_cached, offset: int, pieces: Pieces) -> bool:
         bufs = self.memory.iovecs(pieces)
@@ -439,7 +449,11 @@ class DataPath:
         if ring is None:
             return None
         try:
-            self.memory.write(info.status_addr, bytes((status,)))
+            memory = self.memory
+            if info.generation == memory.generation and info.status_region >= 0:
+                memory.regions[info.status_region].view[info.status_off] = status
+            else:                           # the table changed (a stop that timed out)
+                memory.write(info.status_addr, bytes((status,)))
             used = info.used_len if status == BlkStatus.OK else 1
             dirty = self.dirty
             if dirty is not None:           # what the worker read in, and the status
