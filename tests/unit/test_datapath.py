@@ -11,6 +11,7 @@ from vblk.memory import GuestMemory
 from vblk.ratelimit import Limits
 from vblk.supervisor.datapath import DRAIN_QUANTUM
 from vblk.testing.inprocess import InProcessDisk
+from vblk.vhost_user.messages import MemRegion
 from vblk.virtio.blk import DISCARD_SEGMENT
 from vblk.virtio.constants import BLK_ID_BYTES, BlkStatus, BlkType
 
@@ -165,6 +166,28 @@ def test_a_slot_for_a_memory_table_the_engine_does_not_have_fails_cleanly():
         finally:
             disk.engine.memory = current
         assert disk.read(0, 4096).data == b"m" * 4096
+
+
+def test_a_status_goes_to_its_guest_address_in_a_table_that_changed_in_flight():
+    """The status byte is written where admission found it, unless the memory table changed
+    meanwhile (a ring stop that timed out): then at its guest address in the new table."""
+    with InProcessDisk() as disk:
+        (whole,) = disk.ram.regions
+        assert whole.guest_phys_addr == 0 and whole.mmap_offset == 0
+        cut = [MemRegion(0, MiB, whole.userspace_addr, 0),            # region 0 ends at 1 MiB
+               MemRegion(MiB, whole.memory_size - MiB, whole.userspace_addr + MiB, MiB)]
+        tag = disk.submit(BlkType.OUT, 0, data=b"s" * 4096)     # its header is past 1 MiB
+        disk.kick()                       # taken, run and finished by the engine; not reaped
+        new = GuestMemory.from_fds(cut, [disk.ram.fd, disk.ram.fd], disk.memory.generation + 1)
+        old, disk.data.memory = disk.data.memory, new
+        try:
+            disk.serve()                 # region 0 of the new table cannot hold that offset
+        finally:
+            disk.data.memory = old
+            new.close()
+        answer = disk.answers.pop(tag)
+        assert (answer.status, answer.used_len) == (BlkStatus.OK, 1)
+        assert store_bytes(disk, 0, 4096) == b"s" * 4096
 
 
 def test_a_driver_refilling_as_fast_as_reads_are_copied_gets_turns_not_the_loop():
