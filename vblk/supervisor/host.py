@@ -46,6 +46,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from vblk.backing.rbd_spec import is_rbd
 from vblk.errors import ConfigError, VblkError
@@ -74,6 +75,9 @@ class Host:
         self.loop: EventLoop | None = None
         self.router: CompletionRouter | None = None
         self.started = time.monotonic()
+        # after a disk is added or removed: the loop's request counts take the disks served
+        # now (vblk.supervisor.serve)
+        self.on_disks_changed: Callable[[], None] = lambda: None
 
     def start(self, loop: EventLoop, router: CompletionRouter | None) -> None:
         """Every disk's rooms on the loop (their sockets are open)."""
@@ -134,6 +138,7 @@ class Host:
             self.pool.add_disk(number, disk.backing)
             self.disks.append(disk)
             disk.build(self.loop, self.router)
+            self.on_disks_changed()
             log.info("event=disk_added number=%d slots=%d..%d socket=%s", number + 1, base,
                      base + disk.config.slots - 1, quote(disk.config.socket_path))
             log.info("event=listening workers=%d slots=%d", disk.stats.workers, disk.config.slots)
@@ -201,6 +206,7 @@ class Host:
             in_flight = len(disk.data.inflight)
             left = disk.withdraw(self.router)
             self.disks.remove(disk)
+            self.on_disks_changed()
             self.pool.remove_disk(disk.number)
             disk.release()
             share = disk.engine

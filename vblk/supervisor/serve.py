@@ -139,8 +139,13 @@ def _run(host: Host, host_control) -> None:
             pool.attach(loop)
             loop.watch(pool.completion_fd, router.on_completions, "engine")
         host.start(loop, router)
-        loop.awaiting = _awaiting(pool, disks)
-        loop.crowded = _crowded(disks)
+
+        def count_requests() -> None:
+            """The loop's ``awaiting`` and ``crowded`` over the disks served now."""
+            loop.awaiting = _awaiting(pool, disks)
+            loop.crowded = _crowded(disks)
+        count_requests()
+        host.on_disks_changed = count_requests
         if host_control is not None:
             loop.watch(host_control.fileno(), host_control.on_readable, "frontend")
         with loop.signals():
@@ -169,8 +174,8 @@ def _run(host: Host, host_control) -> None:
 
 def _awaiting(pool: WorkerPool | None, disks: list[ServedDisk]) -> Callable[[], bool]:
     """The loop's ``awaiting`` (vblk.supervisor.loop, Waiting polls): a few requests at the
-    workers, the in-process engines (RBD's) and the write rings together (of the disks served
-    at the start: one added at run time is not counted)."""
+    workers, the in-process engines (RBD's) and the disks' io_urings together (of ``disks``
+    as the list is now: made again after a disk add or remove)."""
     running = [d.engine.running for d in disks if isinstance(d.engine, InProcessEngine)]
     running += [ring.running for ring in _rings(disks)]
     if not running:
@@ -186,8 +191,9 @@ def _awaiting(pool: WorkerPool | None, disks: list[ServedDisk]) -> Callable[[], 
 
 def _crowded(disks: list[ServedDisk]) -> Callable[[], bool]:
     """The loop's ``crowded`` (vblk.supervisor.loop, Polling gives way): more than
-    AWAIT_AT_MOST requests on the rings of buffered disks served at the start (an O_DIRECT
-    disk's ring needs no kernel thread: its requests are the device's time)."""
+    AWAIT_AT_MOST requests on the rings of buffered disks (of ``disks`` as the list is now: made
+    again after a disk add or remove; an O_DIRECT disk's ring needs no kernel thread: its
+    requests are the device's time)."""
     running = [ring.running for ring in _rings(disks) if not ring.reads]
     if not running:
         return lambda: False
