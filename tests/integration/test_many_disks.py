@@ -357,6 +357,52 @@ def test_a_disk_whose_stop_waits_for_stalled_io_does_not_hold_up_another(tmp_pat
     assert tag and server.proc.poll() is None
 
 
+def test_a_stop_that_gives_up_leaves_its_write_to_finish_without_touching_the_next_driver(
+        tmp_path, serve_many):
+    """A frontend stops its ring while its write sits at a stopped worker, and the stop gives
+    up (VBLK_STOP_TIMEOUT=1): the write is orphaned. A new frontend connects (a new memory
+    table: the old one stays mapped for the write) and starts the ring again before the write
+    finishes; when it does, nothing reaches the new driver (its client fails on a used id it
+    did not post), and its own I/O is served."""
+    (img,) = images(tmp_path, 1)
+    socks, _, server = serve_many([img], workers=2, env={"VBLK_URING": "0",
+                                                         "VBLK_STOP_TIMEOUT": "1"})
+    workers = worker_pids(server.proc.pid)
+    with BlkClient.connect(socks[0], ram_mib=32, timeout=30) as a:
+        assert a.write(0, bytes(4096)).status == BlkStatus.OK
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            a.submit(BlkType.OUT, 800, data=os.urandom(4096))
+            time.sleep(0.2)                               # the write is at a stopped worker
+            started = time.monotonic()
+            assert a.frontend.get_vring_base(0) == 2      # taken, and given up on
+            assert 0.9 < time.monotonic() - started < 10
+        except BaseException:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+            raise
+    try:
+        with BlkClient.connect(socks[0], ram_mib=32, timeout=30) as b:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 20
+            while "event=orphan_finished" not in server.log(100_000):
+                assert time.monotonic() < deadline, "the orphaned write never finished"
+                time.sleep(0.05)
+            block = os.urandom(4096)
+            assert b.write(8, block).status == BlkStatus.OK
+            r = b.read(8, 4096)
+            assert (r.status, r.data) == (BlkStatus.OK, block)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    log_text = server.log(100_000)
+    assert "event=requests_orphaned queue=0 count=1" in log_text
+    assert "event=memory_table_kept requests=1" in log_text
+    assert server.proc.poll() is None
+
+
 def test_a_configs_old_writeback_key_costs_one_warning_line_naming_the_disk(tmp_path):
     image = tmp_path / "a.img"
     image.write_bytes(bytes(MiB))

@@ -10,9 +10,9 @@ from vblk.device import DiscardLimits
 from vblk.memory import GuestMemory
 from vblk.ratelimit import Limits
 from vblk.supervisor.datapath import DRAIN_QUANTUM
-from vblk.testing.inprocess import InProcessDisk
+from vblk.testing.inprocess import STATUS_UNSET, InProcessDisk
 from vblk.vhost_user.messages import MemRegion
-from vblk.virtio.blk import DISCARD_SEGMENT
+from vblk.virtio.blk import DISCARD_SEGMENT, OUTHDR
 from vblk.virtio.constants import BLK_ID_BYTES, BlkStatus, BlkType
 
 MiB = 1 << 20
@@ -188,6 +188,48 @@ def test_a_status_goes_to_its_guest_address_in_a_table_that_changed_in_flight():
         answer = disk.answers.pop(tag)
         assert (answer.status, answer.used_len) == (BlkStatus.OK, 1)
         assert store_bytes(disk, 0, 4096) == b"s" * 4096
+
+
+def test_a_request_its_ring_stopped_without_finishes_with_no_status_and_frees_its_slot():
+    """A stop that gave up waiting orphans the ring's requests: when one finishes, its slot
+    is free again and nothing reaches the guest (a ring started again on that queue is
+    another driver's)."""
+    with InProcessDisk(slots=4, writeback=True) as disk:
+        tag = disk.submit(BlkType.OUT, 0, data=b"o" * 4096)
+        disk.kick()                               # taken and run; not reaped yet
+        assert disk.data.orphan(0) == 1
+        assert not disk.data.inflight and len(disk.data.free) == 3
+        disk.data.on_completions()
+        assert len(disk.data.free) == 4 and not disk.data.orphans
+        assert disk.drivers[0].used_pending() == 0            # no used element
+        tag_, head_hdr = next(iter(disk._pending.values()))[:2]
+        assert tag_ == tag
+        assert disk.ram.read(head_hdr + OUTHDR.size, 1) == bytes([STATUS_UNSET])
+        assert disk.stats.snapshot()["queues"][0]["in_flight"] == 0
+        assert disk.write(8, b"n" * 4096).status == BlkStatus.OK     # the queue goes on
+
+
+def test_a_memory_table_replaced_with_requests_in_flight_is_unmapped_when_they_finish():
+    """(Tables of the same guest RAM as the rings', so that the rings go on.)"""
+    with InProcessDisk(writeback=True) as disk:
+        def table() -> GuestMemory:
+            t = GuestMemory.from_fds(disk.ram.regions, [disk.ram.fd],
+                                     disk.data.memory.generation + 1)
+            disk.engine.set_memory(t, [], [])
+            return t
+        first = disk.data.memory = table()
+        second = table()
+        disk.data.swap_memory(second)                  # nothing in flight: unmapped at once
+        assert first.regions == [] and disk.data.memory is second
+        tag = disk.submit(BlkType.OUT, 0, data=b"r" * 4096)
+        disk.kick()
+        third = table()
+        disk.data.swap_memory(third)
+        assert second.regions and disk.data.retired == [second]     # the write may use it
+        disk.serve()
+        assert disk.answers.pop(tag).status == BlkStatus.OK
+        assert second.regions == [] and disk.data.retired == []
+        third.close()
 
 
 def test_a_driver_refilling_as_fast_as_reads_are_copied_gets_turns_not_the_loop():

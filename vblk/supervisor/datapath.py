@@ -33,6 +33,14 @@ the limiter says no, the rest stays in the avail ring, the ring is remembered as
 and the loop's timeout (``timeout``/``tick``) drains it again when tokens are due. Every stop
 path is therefore the unlimited one: the avail index never passed a request not admitted.
 
+Requests left behind: a ring's stop waits for its requests in flight, but not forever
+(vblk.supervisor.queues, STOP_TIMEOUT: a hung device). Those still out then are *orphaned*:
+each keeps its slot until it finishes, and then nothing more is done -- no status byte, no
+used element -- as a ring started again on that queue is another driver's, over what may be
+another memory table. A table replaced while requests are in flight (``swap_memory``) stays
+mapped until the last of them has finished: the kernel's io-wq or librbd may still copy into
+it, and a mapping placed at the same address meanwhile would take those bytes.
+
 ``drain`` is the one long function here (~70 lines): it is the per-request hot path, and the
 locals it binds once per drain (memory, geometry, limiter) are what make it fast.
 """
@@ -154,6 +162,8 @@ class DataPath:
         self.free: deque[int] = deque(range(slots))
         self.held = [0] * device.num_queues      # slots each queue's requests hold
         self.inflight: dict[int, InFlight] = {}
+        self.orphans: dict[int, InFlight] = {}   # see Requests left behind
+        self.retired: list[GuestMemory] = []     # tables requests in flight may still use
         self.throttled: set[int] = set()         # rings with requests left waiting for tokens
         self.backlog: set[int] = set()           # rings whose turn ended with requests left
         # turns() -> (peek, every): see Turns. The composition root's peeks at the loop
@@ -257,7 +267,7 @@ class DataPath:
                     op, offset, length, pieces, status_addr, status_region, status_off = simple
                     if limiter is not None:
                         limiter.charge(time.monotonic(), 1, length)
-                    if op == _READ and inline and self._read_cached(read_cached, offset, pieces):
+                    if op == _READ and inline and _read_cached(memory, read_cached, offset, pieces):
                         regions[status_region].view[status_off] = 0
                         if dirty is not None:
                             dirty.mark_pieces(memory, pieces)
@@ -339,7 +349,7 @@ class DataPath:
         if not self.limiter.unlimited:
             self.limiter.charge(time.monotonic(), 1, plan.length)
         if plan.op == Op.READ and self.inline_reads and \
-                self._read_cached(self.backing.read_cached, plan.offset, pieces):
+                _read_cached(self.memory, self.backing.read_cached, plan.offset, pieces):
             self.memory.write(req.status_addr, b"\x00")
             if self.dirty is not None:
                 self.dirty.mark_pieces(self.memory, pieces)
@@ -361,7 +371,7 @@ class DataPath:
         used = 1
         try:
             if plan.fill:
-                self._fill(req.data_in, plan.fill)
+                _fill(self.memory, req.data_in, plan.fill)
                 used += len(plan.fill)
             self.memory.write(req.status_addr, bytes((plan.status,)))
             if self.dirty is not None:
@@ -392,23 +402,6 @@ class DataPath:
                                        status_off, generation)
         self.engine.post(slot, op, flags, offset, length, pieces, generation)
 
-    def _read_cached(self, read_cached, offset: int, pieces: Pieces) -> bool:
-        bufs = self.memory.iovecs(pieces)
-        try:
-            return read_cached(offset, bufs)
-        finally:
-            for b in bufs:
-                b.release()
-
-    def _fill(self, data_in: list[tuple[int, int]], data: bytes) -> None:
-        pos = 0
-        for addr, n in data_in:
-            if pos >= len(data):
-                break
-            chunk = data[pos:pos + n]
-            self.memory.write(addr, chunk)
-            pos += len(chunk)
-
     # -- completions -----------------------------------------------------------------------------
     def on_completions(self) -> None:
         """The engine finished some slots: complete them, then give the freed slots out."""
@@ -434,11 +427,19 @@ class DataPath:
                 touched.add(q)
         for q in touched:
             self.publish(q, self.rings[q])
+        if self.retired and not self.inflight:
+            self._forget_retired()
 
     def _complete(self, slot: int, status: int, err: int) -> int | None:
         info = self.inflight.pop(slot, None)
-        if info is None:                # a re-issued slot finished twice: already done
-            return None
+        if info is None:
+            orphan = self.orphans.pop(slot, None)
+            if orphan is not None:      # its ring is gone: only the slot is given back
+                self.free.append(slot)
+                self.live.finished(orphan.queue, orphan.rtype, status, 0)
+                log.warning("event=orphan_finished queue=%d head=%d", orphan.queue, orphan.head)
+                self._forget_retired()
+            return None                 # (else a re-issued slot finished twice: already done)
         if status != BlkStatus.OK:
             log.warning("event=io_failed queue=%d head=%d errno=%s", info.queue, info.head,
                         errno.errorcode.get(err, err))
@@ -464,6 +465,30 @@ class DataPath:
             used = 0
         ring.put_used(info.head, used)
         return info.queue
+
+    # -- requests left behind (see the module doc) ----------------------------------------------
+    def orphan(self, q: int) -> int:
+        """Queue ``q``'s requests in flight are no longer its ring's; how many there were."""
+        left = [slot for slot, info in self.inflight.items() if info.queue == q]
+        for slot in left:
+            self.orphans[slot] = self.inflight.pop(slot)
+            self.held[q] -= 1
+        return len(left)
+
+    def swap_memory(self, new: GuestMemory) -> None:
+        """Serve from table ``new``; the old one is unmapped once no request is in flight."""
+        old, self.memory = self.memory, new
+        self.retired.append(old)
+        if self.inflight or self.orphans:
+            log.warning("event=memory_table_kept requests=%d reason=requests_in_flight",
+                        len(self.inflight) + len(self.orphans))
+        self._forget_retired()
+
+    def _forget_retired(self) -> None:
+        if self.retired and not self.inflight and not self.orphans:
+            for memory in self.retired:
+                memory.close()
+            self.retired = []
 
     def publish(self, q: int, ring: SplitRing) -> None:
         ring.publish_used()
@@ -510,3 +535,24 @@ class DataPath:
             self.drain(q)                # adds q back if it stalls again
         if not self.throttled:
             self.limiter.flowing(time.monotonic())
+
+
+def _read_cached(memory: GuestMemory, read_cached, offset: int, pieces: Pieces) -> bool:
+    """``Backing.read_cached`` into the request's buffers."""
+    bufs = memory.iovecs(pieces)
+    try:
+        return read_cached(offset, bufs)
+    finally:
+        for b in bufs:
+            b.release()
+
+
+def _fill(memory: GuestMemory, data_in: list[tuple[int, int]], data: bytes) -> None:
+    """Copy ``data`` into the guest's buffers ``data_in`` (as much as they hold)."""
+    pos = 0
+    for addr, n in data_in:
+        if pos >= len(data):
+            break
+        chunk = data[pos:pos + n]
+        memory.write(addr, chunk)
+        pos += len(chunk)

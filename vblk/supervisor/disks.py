@@ -396,8 +396,14 @@ class ServedDisk:
         self.backing.close()
 
     def close(self) -> None:
-        if self.data is not None:
-            self.data.memory.close()
+        data = self.data
+        if data is not None:
+            if data.inflight or data.orphans:   # a stop that gave up: the kernel may copy yet
+                log.error("event=memory_table_kept requests=%d reason=requests_in_flight",
+                          len(data.inflight) + len(data.orphans))
+            else:
+                for memory in (*data.retired, data.memory):
+                    memory.close()
         if self.control is not None:
             self.control.close()
             self.control = None

@@ -17,6 +17,12 @@ the I/O engine's fds (completions and worker deaths) and the other disks' fds ar
 (see vblk.supervisor.loop); this disk's frontend socket, kicks and control socket wait
 until the message is answered.
 
+The wait gives up after STOP_TIMEOUT (an image that stalls: a hung device or NFS server).
+The ring's requests still in flight are then orphaned (``DataPath.orphan``): when they
+finish, their slots are freed and nothing else is done, since a ring started again on that
+queue is another driver's. A table replaced meanwhile stays mapped until they have finished
+(``DataPath.swap_memory``): the kernel or librbd may still copy into it.
+
 Migration (docs/interop/vhost-user.rst; vblk.dirtylog): SET_LOG_BASE maps the dirty log and
 VHOST_F_LOG_ALL switches logging on and off (``set_log``, ``set_logging``); the data path marks
 every page it writes. The image's write lock moves with the guest: when the last ring stops
@@ -46,7 +52,7 @@ from vblk.virtio.ring import SplitRing
 
 log = logging.getLogger("vblk.supervisor")
 
-STOP_TIMEOUT = 60.0            # how long a ring stop waits for I/O in flight
+STOP_TIMEOUT = float(os.environ.get("VBLK_STOP_TIMEOUT", "60"))   # a ring stop's wait for I/O
 
 
 class Queues:
@@ -66,10 +72,13 @@ class Queues:
         self.inflight_queues: dict[int, InflightQueue] = {}
         data.on_broken = self._ring_broken
 
-    def _wait_idle(self, busy) -> None:
-        """Serve completions, worker deaths and the other disks until ``busy()`` is false."""
+    def _wait_idle(self, busy) -> bool:
+        """Serve completions, worker deaths and the other disks until ``busy()`` is false;
+        False if STOP_TIMEOUT passed first."""
         if not self.loop.serve_until(lambda: not busy(), "engine", STOP_TIMEOUT):
             log.error("event=stop_timeout inflight=%d", len(self.data.inflight))
+            return False
+        return True
 
     # -- QueueHost ------------------------------------------------------------------------------
     def set_memory(self, slots: list[MemSlot]) -> None:
@@ -97,8 +106,7 @@ class Queues:
         for ring in data.rings.values():
             ring.detach()
         data.rings = rebuilt
-        old, data.memory = data.memory, new
-        old.close()
+        data.swap_memory(new)
         regions = [[s.region.guest_phys_addr, s.region.memory_size, s.region.userspace_addr,
                     s.region.mmap_offset] for s in slots]
         data.engine.set_memory(new, regions, [s.fd for s in slots])
@@ -146,7 +154,8 @@ class Queues:
         if ring is None:
             return 0
         waited = data.held[index]               # taken and not finished: waited for here
-        self._wait_idle(lambda: data.busy(index))
+        if not self._wait_idle(lambda: data.busy(index)):
+            log.error("event=requests_orphaned queue=%d count=%d", index, data.orphan(index))
         del data.rings[index]
         data.broken.discard(index)
         last = ring.last_avail_idx
