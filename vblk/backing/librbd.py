@@ -65,6 +65,8 @@ _DECLARATIONS = {
     "rbd_aio_get_arg": (c_void_p, [c_void_p]),
     "rbd_aio_release": (None, [c_void_p]),
     "rbd_aio_wait_for_complete": (c_int, [c_void_p]),
+    "rbd_aio_read": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p]),
+    "rbd_aio_write": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p]),
     "rbd_aio_readv": (c_int, [c_void_p, POINTER(iovec), c_int, c_uint64, c_void_p]),
     "rbd_aio_writev": (c_int, [c_void_p, POINTER(iovec), c_int, c_uint64, c_void_p]),
     "rbd_aio_flush": (c_int, [c_void_p, c_void_p]),

@@ -418,7 +418,8 @@ class RbdBacking(Backing):
 
     def submit_pieces(self, tag: int, op: Op, offset: int, pieces, memory) -> None:
         """READ / WRITE straight from the memory table's addresses (the table outlives every
-        request in flight: the data path changes it only when none is)."""
+        request in flight: the data path changes it only when none is). One buffer goes
+        without an iovec (``rbd_aio_read`` / ``_write``)."""
         L = lib()
         comp = c_void_p()
         write = op == Op.WRITE
@@ -427,10 +428,18 @@ class RbdBacking(Backing):
             for _, _, n in pieces:
                 total += n
             self.check_window(offset, total, write)
-            n = len(pieces)
-            iov = (iovec * n)(*memory.addresses(pieces))
             check(L.rbd_aio_create_completion(None, None, byref(comp)), "rbd_aio_create_completion")
             at = self.start + offset
+            if len(pieces) == 1:
+                ((addr, n),) = memory.addresses(pieces)
+                if write:
+                    check(L.rbd_aio_write(self.image, at, n, addr, comp), "rbd_aio_write")
+                else:
+                    check(L.rbd_aio_read(self.image, at, n, addr, comp), "rbd_aio_read")
+                self._running[comp.value] = (tag, (None, None, 0 if write else total))
+                return
+            n = len(pieces)
+            iov = (iovec * n)(*memory.addresses(pieces))
             if write:
                 check(L.rbd_aio_writev(self.image, iov, n, at, comp), "rbd_aio_writev")
                 self._running[comp.value] = (tag, (None, iov, 0))
