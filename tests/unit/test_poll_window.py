@@ -150,23 +150,26 @@ def test_the_loop_does_not_poll_while_the_write_rings_are_crowded():
     assert seen[False] > 0 and seen[True] == 0
 
 
-def test_crowded_counts_the_requests_on_every_buffered_disks_ring(monkeypatch):
+def test_crowded_counts_the_writes_on_every_buffered_disks_ring(monkeypatch):
     from vblk.supervisor.disks import SlotShare
     monkeypatch.setattr(serve, "AWAIT_AT_MOST", 1)
     pool_ = SimpleNamespace(completion_fd=-1)
-    rings = [SimpleNamespace(running={}, reads=False), SimpleNamespace(running={}, reads=False)]
-    direct = SimpleNamespace(running={}, reads=True)      # O_DIRECT: no kernel thread
+    rings = [SimpleNamespace(writes=0, direct=False), SimpleNamespace(writes=0, direct=False)]
+    direct = SimpleNamespace(writes=0, direct=True)       # O_DIRECT: no kernel thread
     disks = [SimpleNamespace(engine=SlotShare(pool_, n, 4 * n, 4, ring)) for n, ring in
              enumerate(rings)]
     disks.append(SimpleNamespace(engine=SlotShare(pool_, 2, 8, 4)))     # no ring
     disks.append(SimpleNamespace(engine=SlotShare(pool_, 3, 12, 4, direct)))
     crowded = serve._crowded(disks)
     assert not crowded()
-    direct.running.update({0: (), 1: (), 2: ()})
+    direct.writes = 3
     assert not crowded()
-    rings[0].running[0] = ()
+    rings[0].writes = 1
     assert not crowded()                        # one write: awaited, not crowded
-    rings[1].running[3] = ()
+    rings[1].writes = 1
     assert crowded()
-    assert serve._crowded(disks[:1])() is False
+    alone = serve._crowded(disks[:1])
+    assert not alone()
+    rings[0].writes = 2
+    assert alone()
     assert serve._crowded([])() is False

@@ -23,7 +23,7 @@ from vblk.uring import Ring, available
 from vblk.vhost_user.messages import MemRegion
 
 RAM = 1 << 20
-WRITE, READ = int(Op.WRITE), int(Op.READ)
+WRITE, READ, FLUSH = int(Op.WRITE), int(Op.READ), int(Op.FLUSH)
 
 
 def test_this_machine_can_have_a_ring():
@@ -121,12 +121,14 @@ def test_a_full_ring_refuses_more():
         os.close(w)
 
 
-def test_only_writes_of_the_current_table_inside_the_window_are_taken(backing, guest):
+def test_only_reads_and_writes_of_the_current_table_inside_the_window_are_taken(backing,
+                                                                                 guest):
     memory, _ = guest
     with ring_over(backing, memory, 4) as rw:
         piece = [(0, 0, 4096)]
-        assert not rw.take(0, READ, 0, 0, 4096, piece, 1)
+        assert not rw.take(0, FLUSH, 0, 0, 0, [], 1)
         assert not rw.take(0, WRITE, 0, 0, 4096, piece, 2)             # another table
+        assert not rw.take(0, READ, 0, 0, 4096, piece, 2)
         assert not rw.take(0, WRITE, 0, backing.reach - 512, 4096, piece, 1)   # past the end
         assert rw.running == {}
         room = rw.ring.entries - 1                # one entry is kept for a chain's fdatasync
@@ -175,16 +177,19 @@ def test_a_share_sends_writes_to_its_ring_and_the_rest_to_the_pool(backing, gues
         share.post(0, WRITE, 0, 8192, 4096, [(0, 0, 4096)], 1)
         share.post(1, WRITE, FLAG_SYNC, 0, 4096, [(0, 0, 4096)], 1)
         share.post(2, WRITE, 0, 4096, 4096, [(0, 0, 4096)], 1)
-        share.post(3, READ, 0, 0, 4096, [(0, 0, 4096)], 1)      # a buffered disk's read
+        share.post(3, READ, 0, 0, 4096, [(0, 65536, 4096)], 1)      # a read the cache missed
+        share.post(4, FLUSH, 0, 0, 0, [], 1)
         share.flush()
-        assert [p[0] for p in pool.posted] == [103]
+        assert [p[0] for p in pool.posted] == [104]
         assert all(p[-1] == 3 for p in pool.posted)
-        assert sorted(share.ring.running) == [0, 1, 2]
+        assert sorted(share.ring.running) == [0, 1, 2, 3]
+        assert share.ring.writes == 3
         done = []
-        while len(done) < 3:
+        while len(done) < 4:
             assert select.select([share.ring.completion_fd], [], [], 5)[0]
             done += share.reap()
-        assert sorted(done) == [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
+        assert sorted(done) == [(0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0)]
+        assert share.ring.writes == 0
         assert os.pread(backing.fd, 4096, 8192) == os.pread(backing.fd, 4096, 0) == b"W" * 4096
         assert share.ring.running == {}
     finally:
@@ -223,7 +228,6 @@ def test_durable_writes_are_one_chain_that_completes_only_when_its_fdatasync_ret
     ring = FakeRing()
     rw = RingIO(backing, ring)
     rw.set_memory(memory)
-    rw.reads = True                                  # (as on an O_DIRECT disk)
     assert rw.take(4, WRITE, FLAG_SYNC, 4096 * 4, 4096, [(0, 0, 4096)], 1)
     assert rw.take(7, READ, FLAG_SYNC, 0, 4096, [(0, 0, 4096)], 1)
     assert rw.take(5, WRITE, FLAG_SYNC, 4096 * 5, 4096, [(0, 0, 4096)], 1)
@@ -237,9 +241,10 @@ def test_durable_writes_are_one_chain_that_completes_only_when_its_fdatasync_ret
                            ("fdatasync", sync_tag)]
     ring.cqes = [(7, 4096), (8, 4096), (4, 4096), (5, 4096), (6, 4096)]
     assert rw.reap() == ([(7, 0, 0), (8, 0, 0)], [])   # 4-6 written, not yet durable
+    assert rw.writes == 3
     ring.cqes = [(sync_tag, 0)]
     assert rw.reap() == ([(4, 0, 0), (5, 0, 0), (6, 0, 0)], [])
-    assert rw.running == {}
+    assert rw.running == {} and rw.writes == 0
 
 
 def test_a_chain_that_fell_short_or_whose_fdatasync_failed_goes_to_the_workers(backing,
@@ -353,7 +358,7 @@ def direct(tmp_path):
 def test_an_o_direct_disk_reads_and_writes_on_its_ring(direct, guest):
     memory, ram = guest
     with ring_over(direct, memory, 8) as rw:
-        assert rw.reads
+        assert rw.direct
         ram[8192:12288] = b"D" * 4096
         assert rw.take(1, READ, FLAG_SYNC, 4096, 4096, [(0, 0, 4096)], 1)    # (reads are
         assert rw.take(2, WRITE, 0, 65536, 4096, [(0, 8192, 4096)], 1)       # never chained)
@@ -375,7 +380,18 @@ def test_a_misaligned_o_direct_buffer_goes_to_the_workers(direct, guest):
         assert finished == [] and redo == [(3, READ, 0, 0, 4096, [(0, 100, 4096)], 1)]
 
 
-def test_a_buffered_disk_keeps_its_reads_for_the_loop_and_the_workers(backing, guest):
-    memory, _ = guest
+def test_a_read_the_page_cache_missed_comes_back_from_a_buffered_disks_ring(backing, guest):
+    memory, ram = guest
+    os.pwrite(backing.fd, b"R" * 4096 + b"S" * 4096, 8192)
+    os.fsync(backing.fd)
+    os.posix_fadvise(backing.fd, 0, 0, os.POSIX_FADV_DONTNEED)      # (a hint: may stay)
     with ring_over(backing, memory, 8) as rw:
-        assert not rw.reads and not rw.take(1, READ, 0, 0, 4096, [(0, 0, 4096)], 1)
+        assert not rw.direct
+        assert rw.take(1, READ, 0, 8192, 8192, [(0, 4096, 4096), (0, 0, 4096)], 1)
+        assert rw.take(2, READ, 0, 12288, 4096, [(0, 16384, 4096)], 1)
+        assert rw.writes == 0                  # (reads are not io-wq's copies: not crowded)
+        rw.submit()
+        done, redo = collect(rw, 2)
+        assert redo == [] and sorted(done) == [(1, 0, 0), (2, 0, 0)]
+        assert ram[4096:8192] == b"R" * 4096 and ram[0:4096] == b"S" * 4096
+        assert ram[16384:20480] == b"S" * 4096

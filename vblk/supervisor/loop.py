@@ -49,10 +49,11 @@ time on the CPU, so something else was made to wait, such as a TCG guest's vCPU 
 closes the window: it opens again from the start only through short sleeps.
 
 Polling gives way to the kernel's threads: while ``crowded()`` (the composition root's: more
-than AWAIT_AT_MOST requests are on the io_uring rings of buffered disks, see
+than AWAIT_AT_MOST writes are on the io_uring rings of buffered disks, see
 vblk.supervisor.ringio) the loop does not poll after activity but sleeps until an fd is
 ready. Those writes are copies the kernel's io-wq threads make on the same CPUs, and a
-polling loop takes one of them (an O_DIRECT disk's ring needs no thread and is not counted):
+polling loop takes one of them (reads, and an O_DIRECT disk's ring, need no thread and are
+not counted):
 A/B, 5 alternated rounds, write-back, 4k randwrite QD32 50.0k -> 62.0k IOPS, 128k write QD8
 20.9k -> 24.2k.
 

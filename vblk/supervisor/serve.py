@@ -191,13 +191,16 @@ def _awaiting(pool: WorkerPool | None, disks: list[ServedDisk]) -> Callable[[], 
 
 def _crowded(disks: list[ServedDisk]) -> Callable[[], bool]:
     """The loop's ``crowded`` (vblk.supervisor.loop, Polling gives way): more than
-    AWAIT_AT_MOST requests on the rings of buffered disks (of ``disks`` as the list is now: made
-    again after a disk add or remove; an O_DIRECT disk's ring needs no kernel thread: its
-    requests are the device's time)."""
-    running = [ring.running for ring in _rings(disks) if not ring.reads]
-    if not running:
+    AWAIT_AT_MOST writes on the rings of buffered disks -- the copies io-wq makes -- (of
+    ``disks`` as the list is now: made again after a disk add or remove; reads, and anything
+    on an O_DIRECT disk's ring, need no kernel thread: they are the device's time)."""
+    rings = [ring for ring in _rings(disks) if not ring.direct]
+    if not rings:
         return lambda: False
-    return lambda: sum(map(len, running)) > AWAIT_AT_MOST
+    if len(rings) == 1:
+        (ring,) = rings
+        return lambda: ring.writes > AWAIT_AT_MOST
+    return lambda: sum(ring.writes for ring in rings) > AWAIT_AT_MOST
 
 
 def _rings(disks: list[ServedDisk]) -> list:
