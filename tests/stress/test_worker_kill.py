@@ -57,8 +57,8 @@ class Killer(threading.Thread):
 def test_hundred_worker_kills_lose_nothing(vblk_server, tmp_path, mode, monkeypatch):
     """writethrough / writeback: writes go to the workers (the write ring off), so killed
     workers hold writes; in writeback every read does too (page-cache hits are normally read
-    by the supervisor itself). writeback-ring: the writes run on the disk's io_uring while
-    the killed workers hold the reads and FLUSHes."""
+    by the supervisor itself). writeback-ring: the reads and writes run on the disk's
+    io_uring while the killed workers hold the FLUSHes (and what the ring hands back)."""
     kills = int(os.environ.get("VBLK_WORKER_KILLS", 100))
     seed = 7100 + ("writeback" in mode) + 2 * (mode == "writeback-ring")
     salt = seed * 31

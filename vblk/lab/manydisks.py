@@ -211,7 +211,7 @@ class FairnessSetup:
     env: tuple[tuple[str, str], ...] = ()
 
 
-_THROUGH_WORKERS = (("VBLK_INLINE_READS", "0"),)
+_THROUGH_WORKERS = (("VBLK_INLINE_READS", "0"), ("VBLK_URING", "0"))
 FAIRNESS_SETUPS = {
     "vblk": FairnessSetup("one vblk, both disks; reads served from the page cache in the loop"),
     "vblk-workers": FairnessSetup("one vblk, both disks; every read through a worker (from "
