@@ -47,6 +47,9 @@ read and write QD8, 4k randwrite QD32) against both, alternately, for --rounds r
 prints medians and the ratio vblk/qsd. --plot FILE.png adds a queue-depth sweep (QD 1..32 of
 --plot-workload) and draws it (needs matplotlib).
 
+--compare IMAGE --cold drops each copy from the page cache (fsync, POSIX_FADV_DONTNEED) before
+every run, so that reads reach the disk: what a guest whose image the host does not cache sees.
+
 --compare rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER] copies the image twice in its pool (rbd
 cp; removed afterwards unless --keep) and serves one copy with `vblk serve rbd:...` and the
 other with qemu-storage-daemon's rbd driver (cache.direct=on: librbd's cache off, as vblk's).
@@ -115,6 +118,9 @@ def bench_command(
                                           help="--compare: where the image copies go "
                                                "(default $TMPDIR)."),
     keep: bool = typer.Option(False, "--keep", help="--compare: keep the copies and logs."),
+    cold: bool = typer.Option(False, "--cold",
+                              help="--compare IMAGE-FILE: drop each copy from the page cache "
+                                   "before every run, so that reads reach the disk."),
     rbd_bench: Optional[bool] = typer.Option(None, "--rbd-bench/--no-rbd-bench",
                                              help="--compare rbd:...: run rbd bench with each "
                                                   "workload beside the backends (default: "
@@ -152,9 +158,11 @@ def bench_command(
                      compare_only={"--workload": workload, "--rounds": rounds,
                                    "--vblk-args": vblk_args, "--cache": cache, "--plot": plot,
                                    "--plot-workload": plot_workload, "--workdir": workdir,
-                                   "--keep": keep or None, "--rbd-bench": rbd_bench},
+                                   "--keep": keep or None, "--rbd-bench": rbd_bench,
+                                   "--cold": cold or None},
                      guest_only={"--ramp": ramp, "--smp": smp, "--guest-memory": guest_memory},
                      frontend_only={"--ops": ops, "--busy-poll": busy_poll or None,
+                                    "--cold": cold or None,
                                     "--flush-every": flush_every or None,
                                     "--plot": plot, "--plot-workload": plot_workload,
                                     "--queues": queues if queues != 1 else None})
@@ -183,7 +191,7 @@ def bench_command(
             errors = _run_compare(compare_image, plan, rounds=rounds, vblk_args=vblk_args or "",
                                   cache=cache, workdir=workdir, keep=keep, timeout=timeout,
                                   busy_poll=busy_poll, plot=plot, rbd_bench=rbd_bench,
-                                  as_json=as_json, log=log)
+                                  cold=cold, as_json=as_json, log=log)
     except BenchError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     except BackendError as exc:
@@ -317,7 +325,7 @@ def _run_socket(socket_path: str, plan: _Plan, *, timeout: float, busy_poll: boo
 
 def _run_compare(image: str, plan: _Plan, *, rounds: int, vblk_args: str, cache: str | None,
                  workdir: str | None, keep: bool, timeout: float, busy_poll: bool,
-                 plot: str | None, rbd_bench: bool | None, as_json: bool,
+                 plot: str | None, rbd_bench: bool | None, cold: bool, as_json: bool,
                  log: TextIO | None) -> int | str:
     """--compare: vblk and qsd, alternately, with the Python frontend (and the sweep, and
     rbd bench on RBD); the failed requests, or why a ceiling run failed."""
@@ -326,7 +334,8 @@ def _run_compare(image: str, plan: _Plan, *, rounds: int, vblk_args: str, cache:
     from vblk.lab.report import format_comparison
     comparison = compare(image, plan.workloads, rounds=rounds, vblk_args=vblk_args, cache=cache,
                          workdir=workdir, keep=keep, sweep=plan.sweep, timeout=timeout,
-                         busy_poll=busy_poll, rbd_bench=rbd_bench, progress=log, log=log)
+                         busy_poll=busy_poll, rbd_bench=rbd_bench, cold=cold, progress=log,
+                         log=log)
     if plot is not None:
         plot_sweep(comparison, plot)
     if as_json:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,9 @@ def test_more_queues_than_offered_is_refused(vblk_server, image):
     (["--compare", "/nonexistent.img", "--guest", "--ops", "5"], "--ops does not go with --guest"),
     (["--compare", "/nonexistent.img", "--guest", "--queues", "2"], "--queues does not go"),
     (["--compare", "/nonexistent.img", "--guest"], "not a regular file"),
+    (["--socket-path", "/nonexistent.sock", "--cold"], "--cold goes with --compare"),
+    (["--compare", "/nonexistent.img", "--guest", "--cold"], "--cold does not go with --guest"),
+    (["--compare", "rbd:rbd/img", "--cold"], "--cold goes with an image file"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, words):
     assert words in error_line(bench(*args))
@@ -163,6 +168,37 @@ def test_compare_runs_both_backends_and_prints_the_ratio(image, tmp_path):
     assert sum("vblk/qsd" in row for row in rows) == 2
     assert sum(row[3:4] == ["vblk"] for row in rows) == 2      # "4k randread QD4 vblk ..."
     assert list(work.iterdir()) == []                             # copies and logs removed
+
+
+def test_compare_cold_drops_each_copy_before_each_run(image, tmp_path):
+    d = ok_json(bench("--compare", image, "--rounds", 1, "--duration", 0.3, "--workload",
+                      "randread:4k:4", "--cold", "--vblk-args", "--workers 1", "--workdir",
+                      tmp_path, "--json", timeout=90))
+    assert d["errors"] == 0 and any(n.startswith("cold: ") for n in d["notes"])
+    [row] = d["workloads"]
+    assert row["runs"]["vblk"][0]["ops"] > 0 and row["runs"]["qsd"][0]["ops"] > 0
+
+
+def test_drop_cached_leaves_none_of_the_file_in_the_page_cache():
+    """What --cold relies on: after ``drop_cached`` a read that must not wait for the disk
+    (RWF_NOWAIT) is refused. (On /var/tmp: tmpfs pages cannot be dropped.)"""
+    from vblk.lab.compare import drop_cached
+    d = tempfile.mkdtemp(dir="/var/tmp", prefix="vblk-cold-")
+    try:
+        path = os.path.join(d, "f.img")
+        with open(path, "wb") as f:
+            f.write(os.urandom(MiB))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            buf = bytearray(4096)
+            assert os.preadv(fd, [buf], 65536, os.RWF_NOWAIT) == 4096     # written: cached
+            drop_cached(path)
+            with pytest.raises(BlockingIOError):
+                os.preadv(fd, [buf], 65536, os.RWF_NOWAIT)
+        finally:
+            os.close(fd)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_compare_json_and_plot(image, tmp_path):

@@ -241,17 +241,20 @@ def _file_copies(src: Path, work: Path, say: Callable[[str], None]) -> Iterator[
 def compare(image: str | os.PathLike, workloads: Sequence[Workload], *, rounds: int = 3,
             vblk_args: str = "", cache: str | None = None, workdir: str | None = None,
             keep: bool = False, sweep: Workload | None = None, timeout: float = 10.0,
-            busy_poll: bool = False, rbd_bench: bool | None = None,
+            busy_poll: bool = False, rbd_bench: bool | None = None, cold: bool = False,
             progress: TextIO | None = None, log: TextIO | None = None) -> Comparison:
     """Serve two copies of ``image`` with vblk and qsd and run every workload against both,
     A B A B, ``rounds`` times (round r uses seed + r for both). ``sweep`` adds the same runs
     at each queue depth of SWEEP_QDS. Writes go to the copies, identically on both. For an
     RBD image ``rbd_bench`` (default: on) runs ``rbd bench`` with the same pattern on qsd's
-    copy after the two backends, each time: librbd's own ceiling on this cluster."""
+    copy after the two backends, each time: librbd's own ceiling on this cluster. ``cold``
+    (image files only) drops a backend's copy from the page cache before each of its runs."""
     if not 1 <= rounds <= 100:
         raise BenchError(f"--rounds {rounds}: 1..100")
     if rbd_bench and not is_rbd_image(image):
         raise BenchError("--rbd-bench goes with --compare rbd:POOL/IMAGE")
+    if cold and is_rbd_image(image):
+        raise BenchError("--cold goes with an image file (an RBD image's cache is the OSDs')")
     queues = max(w.queues for w in [*workloads, *([sweep] if sweep else [])])
     with serve_pair(image, vblk_args=vblk_args, cache=cache, queues=queues, workdir=workdir,
                     keep=keep, log=log) as pair:
@@ -266,11 +269,16 @@ def compare(image: str | os.PathLike, workloads: Sequence[Workload], *, rounds: 
             ceiling = RbdBench(pair.rbd, pair.copies["qsd"], say)
             result.ceiling_name = RBD_BENCH
             result.notes.append(ceiling_note(pair.rbd, pair.copies["qsd"], workloads))
+        if cold:
+            result.notes.append("cold: each copy dropped from the page cache (fsync, "
+                                "POSIX_FADV_DONTNEED) before each of its runs")
         result.loadavg.append(os.getloadavg())
 
         def one(tag: str, w: Workload, b: str) -> Result:
             server = servers[b]
             server.check_alive()
+            if cold:
+                drop_cached(pair.copies[b])
             line = ProgressLine(progress, f"{tag} {b:<4} {w.label:<18}", w) if progress else None
             try:
                 return run_workload(server.sock, w, timeout=timeout, busy_poll=busy_poll,
@@ -301,3 +309,14 @@ def compare(image: str | os.PathLike, workloads: Sequence[Workload], *, rounds: 
                          result.sweep, qd, result.sweep_ceiling)
         result.loadavg.append(os.getloadavg())
         return result
+
+
+def drop_cached(path: str | os.PathLike) -> None:
+    """Write the file's dirty pages and drop all its pages from the page cache (the server
+    keeps it open: the cache is the file's, not the descriptor's)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
