@@ -294,11 +294,18 @@ def test_a_real_chain_whose_fdatasync_fails_goes_to_the_workers(backing, guest):
         os.close(w)
 
 
-def test_no_ring_for_a_read_only_disk_or_when_turned_off(tmp_path, monkeypatch):
+def test_a_read_only_disks_ring_reads_and_refuses_writes_and_none_when_turned_off(
+        tmp_path, guest, monkeypatch):
+    memory, ram = guest
     path = tmp_path / "disk.img"
-    path.write_bytes(bytes(1 << 20))
-    with open_local(parse_acrn(f"{path},ro")) as ro:
-        assert ring_for(ro, 4) is None
+    path.write_bytes(b"O" * 4096 + bytes((1 << 20) - 4096))
+    with open_local(parse_acrn(f"{path},ro")) as ro, ring_over(ro, memory, 4) as rw:
+        assert not rw.take(1, WRITE, 0, 0, 4096, [(0, 0, 4096)], 1)    # the workers refuse it
+        assert rw.take(2, READ, 0, 0, 4096, [(0, 0, 4096)], 1)
+        rw.submit()
+        assert collect(rw, 1) == ([(2, 0, 0)], [])
+        assert ram[0:4096] == b"O" * 4096
+    assert path.read_bytes()[:4096] == b"O" * 4096
     with open_local(parse_acrn(f"{path},writeback")) as b:
         monkeypatch.setenv("VBLK_URING", "0")
         assert ring_for(b, 4) is None
