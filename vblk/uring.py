@@ -164,15 +164,13 @@ class Ring:
 
     def _rw(self, opcode: int, tag: int, fd: int, offset: int, iov: list[tuple[int, int]],
             link: bool) -> None:
-        if self.in_flight >= self.entries:
-            raise OSError(errno.EBUSY, "the ring is full")
-        index = self._tail & self._sq_mask
+        index = self._next()
         count = len(iov)
         if count == 1:                      # one buffer: IORING_OP_READ / _WRITE, no iovec
             opcode = _ONE_BUFFER[opcode]
             addr, count = iov[0]
         elif count <= IOVECS_KEPT:
-            area, at = self._iov_area, index * IOVECS_KEPT * _IOVEC.size
+            area, at = self._iov_area, index * IOVECS_KEPT * _IOVEC_SIZE
             addr = self._iov_at + at
             for piece in iov:
                 _IOVEC.pack_into(area, at, *piece)
@@ -183,14 +181,12 @@ class Ring:
             addr = ctypes.addressof(arr)
         _SQE.pack_into(self._sqes, index * _SQE_SIZE, opcode, _SQE_IO_LINK if link else 0,
                        0, fd, offset, addr, count, 0, tag, 0, 0, 0, 0, 0)
-        self._tail = (self._tail + 1) & 0xFFFFFFFF
-        self._unsubmitted += 1
-        self.in_flight += 1
+        self._queued()
 
     def fdatasync(self, tag: int, fd: int) -> None:
         """Queue an fdatasync of ``fd`` (the end of a chain of linked writes: it covers them)."""
         index = self._next()
-        _SQE.pack_into(self._sqes, index * _SQE.size, OP_FSYNC, 0, 0, fd, 0, 0, 0,
+        _SQE.pack_into(self._sqes, index * _SQE_SIZE, OP_FSYNC, 0, 0, fd, 0, 0, 0,
                        _FSYNC_DATASYNC, tag, 0, 0, 0, 0, 0)
         self._queued()
 

@@ -197,9 +197,6 @@ def _crowded(disks: list[ServedDisk]) -> Callable[[], bool]:
     rings = [ring for ring in _rings(disks) if not ring.direct]
     if not rings:
         return lambda: False
-    if len(rings) == 1:
-        (ring,) = rings
-        return lambda: ring.writes > AWAIT_AT_MOST
     return lambda: sum(ring.writes for ring in rings) > AWAIT_AT_MOST
 
 
