@@ -54,7 +54,7 @@ shared: the pool puts each slot with the least busy worker, and keeps its last w
 a disk with nothing at the workers (the quiet worker, vblk.supervisor.pool). Rate limits are
 per disk, as before.
 
-The io_uring. A writable file disk sends its writes (and, with O_DIRECT, its reads) to an
+The io_uring. A file disk sends its writes, and the reads the page cache does not hold, to an
 io_uring of its own instead of the workers (``SlotShare.ring``, vblk.supervisor.ringio): the
 ring's eventfd is watched by the disk's loop like an in-process engine's, and a request the
 ring could not finish goes to the workers under the same slot.
@@ -396,14 +396,8 @@ class ServedDisk:
         self.backing.close()
 
     def close(self) -> None:
-        data = self.data
-        if data is not None:
-            if data.inflight or data.orphans:   # a stop that gave up: the kernel may copy yet
-                log.error("event=memory_table_kept requests=%d reason=requests_in_flight",
-                          len(data.inflight) + len(data.orphans))
-            else:
-                for memory in (*data.retired, data.memory):
-                    memory.close()
+        if self.data is not None:       # unmapped unless a stop gave up on requests yet
+            self.data.swap_memory(GuestMemory.empty())
         if self.control is not None:
             self.control.close()
             self.control = None
