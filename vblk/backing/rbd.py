@@ -432,20 +432,16 @@ class RbdBacking(Backing):
             at = self.start + offset
             if len(pieces) == 1:
                 ((addr, n),) = memory.addresses(pieces)
-                if write:
-                    check(L.rbd_aio_write(self.image, at, n, addr, comp), "rbd_aio_write")
-                else:
-                    check(L.rbd_aio_read(self.image, at, n, addr, comp), "rbd_aio_read")
-                self._running[comp.value] = (tag, (None, None, 0 if write else total))
-                return
-            n = len(pieces)
-            iov = (iovec * n)(*memory.addresses(pieces))
-            if write:
-                check(L.rbd_aio_writev(self.image, iov, n, at, comp), "rbd_aio_writev")
-                self._running[comp.value] = (tag, (None, iov, 0))
+                iov = None
+                aio = L.rbd_aio_write if write else L.rbd_aio_read
+                ret = aio(self.image, at, n, addr, comp)
             else:
-                check(L.rbd_aio_readv(self.image, iov, n, at, comp), "rbd_aio_readv")
-                self._running[comp.value] = (tag, (None, iov, total))
+                n = len(pieces)
+                iov = (iovec * n)(*memory.addresses(pieces))
+                aio = L.rbd_aio_writev if write else L.rbd_aio_readv
+                ret = aio(self.image, iov, n, at, comp)
+            check(ret, aio.__name__)
+            self._running[comp.value] = (tag, (None, iov, 0 if write else total))
         except OSError as exc:
             if comp:
                 L.rbd_aio_release(comp)
