@@ -11,6 +11,16 @@ ext4 cannot do one without blocking -- and posts a CQE (16 bytes: the SQE's user
 the result, bytes or -errno) at the CQ tail; the eventfd registered with the ring
 (``IORING_REGISTER_EVENTFD``) is signalled, so an epoll loop learns of it.
 
+The ring is set up with ``IORING_SETUP_COOP_TASKRUN`` where the kernel has it (Linux 5.19).
+Part of finishing an operation is task work that must run in the submitting thread: the
+copy of a buffered read whose page arrived, and (for an operation io-wq ran) putting the
+request back. By default the kernel interrupts that thread for it (an IPI when it runs on
+another CPU), once per operation; cooperatively it runs at the thread's next entry to the
+kernel, which the supervisor's loop makes within microseconds (an eventfd read, a call, an
+epoll wait -- one that sleeps is woken for it as before). Only the thread that submits
+reaps, so nothing waits on it. Measured: write-back 4k random writes at QD32, 71.6k -> 108k
+IOPS; supervisor system time per request 3.0-3.8 -> 0.9-1.0 µs (docs/performance.md).
+
 No SQPOLL: every submission goes through ``io_uring_enter``, a system call, so the SQE stores
 are ordered before the kernel reads the tail on any architecture. Reading completions needs
 the CQ tail to be read before the CQEs it covers: Python has no barrier, so the ring is
@@ -42,6 +52,7 @@ _FEAT_RW_CUR_POS = 1 << 3                    # Linux 5.6, with IORING_OP_READ an
 _NEEDED = _FEAT_SINGLE_MMAP | _FEAT_NODROP | _FEAT_SUBMIT_STABLE | _FEAT_RW_CUR_POS
 IOVECS_KEPT = 64                             # iovecs per SQE in the standing area (see writev)
 _REGISTER_EVENTFD = 4
+_SETUP_COOP_TASKRUN = 1 << 8                 # Linux 5.19: no IPI to run our task work
 _ENTER_GETEVENTS = 1 << 0
 _SQ_CQ_OVERFLOW = 1 << 1
 OP_READV, OP_WRITEV, OP_FSYNC = 1, 2, 3
@@ -97,7 +108,15 @@ class Ring:
         if why is not None:
             raise OSError(errno.ENOSYS, why)
         params = _Params()
-        self.fd = _syscall(_SYS_SETUP, ctypes.c_uint32(entries), ctypes.byref(params))
+        params.flags = _SETUP_COOP_TASKRUN
+        try:
+            self.fd = _syscall(_SYS_SETUP, ctypes.c_uint32(entries), ctypes.byref(params))
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            params = _Params()                     # before Linux 5.19: interrupted, but works
+            self.fd = _syscall(_SYS_SETUP, ctypes.c_uint32(entries), ctypes.byref(params))
+        self.cooperative = bool(params.flags & _SETUP_COOP_TASKRUN)
         self.event_fd = -1
         self._maps: list[mmap.mmap] = []
         try:
