@@ -19,7 +19,7 @@ another CPU), once per operation; cooperatively it runs at the thread's next ent
 kernel, which the supervisor's loop makes within microseconds (an eventfd read, a call, an
 epoll wait -- one that sleeps is woken for it as before). Only the thread that submits
 reaps, so nothing waits on it. Measured: write-back 4k random writes at QD32, 71.6k -> 108k
-IOPS; supervisor system time per request 3.0-3.8 -> 0.9-1.0 µs (docs/performance.md).
+IOPS; supervisor system time per request 3.0-3.8 -> 1.0-1.1 µs (docs/performance.md).
 
 No SQPOLL: every submission goes through ``io_uring_enter``, a system call, so the SQE stores
 are ordered before the kernel reads the tail on any architecture. Reading completions needs
