@@ -43,7 +43,7 @@ reap that sees it done. MB/s are 10^6 bytes.
 --compare starts `vblk serve` and qemu-storage-daemon in the same cache mode (--cache, or
 --cache inside --vblk-args; default writethrough, vblk's default) and runs
 each workload (--workload PATTERN:BS:QD, repeatable; default 4k randread QD1 and QD32, 128k
-read and write QD8, 4k randwrite QD32) against both, alternately, for --rounds rounds, then
+read and write QD8, 4k randwrite QD1 and QD32) against both, alternately, for --rounds rounds, then
 prints medians and the ratio vblk/qsd. --plot FILE.png adds a queue-depth sweep (QD 1..32 of
 --plot-workload) and draws it (needs matplotlib).
 

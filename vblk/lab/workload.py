@@ -19,7 +19,7 @@ PATTERNS = ("randread", "randwrite", "read", "write", "randrw")
 MAX_QD = 1024
 DEFAULT_DURATION = 5.0
 DEFAULT_WORKLOADS = ("randread:4k:1", "randread:4k:32", "read:128k:8", "write:128k:8",
-                     "randwrite:4k:32")
+                     "randwrite:4k:1", "randwrite:4k:32")
 
 
 class BenchError(ConfigError):
