@@ -280,7 +280,7 @@ def test_a_drain_ends_its_turn_when_the_loop_says_something_waits_and_only_then(
     try:
         with InProcessDisk(queue_size=256, backing=backing, inline_reads=True) as disk:
             waiting = []
-            disk.data.turns = lambda: (lambda timeout: bool(waiting), 1)
+            disk.data.turns = lambda: (lambda: bool(waiting), 1)
             tags = [disk.submit(BlkType.IN, i * 8, nbytes=4096) for i in range(100)]
             disk.kick(0)
             disk._reap()

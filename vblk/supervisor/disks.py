@@ -61,6 +61,7 @@ ring could not finish goes to the workers under the same slot.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -96,6 +97,7 @@ class DiskLoop:
         self.loop = loop
         self.name = name
         self.on_error = lambda: None             # set once the disk's FrontendLink exists
+        self._peek = functools.partial(loop.epoll.poll, 0, 1)    # anything ready? (turns)
 
     @property
     def stopping(self) -> bool:
@@ -131,8 +133,7 @@ class DiskLoop:
     def turns(self) -> tuple:
         """A drain's turns (vblk.supervisor.datapath, Turns): the loop's peek, and how many
         reads served from the cache between two peeks: 1 while another ring runs."""
-        loop = self.loop
-        return loop.epoll.poll, 1 if loop.kicks > 1 else DRAIN_QUANTUM
+        return self._peek, 1 if self.loop.kicks > 1 else DRAIN_QUANTUM
 
     def call_later(self, delay: float, handler) -> None:
         self.loop.call_later(delay, self.guarded(handler))
