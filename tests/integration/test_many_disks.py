@@ -438,6 +438,37 @@ def test_a_disks_rate_limit_is_its_own(tmp_path, serve_many):
     print(f"\nd0 (200 IOPS limit) {130 / limited:.0f} IOPS, d1 {3000 / free:.0f} IOPS")
 
 
+def test_one_client_process_loads_three_disks_at_once_each_counted_as_its_own(tmp_path,
+                                                                              serve_many):
+    """vblk.lab.client.run_together (the many-disk benchmark's client): one loop drives every
+    disk; each Result is its own disk's -- the server's per-disk counters agree, and d1's rate
+    limit shows in d1's figure only."""
+    from vblk.lab.client import Runner, run_together
+    from vblk.lab.workload import Workload as Load
+    imgs = images(tmp_path, 3)
+    socks, host_ctl, _ = serve_many(imgs, workers=2,
+                                    extra={1: {"iops-limit": "200", "iops-burst": "10"}})
+    runners = []
+    try:
+        for i, sock in enumerate(socks):
+            load = Load(pattern="randrw", qd=4, duration=2.0, size=8 * MiB, seed=i + 1)
+            runners.append(Runner(sock, load.checked()))
+        results = run_together(runners)
+    finally:
+        for r in runners:
+            r.close()
+    disks = request(host_ctl, {"op": "stats"}, timeout=5)["stats"]["disks"]
+    for i, r in enumerate(results):
+        q = disks[f"d{i}"]["queues"][0]
+        assert r.errors == 0 and q["ioerr"] == 0, (i, q)
+        assert q["requests"] == r.ops and r.reads + r.writes == r.ops, (i, q, r.ops)
+    limited, free = results[1], (results[0], results[2])
+    assert limited.ops <= 200 * limited.seconds * 1.05 + 10 + 4, limited.ops
+    assert all(r.ops > 4 * limited.ops for r in free), [r.ops for r in results]
+    print(f"\nIOPS from one client: d0 {free[0].ops / free[0].seconds:.0f}, d1 (200 limit) "
+          f"{limited.ops / limited.seconds:.0f}, d2 {free[1].ops / free[1].seconds:.0f}")
+
+
 def test_a_disk_reading_from_the_cache_at_full_speed_leaves_the_loop_to_its_neighbour(
         tmp_path, serve_many):
     """d0 floods with cached 4k reads at QD32 (vblk bench, its own process), which the loop

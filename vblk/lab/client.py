@@ -540,6 +540,93 @@ def run_workload(socket_path: str | os.PathLike, workload: Workload, *, timeout:
     return result
 
 
+def run_together(runners: list[Runner], timeout: float = 10.0) -> list[Result]:
+    """Run every runner's workload at once from this one loop -- many disks loaded by one
+    client process, each pass filling and reaping every backend's queues, one sleep on all of
+    their call eventfds -- so that the load of N disks costs the client what one disk's does
+    at the same total depth, and the figure is the server's (N client processes would share
+    the CPUs with it, and make it theirs). Every workload must run for a duration; a Result
+    per runner, in order."""
+    if any(r.w.duration is None for r in runners):
+        raise BenchError("run_together runs workloads for a duration, not a number of ops")
+    pc = time.perf_counter_ns
+    lats = [array("q") for _ in runners]
+    submits = [r._submitter() for r in runners]
+    reaps = [r._reaper(lat.append) for r, lat in zip(runners, lats)]
+    count = len(runners)
+    completed, errors, reads, inflight = [0] * count, [0] * count, [0] * count, [0] * count
+    poller, owner = select.poll(), {}
+    for i, r in enumerate(runners):
+        fe = r.frontend
+        for q in r.queues:
+            owner[fe.queues[q.index].call] = (i, "call")
+            owner[fe.queues[q.index].err] = (i, "err")
+        owner[fe.sock.fileno()] = (i, "sock")
+    for fd in owner:
+        poller.register(fd, select.POLLIN)
+    timeout_ns = int(timeout * 1e9)
+    cpu0 = time.process_time_ns()
+    t_start = pc()
+    ends = [t_start + int(r.w.duration * 1e9) for r in runners]
+    last_done = [t_start] * count
+    while True:
+        now = pc()
+        busy = moved = False
+        for i in range(count):
+            if now < ends[i]:
+                inflight[i] += submits[i](-1)
+            if not inflight[i]:
+                continue
+            done, t, failed, read = reaps[i]()
+            if done:
+                completed[i] += done
+                inflight[i] -= done
+                errors[i] += failed
+                reads[i] += read
+                last_done[i] = t
+                moved = True
+            busy = busy or inflight[i] > 0 or now < ends[i]
+        if not busy:
+            break
+        if not moved:
+            _sleep_together(runners, poller, owner, min(last_done) + timeout_ns, sum(inflight))
+    wall = (pc() - t_start) / 1e9
+    client = max(0, time.process_time_ns() - cpu0) / 1e9 / wall * 100 if wall else 0.0
+    results = []
+    for i, r in enumerate(runners):
+        results.append(Result(workload=r.w, ops=completed[i], reads=reads[i],
+                              writes=completed[i] - reads[i] - r.flushes, flushes=r.flushes,
+                              errors=errors[i], bytes=(completed[i] - r.flushes) * r.w.bs,
+                              seconds=(last_done[i] - t_start) / 1e9,
+                              lat_us=latency_summary(lats[i]), client_cpu=client))
+    return results
+
+
+def _sleep_together(runners: list[Runner], poller: select.poll, owner: dict, deadline_ns: int,
+                    inflight: int) -> None:
+    """Runner._sleep for many runners: re-arm every queue's interrupts, sleep on all."""
+    now = time.perf_counter_ns()
+    if now >= deadline_ns:
+        for r in runners:
+            r.broken = True
+        raise BackendTimeout(f"{inflight} requests in flight and none completed for a while")
+    armed = [q.driver.arm_interrupts() for r in runners for q in r.queues]
+    events = [] if any(armed) else poller.poll(min(250, max(1, (deadline_ns - now) // 1_000_000)))
+    for r in runners:
+        for q in r.queues:
+            q.driver.suppress_interrupts()
+    for fd, _ in events:
+        i, kind = owner[fd]
+        if kind == "err":
+            if _drain(fd):
+                runners[i].broken = True
+                raise VringError("the backend signalled an error on a queue's error eventfd")
+        elif kind == "sock":
+            runners[i]._check_socket(inflight)
+        else:
+            _drain(fd)
+
+
 def backend_limits(socket_path: str | os.PathLike, timeout: float = 2.0) -> tuple[int, int] | None:
     """(IOPS, bytes/s) limits of the vblk serving ``socket_path``, asked of its control socket
     (``socket_path`` + ``.ctl``); None if there is none or it does not say (qsd, an old vblk)."""

@@ -201,6 +201,22 @@ def bench(sock: str, qd: int, seconds: float, pattern: str = "randread") -> subp
                              str(seconds), "--json"], stdout=subprocess.PIPE, text=True)
 
 
+def bench_together(socks: list[str], qd: int, seconds: float, pattern: str = "randread"):
+    """4 KiB ``pattern`` at ``qd`` on every one of ``socks`` at once from this process, one
+    loop for all (vblk.lab.client.run_together): a Result per disk."""
+    from vblk.lab.client import Runner, run_together
+    from vblk.lab.workload import Workload
+    runners = []
+    try:
+        for i, sock in enumerate(socks):
+            w = Workload(pattern=pattern, qd=qd, duration=seconds, seed=i + 1).checked()
+            runners.append(Runner(sock, w))
+        return run_together(runners)
+    finally:
+        for r in runners:
+            r.close()
+
+
 @dataclasses.dataclass(frozen=True)
 class FairnessSetup:
     what: str                       # what serves the two disks, and how their I/O goes
@@ -373,8 +389,9 @@ def format_fairness(rows: dict[str, dict]) -> str:
 def aggregate(disks: int, qd: int, workers: int, seconds: float = 4.0,
               rounds: int = 3) -> dict[str, dict]:
     """4 KiB random reads on every one of ``disks`` disks of one vblk at once (one ``vblk
-    bench`` process per disk at ``qd``), against one disk of the same vblk alone at ``disks``
-    x ``qd``, and the same two for qemu-storage-daemon; alternated, the median total IOPS and
+    bench`` process per disk at ``qd``, then one client process for all: ``bench_together``),
+    against one disk of the same vblk alone at ``disks`` x ``qd``, and the same three for
+    qemu-storage-daemon; alternated, the median total IOPS and
     the server's CPU per request (its process group's user + system time over the requests
     done: the clients share the CPUs, so it is the figure that says what sharing costs)."""
     directory = tempfile.mkdtemp(prefix="vblk-agg-", dir="/tmp")
@@ -402,6 +419,12 @@ def aggregate(disks: int, qd: int, workers: int, seconds: float = 4.0,
                     key = f"{name} {disks} disks at QD{qd} each"
                     runs.setdefault(key, []).append(sum(r["iops"] for r in results))
                     cpu_us.setdefault(key, []).append(used / sum(r["ops"] for r in results) * 1e6)
+                    between = group_cpu_seconds(proc.pid)
+                    together = bench_together(socks, qd, seconds)
+                    used = group_cpu_seconds(proc.pid) - between
+                    key = f"{name} {disks} disks at QD{qd} each, one client"
+                    runs.setdefault(key, []).append(sum(r.ops / r.seconds for r in together))
+                    cpu_us.setdefault(key, []).append(used / sum(r.ops for r in together) * 1e6)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return {k: {"iops": statistics.median(v), "runs": v,
