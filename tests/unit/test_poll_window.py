@@ -110,15 +110,19 @@ def test_polling_looks_only_at_disks_that_drained_since_the_loop_slept():
 
     dloop = SimpleNamespace(call=lambda f: f())
     busy, idle = Data(), Data()
+    kicks = []
+    queues = SimpleNamespace(hold_kicks=lambda: kicks.append("held"),
+                             release_kicks=lambda: kicks.append("released"))
     loop = EventLoop(on_error=lambda: None)
     try:
         busy.hot = True
-        loop.hot.append((dloop, busy))          # what busy's first drain did
+        loop.hot.append((dloop, busy, queues))  # what busy's first drain did
         assert serve._poll(loop) is False
         assert (busy.looks, idle.looks) == (1, 0)
         loop.poll_window = 1e-6
         loop._poll(lambda: False)               # nothing turned up: the loop will sleep
         assert loop.hot == [] and busy.hot is False
+        assert kicks == ["held", "released"]    # kicks wanted again before the sleep
     finally:
         loop.close()
 

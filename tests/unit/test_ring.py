@@ -6,6 +6,7 @@ import pytest
 
 from vblk.errors import GuestError, RingBroken
 from vblk.memory import GuestMemory
+from vblk.testing.driver import need_event
 from vblk.vhost_user.messages import MemRegion
 from vblk.virtio.blk import OUTHDR, parse_request
 from vblk.virtio.constants import BLK_T_BARRIER, BlkType, DescFlag
@@ -202,6 +203,55 @@ def test_event_idx_asks_for_the_next_kick_after_a_drain(g):
     assert ring.pending() == 1                            # and the re-check sees entry 3
     # used.flags stays untouched under EVENT_IDX
     assert struct.unpack("<H", g.mem.read(USED_GPA, 2))[0] == 0
+
+
+def offer_asking(g, head) -> bool:
+    """The driver adds ``head`` and asks, as Linux's virtio_ring does, whether to kick."""
+    old = g.avail_idx & 0xFFFF
+    g.offer(head)
+    return need_event(avail_event(g), g.avail_idx & 0xFFFF, old)
+
+
+def test_held_kicks_are_not_asked_for_under_event_idx_until_released(g):
+    ring = SplitRing(g.mem, Q, UVA + DESC_GPA, UVA + AVAIL_GPA, UVA + USED_GPA,
+                     last_avail_idx=0, indirect=True, event_idx=True)
+    assert offer_asking(g, 0)                 # kicks wanted: the first request kicks
+    ring.pop()
+    ring.hold_kicks()                         # the loop polls this ring now
+    assert not offer_asking(g, 1)
+    ring.pop()                                # the poll found it
+    ring.set_kicks_wanted(False)              # a drain inside the polling run
+    ring.set_kicks_wanted(True)
+    assert not offer_asking(g, 2) and not offer_asking(g, 3)
+    assert avail_event(g) == ring.last_avail_idx - 1
+    ring.release_kicks()                      # the run ends
+    assert ring.pending() == 2                # added without a kick: the caller's re-check
+    assert offer_asking(g, 4)                 # and the next request kicks again
+
+
+def test_held_kicks_keep_no_notify_through_a_drain_without_event_idx(g):
+    ring = g.ring()
+    ring.set_kicks_wanted(True)
+    ring.hold_kicks()
+    g.offer(0)
+    ring.pop()
+    ring.set_kicks_wanted(True)               # a drain's end, while held
+    assert g.mem.read(USED_GPA, 2) == b"\x01\x00"
+    ring.release_kicks()
+    assert g.mem.read(USED_GPA, 2) == b"\x00\x00"
+
+
+def test_held_kicks_are_not_asked_for_across_the_u16_index_wrapping(g):
+    """avail_event moves with each pop, one entry behind: the driver's index wraps past 65535
+    and never crosses it."""
+    ring = SplitRing(g.mem, Q, UVA + DESC_GPA, UVA + AVAIL_GPA, UVA + USED_GPA,
+                     last_avail_idx=0, indirect=True, event_idx=True)
+    ring.hold_kicks()
+    kicks = 0
+    for i in range(70000):
+        kicks += offer_asking(g, i % Q)
+        ring.pop()
+    assert kicks == 0                         # each pop keeps the event one behind
 
 
 def test_event_idx_interrupts_only_when_used_event_is_crossed(g):

@@ -349,7 +349,7 @@ class ServedDisk:
         dloop = self.loop = DiskLoop(loop, self.name)
         queues = Queues(dloop, data, self.stats, holds_lock=not config.incoming)
         data.turns = dloop.turns
-        data.on_hot = lambda: loop.hot.append((dloop, data))
+        data.on_hot = lambda: loop.hot.append((dloop, data, queues))
         link = self.link = FrontendLink(dloop, self.device, queues, self.stats, self.listener)
         dloop.on_error = link.disconnect
         if isinstance(self.engine, SlotShare):

@@ -39,7 +39,7 @@ import mmap
 import os
 
 from vblk.dirtylog import DirtyLog
-from vblk.errors import FrontendProtocolError, GuestError, VblkError
+from vblk.errors import FrontendProtocolError, GuestError, RingBroken, VblkError
 from vblk.logs import quote
 from vblk.memory import GuestMemory
 from vblk.stats import Stats
@@ -144,6 +144,28 @@ class Queues:
             data.resubmit(q, ring, resubmit, lambda: self._wait_idle(lambda: not data.free))
         data.drain(q)
 
+    # -- kicks while the loop polls (vblk.virtio.ring, hold_kicks) --------------------------------
+    def hold_kicks(self) -> None:
+        """The loop polls these rings now: their driver need not kick."""
+        data = self.data
+        for q, ring in data.rings.items():
+            if q not in data.broken:
+                ring.hold_kicks()
+                _mark_used(data, ring)
+
+    def release_kicks(self) -> None:
+        """The loop stops polling (it is about to sleep, or to wait on a nested loop): kicks
+        are wanted again, and a ring the driver added to meanwhile -- after the loop's last
+        look, with no kick -- is kicked here, so that the loop's kick handler drains it."""
+        data = self.data
+        for q, ring in data.rings.items():
+            if ring.kicks_held:
+                ring.release_kicks()
+                _mark_used(data, ring)
+                kick = self.kicks.get(q)
+                if kick is not None and q not in data.broken and _offers(ring):
+                    os.eventfd_write(kick, 1)
+
     def stop_queue(self, index: int) -> int:
         data = self.data
         kick = self.kicks.pop(index, None)
@@ -158,6 +180,9 @@ class Queues:
             log.error("event=requests_orphaned queue=%d count=%d", index, data.orphan(index))
         del data.rings[index]
         data.broken.discard(index)
+        if ring.kicks_held:                     # its next owner starts from kicks wanted
+            ring.release_kicks()
+            _mark_used(data, ring)
         last = ring.last_avail_idx
         left = (ring.avail_idx() - last) & 0xFFFF   # offered, never taken: the next owner's
         ring.detach()
@@ -241,3 +266,17 @@ class Queues:
             self.inflight_queues[q] = InflightQueue(view[start:start + per_queue], queue_size)
         view.release()
         log.info("event=inflight_region queues=%d queue_size=%d bytes=%d", num_queues, queue_size, size)
+
+
+def _mark_used(data: DataPath, ring: SplitRing) -> None:
+    """A migration's dirty log learns of a write to the used ring (flags, avail_event)."""
+    if data.dirty is not None:
+        data.dirty.mark(ring.used_gpa, ring.used_bytes)
+
+
+def _offers(ring: SplitRing) -> bool:
+    """The ring has requests to take (a broken one is left to its next drain)."""
+    try:
+        return ring.pending() > 0
+    except RingBroken:
+        return True

@@ -229,7 +229,7 @@ def _poll(loop: EventLoop) -> bool:
     """One look at the rings of the disks that took requests since the loop last slept
     (vblk.supervisor.loop, Polling)."""
     found = False
-    for dloop, data in loop.hot:
+    for dloop, data, _ in loop.hot:
         if data.rings:
             found |= bool(dloop.call(data.poll))
     return found

@@ -22,6 +22,14 @@ x86 keeps stores in order, and CPython gives no other reordering, so this is the
 While the supervisor drains a ring it sets ``used.flags = NO_NOTIFY`` so the guest does not
 kick for requests the loop will see anyway, then clears it and re-checks ``avail.idx`` to
 close the race with a request added in between (ACRN's and libvhost-user's loop).
+
+While the supervisor's loop polls a ring (vblk.supervisor.loop, Polling) its kicks are *held*
+(``hold_kicks``, QEMU's ``virtio_queue_set_notification(vq, 0)`` for the time it polls): the
+driver is asked not to kick for what it adds, since the loop looks anyway. Without EVENT_IDX
+that is NO_NOTIFY, kept set through drains; with it, ``avail_event`` is kept one entry behind
+``last_avail_idx`` (each pop moves it along) -- an entry the driver has already published, so
+it never crosses it. ``release_kicks`` asks for kicks again; the caller then looks at
+``avail.idx`` once more, as after a drain.
 """
 from __future__ import annotations
 
@@ -86,6 +94,7 @@ class SplitRing:
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.used_idx = self._used_idx16[0]
         self.signalled_used: int | None = None
+        self.kicks_held = False              # see hold_kicks
         self.inflight = None                 # an InflightQueue when the frontend gave one
         self._unpublished: list[int] = []    # heads put in the used ring, not yet published
 
@@ -128,7 +137,7 @@ class SplitRing:
             self.inflight.begin(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:
-            self._avail_event16[0] = self.last_avail_idx
+            self._avail_event16[0] = (self.last_avail_idx - self.kicks_held) & 0xFFFF
         return head
 
     def desc_table(self) -> tuple[memoryview, int]:
@@ -195,11 +204,27 @@ class SplitRing:
             self.inflight.published(self.used_idx)
 
     def set_kicks_wanted(self, wanted: bool) -> None:
-        """used.flags NO_NOTIFY (only meaningful without EVENT_IDX)."""
+        """used.flags NO_NOTIFY (only meaningful without EVENT_IDX); nothing while the kicks
+        are held."""
+        if self.kicks_held:
+            return
         if not self.event_idx:
             self._used_flags16[0] = 0 if wanted else USED_F_NO_NOTIFY
         else:
             self._avail_event16[0] = self.avail_idx() if wanted else self.last_avail_idx
+
+    def hold_kicks(self) -> None:
+        """Ask the driver not to kick for what it adds from now on (see the module doc)."""
+        self.kicks_held = True
+        if not self.event_idx:
+            self._used_flags16[0] = USED_F_NO_NOTIFY
+        else:
+            self._avail_event16[0] = (self.last_avail_idx - 1) & 0xFFFF
+
+    def release_kicks(self) -> None:
+        """Ask for kicks again (the caller then re-checks ``pending``)."""
+        self.kicks_held = False
+        self.set_kicks_wanted(True)
 
     def needs_notify(self) -> bool:
         """Should the guest be interrupted for what was published since the last signal?"""
