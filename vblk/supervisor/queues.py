@@ -156,15 +156,18 @@ class Queues:
     def release_kicks(self) -> None:
         """The loop stops polling (it is about to sleep, or to wait on a nested loop): kicks
         are wanted again, and a ring the driver added to meanwhile -- after the loop's last
-        look, with no kick -- is kicked here, so that the loop's kick handler drains it."""
+        look, with no kick -- is kicked here, so that the loop's kick handler drains it (a
+        ring in ``backlog`` or ``throttled`` is the loop's tick's already). Every ring, not
+        only those marked held: a new memory table rebuilds the ring objects, not the guest's
+        view of them."""
         data = self.data
+        owed = data.backlog | data.throttled | data.broken
         for q, ring in data.rings.items():
-            if ring.kicks_held:
-                ring.release_kicks()
-                _mark_used(data, ring)
-                kick = self.kicks.get(q)
-                if kick is not None and q not in data.broken and _offers(ring):
-                    os.eventfd_write(kick, 1)
+            ring.release_kicks()
+            _mark_used(data, ring)
+            kick = self.kicks.get(q)
+            if kick is not None and q not in owed and _offers(ring):
+                os.eventfd_write(kick, 1)
 
     def stop_queue(self, index: int) -> int:
         data = self.data
