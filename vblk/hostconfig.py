@@ -9,6 +9,8 @@ The file has a few host-wide keys and one ``[[disk]]`` table per disk::
     slot-capacity = 8192                 # optional, with control-socket: the slots of the
                                          #   one slot area, the room for disks added later
                                          #   (default: the file's disks' + 4096)
+    poll-us = 50                         # optional, as --poll-us: the loop's longest polling
+                                         #   window (0: none)
 
     [[disk]]
     name = "vm1-root"                    # optional: default the socket's file name, no suffix
@@ -57,6 +59,7 @@ from vblk.options import (
     LOG_LEVELS,
     MAX_WORKERS,
     ServeConfig,
+    check_poll_us,
     merge_flags,
     parse_acrn,
     parse_limits,
@@ -71,7 +74,7 @@ MAX_DISKS = 1024
 DEFAULT_SLOT_ROOM = 64 * DEFAULT_SLOTS
 MAX_SLOT_CAPACITY = 1 << 18
 
-_HOST_KEYS = {"workers", "log-level", "control-socket", "slot-capacity", "disk"}
+_HOST_KEYS = {"workers", "log-level", "control-socket", "slot-capacity", "poll-us", "disk"}
 _BOOL_KEYS = {"ro": "readonly", "read-only": "readonly", "nocache": "nocache",
               "discard": "discard"}
 _TEXT_KEYS = {"sectorsize": "sectorsize", "range": "range_", "serial": "serial",
@@ -99,6 +102,7 @@ class HostConfig:
     log_level: str = "INFO"
     control_socket: str | None = None       # host-wide stats, disk add/remove; None: none
     slot_capacity: int | None = None        # slots of the shared area; see slot_area_size
+    poll_us: int | None = None              # the loop's longest polling window; None: default
     # Old spellings the file used, one line each ("FILE: disk N (NAME): writeback = true is
     # deprecated ..."), for ``vblk serve`` to print; they change nothing else.
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -108,7 +112,8 @@ class HostConfig:
     @classmethod
     def single(cls, config: ServeConfig) -> HostConfig:
         """``vblk serve SPEC``: a host of one disk, with no name."""
-        return cls((DiskEntry("", config),), workers=config.workers, log_level=config.log_level)
+        return cls((DiskEntry("", config),), workers=config.workers, log_level=config.log_level,
+                   poll_us=config.poll_us)
 
 
 def slot_area_size(host: HostConfig, needed: int) -> int:
@@ -191,8 +196,12 @@ def parse_host_config(data: dict, where: str = "config") -> HostConfig:
             raise ConfigError(f"{where}: {label}: {exc}") from None
         warnings += [f"{where}: {label}: {line}" for line in deprecated]
     capacity = _slot_capacity(data, control, disks, where)
+    poll_us = data.get("poll-us")
+    if poll_us is not None:
+        poll_us = _typed(poll_us, int, "poll-us", where)
+        check_poll_us(poll_us, f"{where}: poll-us")
     host = HostConfig(tuple(disks), workers=workers, log_level=log_level, control_socket=control,
-                      slot_capacity=capacity, warnings=tuple(warnings))
+                      slot_capacity=capacity, poll_us=poll_us, warnings=tuple(warnings))
     _check_distinct([(f"disk {i} ({e.name})", e) for i, e in enumerate(disks, 1)], control, where)
     return host
 

@@ -37,6 +37,7 @@ from vblk.units import parse_size
 BLOCK_SIZES = (512, 1024, 2048, 4096)      # allowed logical and physical block sizes
 SERIAL_MAX_BYTES = 20                      # virtio-blk GET_ID answer
 MAX_WORKERS = 64
+MAX_POLL_US = 10_000                       # --poll-us: the longest polling window, µs
 MAX_SLOTS = 32768                          # --slots: request slots shared by all rings
 DEFAULT_SLOTS = 64
 MAX_QUEUES = 64                            # virtqueues (mq=N, --num-queues)
@@ -153,6 +154,7 @@ class ServeConfig:
     socket_group: str | None = None         # group of a socket vblk creates
     limits: Limits = Limits()               # --iops-limit / --bps-limit (0: unlimited)
     incoming: bool = False                  # a migration's destination: lock at rings start
+    poll_us: int | None = None              # --poll-us: longest polling window (None: default)
 
     def __post_init__(self) -> None:
         if not 0 <= self.socket_mode <= 0o777:
@@ -171,6 +173,14 @@ class ServeConfig:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log level {self.log_level!r} is not one of "
                               f"{', '.join(LOG_LEVELS).lower()}")
+        check_poll_us(self.poll_us, "--poll-us")
+
+
+def check_poll_us(poll_us: int | None, what: str) -> None:
+    """``--poll-us`` / ``poll-us``: None (the default window) or 0..MAX_POLL_US."""
+    if poll_us is not None and not 0 <= poll_us <= MAX_POLL_US:
+        raise ConfigError(f"{what} {poll_us} is out of range 0..{MAX_POLL_US} (microseconds; "
+                          f"0: no polling)")
 
 
 # -- validation shared by the parser and the dataclass ------------------------------------

@@ -128,6 +128,8 @@ def test_serve_needs_exactly_one_listener(tmp_path, sockdir):
     (("--workers", "65"), "--workers 65"),
     (("--slots", "100"), "--slots 100 must be a power of two"),
     (("--log-level", "loud"), "log level 'LOUD'"),
+    (("--poll-us", "10001"), "--poll-us 10001 is out of range 0..10000"),
+    (("--poll-us", "-1"), "--poll-us -1 is out of range"),
     (("--sectorsize", "4096/512"), "smaller than the logical block size"),
     (("--serial", "x" * 21), "at most 20"),
     (("--discard-limits", "8:1"), "--discard-limits 8:1: want A:B:C"),
@@ -215,7 +217,7 @@ def test_an_unwritable_image_is_not_silently_served_read_only(tmp_path, sockdir)
 @pytest.mark.parametrize("args,words", [
     (("serve",), "give the image as SPEC or as --blk-file PATH"),
     (("serve", "--socket-path", "x"), "give the image as SPEC"),
-    (("serve", "d.img", "--bogus"), "No such option: --bogus (see 'vblk serve --help')"),
+    (("serve", "d.img", "--frobnicate"), "No such option: --frobnicate (see 'vblk serve --help')"),
     (("info",), "Missing argument 'SPEC' (see 'vblk info --help')"),
     (("frobnicate",), "No such command 'frobnicate' (see 'vblk --help')"),
     (("serve", "d.img", "--workers", "many"), "Invalid value for '--workers'"),

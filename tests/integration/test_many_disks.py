@@ -498,6 +498,40 @@ def test_a_disk_reading_from_the_cache_at_full_speed_leaves_the_loop_to_its_neig
     print(f"\nd1 {done / 2:.0f} IOPS at QD1 beside d0's flood of {flooded['iops']:.0f} IOPS")
 
 
+def logged(server, words: str, timeout: float = 10.0) -> str:
+    """The first line of the server's log holding ``words`` (waited for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in server.log().splitlines():
+            if words in line:
+                return line
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+
+
+def test_the_polling_window_is_set_by_the_host_config_and_by_poll_us(tmp_path, launch,
+                                                                     vblk_server):
+    """``poll-us`` in the config, ``--poll-us`` over it, and ``--poll-us`` of one disk: the
+    window the loop runs with (its listening line says which), and a disk served with
+    polling off still answers."""
+    def cmd(sock, name, *extra):
+        (tmp_path / name).mkdir()
+        config = host_config(sock, images(tmp_path / name, 2), workers=2)
+        text = open(config).read()
+        with open(config, "w") as f:                    # a host key goes before the tables
+            f.write("poll-us = 120\n" + text)
+        return [sys.executable, "-m", "vblk.cli", "serve", "--config", config, *extra]
+    from_file = launch("vblk", lambda sock: cmd(sock, "a"), cwd=REPO)
+    assert "poll_us=120" in logged(from_file, "event=listening")
+    overridden = launch("vblk", lambda sock: cmd(sock, "b", "--poll-us", "7"), cwd=REPO)
+    assert "poll_us=7" in logged(overridden, "event=listening")
+    off = vblk_server(images(tmp_path, 1)[0], "--poll-us", "0")
+    assert "poll_us=0" in logged(off, "event=listening")
+    with BlkClient.connect(off, ram_mib=32, timeout=30) as c:
+        for i in range(200):
+            assert c.read(i * 8 % SECTORS, 4096).status == BlkStatus.OK
+
+
 def test_serve_check_says_what_would_be_served_and_serves_nothing(tmp_path, serve_many):
     """``--check`` runs every check serving would -- the config, the images, their locks -- and
     exits: 0 with what would be served, or the refusal serving would give, creating nothing."""

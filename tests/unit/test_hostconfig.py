@@ -38,9 +38,18 @@ def test_each_disk_gets_the_flags_of_vblk_serve():
 
 
 def test_one_disk_of_vblk_serve_spec_is_a_host_of_one_without_a_name():
-    config = ServeConfig(disk=parse_acrn("/img/a.img"), socket_path="/run/a.sock", workers=3)
+    config = ServeConfig(disk=parse_acrn("/img/a.img"), socket_path="/run/a.sock", workers=3,
+                         poll_us=200)
     host = HostConfig.single(config)
     assert host.workers == 3 and [(d.name, d.serve) for d in host.disks] == [("", config)]
+    assert host.poll_us == 200
+
+
+def test_the_polling_window_is_the_hosts():
+    assert parse_host_config({"poll-us": 0, "disk": [disk()]}).poll_us == 0
+    assert parse_host_config({"disk": [disk()]}).poll_us is None       # the default window
+    with pytest.raises(ConfigError, match="--poll-us 10001 is out of range 0..10000"):
+        ServeConfig(disk=parse_acrn("/img/a.img"), socket_path="/run/a.sock", poll_us=10001)
 
 
 def writeback_of(*tables: dict) -> tuple[list[bool], tuple[str, ...]]:
@@ -101,6 +110,9 @@ def test_a_bad_cache_or_cache_with_its_old_spelling_is_refused_naming_the_disk(t
     ({"workers": 0, "disk": [disk()]}, "workers 0 is out of range"),
     ({"workers": "8", "disk": [disk()]}, "workers = '8' is not an integer"),
     ({"log-level": "loud", "disk": [disk()]}, "log level 'loud'"),
+    ({"poll-us": 20000, "disk": [disk()]}, "poll-us 20000 is out of range 0..10000"),
+    ({"poll-us": -1, "disk": [disk()]}, "poll-us -1 is out of range"),
+    ({"poll-us": "50", "disk": [disk()]}, "poll-us = '50' is not an integer"),
     ({"disk": [disk(), {"spec": "/img/b.img"}]}, "disk 2: socket-path is missing"),
     ({"disk": [disk(frob=1)]}, "disk 1 (a): unknown key 'frob'"),
     ({"disk": [disk(ro="yes")]}, "disk 1 (a): ro = 'yes' is not true or false"),

@@ -84,7 +84,7 @@ from vblk.logs import quote
 
 log = logging.getLogger("vblk.supervisor")
 
-POLL_US = 50                   # the longest adaptive polling window (VBLK_POLL_US; 0: off)
+POLL_US = 50                   # the longest adaptive polling window (--poll-us; 0: off)
 POLL_MIN = 4e-6                # a window that shrinks below this closes
 WAIT_POLL_US = 400             # the longest waiting poll (VBLK_WAIT_POLL_US; 0: off)
 PREEMPTED_AFTER = 100e-6       # a shorter poll is not judged: a wake-up's preemption is noise
@@ -120,7 +120,9 @@ def run_guarded(handler: Callable[[], object], on_error: Callable[[], None]) -> 
 
 
 class EventLoop:
-    def __init__(self, on_error: Callable[[], None]) -> None:
+    def __init__(self, on_error: Callable[[], None], poll_us: int | None = None) -> None:
+        """``poll_us``: the longest polling window (``--poll-us``); None: VBLK_POLL_US from
+        the environment, else POLL_US."""
         self.epoll = select.epoll()
         self.handlers: dict[int, Handler] = {}
         self.groups: dict[int, str] = {}
@@ -130,7 +132,9 @@ class EventLoop:
         self.kicks = 0                           # kick fds watched: rings running, all disks
         self.on_error = on_error                 # after a handler raised: drop the frontend
         self.stopping = False
-        self.poll_max = float(os.environ.get("VBLK_POLL_US", POLL_US)) / 1e6
+        if poll_us is None:
+            poll_us = float(os.environ.get("VBLK_POLL_US", POLL_US))
+        self.poll_max = poll_us / 1e6
         self.poll_window = 0.0
         self.wait_max = float(os.environ.get("VBLK_WAIT_POLL_US", WAIT_POLL_US)) / 1e6
         self.wait_window = 0.0

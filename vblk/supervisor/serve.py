@@ -132,7 +132,7 @@ def open_host_control(host: Host):
 
 def _run(host: Host, host_control) -> None:
     disks, pool = host.disks, host.pool
-    loop = EventLoop(on_error=lambda: [d.stop() for d in disks])
+    loop = EventLoop(on_error=lambda: [d.stop() for d in disks], poll_us=host.config.poll_us)
     router = CompletionRouter(pool) if pool is not None else None
     try:
         if pool is not None:
@@ -152,8 +152,8 @@ def _run(host: Host, host_control) -> None:
             slots = sum(d.config.slots for d in disks)
             for disk in disks:
                 with disk_context(disk.name):
-                    log.info("event=listening workers=%d slots=%d", disk.stats.workers,
-                             disk.config.slots)
+                    log.info("event=listening workers=%d slots=%d poll_us=%d",
+                             disk.stats.workers, disk.config.slots, round(loop.poll_max * 1e6))
             if len(disks) > 1:
                 log.info("event=host_listening disks=%d workers=%d slots=%d", len(disks),
                          pool.count if pool is not None else 0, slots)
