@@ -171,11 +171,14 @@ class Runner:
             self.queues.append(q)
             q.kick = fe.start_queue(qi, layout).kick
             q.driver.suppress_interrupts()
-        self._poll = select.poll()
-        self._errfds = {fe.queues[q.index].err for q in self.queues}
+        # fd -> (this runner, what the fd is): what _sleep_on waits on (and run_together
+        # merges with other runners')
+        self._fds: dict[int, tuple[Runner, str]] = {fe.sock.fileno(): (self, "sock")}
         for q in self.queues:
-            self._poll.register(fe.queues[q.index].call, select.POLLIN)
-        for fd in (*self._errfds, fe.sock.fileno()):
+            self._fds[fe.queues[q.index].call] = (self, "call")
+            self._fds[fe.queues[q.index].err] = (self, "err")
+        self._poll = select.poll()
+        for fd in self._fds:
             self._poll.register(fd, select.POLLIN)
 
     def _shape(self, fe: VhostUserFrontend, cfg: BlkConfig, feats: int) -> _Shape:
@@ -333,10 +336,15 @@ class Runner:
         server = None if server0 is None else (server1 - server0) / wall * 100
         if progress is not None:
             progress(last_done - t_start, completed, errors)
-        return Result(workload=w, ops=completed, reads=reads,
+        return self._result(completed, reads, errors, seconds, lat, client, server)
+
+    def _result(self, completed: int, reads: int, errors: int, seconds: float, lat: array,
+                client: float, server: float | None = None) -> Result:
+        return Result(workload=self.w, ops=completed, reads=reads,
                       writes=completed - reads - self.flushes, flushes=self.flushes,
-                      errors=errors, bytes=(completed - self.flushes) * w.bs, seconds=seconds,
-                      lat_us=latency_summary(lat), client_cpu=client, server_cpu=server)
+                      errors=errors, bytes=(completed - self.flushes) * self.w.bs,
+                      seconds=seconds, lat_us=latency_summary(lat), client_cpu=client,
+                      server_cpu=server)
 
     def _submitter(self) -> Callable[[int], int]:
         """``submit(budget)``: fill the free slots of every queue (at most ``budget``
@@ -459,29 +467,8 @@ class Runner:
 
     def _sleep(self, deadline_ns: int, inflight: int) -> None:
         """Wait for a completion: re-arm interrupts and sleep, or spin with ``busy_poll``."""
-        now = time.perf_counter_ns()
-        if now >= deadline_ns:
-            self.broken = True
-            raise BackendTimeout(f"{inflight} requests in flight and none completed for "
-                                 f"{self.timeout_ns / 1e9:g} s")
-        if self.busy_poll:
-            events = self._poll.poll(0)
-        else:
-            if any([q.driver.arm_interrupts() for q in self.queues]):
-                events = []
-            else:
-                events = self._poll.poll(min(250, max(1, (deadline_ns - now) // 1_000_000)))
-            for q in self.queues:
-                q.driver.suppress_interrupts()
-        for fd, _ in events:
-            if fd in self._errfds:
-                if _drain(fd):
-                    self.broken = True
-                    raise VringError("the backend signalled an error on a queue's error eventfd")
-            elif fd == self.frontend.sock.fileno():
-                self._check_socket(inflight)
-            else:
-                _drain(fd)
+        _sleep_on([self], self._poll, self._fds, deadline_ns, inflight, self.timeout_ns,
+                  self.busy_poll)
 
     def _check_socket(self, inflight: int) -> None:
         try:
@@ -555,14 +542,11 @@ def run_together(runners: list[Runner], timeout: float = 10.0) -> list[Result]:
     reaps = [r._reaper(lat.append) for r, lat in zip(runners, lats)]
     count = len(runners)
     completed, errors, reads, inflight = [0] * count, [0] * count, [0] * count, [0] * count
-    poller, owner = select.poll(), {}
-    for i, r in enumerate(runners):
-        fe = r.frontend
-        for q in r.queues:
-            owner[fe.queues[q.index].call] = (i, "call")
-            owner[fe.queues[q.index].err] = (i, "err")
-        owner[fe.sock.fileno()] = (i, "sock")
-    for fd in owner:
+    fds: dict[int, tuple[Runner, str]] = {}
+    for r in runners:
+        fds.update(r._fds)
+    poller = select.poll()
+    for fd in fds:
         poller.register(fd, select.POLLIN)
     timeout_ns = int(timeout * 1e9)
     cpu0 = time.process_time_ns()
@@ -589,40 +573,43 @@ def run_together(runners: list[Runner], timeout: float = 10.0) -> list[Result]:
         if not busy:
             break
         if not moved:
-            _sleep_together(runners, poller, owner, min(last_done) + timeout_ns, sum(inflight))
+            _sleep_on(runners, poller, fds, min(last_done) + timeout_ns, sum(inflight),
+                      timeout_ns)
     wall = (pc() - t_start) / 1e9
     client = max(0, time.process_time_ns() - cpu0) / 1e9 / wall * 100 if wall else 0.0
-    results = []
-    for i, r in enumerate(runners):
-        results.append(Result(workload=r.w, ops=completed[i], reads=reads[i],
-                              writes=completed[i] - reads[i] - r.flushes, flushes=r.flushes,
-                              errors=errors[i], bytes=(completed[i] - r.flushes) * r.w.bs,
-                              seconds=(last_done[i] - t_start) / 1e9,
-                              lat_us=latency_summary(lats[i]), client_cpu=client))
-    return results
+    return [r._result(completed[i], reads[i], errors[i], (last_done[i] - t_start) / 1e9,
+                      lats[i], client) for i, r in enumerate(runners)]
 
 
-def _sleep_together(runners: list[Runner], poller: select.poll, owner: dict, deadline_ns: int,
-                    inflight: int) -> None:
-    """Runner._sleep for many runners: re-arm every queue's interrupts, sleep on all."""
+def _sleep_on(runners: list[Runner], poller: select.poll, fds: dict[int, tuple[Runner, str]],
+              deadline_ns: int, inflight: int, timeout_ns: int, busy_poll: bool = False) -> None:
+    """Wait for a completion of any of ``runners``: re-arm every queue's interrupts and sleep
+    on ``fds`` (each runner's ``_fds``, registered with ``poller``), or spin with
+    ``busy_poll``; a signalled error eventfd, a closed socket or ``deadline_ns`` passed raise."""
     now = time.perf_counter_ns()
     if now >= deadline_ns:
         for r in runners:
             r.broken = True
-        raise BackendTimeout(f"{inflight} requests in flight and none completed for a while")
-    armed = [q.driver.arm_interrupts() for r in runners for q in r.queues]
-    events = [] if any(armed) else poller.poll(min(250, max(1, (deadline_ns - now) // 1_000_000)))
-    for r in runners:
-        for q in r.queues:
-            q.driver.suppress_interrupts()
+        raise BackendTimeout(f"{inflight} requests in flight and none completed for "
+                             f"{timeout_ns / 1e9:g} s")
+    if busy_poll:
+        events = poller.poll(0)
+    else:
+        if any([q.driver.arm_interrupts() for r in runners for q in r.queues]):
+            events = []
+        else:
+            events = poller.poll(min(250, max(1, (deadline_ns - now) // 1_000_000)))
+        for r in runners:
+            for q in r.queues:
+                q.driver.suppress_interrupts()
     for fd, _ in events:
-        i, kind = owner[fd]
+        runner, kind = fds[fd]
         if kind == "err":
             if _drain(fd):
-                runners[i].broken = True
+                runner.broken = True
                 raise VringError("the backend signalled an error on a queue's error eventfd")
         elif kind == "sock":
-            runners[i]._check_socket(inflight)
+            runner._check_socket(inflight)
         else:
             _drain(fd)
 
