@@ -183,9 +183,6 @@ class Queues:
             log.error("event=requests_orphaned queue=%d count=%d", index, data.orphan(index))
         del data.rings[index]
         data.broken.discard(index)
-        if ring.kicks_held:                     # its next owner starts from kicks wanted
-            ring.release_kicks()
-            _mark_used(data, ring)
         last = ring.last_avail_idx
         left = (ring.avail_idx() - last) & 0xFFFF   # offered, never taken: the next owner's
         ring.detach()
