@@ -280,7 +280,7 @@ def test_a_drain_ends_its_turn_when_the_loop_says_something_waits_and_only_then(
     try:
         with InProcessDisk(queue_size=256, backing=backing, inline_reads=True) as disk:
             waiting = []
-            disk.data.turns = lambda: (lambda: bool(waiting), 1)
+            disk.data.turns = lambda: (lambda: bool(waiting), 1, 0.0)
             tags = [disk.submit(BlkType.IN, i * 8, nbytes=4096) for i in range(100)]
             disk.kick(0)
             disk._reap()
@@ -295,5 +295,33 @@ def test_a_drain_ends_its_turn_when_the_loop_says_something_waits_and_only_then(
             disk.data.tick()                             # the loop's next turn: the rest
             disk._reap()
             assert sorted(disk.answers) == tags and not disk.data.backlog
+    finally:
+        drop_store(store)
+
+
+def test_a_turn_lasts_its_least_time_before_the_drain_looks_whether_anything_waits():
+    """The third thing turns() gives: how long a turn lasts before the first peek. Within
+    it a waiting neighbour does not end the turn (here it never runs out: the drain serves
+    all 100 reads), and the peek is not even asked; once it is over, the next read ends it."""
+    store = f"turns-least-{id(object())}"
+    backing = MemoryBacking.open(store, size=8 * MiB, caches=True)
+    try:
+        with InProcessDisk(queue_size=256, backing=backing, inline_reads=True) as disk:
+            peeks = []
+
+            def peek():
+                peeks.append(1)
+                return True                              # a neighbour always waits
+            disk.data.turns = lambda: (peek, 1, 3600.0)
+            tags = [disk.submit(BlkType.IN, i * 8, nbytes=4096) for i in range(100)]
+            disk.kick(0)
+            disk._reap()
+            assert sorted(disk.answers) == tags and not disk.data.backlog and not peeks
+            disk.answers.clear()
+            disk.data.turns = lambda: (peek, 1, 1e-9)    # over before the first read is done
+            tags = [disk.submit(BlkType.IN, i * 8, nbytes=4096) for i in range(100)]
+            disk.kick(0)
+            disk._reap()
+            assert len(disk.answers) == 1 and disk.data.backlog == {0} and peeks == [1]
     finally:
         drop_store(store)

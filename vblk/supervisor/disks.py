@@ -79,7 +79,7 @@ from vblk.options import ServeConfig, default_max_discard_sectors
 from vblk.ratelimit import Limiter
 from vblk.stats import Stats
 from vblk.supervisor.connection import FrontendLink
-from vblk.supervisor.datapath import DRAIN_QUANTUM, DataPath
+from vblk.supervisor.datapath import DRAIN_QUANTUM, TURN_MIN, DataPath
 from vblk.supervisor.disk_ops import DiskOps
 from vblk.supervisor.loop import EventLoop, run_guarded
 from vblk.supervisor.pool import WorkerPool
@@ -131,9 +131,12 @@ class DiskLoop:
         return self.loop.watching(fd)
 
     def turns(self) -> tuple:
-        """A drain's turns (vblk.supervisor.datapath, Turns): the loop's peek, and how many
-        reads served from the cache between two peeks: 1 while another ring runs."""
-        return self._peek, 1 if self.loop.kicks > 1 else DRAIN_QUANTUM
+        """A drain's turns (vblk.supervisor.datapath, Turns): the loop's peek, how many reads
+        served from the cache between two peeks, and how long a turn lasts before the first:
+        1 and TURN_MIN while another ring runs."""
+        if self.loop.kicks > 1:
+            return self._peek, 1, TURN_MIN
+        return self._peek, DRAIN_QUANTUM, 0.0
 
     def call_later(self, delay: float, handler) -> None:
         self.loop.call_later(delay, self.guarded(handler))
