@@ -789,7 +789,7 @@ def qemu_command(image: GuestImage, initrd: Path, socket_path: str | os.PathLike
     cpu = "host" if accel == "kvm" else "max"
     cmd = [
         QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-machine", f"q35,accel={accel},memory-backend=mem",
+        "-machine", "q35,memory-backend=mem", "-accel", _accel_option(accel, smp),
         "-cpu", cpu, "-smp", str(smp), "-m", memory,
         "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
         "-kernel", str(image.kernel), "-initrd", str(initrd),
@@ -805,6 +805,16 @@ def qemu_command(image: GuestImage, initrd: Path, socket_path: str | os.PathLike
         cmd += ["-bios", os.fspath(bios)]
     cmd += list(extra_qemu_args)
     return cmd
+
+
+def _accel_option(accel: str, smp: int) -> str:
+    """``-accel``'s value. TCG with more vCPUs than the host has CPUs runs them all on one
+    thread (``thread=single``): with a thread each (MTTCG) a 4-vCPU guest on a loaded 2-CPU
+    host was seen stuck in its boot for 240 s (soft lockups in every vCPU's migration/N:
+    stop_machine waits for all vCPUs at once, and the host could not run them at once)."""
+    if accel == "tcg" and smp > (os.cpu_count() or 1):
+        return "tcg,thread=single"
+    return accel
 
 
 def _check_prerequisites() -> None:
