@@ -127,7 +127,7 @@ class InFlight:
 # another ring runs) before the first peek: ending a turn costs the drain's set-up and the
 # loop's dispatch again, and with many rings a turn of one read each spent more on that
 # than on the reads (20 disks at QD32 from one client, 6 alternated rounds: 103.8k ->
-# 121.2k IOPS, 9.8 -> 8.4 µs of server CPU a request; at QD2 92.6k -> 98.3k); a
+# 121.2k IOPS, 9.8 -> 8.4 µs of server CPU a request; at QD2 within the noise); a
 # neighbour's request waits behind at most ~8 µs of reads more (B's QD1 p50 beside A's
 # flood 1.55x -> 1.65x its p50 alone; 25 µs made it 2.14x). Requests for the workers need
 # no turns: free slots bound them.
