@@ -390,7 +390,8 @@ def aggregate(disks: int, qd: int, workers: int, seconds: float = 4.0,
               rounds: int = 3) -> dict[str, dict]:
     """4 KiB random reads on every one of ``disks`` disks of one vblk at once (one ``vblk
     bench`` process per disk at ``qd``, then one client process for all: ``bench_together``),
-    against one disk of the same vblk alone at ``disks`` x ``qd``, and the same three for
+    against one disk of the same vblk alone at ``qd`` (the load of each of the N) and at
+    ``disks`` x ``qd`` (the load of all of them), and the same for
     qemu-storage-daemon; alternated, the median total IOPS and
     the server's CPU per request (its process group's user + system time over the requests
     done: the clients share the CPUs, so it is the figure that says what sharing costs)."""
@@ -407,12 +408,13 @@ def aggregate(disks: int, qd: int, workers: int, seconds: float = 4.0,
         for _ in range(rounds):
             for name, (cmd, socks) in servers.items():
                 with serving([cmd], socks) as (proc,):
-                    before = group_cpu_seconds(proc.pid)
-                    one = json.loads(bench(socks[0], disks * qd, seconds).communicate()[0])
-                    between = group_cpu_seconds(proc.pid)
-                    key = f"{name} 1 disk at QD{disks * qd}"
-                    runs.setdefault(key, []).append(one["iops"])
-                    cpu_us.setdefault(key, []).append((between - before) / one["ops"] * 1e6)
+                    for depth in (qd, disks * qd):      # one disk: as each of the N, and all N
+                        before = group_cpu_seconds(proc.pid)
+                        one = json.loads(bench(socks[0], depth, seconds).communicate()[0])
+                        between = group_cpu_seconds(proc.pid)
+                        key = f"{name} 1 disk at QD{depth}"
+                        runs.setdefault(key, []).append(one["iops"])
+                        cpu_us.setdefault(key, []).append((between - before) / one["ops"] * 1e6)
                     clients = [bench(sock, qd, seconds) for sock in socks]
                     results = [json.loads(c.communicate()[0]) for c in clients]
                     used = group_cpu_seconds(proc.pid) - between
@@ -457,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="--fairness/--aggregate rounds")
     parser.add_argument("--aggregate", type=int, metavar="N",
                         help="instead: total 4k randread IOPS of N disks at once (--qd each) "
-                             "against one disk alone at N x --qd, vblk and qsd")
+                             "against one disk alone at --qd and at N x --qd, vblk and qsd")
     parser.add_argument("--qd", type=int, default=2, help="--aggregate: queue depth per disk")
     parser.add_argument("--setups", default=",".join(FAIRNESS_SETUPS),
                         help="--fairness setups, of: " + ", ".join(FAIRNESS_SETUPS))
