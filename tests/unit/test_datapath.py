@@ -325,3 +325,28 @@ def test_a_turn_lasts_its_least_time_before_the_drain_looks_whether_anything_wai
             assert len(disk.answers) == 1 and disk.data.backlog == {0} and peeks == [1]
     finally:
         drop_store(store)
+
+
+def test_a_stopping_ring_is_not_drained_while_its_stop_waits_for_what_was_taken():
+    """vhost-user: a ring told to stop (GET_VRING_BASE) is processed no more. While the stop
+    waits for the requests taken before it, their completions free slots, and the refill
+    that follows must not take what the driver offered since: that stays in the avail ring
+    for the next owner (a migration's destination), and the stop's answer counts only what
+    was taken before it."""
+    with InProcessDisk(writeback=True) as disk:
+        ring = disk.data.rings[0]
+        first = [disk.submit(BlkType.OUT, i * 8, data=b"a" * 4096) for i in range(2)]
+        disk.kick()                                    # taken, and run: to be reaped
+        assert ring.last_avail_idx == 2
+        later = [disk.submit(BlkType.OUT, 64 + i * 8, data=b"b" * 4096) for i in range(2)]
+        disk.data.stopping.add(0)                      # what Queues.stop_queue does first
+        disk.data.on_completions()                     # the wait serves the completions
+        assert ring.last_avail_idx == 2 and ring.pending() == 2
+        assert not disk.data.busy(0)
+        disk.data.poll()                               # nor does polling take them
+        disk.data.tick()
+        assert ring.last_avail_idx == 2
+        disk.data.stopping.discard(0)                  # a ring started again takes them
+        disk.kick()
+        disk.serve()
+        assert {disk.answers.pop(t).status for t in first + later} == {BlkStatus.OK}

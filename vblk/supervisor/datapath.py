@@ -167,6 +167,7 @@ class DataPath:
         self.rings: dict[int, SplitRing] = {}
         self.calls: dict[int, int | None] = {}   # queue -> call fd (owned by the session)
         self.broken: set[int] = set()            # rings stopped because the guest broke them
+        self.stopping: set[int] = set()          # rings told to stop: taken no more from
         self.free: deque[int] = deque(range(slots))
         self.held = [0] * device.num_queues      # slots each queue's requests hold
         self.inflight: dict[int, InFlight] = {}
@@ -217,7 +218,7 @@ class DataPath:
         """One look at every running ring (adaptive polling); True if it found requests."""
         found = False
         for q, ring in list(self.rings.items()):
-            if q in self.broken or q in self.throttled:
+            if q in self.broken or q in self.throttled or q in self.stopping:
                 continue
             try:
                 pending = ring.pending()
@@ -241,7 +242,7 @@ class DataPath:
         them (multiqueue) and within the rate limit; what is left stays in the avail ring.
         A ring the limit stopped is remembered, and the loop comes back when tokens are due."""
         ring = self.rings.get(q)
-        if ring is None or q in self.broken:
+        if ring is None or q in self.broken or q in self.stopping:
             self.backlog.discard(q)
             return
         published = False

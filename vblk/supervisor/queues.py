@@ -179,8 +179,14 @@ class Queues:
         if ring is None:
             return 0
         waited = data.held[index]               # taken and not finished: waited for here
-        if not self._wait_idle(lambda: data.busy(index)):
-            log.error("event=requests_orphaned queue=%d count=%d", index, data.orphan(index))
+        # A stopped ring is not processed any more (vhost-user: from GET_VRING_BASE on): the
+        # wait only finishes what was taken; what the driver offered stays for the next owner.
+        data.stopping.add(index)
+        try:
+            if not self._wait_idle(lambda: data.busy(index)):
+                log.error("event=requests_orphaned queue=%d count=%d", index, data.orphan(index))
+        finally:
+            data.stopping.discard(index)
         del data.rings[index]
         data.broken.discard(index)
         last = ring.last_avail_idx
