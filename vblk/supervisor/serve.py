@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 from collections.abc import Callable
 
 from vblk import sdnotify
@@ -106,15 +107,25 @@ def _naming(number: int, name: str):
 
 
 def _serve_started(host: Host) -> int:
-    with contextlib.ExitStack() as stack:
-        stack.callback(host.close_sockets)
-        for disk in host.disks:
-            with disk_context(disk.name), _naming(disk.number, disk.name):
-                disk.open_sockets()
-        host_control = open_host_control(host)
-        if host_control is not None:
-            stack.callback(host_control.close)
-        _run(host, host_control)
+    # A SIGTERM or SIGINT once the sockets exist (a frontend or systemd may see them already)
+    # and before the loop's own handlers are in place is kept, and ends vblk in order as soon
+    # as the loop runs, instead of killing it half started.
+    early: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: early.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(host.close_sockets)
+            for disk in host.disks:
+                with disk_context(disk.name), _naming(disk.number, disk.name):
+                    disk.open_sockets()
+            host_control = open_host_control(host)
+            if host_control is not None:
+                stack.callback(host_control.close)
+            _run(host, host_control, early)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     return 0
 
 
@@ -130,7 +141,7 @@ def open_host_control(host: Host):
     return control
 
 
-def _run(host: Host, host_control) -> None:
+def _run(host: Host, host_control, early: list[int]) -> None:
     disks, pool = host.disks, host.pool
     loop = EventLoop(on_error=lambda: [d.stop() for d in disks], poll_us=host.config.poll_us)
     router = CompletionRouter(pool) if pool is not None else None
@@ -149,6 +160,9 @@ def _run(host: Host, host_control) -> None:
         if host_control is not None:
             loop.watch(host_control.fileno(), host_control.on_readable, "frontend")
         with loop.signals():
+            if early:
+                log.info("event=shutdown signals=%s", list(early))
+                loop.stopping = True
             slots = sum(d.config.slots for d in disks)
             for disk in disks:
                 with disk_context(disk.name):
