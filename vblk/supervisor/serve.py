@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 
 from vblk import sdnotify
@@ -107,14 +106,13 @@ def _naming(number: int, name: str):
 
 
 def _serve_started(host: Host) -> int:
-    # A SIGTERM or SIGINT once the sockets exist (a frontend or systemd may see them already)
-    # and before the loop's own handlers are in place is kept, and ends vblk in order as soon
-    # as the loop runs, instead of killing it half started.
-    early: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _: early.append(signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
+    loop = EventLoop(on_error=lambda: [d.stop() for d in host.disks],
+                     poll_us=host.config.poll_us)
     try:
-        with contextlib.ExitStack() as stack:
+        # The loop's signal handling is in place before the sockets exist (a frontend or
+        # systemd may see them at once): a SIGTERM or SIGINT from then on ends vblk in order
+        # once the loop runs, instead of killing it half started.
+        with loop.signals(), contextlib.ExitStack() as stack:
             stack.callback(host.close_sockets)
             for disk in host.disks:
                 with disk_context(disk.name), _naming(disk.number, disk.name):
@@ -122,10 +120,10 @@ def _serve_started(host: Host) -> int:
             host_control = open_host_control(host)
             if host_control is not None:
                 stack.callback(host_control.close)
-            _run(host, host_control, early)
+            _run(host, host_control, loop)
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        loop.close()
+        log.info("event=stopped")
     return 0
 
 
@@ -141,49 +139,40 @@ def open_host_control(host: Host):
     return control
 
 
-def _run(host: Host, host_control, early: list[int]) -> None:
+def _run(host: Host, host_control, loop: EventLoop) -> None:
     disks, pool = host.disks, host.pool
-    loop = EventLoop(on_error=lambda: [d.stop() for d in disks], poll_us=host.config.poll_us)
     router = CompletionRouter(pool) if pool is not None else None
-    try:
-        if pool is not None:
-            pool.attach(loop)
-            loop.watch(pool.completion_fd, router.on_completions, "engine")
-        host.start(loop, router)
+    if pool is not None:
+        pool.attach(loop)
+        loop.watch(pool.completion_fd, router.on_completions, "engine")
+    host.start(loop, router)
 
-        def count_requests() -> None:
-            """The loop's ``awaiting`` and ``crowded`` over the disks served now."""
-            loop.awaiting = _awaiting(pool, disks)
-            loop.crowded = _crowded(disks)
-        count_requests()
-        host.on_disks_changed = count_requests
-        if host_control is not None:
-            loop.watch(host_control.fileno(), host_control.on_readable, "frontend")
-        with loop.signals():
-            if early:
-                log.info("event=shutdown signals=%s", list(early))
-                loop.stopping = True
-            slots = sum(d.config.slots for d in disks)
-            for disk in disks:
-                with disk_context(disk.name):
-                    log.info("event=listening workers=%d slots=%d poll_us=%d",
-                             disk.stats.workers, disk.config.slots, round(loop.poll_max * 1e6))
-            if len(disks) > 1:
-                log.info("event=host_listening disks=%d workers=%d slots=%d", len(disks),
-                         pool.count if pool is not None else 0, slots)
-            sdnotify.ready("waiting for a frontend" if len(disks) == 1
-                           else f"serving {len(disks)} disks")
-            try:
-                loop.run(timeout=lambda: _soonest(disks), tick=lambda: _tick(disks),
-                         poll=lambda: _poll(loop))
-            finally:
-                loop.stopping = True
-                sdnotify.stopping()
-                for disk in disks:
-                    disk.stop()        # its rings stop once their requests are done
+    def count_requests() -> None:
+        """The loop's ``awaiting`` and ``crowded`` over the disks served now."""
+        loop.awaiting = _awaiting(pool, disks)
+        loop.crowded = _crowded(disks)
+    count_requests()
+    host.on_disks_changed = count_requests
+    if host_control is not None:
+        loop.watch(host_control.fileno(), host_control.on_readable, "frontend")
+    slots = sum(d.config.slots for d in disks)
+    for disk in disks:
+        with disk_context(disk.name):
+            log.info("event=listening workers=%d slots=%d poll_us=%d",
+                     disk.stats.workers, disk.config.slots, round(loop.poll_max * 1e6))
+    if len(disks) > 1:
+        log.info("event=host_listening disks=%d workers=%d slots=%d", len(disks),
+                 pool.count if pool is not None else 0, slots)
+    sdnotify.ready("waiting for a frontend" if len(disks) == 1
+                   else f"serving {len(disks)} disks")
+    try:
+        loop.run(timeout=lambda: _soonest(disks), tick=lambda: _tick(disks),
+                 poll=lambda: _poll(loop))
     finally:
-        loop.close()
-        log.info("event=stopped")
+        loop.stopping = True
+        sdnotify.stopping()
+        for disk in disks:
+            disk.stop()        # its rings stop once their requests are done
 
 
 def _awaiting(pool: WorkerPool | None, disks: list[ServedDisk]) -> Callable[[], bool]:
